@@ -1,0 +1,36 @@
+# sasa_jax: set-up and everyday commands. Everything runs on the CPU unless JAX sees an accelerator.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+
+.PHONY: install test model-table data clean
+
+install: $(STAMP) data
+
+# Re-runs only when setup.py changes; `make install` is a no-op afterwards.
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+# Real Fashion-MNIST from Debian's dataset-fashion-mnist, where missing and apt works.
+data: $(FMNIST)
+$(FMNIST):
+	@if command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
+	  echo "warning: could not apt-get install dataset-fashion-mnist; tests that need it will fail"; \
+	else echo "warning: no apt-get; install dataset-fashion-mnist (or let TFDS download it)"; fi
+
+test: install
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --durations=10 tests
+
+model-table: install
+	$(PY) -m sasa_jax.tools.model_table
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

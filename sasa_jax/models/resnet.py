@@ -1,0 +1,97 @@
+"""ResNet-26/38/50 with SASA attention in place of the 3x3 convolutions (§3.1, §4.1)."""
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from sasa_jax.layers import AttentionStem, SelfAttention2D
+
+STAGE_BLOCKS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
+STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck widths; block outputs are 4x these
+STEM_WIDTH = 64
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 conv -> 3x3 conv or SASA -> 1x1 conv (x4 features), with a residual.
+
+  [B, H, W, C] -> [B, H / strides, W / strides, 4 * filters]. In attention blocks the
+  stride is a 2x2 average pool after the attention, as the paper prescribes.
+  """
+  filters: int
+  strides: int
+  attention: bool
+  attention_kwargs: Any
+  norm: Any
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    y = nn.relu(self.norm()(conv(self.filters, (1, 1), name="conv1")(x)))
+    if self.attention:
+      y = SelfAttention2D(self.filters, stride=self.strides, dtype=self.dtype, name="attention",
+                          **self.attention_kwargs)(y)
+    else:
+      y = conv(self.filters, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)),
+               name="conv2")(y)
+    y = nn.relu(self.norm()(y))
+    y = self.norm(scale_init=nn.initializers.zeros)(conv(4 * self.filters, (1, 1), name="conv3")(y))
+    if x.shape != y.shape:
+      x = self.norm(name="proj_bn")(conv(4 * self.filters, (1, 1), strides=self.strides,
+                                         name="proj")(x))
+    return nn.relu(x + y)
+
+
+class SASAResNet(nn.Module):
+  """A bottleneck ResNet whose chosen groups use SASA attention. [B, H, W, 3] -> [B, classes].
+
+  Attributes:
+    stage_blocks: bottleneck blocks per group 1-4.
+    attention_groups: which of groups 1-4 use attention instead of 3x3 convolutions.
+    stem_type: "conv" (7x7/2 conv + 3x3/2 max pool) or an AttentionStem type.
+    small_images: for 28-32 px inputs: a 3x3/1 conv + 2x2/2 max pool stem, or an
+      attention stem over 2x2 blocks (+ 2x2 max pool): both halve the resolution.
+  """
+  stage_blocks: Sequence[int]
+  num_classes: int = 1000
+  width_multiplier: float = 1.0
+  attention_groups: Sequence[int] = ()
+  stem_type: str = "conv"
+  small_images: bool = False
+  stem_mixtures: int = 4
+  attention_kwargs: Any = None
+  bn_momentum: float = 0.9
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype)
+    width = lambda c: int(round(c * self.width_multiplier))
+    x = x.astype(self.dtype)
+    if self.stem_type == "conv":
+      if self.small_images:
+        x = nn.Conv(width(STEM_WIDTH), (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                    dtype=self.dtype, name="stem_conv")(x)
+        x = nn.max_pool(nn.relu(norm(name="stem_bn")(x)), (2, 2), strides=(2, 2))
+      else:
+        x = nn.Conv(width(STEM_WIDTH), (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+                    use_bias=False, dtype=self.dtype, name="stem_conv")(x)
+        x = nn.relu(norm(name="stem_bn")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    else:
+      x = AttentionStem(width(STEM_WIDTH), stem_type=self.stem_type,
+                        block_size=2 if self.small_images else 4,
+                        num_mixtures=self.stem_mixtures, bn_momentum=self.bn_momentum,
+                        dtype=self.dtype, name="stem")(x, train=train)
+    for group, (blocks, filters) in enumerate(zip(self.stage_blocks, STAGE_WIDTHS), start=1):
+      for i in range(blocks):
+        x = BottleneckBlock(width(filters), strides=2 if (i == 0 and group > 1) else 1,
+                            attention=group in self.attention_groups,
+                            attention_kwargs=self.attention_kwargs or {}, norm=norm,
+                            dtype=self.dtype, name=f"group{group}_block{i + 1}")(x)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                 name="head")(x)
+    return x.astype(jnp.float32)

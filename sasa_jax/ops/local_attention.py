@@ -1,0 +1,83 @@
+"""The one local-attention contract and its implementations."""
+import jax
+import jax.numpy as jnp
+
+from sasa_jax.ops.blocked import local_attention_blocked
+from sasa_jax.ops.reference import local_attention_reference
+
+IMPLEMENTATIONS = {
+    "reference": local_attention_reference,
+    "xla": local_attention_blocked,
+}
+IMPLS = ("auto",) + tuple(IMPLEMENTATIONS)
+
+
+def default_impl(backend: str | None = None) -> str:
+  """The fastest correct implementation for `backend` (default: jax's default backend)."""
+  del backend  # every backend uses the blocked XLA form until a fused kernel lands
+  return "xla"
+
+
+def _check(q, k, v, rel_h, rel_w, kernel_size, num_heads, impl):
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+  if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+    raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+  if q.ndim != 4:
+    raise ValueError(f"q must have shape [B, H, W, C], got shape {q.shape}")
+  c = q.shape[-1]
+  if not isinstance(num_heads, int) or num_heads < 1 or c % num_heads:
+    raise ValueError(f"num_heads={num_heads!r} must be a positive int dividing the channels "
+                     f"C={c} of q (shape {q.shape})")
+  d = c // num_heads
+  for name, x in (("k", k), ("v", v)):
+    if x is None and name == "v":
+      raise ValueError("v must be an array of shape [B, H, W, C], got None")
+    if x is not None and x.shape != q.shape:
+      raise ValueError(f"{name} must have q's shape {q.shape}, got shape {x.shape}")
+    if x is not None and x.dtype != q.dtype:
+      raise ValueError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+  if (rel_h is None) != (rel_w is None):
+    raise ValueError("rel_h and rel_w must both be arrays or both be None, got "
+                     f"rel_h={'None' if rel_h is None else rel_h.shape}, "
+                     f"rel_w={'None' if rel_w is None else rel_w.shape}")
+  if rel_h is not None:
+    if d % 2:
+      raise ValueError(f"relative embeddings need an even head dimension d = C / num_heads, "
+                       f"got d={d} (C={c}, num_heads={num_heads})")
+    for name, x in (("rel_h", rel_h), ("rel_w", rel_w)):
+      if x.shape != (kernel_size, d // 2):
+        raise ValueError(f"{name} must have shape [kernel_size, d // 2] = "
+                         f"{(kernel_size, d // 2)}, got shape {x.shape}")
+      if x.dtype != q.dtype:
+        raise ValueError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+  if k is None and rel_h is None:
+    raise ValueError("k=None (positional logits only) needs rel_h and rel_w")
+
+
+def local_attention(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int, num_heads: int,
+                    impl: str = "auto"):
+  """Multi-head self-attention of every pixel over its k x k neighbourhood (SASA).
+
+  For the query at (y, x) and every key at (y + dy, x + dx) with |dy|, |dx| <= r =
+  kernel_size // 2 that lies inside the image, per head of dimension d = C / num_heads:
+      logit = q.k + q[:d/2].rel_h[dy + r] + q[d/2:].rel_w[dx + r]
+  and the output is the softmax(logit)-weighted sum of the values. Keys outside the
+  image get probability exactly 0. No 1/sqrt(d) scaling is applied.
+
+  Args:
+    q, v: [B, H, W, C]; head n owns channels [n d, (n + 1) d).
+    k: [B, H, W, C], or None to use the positional term alone (SASA Table 6, "q.r").
+    rel_h, rel_w: [kernel_size, d // 2] each, shared by all heads; None for no
+      positional term.
+    kernel_size: odd window size k.
+    num_heads: number of heads N; must divide C.
+    impl: "reference" (oracle), "xla" (blocked matmuls), or "auto".
+  Returns:
+    [B, H, W, C] in q's dtype (float32 softmax and accumulation inside).
+  """
+  _check(q, k, v, rel_h, rel_w, kernel_size, num_heads, impl)
+  if impl == "auto":
+    impl = default_impl(jax.default_backend())
+  fn = IMPLEMENTATIONS[impl]
+  return fn(q, k, v, rel_h, rel_w, kernel_size=kernel_size, num_heads=num_heads)

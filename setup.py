@@ -1,0 +1,32 @@
+"""sasa_jax: stand-alone self-attention vision models (Ramachandran et al., 2019) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10,<0.11",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.6,<0.3",
+    "orbax-checkpoint>=0.12,<0.13",
+    "clu>=0.0.12,<0.1",
+    "ml-collections>=1.0,<2",
+    "numpy>=1.26,<3",
+    "tensorflow-cpu>=2.19,<2.22",
+    "tensorflow-datasets>=4.9.9,<4.10",
+    "tensorboard>=2.19,<2.22",
+    "matplotlib>=3.8,<4",
+    "absl-py>=2.0,<3",
+]
+
+setup(
+    name="sasa_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=find_packages(include=["sasa_jax", "sasa_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        "coco": ["pycocotools>=2.0.7,<3"],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
+        "gpu": ["jax[cuda12]>=0.10,<0.11"],
+    },
+)

@@ -1,0 +1,96 @@
+"""SelfAttention2D and AttentionStem: shapes, parameters, options, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sasa_jax.layers import AttentionStem, SelfAttention2D
+from sasa_jax.ops import local_attention
+
+
+def init_apply(module, x, **kw):
+  variables = module.init(jax.random.key(0), x, **kw)
+  out = module.apply(variables, x, **kw, mutable=["batch_stats"]) if "train" in kw else \
+      module.apply(variables, x)
+  return variables, out[0] if isinstance(out, tuple) else out
+
+
+x = jax.random.normal(jax.random.key(1), (2, 9, 10, 6))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("pos", ["relative", "absolute", "none"])
+def test_self_attention_shapes_and_params(stride, pos):
+  layer = SelfAttention2D(16, kernel_size=5, num_heads=4, stride=stride, positional_encoding=pos)
+  variables, y = init_apply(layer, x[:, :8])
+  assert y.shape == (2, 8 // stride, 10 // stride, 16)
+  params = variables["params"]
+  assert {"query", "key", "value"} <= set(params)
+  assert all("bias" not in p for p in (params["query"], params["key"], params["value"]))
+  if pos == "relative":
+    assert params["rel_h"].shape == params["rel_w"].shape == (5, 2)  # [k, d / 2]
+  if pos == "absolute":
+    assert params["abs_rows"].shape == (8, 2) and params["abs_cols"].shape == (10, 2)
+
+
+def test_self_attention_is_the_op_on_projections():
+  layer = SelfAttention2D(8, kernel_size=3, num_heads=2, impl="reference")
+  variables, y = init_apply(layer, x)
+  p = variables["params"]
+  q, k, v = (x @ p[n]["kernel"] for n in ("query", "key", "value"))
+  want = local_attention(q, k, v, p["rel_h"], p["rel_w"], kernel_size=3, num_heads=2)
+  np.testing.assert_allclose(y, want, atol=1e-5)
+  scaled = SelfAttention2D(8, kernel_size=3, num_heads=2, impl="reference", scale_query=True)
+  want = local_attention(q * 0.5, k, v, p["rel_h"], p["rel_w"], kernel_size=3, num_heads=2)
+  np.testing.assert_allclose(scaled.apply(variables, x), want, atol=1e-5)
+
+
+def test_qr_attention_has_no_key_projection():
+  variables, y = init_apply(SelfAttention2D(8, kernel_size=3, num_heads=2, attention_type="qr"), x)
+  assert "key" not in variables["params"] and y.shape == (2, 9, 10, 8)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(positional_encoding="sinusoid"), r"positional_encoding='sinusoid' is not allowed; choose one of \('relative', 'absolute', 'none'\)"),
+    (dict(attention_type="qk"), r"attention_type='qk' is not allowed"),
+    (dict(stride=3), r"stride=3 is not allowed; choose one of \(1, 2\)"),
+    (dict(num_heads=3), r"features=8 must be divisible by num_heads=3"),
+    (dict(attention_type="qr", positional_encoding="none"), r"needs positional_encoding"),
+])
+def test_self_attention_bad_fields(kw, match):
+  with pytest.raises(ValueError, match=match):
+    SelfAttention2D(8, **kw).init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("stem_type", ["spatially_aware", "stand_alone", "conv_values"])
+def test_attention_stem(stem_type):
+  img = jax.random.normal(jax.random.key(2), (2, 16, 12, 3))
+  stem = AttentionStem(16, stem_type=stem_type, block_size=4, num_mixtures=3)
+  variables, y = init_apply(stem, img, train=True)
+  assert y.shape == (2, 4, 3, 16)
+  params = variables["params"]
+  assert variables["batch_stats"]["bn"]["mean"].shape == (16,)
+  if stem_type == "spatially_aware":
+    assert params["value"]["kernel"].shape == (3, 3, 16)  # [C_in, mixtures, C]
+    assert params["mixture"].shape[0] == 3
+  if stem_type == "conv_values":
+    assert params["value"]["kernel"].shape == (4, 4, 3, 16)
+
+
+def test_attention_stem_attends_within_blocks_only():
+  # Changing one block of the input leaves the other blocks' outputs untouched.
+  img = jax.random.normal(jax.random.key(3), (1, 8, 8, 3))
+  stem = AttentionStem(8, block_size=4)
+  variables = stem.init(jax.random.key(0), img)
+  y0 = stem.apply(variables, img)
+  y1 = stem.apply(variables, img.at[:, :4, :4].add(5.0))
+  assert not np.allclose(y0[:, 0, 0], y1[:, 0, 0])
+  np.testing.assert_allclose(y0[:, 1:], y1[:, 1:], atol=1e-6)
+  np.testing.assert_allclose(y0[:, :, 1:], y1[:, :, 1:], atol=1e-6)
+
+
+def test_attention_stem_bad_input():
+  with pytest.raises(ValueError, match="divisible by block_size=4, got 10x8"):
+    AttentionStem(8).init(jax.random.key(0), jnp.zeros((1, 10, 8, 3)))
+  with pytest.raises(ValueError, match="stem_type='conv' is not allowed"):
+    AttentionStem(8, stem_type="conv").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))

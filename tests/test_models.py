@@ -1,0 +1,93 @@
+"""create_resnet: variants, overrides, errors and the paper's Table 1 FLOPS/params."""
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sasa_jax.models import create_resnet
+from sasa_jax.tools import paper
+from sasa_jax.tools.model_table import measure
+
+
+@pytest.mark.parametrize("variant", ["baseline", "conv_stem_attention", "full_attention"])
+def test_small_model_trains_one_step(variant):
+  model = create_resnet(26, variant, num_classes=10, width_multiplier=0.25, num_heads=2,
+                        kernel_size=3, small_images=True)
+  x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+  variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(x)
+  labels = jnp.arange(4) % 10
+
+  def loss(params):
+    logits, updates = model.apply({**variables, "params": params}, x, train=True,
+                                  mutable=["batch_stats"])
+    onehot = jax.nn.one_hot(labels, 10)
+    return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), updates
+
+  (value, updates), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+  assert np.isfinite(value)
+  assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  assert jax.jit(model.apply)(variables, x).shape == (4, 10)
+  has_attention = any("attention" in k for k in jax.tree_util.tree_map_with_path(
+      lambda p, _: jax.tree_util.keystr(p), variables["params"]).__str__().split("'"))
+  assert has_attention == (variant != "baseline")
+
+
+def test_attention_groups_override():
+  model = create_resnet(26, "conv_stem_attention", attention_groups=(3, 4), num_classes=10,
+                        width_multiplier=0.25, num_heads=2, small_images=True)
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  assert "conv2" in params["group1_block1"] and "conv2" in params["group2_block1"]
+  assert "attention" in params["group3_block1"] and "attention" in params["group4_block1"]
+  assert "stem_conv" in params
+
+
+def test_bfloat16_model():
+  model = create_resnet(26, "full_attention", dtype="bfloat16", num_classes=10,
+                        width_multiplier=0.25, num_heads=2, small_images=True)
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 28, 28, 1)))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 28, 28, 1)))
+  logits = jax.jit(model.apply)(variables, jnp.ones((2, 28, 28, 1)))
+  assert logits.dtype == jnp.float32 and np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(variant="attention"), r"variant='attention' is not allowed; choose one of \('baseline', 'conv_stem_attention', 'full_attention'\)"),
+    (dict(depth=101), r"depth=101 is not allowed; choose one of \(26, 38, 50\)"),
+    (dict(kernel=7), r"unknown create_resnet keyword\(s\) \['kernel'\]; allowed: .*'kernel_size'"),
+    (dict(stem_type="resnet"), r"stem_type='resnet' is not allowed; choose one of \('conv', 'spatially_aware'"),
+    (dict(attention_groups=(0, 1)), r"attention_groups entry=0 is not allowed"),
+    (dict(kernel_size=4), r"kernel_size=4 is not allowed"),
+    (dict(dtype="float16"), r"dtype='float16' is not allowed; choose one of \('float32', 'bfloat16'\)"),
+    (dict(num_heads=3), r"num_heads=3 .* group 1 has width 64"),
+])
+def test_bad_arguments(kw, match):
+  kw = {"depth": 50, "variant": "full_attention", **kw}
+  with pytest.raises(ValueError, match=match):
+    create_resnet(**kw)
+
+
+@pytest.mark.parametrize("row", paper.TABLE1, ids=lambda r: r.label)
+def test_table1_flops_and_params(row):
+  got = measure(row)
+  assert abs(got["params_m"] - row.params_m) <= 0.1, got
+  assert abs(got["gflops_rel_diff"]) <= 0.05, got
+
+
+def test_model_table_cli_json_and_breakdown():
+  out = subprocess.run([sys.executable, "-m", "sasa_jax.tools.model_table", "--tables", "6",
+                        "--format", "json"], capture_output=True, text=True, check=True).stdout
+  rows = [json.loads(line) for line in out.splitlines()]
+  assert [r["attention_type"] for r in rows] == ["qr", "qk+qr"]
+  assert all(r["table"] == 6 and r["depth"] == 50 and r["variant"] == "conv_stem_attention"
+             and r["gflops"] > 0 and r["params_m"] > 0 for r in rows)
+  assert rows[0]["params_m"] < rows[1]["params_m"]  # no key projection
+  out = subprocess.run([sys.executable, "-m", "sasa_jax.tools.model_table", "--breakdown",
+                        "--depth", "26", "--variant", "full_attention"],
+                       capture_output=True, text=True, check=True).stdout
+  assert "stem/mixture" in out and "group4_block1/attention/rel_h" in out and "Total" in out

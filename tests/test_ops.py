@@ -1,0 +1,164 @@
+"""local_attention: every implementation against a brute-force NumPy oracle."""
+import jax
+import jax.test_util  # noqa: F401  (check_grads)
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sasa_jax.ops import local_attention
+from sasa_jax.ops.blocked import local_attention_blocked, plan_axis
+
+
+def oracle(q, k, v, rel_h, rel_w, kernel_size, num_heads):
+  """The op's definition as loops: only in-image keys enter each softmax."""
+  b_, h_, w_, c = q.shape
+  d, r = c // num_heads, kernel_size // 2
+  out = np.zeros(q.shape, np.float64)
+  for b in range(b_):
+    for y in range(h_):
+      for x in range(w_):
+        for n in range(num_heads):
+          sl = slice(n * d, (n + 1) * d)
+          qq, logits, values = q[b, y, x, sl], [], []
+          for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+              if 0 <= y + dy < h_ and 0 <= x + dx < w_:
+                logit = 0.0 if k is None else qq @ k[b, y + dy, x + dx, sl]
+                if rel_h is not None:
+                  logit += qq[: d // 2] @ rel_h[dy + r] + qq[d // 2:] @ rel_w[dx + r]
+                logits.append(logit)
+                values.append(v[b, y + dy, x + dx, sl])
+          p = np.exp(np.array(logits) - max(logits))
+          out[b, y, x, sl] = (p / p.sum()) @ np.array(values)
+  return out
+
+
+def small_blocks(q, k, v, rel_h=None, rel_w=None, *, kernel_size, num_heads):
+  """The blocked form forced into many tiny blocks, to exercise halos and padding."""
+  _, h, w, _ = q.shape
+  r = kernel_size // 2
+  return local_attention_blocked(
+      q, k, v, rel_h, rel_w, kernel_size=kernel_size, num_heads=num_heads,
+      plan_h=plan_axis(h, r, min_block=2, block_overhead=0),
+      plan_w=plan_axis(w, r, min_block=3, block_overhead=0))
+
+
+IMPLS = {
+    "reference": lambda *a, **kw: local_attention(*a, impl="reference", **kw),
+    "xla": lambda *a, **kw: local_attention(*a, impl="xla", **kw),
+    "xla_small_blocks": small_blocks,
+}
+
+# (B, H, W, C, heads, kernel): non-square, windows larger than the image, 1 and many heads.
+SHAPES = [
+    (2, 5, 7, 8, 2, 3),
+    (1, 3, 4, 4, 1, 7),       # window larger than the image in both directions
+    (1, 11, 9, 16, 8, 5),
+    (2, 20, 13, 8, 1, 3),
+    (1, 19, 17, 12, 3, 5),
+    (1, 6, 1, 4, 2, 9),       # a one-pixel-wide image
+]
+
+
+def inputs(shape, seed=0, with_k=True, with_rel=True, dtype=np.float32):
+  b, h, w, c, n, ks = shape
+  rng = np.random.default_rng(seed)
+  q, k, v = (rng.normal(size=(b, h, w, c)).astype(dtype) for _ in range(3))
+  rel = [rng.normal(size=(ks, c // n // 2)).astype(dtype) for _ in range(2)]
+  return (q, k if with_k else None, v, *(rel if with_rel else (None, None))), dict(
+      kernel_size=ks, num_heads=n)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_oracle(impl, shape):
+  args, kw = inputs(shape)
+  got = np.asarray(IMPLS[impl](*args, **kw))
+  np.testing.assert_allclose(got, oracle(*args, **kw), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("with_k,with_rel", [(True, False), (False, True)])
+def test_without_content_or_position_term(impl, with_k, with_rel):
+  args, kw = inputs((1, 9, 6, 8, 2, 5), seed=1, with_k=with_k, with_rel=with_rel)
+  np.testing.assert_allclose(np.asarray(IMPLS[impl](*args, **kw)), oracle(*args, **kw),
+                             atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_border_keys_get_zero_probability(impl):
+  # Constant logits: each output is the plain mean of the values of the in-image keys
+  # of its window. Zero-padded keys taking part would shrink the corners' means.
+  h, w, ks = 5, 4, 3
+  v = np.arange(h * w, dtype=np.float32).reshape(1, h, w, 1) + 1.0
+  q = np.zeros_like(v)
+  out = np.asarray(IMPLS[impl](q, q, v, kernel_size=ks, num_heads=1))
+  assert out[0, 0, 0, 0] == pytest.approx(np.mean(v[0, :2, :2]), abs=1e-6)
+  assert out[0, h - 1, w - 1, 0] == pytest.approx(np.mean(v[0, -2:, -2:]), abs=1e-6)
+  assert out[0, 2, 1, 0] == pytest.approx(np.mean(v[0, 1:4, 0:3]), abs=1e-6)
+  # Window larger than the image: every pixel sees the whole image.
+  big = np.asarray(IMPLS[impl](q, q, v, kernel_size=11, num_heads=1))
+  np.testing.assert_allclose(big, np.full_like(v, v.mean()), atol=1e-5)
+
+
+def _loss(fn, kw, cot):
+  return lambda q, k, v, rh, rw: jnp.sum(fn(q, k, v, rh, rw, **kw) * cot)
+
+
+@pytest.mark.parametrize("impl", ["xla", "xla_small_blocks"])
+def test_gradients_match_reference(impl):
+  args, kw = inputs((2, 7, 9, 8, 2, 5), seed=2)
+  cot = np.random.default_rng(3).normal(size=args[0].shape).astype(np.float32)
+  want = jax.grad(_loss(IMPLS["reference"], kw, cot), argnums=range(5))(*args)
+  got = jax.jit(jax.grad(_loss(IMPLS[impl], kw, cot), argnums=range(5)))(*args)
+  for name, g, w in zip(["q", "k", "v", "rel_h", "rel_w"], got, want):
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_match_finite_differences(impl):
+  with jax.enable_x64(True):
+    args, kw = inputs((1, 4, 5, 4, 2, 3), seed=4, dtype=np.float64)
+    cot = np.random.default_rng(5).normal(size=args[0].shape)
+    jax.test_util.check_grads(_loss(IMPLS[impl], kw, cot), args, order=1, modes=["rev"],
+                              atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_bfloat16(impl):
+  args, kw = inputs((2, 8, 8, 16, 2, 5), seed=6)
+  want = oracle(*args, **kw)
+  bf = [jnp.asarray(a, jnp.bfloat16) for a in args]
+  got = jax.jit(lambda *a: local_attention(*a, impl=impl, **kw))(*bf)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.1, rtol=0.05)
+  grads = jax.grad(lambda *a: jnp.sum(local_attention(*a, impl=impl, **kw).astype(jnp.float32)),
+                   argnums=range(5))(*bf)
+  assert all(g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all()
+             for g in grads)
+
+
+def test_auto_picks_a_known_impl():
+  args, kw = inputs(SHAPES[0])
+  np.testing.assert_allclose(np.asarray(local_attention(*args, **kw)), oracle(*args, **kw),
+                             atol=2e-5)
+
+
+x = np.zeros((1, 4, 4, 8), np.float32)
+rel = np.zeros((3, 2), np.float32)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: local_attention(x[0], x[0], x[0], kernel_size=3, num_heads=2), r"q must have shape \[B, H, W, C\], got shape \(4, 4, 8\)"),
+    (lambda: local_attention(x, x, x, kernel_size=4, num_heads=2), r"kernel_size must be a positive odd int, got 4"),
+    (lambda: local_attention(x, x, x, kernel_size=3, num_heads=3), r"num_heads=3 .* C=8"),
+    (lambda: local_attention(x, x[:, :3], x, kernel_size=3, num_heads=2), r"k must have q's shape \(1, 4, 4, 8\), got shape \(1, 3, 4, 8\)"),
+    (lambda: local_attention(x, x, x.astype(np.float16), kernel_size=3, num_heads=2), r"v must have q's dtype float32, got float16"),
+    (lambda: local_attention(x, x, x, rel, rel[:2], kernel_size=3, num_heads=2), r"rel_w must have shape \[kernel_size, d // 2\] = \(3, 2\), got shape \(2, 2\)"),
+    (lambda: local_attention(x, x, x, rel, None, kernel_size=3, num_heads=2), r"rel_h and rel_w must both be"),
+    (lambda: local_attention(x, x, x, kernel_size=3, num_heads=2, impl="cuda"), r"impl='cuda' is not one of"),
+    (lambda: local_attention(x, None, x, kernel_size=3, num_heads=2), r"k=None .* needs rel_h"),
+])
+def test_bad_input_is_named(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
