@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.19,<2.22",
     "matplotlib>=3.8,<4",
     "absl-py>=2.0,<3",
+    "importlib_resources>=6",  # tensorflow-datasets imports it without declaring it
 ]
 
 setup(

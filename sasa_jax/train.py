@@ -1,0 +1,287 @@
+"""train_and_evaluate(config, workdir): the one training loop for every model.
+
+Data parallel over all devices of all processes with a Mesh/NamedSharding (parameters
+replicated, the batch split on the "data" axis; BatchNorm statistics are therefore over
+the global batch). Orbax checkpoints with automatic resume, clu metric writers
+(TensorBoard + metrics.jsonl) and progress reports.
+"""
+import functools
+import math
+import os
+import signal
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import periodic_actions
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sasa_jax import data as data_lib
+from sasa_jax.metric_writers import create_writer
+from sasa_jax.models import OVERRIDES, create_resnet
+
+# Fields the loop reads; a config missing one fails before anything is built.
+REQUIRED_FIELDS = (
+    "model", "dataset", "batch_size", "num_epochs", "num_train_steps", "learning_rate",
+    "momentum", "nesterov", "warmup_epochs", "weight_decay", "label_smoothing", "ema_decay",
+    "bn_momentum", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+    "keep_checkpoints", "seed", "dtype", "profile")
+DATASET_FIELDS = ("name", "data_dir", "image_size", "train_split", "eval_split", "shuffle_buffer")
+LOOP_SET_MODEL_FIELDS = ("dtype", "bn_momentum")  # taken from the top-level config
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a checkpoint holds. ema_params is None when EMA is off."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema_params: Any
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the bad field, its value and what is allowed."""
+  missing = [f for f in REQUIRED_FIELDS if f not in config]
+  if missing:
+    raise ValueError(f"config is missing field(s) {missing}")
+  missing = [f for f in DATASET_FIELDS if f not in config.dataset]
+  if missing:
+    raise ValueError(f"config.dataset is missing field(s) {missing}")
+  if config.dataset.name not in data_lib.DATASETS:
+    raise ValueError(f"config.dataset.name={config.dataset.name!r} is not allowed; choose one "
+                     f"of {tuple(data_lib.DATASETS)}")
+  for f in LOOP_SET_MODEL_FIELDS:
+    if f in config.model:
+      raise ValueError(f"config.model.{f} is set by the top-level config.{f}; remove it")
+  unknown = sorted(set(config.model) - set(OVERRIDES) - {"depth", "variant"})
+  if unknown:
+    raise ValueError(f"config.model has unknown field(s) {unknown}; allowed (the keyword "
+                     f"arguments of create_resnet): {['depth', 'variant'] + sorted(OVERRIDES)}")
+  if config.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.dtype={config.dtype!r} is not allowed; choose one of "
+                     "('float32', 'bfloat16')")
+  n = jax.device_count()
+  if config.batch_size <= 0 or config.batch_size % n:
+    raise ValueError(f"config.batch_size={config.batch_size} must be a positive multiple of the "
+                     f"device count {n}")
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError("set config.num_train_steps > 0 or config.num_epochs > 0, got "
+                     f"{config.num_train_steps} and {config.num_epochs}")
+  for f in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    if config[f] <= 0:
+      raise ValueError(f"config.{f}={config[f]} must be > 0")
+  create_model(config)  # model fields: raises ValueError naming the field
+
+
+def create_model(config):
+  try:
+    return create_resnet(**config.model, dtype=config.dtype, bn_momentum=config.bn_momentum)
+  except ValueError as e:
+    raise ValueError(f"config.model: {e}") from e
+
+
+def learning_rate_schedule(config, steps_per_epoch: int, num_steps: int):
+  """Linear warm-up to learning_rate x batch / 256, then cosine decay to 0."""
+  peak = config.learning_rate * config.batch_size / 256
+  warmup = min(int(config.warmup_epochs * steps_per_epoch), num_steps - 1)
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps=warmup,
+                                            decay_steps=num_steps, end_value=0.0)
+
+
+def create_optimizer(config, schedule):
+  """Nesterov SGD with decoupled-from-BN weight decay (kernels and embeddings only)."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+                     optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
+
+
+def train_step(state, batch, *, model, tx, schedule, config):
+  """One step on the global batch {"image": [B, S, S, C], "label": [B]}."""
+  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  num_classes = config.model.get("num_classes", OVERRIDES["num_classes"])
+
+  def loss_fn(params):
+    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                  batch["image"], train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": rng})
+    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes),
+                                  config.label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean(), (logits, updates)
+
+  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  deltas, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, deltas)
+  ema = state.ema_params
+  if ema is not None:  # decay warms up as min(d, (1 + t) / (10 + t)), as tf.train.EMA does
+    t = state.step.astype(jnp.float32)
+    decay = jnp.minimum(config.ema_decay, (1 + t) / (10 + t))
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+  metrics = {"train/loss": loss,
+             "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+             "learning_rate": schedule(state.step)}
+  new_state = state.replace(step=state.step + 1, params=params,
+                            batch_stats=updates["batch_stats"], opt_state=opt_state,
+                            ema_params=ema)
+  return new_state, metrics
+
+
+def eval_step(state, batch, *, model):
+  """Sums over the real (mask 1) examples: loss, top-1 and top-5 hits, count."""
+  params = state.params if state.ema_params is None else state.ema_params
+  logits = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                       train=False)
+  mask = batch["mask"]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  return {"loss": jnp.sum(loss * mask),
+          "top1": jnp.sum((top5[:, 0] == batch["label"]) * mask),
+          "top5": jnp.sum(jnp.any(top5 == batch["label"][:, None], -1) * mask),
+          "count": jnp.sum(mask)}
+
+
+class _Preemption:
+  """Remembers a SIGTERM so the loop can save and exit cleanly at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint at the next step, then exiting")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _initial_state(config, model, tx, mesh, image_shape):
+  """Abstract state first, then jit(init) straight into replicated shardings."""
+  def init():
+    variables = model.init(jax.random.key(config.seed), jnp.zeros((1,) + image_shape),
+                           train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      ema_params=params if config.ema_decay > 0 else None)
+
+  abstract = jax.eval_shape(init)
+  replicated = NamedSharding(mesh, P())
+  shardings = jax.tree.map(lambda _: replicated, abstract)
+  return init, abstract, shardings
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains config's model on config's dataset in workdir, resuming from its checkpoints."""
+  validate_config(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  writer = create_writer(workdir, is_main)
+
+  builder = data_lib.get_builder(config.dataset.name, config.dataset.data_dir)
+  num_train = data_lib.num_examples(builder, config.dataset.train_split)
+  steps_per_epoch = num_train // config.batch_size
+  num_steps = (config.num_train_steps if config.num_train_steps > 0
+               else int(config.num_epochs * steps_per_epoch))
+  per_host_batch = config.batch_size // jax.process_count()
+  size = config.dataset.image_size
+  channels = len(data_lib.DATASETS[config.dataset.name].mean)
+
+  model = create_model(config)
+  schedule = learning_rate_schedule(config, steps_per_epoch, num_steps)
+  tx = create_optimizer(config, schedule)
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  batch_sharding = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+  init, abstract, state_sharding = _initial_state(config, model, tx, mesh, (size, size, channels))
+
+  ckpt = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every_steps,
+          enable_async_checkpointing=True, create=True))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sharding)
+    state = ckpt.restore(latest, args=ocp.args.StandardRestore(target))
+    logging.info("resumed from %s at step %d", ckpt.directory, latest)
+  else:
+    state = jax.jit(init, out_shardings=state_sharding)()
+  start_step = int(jax.device_get(state.step))
+
+  if is_main and start_step == 0:
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info("model %s: %.3fM parameters; %d steps, %d per epoch", dict(config.model),
+                 n_params / 1e6, num_steps, steps_per_epoch)
+    writer.write_hparams({k: v for k, v in config.to_dict().items()
+                          if isinstance(v, (int, float, str, bool))})
+
+  p_train = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
+      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
+      donate_argnums=(0,))
+  p_eval = jax.jit(functools.partial(eval_step, model=model),
+                   in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
+
+  def evaluate(step):
+    n = data_lib.eval_steps(builder, config.dataset.eval_split, config.batch_size)
+    ds = data_lib.eval_dataset(builder, split=config.dataset.eval_split,
+                               per_host_batch=per_host_batch, image_size=size, num_steps=n)
+    totals = None
+    for batch in ds.as_numpy_iterator():
+      sums = p_eval(state, data_lib.to_global(batch, batch_sharding))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    result = {"eval/loss": totals["loss"] / count, "eval/accuracy": totals["top1"] / count,
+              "eval/top5_accuracy": totals["top5"] / count, "eval/num_examples": count}
+    writer.write_scalars(step, result)
+    writer.flush()
+    return result
+
+  train_iter = data_lib.train_dataset(
+      builder, split=config.dataset.train_split, per_host_batch=per_host_batch, image_size=size,
+      seed=config.seed, start_step=start_step,
+      shuffle_buffer=config.dataset.shuffle_buffer).as_numpy_iterator()
+  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_steps=config.log_every_steps, every_secs=None)]
+  if config.profile and is_main:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+
+  preemption = _Preemption()
+  pending = []
+  step = start_step
+  try:
+    while step < num_steps:
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = p_train(state, data_lib.to_global(next(train_iter), batch_sharding))
+      step += 1
+      pending.append(metrics)
+      for hook in hooks:
+        hook(step)
+      if step % config.log_every_steps == 0 or step == num_steps:
+        summary = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
+        writer.write_scalars(step, summary)
+        pending = []
+      if step % config.eval_every_steps == 0 or step == num_steps:
+        evaluate(step)
+      stop = preemption.requested or ckpt.reached_preemption(step)
+      ckpt.save(step, args=ocp.args.StandardSave(state), force=stop or step == num_steps)
+      if stop:
+        logging.warning("preempted: checkpoint at step %d written; exiting", step)
+        break
+  finally:
+    ckpt.wait_until_finished()
+    ckpt.close()
+    preemption.restore()
+    writer.flush()
+    writer.close()
+  return state

@@ -1,0 +1,81 @@
+"""Shared test helpers: tiny training runs through the real command line."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as inet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = "width_multiplier=0.125,num_heads=2,kernel_size=3"
+
+
+def tiny_flags(data_dir, steps, *, batch=16, ckpt_every=1000, log_every=1, eval_every=1000,
+               train_split="train[:256]", eval_split="test[:100]"):
+  return [f"--config.dataset.data_dir={data_dir}", f"--config.dataset.train_split={train_split}",
+          f"--config.dataset.eval_split={eval_split}", f"--config.batch_size={batch}",
+          f"--config.num_train_steps={steps}", f"--config.checkpoint_every_steps={ckpt_every}",
+          f"--config.log_every_steps={log_every}", f"--config.eval_every_steps={eval_every}",
+          "--config.dataset.shuffle_buffer=256"]
+
+
+def main_cmd(config_arg, workdir, flags):
+  return [sys.executable, "-m", "sasa_jax.main", f"--config={config_arg}",
+          f"--workdir={workdir}", *flags]
+
+
+def env(devices=1, **extra):
+  e = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+  e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+  return e
+
+
+def run_main(config_arg, workdir, flags, devices=1, check=True, timeout=600):
+  proc = subprocess.run(main_cmd(config_arg, workdir, flags), cwd=ROOT, env=env(devices),
+                        capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode:
+    raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def restore_params(workdir, step=None):
+  """The parameters of checkpoint `step` (default: latest) as numpy, keyed by path."""
+  import jax
+  import orbax.checkpoint as ocp
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mngr:
+    step = mngr.latest_step() if step is None else step
+    state = mngr.restore(step, args=ocp.args.StandardRestore())
+  flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+  return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
+class FakeImagenet(inet.Builder, skip_registration=True):
+  """imagenet2012 with a few random JPEGs of random sizes: real pipeline, fake pixels."""
+  name = "imagenet2012"
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(24, 0), "validation": self._generate_examples(10, 1)}
+
+  def _generate_examples(self, n, seed):  # pylint: disable=arguments-differ
+    import tensorflow as tf
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+      h, w = rng.integers(40, 90, size=2)
+      pixels = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+      yield i, {"image": tf.io.encode_jpeg(pixels).numpy(), "label": int(rng.integers(1000)),
+                "file_name": f"fake_{seed}_{i}.JPEG"}
+
+
+def prepare_fake_imagenet(data_dir):
+  builder = FakeImagenet(data_dir=data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=data_dir))
+  return builder

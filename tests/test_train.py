@@ -1,0 +1,180 @@
+"""The training framework end to end, on real Fashion-MNIST and fake imagenet2012."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+
+from tests import helpers
+
+FMNIST = f"configs/fashion_mnist.py:{helpers.TINY_MODEL}"
+
+
+def test_fashion_mnist_end_to_end(fmnist_dir, tmp_path):
+  workdir = tmp_path / "run"
+  flags = helpers.tiny_flags(fmnist_dir, 6, ckpt_every=3, log_every=2, eval_every=3)
+  proc = helpers.run_main(FMNIST, workdir, flags)
+  rows = helpers.read_metrics(workdir)
+  train = [r for r in rows if "train/loss" in r]
+  evals = [r for r in rows if "eval/accuracy" in r]
+  assert [r["step"] for r in train] == [2, 4, 6]
+  assert all(np.isfinite(r["train/loss"]) and 0 <= r["train/accuracy"] <= 1 for r in train)
+  assert all(r["learning_rate"] > 0 for r in train)
+  assert [r["step"] for r in evals] == [3, 6]
+  assert all(r["eval/num_examples"] == 100 for r in evals)  # test[:100], every example once
+  assert all(0 <= r["eval/accuracy"] <= r["eval/top5_accuracy"] <= 1 for r in evals)
+  assert any("steps_per_sec" in r for r in rows)
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  assert {"3", "6"} <= set(os.listdir(workdir / "checkpoints"))
+  assert "ETA" in proc.stderr or "steps/s" in proc.stderr  # clu ReportProgress
+
+
+def test_rerun_of_finished_run_resumes_without_training(fmnist_dir, tmp_path):
+  workdir = tmp_path / "run"
+  flags = helpers.tiny_flags(fmnist_dir, 2)
+  helpers.run_main(FMNIST, workdir, flags)
+  first = helpers.restore_params(workdir)
+  proc = helpers.run_main(FMNIST, workdir, flags)
+  assert "resumed from" in proc.stderr
+  second = helpers.restore_params(workdir)
+  assert first[0] == second[0] == 2
+  for k in first[1]:
+    np.testing.assert_array_equal(first[1][k], second[1][k])
+
+
+def test_fake_imagenet_end_to_end(tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  helpers.prepare_fake_imagenet(data_dir)
+  workdir = tmp_path / "run"
+  flags = helpers.tiny_flags(data_dir, 2, batch=4, train_split="train", eval_split="validation")
+  flags += ["--config.dataset.image_size=64", "--config.dtype=float32",
+            "--config.model.num_classes=1000"]
+  helpers.run_main("configs/imagenet.py:depth=26,variant=full_attention,width_multiplier=0.125,"
+                   "num_heads=2,kernel_size=3", workdir, flags)
+  rows = helpers.read_metrics(workdir)
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+  (final,) = [r for r in rows if "eval/accuracy" in r]
+  assert final["eval/num_examples"] == 10
+
+
+def test_one_and_four_devices_follow_the_same_trajectory(fmnist_dir, tmp_path):
+  losses = {}
+  for devices in (1, 4):
+    workdir = tmp_path / f"d{devices}"
+    helpers.run_main(FMNIST, workdir, helpers.tiny_flags(fmnist_dir, 4), devices=devices)
+    losses[devices] = [r["train/loss"] for r in helpers.read_metrics(workdir) if "train/loss" in r]
+  assert len(losses[1]) == 4
+  assert losses[1][-1] != losses[1][0]
+  np.testing.assert_allclose(losses[4], losses[1], rtol=2e-4, atol=2e-5)
+
+
+def _wait_for(predicate, proc, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+    time.sleep(0.05)
+  raise AssertionError("timed out")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_run_resumes_to_the_same_parameters(fmnist_dir, tmp_path, sig):
+  steps = 40
+  flags = helpers.tiny_flags(fmnist_dir, steps, ckpt_every=4)
+  helpers.run_main(FMNIST, tmp_path / "straight", flags)
+  reference = helpers.restore_params(tmp_path / "straight")
+
+  workdir = tmp_path / "interrupted"
+  proc = subprocess.Popen(helpers.main_cmd(FMNIST, workdir, flags), cwd=helpers.ROOT,
+                          env=helpers.env(), stderr=subprocess.PIPE, text=True)
+  ckpts = workdir / "checkpoints"
+  _wait_for(lambda: ckpts.exists() and "4" in os.listdir(ckpts), proc)
+  proc.send_signal(sig)
+  proc.wait(timeout=120)
+  stderr = proc.stderr.read()
+  if sig == signal.SIGTERM:
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "preempted: checkpoint at step" in stderr
+  interrupted_at = helpers.restore_params(workdir)[0]
+  assert 4 <= interrupted_at < steps
+  helpers.run_main(FMNIST, workdir, flags)
+  resumed = helpers.restore_params(workdir)
+  assert resumed[0] == reference[0] == steps
+  for k, v in reference[1].items():
+    np.testing.assert_allclose(resumed[1][k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_partial_checkpoint_is_never_picked(fmnist_dir, tmp_path):
+  workdir = tmp_path / "run"
+  flags = helpers.tiny_flags(fmnist_dir, 2)
+  helpers.run_main(FMNIST, workdir, flags)
+  # A save that died half-way leaves a temporary directory behind.
+  (workdir / "checkpoints" / "7.orbax-checkpoint-tmp-1234").mkdir()
+  (workdir / "checkpoints" / "7.orbax-checkpoint-tmp-1234" / "garbage").write_text("x")
+  proc = helpers.run_main(FMNIST, workdir, helpers.tiny_flags(fmnist_dir, 3))
+  assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
+  assert helpers.restore_params(workdir)[0] == 3
+
+
+def _config(**changes):
+  sys.path.insert(0, os.path.join(helpers.ROOT, "configs"))
+  import fashion_mnist  # noqa: PLC0415
+  config = fashion_mnist.get_config(helpers.TINY_MODEL)
+  config.unlock()
+  for key, value in changes.items():
+    target, *path = key.split(".")
+    if path:
+      config[target][path[0]] = value
+    else:
+      config[key] = value
+  return config
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"dataset.name": "cifar10"}, r"config.dataset.name='cifar10' is not allowed; choose one of \('imagenet2012', 'fashion_mnist'\)"),
+    ({"model.kernel": 3}, r"config.model has unknown field\(s\) \['kernel'\]; allowed .*'kernel_size'"),
+    ({"model.variant": "hybrid"}, r"config.model: variant='hybrid' is not allowed; choose one of"),
+    ({"model.dtype": "float32"}, r"config.model.dtype is set by the top-level config.dtype"),
+    ({"batch_size": 0}, r"config.batch_size=0 must be a positive multiple of the device count 1"),
+    ({"dtype": "float16"}, r"config.dtype='float16' is not allowed"),
+])
+def test_bad_config_fails_before_compiling(changes, match, tmp_path):
+  from sasa_jax import train
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(_config(**changes), str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_batch_not_divisible_by_devices_names_the_field(tmp_path):
+  proc = helpers.run_main(FMNIST, tmp_path, ["--config.batch_size=6"], devices=4, check=False)
+  assert proc.returncode != 0
+  assert "config.batch_size=6 must be a positive multiple of the device count 4" in proc.stderr
+
+
+def test_missing_imagenet_says_how_to_prepare(tmp_path):
+  from sasa_jax import train
+  config = _config(**{"dataset.name": "imagenet2012", "dataset.data_dir": str(tmp_path / "none")})
+  with pytest.raises(FileNotFoundError, match=r"imagenet2012.*not prepared.*tfds build imagenet2012"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_config_strings():
+  sys.path.insert(0, os.path.join(helpers.ROOT, "configs"))
+  import imagenet  # noqa: PLC0415
+  config = imagenet.get_config("depth=26,variant=conv_stem_attention,attention_groups=2-3-4,"
+                               "holdout=true")
+  assert config.model.depth == 26 and config.model.attention_groups == (2, 3, 4)
+  assert config.dataset.train_split == "train[:96%]"
+  assert config.dataset.eval_split == "train[96%:]"
+  assert config.learning_rate * config.batch_size / 256 == pytest.approx(1.6)
+  with pytest.raises(ValueError, match=r"config argument 'depht' is not allowed"):
+    imagenet.get_config("depht=50")
+  from sasa_jax.models import create_resnet
+  create_resnet(**config.model)  # config.model is exactly create_resnet's keywords
+  assert isinstance(config, ml_collections.ConfigDict)
