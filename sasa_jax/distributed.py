@@ -2,6 +2,7 @@
 
 Explicit (any cluster, and launch/local.sh on loopback):
   SASA_COORDINATOR_ADDRESS=host:port SASA_NUM_PROCESSES=N SASA_PROCESS_ID=i
+  [SASA_HEARTBEAT_TIMEOUT=seconds: how soon the others fail when one process dies]
 Automatic (jax's cluster detection): SLURM with more than one task, or a multi-worker
 TPU VM slice. A single process needs nothing.
 """
@@ -27,8 +28,9 @@ def initialize_from_env() -> None:
                        "SASA_PROCESS_ID (0..N-1) in the environment")
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(address, num_processes=num,
-                               process_id=int(os.environ["SASA_PROCESS_ID"]))
+    jax.distributed.initialize(
+        address, num_processes=num, process_id=int(os.environ["SASA_PROCESS_ID"]),
+        heartbeat_timeout_seconds=int(os.environ.get("SASA_HEARTBEAT_TIMEOUT", "100")))
   elif _cluster_env():
     jax.distributed.initialize()
   else:

@@ -19,10 +19,14 @@ class _QuietOrbax(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
 
 
+def quiet_orbax():
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  quiet_orbax()
   distributed.initialize_from_env()
   from sasa_jax import train  # after distributed start-up, before any other device use
   logging.info("config:\n%s", FLAGS.config)

@@ -6,7 +6,7 @@ the global batch). Orbax checkpoints with automatic resume, clu metric writers
 (TensorBoard + metrics.jsonl) and progress reports.
 """
 import functools
-import math
+import hashlib
 import os
 import signal
 from typing import Any
@@ -177,6 +177,14 @@ def _initial_state(config, model, tx, mesh, image_shape):
   return init, abstract, shardings
 
 
+def params_fingerprint(params) -> str:
+  """sha256 of this process's own replica of the parameters (to compare processes)."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    digest.update(np.ascontiguousarray(leaf.addressable_data(0)).tobytes())
+  return digest.hexdigest()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains config's model on config's dataset in workdir, resuming from its checkpoints."""
   validate_config(config)
@@ -278,6 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if stop:
         logging.warning("preempted: checkpoint at step %d written; exiting", step)
         break
+    logging.info("process %d final parameters at step %d: sha256 %s", jax.process_index(), step,
+                 params_fingerprint(state.params))
   finally:
     ckpt.wait_until_finished()
     ckpt.close()

@@ -1,0 +1,160 @@
+"""Launchers: dry runs, missing tools, and real multi-process runs on loopback."""
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests import helpers
+
+LAUNCH = os.path.join(helpers.ROOT, "launch")
+TRICKY = ["--config=configs/imagenet.py:depth=50,variant=full_attention",
+          "--config.dataset.train_split=train[:96%]", "--config.dataset.data_dir=/data/with space"]
+
+
+def script(name, *args, env=None, check=True):
+  e = dict(os.environ, **(env or {}))
+  proc = subprocess.run([os.path.join(LAUNCH, name), *args], capture_output=True, text=True,
+                        env=e, cwd=helpers.ROOT, timeout=60)
+  if check:
+    assert proc.returncode == 0, proc.stderr
+  return proc
+
+
+def test_local_dry_run_commands_are_well_formed():
+  out = script("local.sh", "3", "--dry-run", "--workdir=/tmp/w", *TRICKY,
+               env={"PORT": "4567"}).stdout.splitlines()
+  assert len(out) == 3
+  for i, line in enumerate(out):
+    argv = shlex.split(line)
+    assert argv[0] == "env" and f"SASA_PROCESS_ID={i}" in argv
+    assert "SASA_NUM_PROCESSES=3" in argv and "SASA_COORDINATOR_ADDRESS=127.0.0.1:4567" in argv
+    assert argv[argv.index("-m") + 1] == "sasa_jax.main"
+    assert all(flag in argv for flag in TRICKY)  # quoting survives
+    assert argv[-4:] == [">", f"/tmp/w/logs/process_{i}.log", "2>&1", "&"]
+
+
+def test_tpu_dry_run_commands_are_well_formed():
+  env = {"TPU_NAME": "pod", "ZONE": "us-central2-b", "WORKDIR": "gs://b/run",
+         "TFDS_DATA_DIR": "gs://b/tfds", "PROJECT": "p", "NUM_WORKERS": "2"}
+  lines = script("tpu_pod.sh", "--create", "--dry-run", *TRICKY, env=env).stdout.splitlines()
+  cmds = [shlex.split(line) for line in lines]
+  assert cmds[0][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
+  assert "--accelerator-type=v3-128" in cmds[0] and "--project=p" in cmds[0]
+  runs = [c for c in cmds if any(a.startswith("--command=cd sasa_jax_src") for a in c)]
+  assert [c[c.index("ssh") + 2] for c in runs] == ["--worker=0", "--worker=1"]
+  remote = shlex.split(next(a for a in runs[0] if a.startswith("--command="))[len("--command="):])
+  assert remote[remote.index("-m") + 1] == "sasa_jax.main"
+  assert "--workdir=gs://b/run" in remote and "--config.dataset.data_dir=gs://b/tfds" in remote
+  assert all(flag in remote for flag in TRICKY)
+
+
+def test_slurm_dry_run_script():
+  env = {"NODES": "2", "GPUS_PER_NODE": "8", "WORKDIR": "/shared/run", "PARTITION": "gpu"}
+  out = script("gpu_slurm.sh", "--dry-run", "--per-gpu", *TRICKY, env=env).stdout
+  assert "#SBATCH --nodes=2" in out and "#SBATCH --ntasks-per-node=8" in out
+  assert out.splitlines()[1] == "#SBATCH --partition=gpu"
+  srun = shlex.split(next(line for line in out.splitlines() if line.startswith("srun")))
+  assert all(flag in srun for flag in TRICKY) and "--workdir=/shared/run" in srun
+
+
+def _bin_without_cloud_tools(tmp_path):
+  """A PATH directory with only what the scripts need besides gcloud/sbatch."""
+  import shutil
+  bindir = tmp_path / "bin"
+  bindir.mkdir()
+  for tool in ("bash", "dirname", "sed", "cat", "mkdir", "env"):
+    os.symlink(shutil.which(tool), bindir / tool)
+  return str(bindir)
+
+
+@pytest.mark.parametrize("name,env,missing", [
+    ("tpu_pod.sh", {"ZONE": "z", "WORKDIR": "w", "TFDS_DATA_DIR": "d"}, "TPU_NAME"),
+    ("tpu_pod.sh", {"TPU_NAME": "t", "ZONE": "z", "WORKDIR": "w", "TFDS_DATA_DIR": "d",
+                    "PATH": None}, "gcloud not found"),
+    ("gpu_slurm.sh", {"NODES": "1", "WORKDIR": "w"}, "GPUS_PER_NODE"),
+    ("gpu_slurm.sh", {"NODES": "1", "GPUS_PER_NODE": "1", "WORKDIR": "w",
+                      "PATH": None}, "sbatch not found"),
+])
+def test_missing_variable_or_tool_is_named(name, env, missing, tmp_path):
+  if "PATH" in env:
+    env = {**env, "PATH": _bin_without_cloud_tools(tmp_path)}
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("TPU_NAME", "ZONE", "WORKDIR", "TFDS_DATA_DIR", "NODES", "GPUS_PER_NODE")}
+  proc = subprocess.run(["bash", os.path.join(LAUNCH, name), "--config=configs/imagenet.py"],
+                        capture_output=True, text=True, env={**base, **env}, timeout=60)
+  assert proc.returncode != 0 and missing in proc.stderr
+
+
+def test_help():
+  for name in ("local.sh", "tpu_pod.sh", "gpu_slurm.sh"):
+    assert "--dry-run" in script(name, "--help").stdout
+
+
+def _fingerprints(logdir):
+  found = {}
+  for name in os.listdir(logdir):
+    with open(os.path.join(logdir, name)) as f:
+      m = re.search(r"process (\d) final parameters at step (\d+): sha256 (\w+)", f.read())
+    if m:
+      found[int(m.group(1))] = (int(m.group(2)), m.group(3))
+  return found
+
+
+def test_two_processes_train_and_hand_over_to_one(fmnist_dir, tmp_path):
+  workdir = tmp_path / "run"
+  flags = helpers.tiny_flags(fmnist_dir, 4, ckpt_every=2, eval_every=4)
+  proc = subprocess.run([os.path.join(LAUNCH, "local.sh"), "2",
+                         *helpers.main_cmd(f"configs/fashion_mnist.py:{helpers.TINY_MODEL}",
+                                           workdir, flags)[3:]],
+                        cwd=helpers.ROOT, env=helpers.env(), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr + proc.stdout
+  prints = _fingerprints(workdir / "logs")
+  assert set(prints) == {0, 1} and prints[0] == prints[1] and prints[0][0] == 4
+  rows = helpers.read_metrics(workdir)  # written by process 0 alone: one row per step
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+  (final,) = [r for r in rows if "eval/accuracy" in r]
+  assert final["eval/num_examples"] == 100
+  assert len([f for f in os.listdir(workdir) if f.startswith("events.out")]) == 1
+  # One process takes over the pair's checkpoint.
+  single = helpers.run_main(f"configs/fashion_mnist.py:{helpers.TINY_MODEL}", workdir,
+                            helpers.tiny_flags(fmnist_dir, 6, ckpt_every=2, eval_every=100))
+  assert "resumed from" in single.stderr and "at step 4" in single.stderr
+  assert helpers.restore_params(workdir)[0] == 6
+
+
+def test_killing_one_process_fails_the_other_then_relaunch_resumes(fmnist_dir, tmp_path):
+  workdir = tmp_path / "run"
+  flags = helpers.tiny_flags(fmnist_dir, 400, ckpt_every=2, eval_every=1000)
+  cmd = helpers.main_cmd(f"configs/fashion_mnist.py:{helpers.TINY_MODEL}", workdir, flags)
+  port = subprocess.run([helpers.sys.executable, "-c", "import socket; s=socket.socket(); "
+                         "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"],
+                        capture_output=True, text=True).stdout.strip()
+  procs = [subprocess.Popen(cmd, cwd=helpers.ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=helpers.env(
+                                devices=2, SASA_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                SASA_NUM_PROCESSES="2", SASA_PROCESS_ID=str(i),
+                                SASA_HEARTBEAT_TIMEOUT="10"))
+           for i in range(2)]
+  ckpts = workdir / "checkpoints"
+  deadline = time.time() + 300
+  while not (ckpts.exists() and "2" in os.listdir(ckpts)):
+    assert time.time() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGKILL)
+  t0 = time.time()
+  rc = procs[0].wait(timeout=120)  # bounded: the heartbeat timeout plus shutdown
+  assert rc != 0, "the surviving process must fail, not hang or pretend success"
+  assert time.time() - t0 < 120
+  relaunch = subprocess.run(
+      [os.path.join(LAUNCH, "local.sh"), "2", *cmd[3:-len(flags)],
+       *helpers.tiny_flags(fmnist_dir, 2 + int(max(int(s) for s in os.listdir(ckpts)
+                                                    if s.isdigit())), ckpt_every=2)],
+      cwd=helpers.ROOT, env=helpers.env(), capture_output=True, text=True, timeout=600)
+  assert relaunch.returncode == 0, relaunch.stderr
+  log0 = (workdir / "logs" / "process_0.log").read_text()
+  assert "resumed from" in log0
