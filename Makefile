@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install test model-table data clean
+.PHONY: install test demo tables bench model-table data clean
 
 install: $(STAMP) data
 
@@ -28,6 +28,18 @@ $(FMNIST):
 
 test: install
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --durations=10 tests
+
+# The main job: a SASA ResNet learns real Fashion-MNIST on the CPU (FRESH=1 starts over).
+demo: install
+	$(PY) -m sasa_jax.tools.demo --workdir=runs/demo $(if $(FRESH),--fresh,)
+
+# The paper's Tables 1, 4, 5 at small scale: runs/tables/report.md and plots.
+tables: install
+	$(PY) -m sasa_jax.tools.tables --outdir=runs/tables
+
+# Speed and memory of the attention op and of training steps against convolution.
+bench: install
+	$(PY) -m sasa_jax.tools.bench
 
 model-table: install
 	$(PY) -m sasa_jax.tools.model_table

@@ -15,7 +15,7 @@ from sasa_jax.config_args import parse_arg
 
 def get_config(arg=None):
   a = parse_arg(arg, depth=26, variant="conv_stem_attention", attention_groups=(2, 3, 4),
-                width_multiplier=0.25, kernel_size=7, num_heads=4,
+                width_multiplier=0.125, kernel_size=7, num_heads=2,
                 positional_encoding="relative", attention_type="qk+qr", stem_type="conv",
                 impl="auto", seed=0)
   config = ml_collections.ConfigDict()
@@ -30,11 +30,12 @@ def get_config(arg=None):
   if a["variant"] == "full_attention" and a["stem_type"] == "conv":
     config.model["stem_type"] = "spatially_aware"
   config.dataset = dict(name="fashion_mnist", data_dir=ml_collections.config_dict.placeholder(str), image_size=28, train_split="train",
-                        eval_split="test", shuffle_buffer=16_384)
+                        eval_split="test", shuffle_buffer=16_384,
+                        crop_padding=0)  # flips only: 3 epochs are too few to profit from crops
   config.batch_size = 128
   config.num_epochs = 3.0
   config.num_train_steps = -1
-  config.learning_rate = 0.2        # for batch 256, scaled linearly
+  config.learning_rate = 0.4        # for batch 256, scaled linearly
   config.momentum = 0.9
   config.nesterov = True
   config.warmup_epochs = 0.25

@@ -1,26 +1,14 @@
 """python -m sasa_jax.main --config=configs/NAME.py[:ARGS] --workdir=DIR [--config.FIELD=VALUE]"""
-import logging as logging_std
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sasa_jax import distributed
+from sasa_jax.logs import quiet_orbax
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-class _QuietOrbax(logging_std.Filter):
-  """Orbax logs every checkpoint phase at INFO; keep its warnings and errors only."""
-
-  def filter(self, record):
-    return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
-
-
-def quiet_orbax():
-  logging.get_absl_handler().addFilter(_QuietOrbax())
 
 
 def main(argv):

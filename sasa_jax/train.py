@@ -225,6 +225,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     state = jax.jit(init, out_shardings=state_sharding)()
   start_step = int(jax.device_get(state.step))
 
+  if is_main:  # what tools (attention maps, reports) need to rebuild the model
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   if is_main and start_step == 0:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("model %s: %.3fM parameters; %d steps, %d per epoch", dict(config.model),
@@ -258,7 +261,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_iter = data_lib.train_dataset(
       builder, split=config.dataset.train_split, per_host_batch=per_host_batch, image_size=size,
       seed=config.seed, start_step=start_step,
-      shuffle_buffer=config.dataset.shuffle_buffer).as_numpy_iterator()
+      shuffle_buffer=config.dataset.shuffle_buffer,
+      crop_padding=config.dataset.get("crop_padding", 2)).as_numpy_iterator()
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)]
   if config.profile and is_main:

@@ -68,9 +68,10 @@ def _records(builder, split, seed):
 
 
 def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, seed: int,
-                  start_step: int = 0, shuffle_buffer: int = 16_384) -> tf.data.Dataset:
+                  start_step: int = 0, shuffle_buffer: int = 16_384,
+                  crop_padding: int = 2) -> tf.data.Dataset:
   """Endless batches {"image": [b, S, S, C] float32, "label": [b] int32} for this host,
-  starting at global step `start_step`."""
+  starting at global step `start_step`. crop_padding: random-crop margin of small images."""
   spec = DATASETS[builder.name]
   train_fn = PREPROCESS[spec.preprocess][0]
   host_split = tfds.split_for_jax_process(split, drop_remainder=True)
@@ -86,7 +87,7 @@ def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, 
   def preprocess(index, ex):
     example_seed = tf.stack([tf.constant(seed, tf.int64), index])
     image = train_fn(ex["image"], example_seed, image_size=image_size, mean=spec.mean,
-                     std=spec.std)
+                     std=spec.std, pad=crop_padding)
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
   ds = tf.data.Dataset.range(epoch0, 2**40).flat_map(epoch).skip(offset)

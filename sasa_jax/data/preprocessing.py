@@ -11,7 +11,8 @@ def _normalize(image, mean, std):
   return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
-def inception_train(encoded, seed, *, image_size, mean, std):
+def inception_train(encoded, seed, *, image_size, mean, std, pad=0):
+  del pad  # the Inception crop has its own scale range
   """Inception-style crop (area 8-100%, aspect 3/4-4/3) of the JPEG, resize, flip."""
   shape = tf.io.extract_jpeg_shape(encoded)
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -38,7 +39,7 @@ def inception_eval(encoded, *, image_size, mean, std):
 
 
 def small_train(encoded, seed, *, image_size, mean, std, pad=2):
-  """Small images (28-32 px): pad-and-random-crop by `pad` pixels, random flip."""
+  """Small images (28-32 px): pad-and-random-crop by `pad` pixels (0: none), random flip."""
   image = tf.io.decode_png(encoded, channels=len(mean))
   image = tf.image.resize_with_crop_or_pad(image, image_size + 2 * pad, image_size + 2 * pad)
   image = tf.image.stateless_random_crop(image, [image_size, image_size, len(mean)], seed=seed)

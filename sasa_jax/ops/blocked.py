@@ -12,7 +12,7 @@ image size, so the compiled program stays small (one slice per window offset wou
 unroll k^2 copies per layer).
 """
 import dataclasses
-import math
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -122,52 +122,161 @@ def _axis_embedding(rel, plan: AxisPlan):
   return jnp.where(inside[..., None], rel[np.clip(idx, 0, rel.shape[0] - 1)], 0)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Static shapes of one call: image, heads and the two axis plans."""
+  batch: int
+  h: int
+  w: int
+  heads: int
+  d: int
+  ph: AxisPlan
+  pw: AxisPlan
+
+  @property
+  def lead(self):  # [B, nbh, nbw, N]: the batch dimensions of every block matmul
+    return (self.batch, self.ph.num_blocks, self.pw.num_blocks, self.heads)
+
+  @property
+  def nq(self):
+    return self.ph.block * self.pw.block
+
+  @property
+  def nk(self):
+    return self.ph.window * self.pw.window
+
+
+def _to_blocks(x, lay: _Layout):
+  """[B, H, W, C] -> query blocks [B, nbh, nbw, N, bh * bw, d] (zero padded)."""
+  x = _query_blocks(_query_blocks(x.reshape(lay.batch, lay.h, lay.w, lay.heads, lay.d), 1,
+                                  lay.ph), 3, lay.pw)
+  return x.transpose(0, 1, 3, 5, 2, 4, 6).reshape(lay.lead + (lay.nq, lay.d))
+
+
+def _from_blocks(xb, lay: _Layout):
+  """Inverse of _to_blocks (padding cropped): [B, nbh, nbw, N, nq, d] -> [B, H, W, C]."""
+  ph, pw = lay.ph, lay.pw
+  x = xb.reshape(lay.lead + (ph.block, pw.block, lay.d)).transpose(0, 1, 4, 2, 5, 3, 6)
+  x = x.reshape(lay.batch, ph.num_blocks * ph.block, pw.num_blocks * pw.block, -1)
+  return x[:, :lay.h, :lay.w]
+
+
+def _to_windows(x, lay: _Layout, keys_last: bool):
+  """[B, H, W, C] -> key windows [B, nbh, nbw, N, wh * ww, d], or [..., d, wh * ww]."""
+  x = _windows(_windows(x.reshape(lay.batch, lay.h, lay.w, lay.heads, lay.d), 1, lay.ph), 3,
+               lay.pw)
+  if keys_last:  # with d as small as 8, q.k runs ~1.5x faster on XLA:CPU in this layout
+    return x.transpose(0, 1, 3, 5, 6, 2, 4).reshape(lay.lead + (lay.d, lay.nk))
+  return x.transpose(0, 1, 3, 5, 2, 4, 6).reshape(lay.lead + (lay.nk, lay.d))
+
+
+def _mask(lay: _Layout):
+  """[nbh, nbw, 1, bh, bw, wh, ww] bool, broadcastable against the logits."""
+  mh, mw = _axis_mask(lay.ph), _axis_mask(lay.pw)  # [nbh, bh, wh], [nbw, bw, ww]
+  return np.logical_and(mh[:, None, None, :, None, :, None], mw[None, :, None, None, :, None, :])
+
+
+def _logits(qb, kw, emb_h, emb_w, lay: _Layout, acc):
+  """Masked logits [B, nbh, nbw, N, nq, nk] in `acc` (float32 or wider)."""
+  ph, pw, d = lay.ph, lay.pw, lay.d
+  shape = lay.lead + (ph.block, pw.block, ph.window, pw.window)
+  logits = jnp.zeros(shape, acc)
+  if kw is not None:
+    logits += jnp.einsum("...qd,...dk->...qk", qb, kw, preferred_element_type=acc).reshape(shape)
+  if emb_h is not None:
+    q5 = qb.reshape(lay.lead + (ph.block, pw.block, d))
+    rows = jnp.einsum("...yxc,yuc->...yxu", q5[..., : d // 2], emb_h, preferred_element_type=acc)
+    cols = jnp.einsum("...yxc,xvc->...yxv", q5[..., d // 2:], emb_w, preferred_element_type=acc)
+    logits += rows[..., :, None] + cols[..., None, :]
+  return jnp.where(_mask(lay), logits, _MASKED).reshape(lay.lead + (lay.nq, lay.nk))
+
+
+def _embeddings(rel_h, rel_w, lay: _Layout, dtype):
+  if rel_h is None:
+    return None, None
+  return (_axis_embedding(rel_h.astype(dtype), lay.ph), _axis_embedding(rel_w.astype(dtype), lay.pw))
+
+
+def _forward(q, k, v, rel_h, rel_w, lay: _Layout):
+  """(output [B, H, W, C], log-sum-exp of each query's logits [B, nbh, nbw, N, nq])."""
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  qb = _to_blocks(q, lay)
+  kw = None if k is None else _to_windows(k, lay, keys_last=True)
+  logits = _logits(qb, kw, *_embeddings(rel_h, rel_w, lay, q.dtype), lay, acc)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  probs = jnp.exp(logits - lse[..., None])
+  out = jnp.einsum("...qk,...kd->...qd", probs.astype(v.dtype), _to_windows(v, lay, False),
+                   preferred_element_type=acc)
+  return _from_blocks(out, lay).astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, rel_h, rel_w, lay):
+  return _forward(q, k, v, rel_h, rel_w, lay)[0]
+
+
+def _attention_fwd(q, k, v, rel_h, rel_w, lay):
+  out, lse = _forward(q, k, v, rel_h, rel_w, lay)
+  return out, (q, k, v, rel_h, rel_w, out, lse)  # no k x k tensor is kept
+
+
+def _attention_bwd(lay, residuals, g):
+  """Flash-attention-style backward: recompute probabilities from the saved log-sum-exp."""
+  q, k, v, rel_h, rel_w, out, lse = residuals
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  d = lay.d
+  qb, q_vjp = jax.vjp(lambda x: _to_blocks(x, lay), q)
+  vw, v_vjp = jax.vjp(lambda x: _to_windows(x, lay, False), v)
+  kw = k_vjp = None
+  if k is not None:
+    kw, k_vjp = jax.vjp(lambda x: _to_windows(x, lay, True), k)
+  emb_h = emb_w = None
+  if rel_h is not None:
+    (emb_h, emb_w), emb_vjp = jax.vjp(lambda a, b: _embeddings(a, b, lay, q.dtype), rel_h, rel_w)
+  probs = jnp.exp(_logits(qb, kw, emb_h, emb_w, lay, acc) - lse[..., None])
+  gb = _to_blocks(g, lay)
+  delta = jnp.sum(gb.astype(acc) * _to_blocks(out, lay).astype(acc), axis=-1, keepdims=True)
+  dprobs = jnp.einsum("...qd,...kd->...qk", gb, vw, preferred_element_type=acc)
+  dlogits = (probs * (dprobs - delta)).astype(q.dtype)
+  dv = v_vjp(jnp.einsum("...qk,...qd->...kd", probs.astype(v.dtype), gb,
+                        preferred_element_type=acc).astype(v.dtype))[0]
+  dqb = jnp.zeros(qb.shape, acc)
+  dk = None
+  if k is not None:
+    dqb += jnp.einsum("...qk,...dk->...qd", dlogits, kw, preferred_element_type=acc)
+    dk = k_vjp(jnp.einsum("...qk,...qd->...dk", dlogits, qb,
+                          preferred_element_type=acc).astype(k.dtype))[0]
+  drel_h = drel_w = None
+  if rel_h is not None:
+    ph, pw = lay.ph, lay.pw
+    ds = dlogits.reshape(lay.lead + (ph.block, pw.block, ph.window, pw.window))
+    rows, cols = jnp.sum(ds, axis=-1, dtype=acc), jnp.sum(ds, axis=-2, dtype=acc)
+    q5 = qb.reshape(lay.lead + (ph.block, pw.block, d))
+    dq5 = jnp.concatenate([
+        jnp.einsum("...yxu,yuc->...yxc", rows, emb_h.astype(acc)),
+        jnp.einsum("...yxv,xvc->...yxc", cols, emb_w.astype(acc))], axis=-1)
+    dqb += dq5.reshape(dqb.shape)
+    demb_h = jnp.einsum("...yxu,...yxc->yuc", rows, q5[..., : d // 2].astype(acc))
+    demb_w = jnp.einsum("...yxv,...yxc->xvc", cols, q5[..., d // 2:].astype(acc))
+    drel_h, drel_w = emb_vjp((demb_h.astype(q.dtype), demb_w.astype(q.dtype)))
+  dq = q_vjp(dqb.astype(q.dtype))[0]
+  return dq, dk, dv, drel_h, drel_w
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
                             plan_h: AxisPlan | None = None, plan_w: AxisPlan | None = None):
   """See `sasa_jax.ops.local_attention`. Inputs already validated.
 
-  Matrix multiplies run in the input dtype with float32 accumulation; the softmax
-  is float32.
+  Matrix multiplies run in the input dtype with float32 accumulation; the softmax is
+  float32. The backward pass recomputes the logits from the saved log-sum-exp, so the
+  only residuals are the inputs, the output and one float per query and head.
   """
   bsz, h, w, c = q.shape
-  n, d, r = num_heads, c // num_heads, kernel_size // 2
+  r = kernel_size // 2
   if plan_h is None or plan_w is None:
-    plan_h, plan_w = plan_blocks(h, w, r, c, n)
-  ph, pw = plan_h, plan_w
-  f32 = jnp.promote_types(q.dtype, jnp.float32)  # at least float32
-
-  # Queries: [B, nbh, nbw, N, bh, bw, d]
-  qb = _query_blocks(_query_blocks(q.reshape(bsz, h, w, n, d), 1, ph), 3, pw)
-  qb = qb.transpose(0, 1, 3, 5, 2, 4, 6)
-  lead = qb.shape[:4]
-  nq, nk = ph.block * pw.block, ph.window * pw.window
-
-  def key_windows(x, channels_last=True):  # [B, H, W, C] -> [B, nbh, nbw, N, wh * ww, d]
-    x = _windows(_windows(x.reshape(bsz, h, w, n, d), 1, ph), 3, pw)
-    if channels_last:
-      return x.transpose(0, 1, 3, 5, 2, 4, 6).reshape(lead + (nk, d))
-    return x.transpose(0, 1, 3, 5, 6, 2, 4).reshape(lead + (d, nk))  # [..., d, wh * ww]
-
-  logits = jnp.zeros(lead + (ph.block, pw.block, ph.window, pw.window), f32)
-  if k is not None:
-    # Keys as [d, window]: with d as small as 8, a contraction whose output rows are
-    # contiguous runs ~1.5x faster on XLA:CPU than [window, d].
-    qk = jnp.einsum("...qd,...dk->...qk", qb.reshape(lead + (nq, d)), key_windows(k, False),
-                    preferred_element_type=f32)
-    logits += qk.reshape(logits.shape)
-  if rel_h is not None:
-    emb_h = _axis_embedding(rel_h.astype(q.dtype), ph)  # [bh, wh, d/2]
-    emb_w = _axis_embedding(rel_w.astype(q.dtype), pw)  # [bw, ww, d/2]
-    rows = jnp.einsum("...yxc,yuc->...yxu", qb[..., : d // 2], emb_h, preferred_element_type=f32)
-    cols = jnp.einsum("...yxc,xvc->...yxv", qb[..., d // 2:], emb_w, preferred_element_type=f32)
-    logits += rows[..., :, None] + cols[..., None, :]
-
-  mh, mw = _axis_mask(ph), _axis_mask(pw)  # [nbh, bh, wh], [nbw, bw, ww]
-  mask = jnp.logical_and(mh[:, None, None, :, None, :, None], mw[None, :, None, None, :, None, :])
-  logits = jnp.where(mask, logits, _MASKED).reshape(lead + (nq, nk))
-  probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("...qk,...kd->...qd", probs.astype(v.dtype), key_windows(v),
-                   preferred_element_type=f32)
-  out = out.reshape(lead + (ph.block, pw.block, d)).transpose(0, 1, 4, 2, 5, 3, 6)
-  out = out.reshape(bsz, ph.num_blocks * ph.block, pw.num_blocks * pw.block, c)
-  return out[:, :h, :w].astype(q.dtype)
+    plan_h, plan_w = plan_blocks(h, w, r, c, num_heads)
+  lay = _Layout(bsz, h, w, num_heads, c // num_heads, plan_h, plan_w)
+  return _attention(q, k, v, rel_h, rel_w, lay)

@@ -81,7 +81,7 @@ def op_case(size, width, batch, kernel_size, heads, impl, dtype, repeats):
 
 def bench_ops(args):
   rows = []
-  for size, width in STAGES:
+  for size, width in args.stages:
     fast = op_case(size, width, args.batch, args.kernel_size, args.heads, args.impl,
                    args.dtype, args.repeats)
     row = {"kind": "op", "shape": f"{args.batch}x{size}x{size}x{width}", "impl": args.impl,
@@ -168,7 +168,13 @@ def main(argv=None):
   p.add_argument("--skip-models", action="store_true")
   p.add_argument("--skip-ops", action="store_true")
   p.add_argument("--format", choices=("text", "json"), default="text")
+  p.add_argument("--quick", action="store_true",
+                 help="tiny shapes (a smoke test of the benchmark itself, not a measurement)")
   args = p.parse_args(argv)
+  args.stages = STAGES
+  if args.quick:
+    args.stages, args.batch, args.repeats = [(14, 16), (7, 32)], 1, 1
+    args.depth, args.model_batch, args.image_size, args.model_repeats = 26, 1, 64, 1
   args.dtype = jnp.dtype(args.dtype)
 
   def emit(row):

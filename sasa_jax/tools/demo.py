@@ -37,7 +37,7 @@ def main(argv):
   start = time.time()
   if FLAGS.fresh and os.path.exists(FLAGS.workdir):
     shutil.rmtree(FLAGS.workdir)
-  from sasa_jax.main import quiet_orbax
+  from sasa_jax.logs import quiet_orbax
   quiet_orbax()
   from sasa_jax import train
   state = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

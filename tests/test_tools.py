@@ -1,0 +1,91 @@
+"""The demo, the small-scale tables, run plots and attention maps on real Fashion-MNIST."""
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from tests import helpers
+
+
+def _run(module, *args, timeout=900):
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=helpers.ROOT,
+                        env=helpers.env(), capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+@pytest.fixture(scope="module")
+def demo_run(fmnist_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("demo") / "run"
+  flags = [f"--workdir={workdir}", f"--config.dataset.data_dir={fmnist_dir}",
+           "--config.dataset.train_split=train[:384]", "--config.dataset.eval_split=test[:200]",
+           "--config.num_train_steps=4", "--config.batch_size=32", "--config.log_every_steps=2"]
+  first = _run("sasa_jax.tools.demo", *flags)
+  return workdir, flags, first
+
+
+def test_demo_reports_accuracy_params_and_time(demo_run):
+  workdir, flags, first = demo_run
+  out = first.stdout
+  assert "test accuracy" in out and "on 200 test images" in out
+  assert "parameters" in out and "wall time" in out
+  assert (workdir / "metrics.jsonl").exists() and (workdir / "config.json").exists()
+  again = _run("sasa_jax.tools.demo", *flags)  # existing workdir: resumes, no crash
+  assert "resumed from" in again.stderr and "at step 4" in again.stdout
+  fresh = _run("sasa_jax.tools.demo", *flags, "--fresh")
+  assert "resumed from" not in fresh.stderr
+
+
+def test_attention_maps_png(demo_run):
+  workdir, _, _ = demo_run
+  out = workdir / "maps.png"
+  _run("sasa_jax.tools.attention_maps", f"--workdir={workdir}", "--image=3",
+       "--layer=group2_block1", "--queries", "1,1", "3,2", f"--out={out}")
+  image = matplotlib.image.imread(out)
+  assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
+
+
+def test_window_probabilities_mask_the_border():
+  from sasa_jax.tools.attention_maps import window_probabilities
+  rng = np.random.default_rng(0)
+  q, k = rng.normal(size=(2, 5, 6, 8))
+  rel = rng.normal(size=(3, 2))
+  probs = window_probabilities(q, k, rel, rel, 0, 0, kernel_size=3, num_heads=2)
+  np.testing.assert_allclose(probs.sum(axis=(1, 2)), 1.0)
+  assert (probs[:, 0, :] == 0).all() and (probs[:, :, 0] == 0).all()  # above / left of the image
+
+
+def test_plot_run(demo_run, tmp_path):
+  workdir, _, _ = demo_run
+  out = tmp_path / "curves.png"
+  _run("sasa_jax.tools.plot_run", str(workdir), str(workdir), f"--out={out}")
+  assert matplotlib.image.imread(out).shape[2] in (3, 4)
+
+
+def test_tables_quick(fmnist_dir, tmp_path):
+  outdir = tmp_path / "tables"
+  proc = _run("sasa_jax.tools.tables", "--quick", "--seeds=1", f"--outdir={outdir}",
+              f"--data-dir={fmnist_dir}")
+  report = (outdir / "report.md").read_text()
+  from sasa_jax.tools.tables import RUNS
+  for _, labels in RUNS.values():
+    for label in labels.values():
+      assert f"| {label} (" in report
+  assert report.count("The paper's ordering") == 3
+  for png in ("accuracy_vs_step.png", "accuracy_vs_cost.png"):
+    assert matplotlib.image.imread(outdir / png).ndim == 3
+  assert "total wall time" in proc.stdout
+
+
+def test_bench_quick_prints_ratios():
+  import json
+  out = _run("sasa_jax.tools.bench", "--quick", "--format=json").stdout
+  rows = [json.loads(line) for line in out.splitlines()]
+  kinds = [r["kind"] for r in rows]
+  assert kinds == ["matmul", "op", "op", "train_step", "train_step", "train_step"]
+  assert rows[0]["gflops_per_s"] > 0
+  for r in rows[1:3]:
+    assert r["vs_conv"] > 0 and r["vs_reference"] > 0 and r["temp_mb"] >= 0
+  assert rows[3]["vs_baseline"] == 1.0 and rows[4]["vs_baseline"] > 0
