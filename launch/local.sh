@@ -4,14 +4,15 @@
 #
 #   launch/local.sh N [--dry-run] --config=configs/X.py --workdir=DIR [--config.FIELD=V ...]
 #
-# Environment: LOCAL_DEVICES (simulated CPU devices per process, default 2), PORT
+# Environment: LOCAL_DEVICES (simulated CPU devices per process, default 2), LOCAL_XLA_FLAGS
+# (extra XLA flags for every process), PORT
 # (coordinator port, default: a free one), LOGDIR (per-process logs, default WORKDIR/logs
 # or ./logs), PYTHON (default: .venv/bin/python if present, else python3),
 # SASA_HEARTBEAT_TIMEOUT (seconds before survivors fail when a process dies, default 30).
 # Waits for every process; if one fails, stops the others and exits with its status.
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
 case "$1" in -h|--help) usage; exit 0 ;; esac
@@ -37,7 +38,8 @@ LOGDIR=${LOGDIR:-logs}
 DEVICES=${LOCAL_DEVICES:-2}
 
 cmd_for() {  # the exact command of process $1, shell-quoted
-  printf 'env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=%s ' "$DEVICES"
+  printf 'env JAX_PLATFORMS=cpu XLA_FLAGS=%q ' \
+    "--xla_force_host_platform_device_count=$DEVICES${LOCAL_XLA_FLAGS:+ $LOCAL_XLA_FLAGS}"
   printf 'SASA_COORDINATOR_ADDRESS=127.0.0.1:%s SASA_NUM_PROCESSES=%s SASA_PROCESS_ID=%s ' "$PORT" "$N" "$1"
   printf 'SASA_HEARTBEAT_TIMEOUT=%s ' "${SASA_HEARTBEAT_TIMEOUT:-30}"
   printf '%q ' "$PYTHON" -m sasa_jax.main "${ARGS[@]}"

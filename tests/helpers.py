@@ -28,7 +28,11 @@ def main_cmd(config_arg, workdir, flags):
 
 def env(devices=1, **extra):
   e = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+           **extra)
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  e["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={devices}", *flags])
+  e["LOCAL_XLA_FLAGS"] = " ".join(flags)  # launch/local.sh sets its own device count
   e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
   return e
 

@@ -3,19 +3,25 @@ import jax
 import jax.numpy as jnp
 
 from sasa_jax.ops.blocked import local_attention_blocked
+from sasa_jax.ops.pallas_attention import local_attention_pallas
 from sasa_jax.ops.reference import local_attention_reference
 
 IMPLEMENTATIONS = {
     "reference": local_attention_reference,
     "xla": local_attention_blocked,
+    "pallas": local_attention_pallas,
 }
 IMPLS = ("auto",) + tuple(IMPLEMENTATIONS)
 
 
 def default_impl(backend: str | None = None) -> str:
-  """The fastest correct implementation for `backend` (default: jax's default backend)."""
-  del backend  # every backend uses the blocked XLA form until a fused kernel lands
-  return "xla"
+  """The implementation `impl="auto"` uses on `backend` (default: jax's default backend).
+
+  TPU and GPU: the fused Pallas kernels (no window ever reaches HBM). CPU: the blocked
+  XLA form (Pallas runs only in interpret mode there, for tests).
+  """
+  backend = backend or jax.default_backend()
+  return "pallas" if backend in ("tpu", "gpu", "cuda", "rocm") else "xla"
 
 
 def _check(q, k, v, rel_h, rel_w, kernel_size, num_heads, impl):
@@ -72,7 +78,8 @@ def local_attention(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int, num_he
       positional term.
     kernel_size: odd window size k.
     num_heads: number of heads N; must divide C.
-    impl: "reference" (oracle), "xla" (blocked matmuls), or "auto".
+    impl: "reference" (oracle), "xla" (blocked matmuls), "pallas" (fused kernels; interpret
+      mode on CPU), or "auto" (`default_impl` of the backend).
   Returns:
     [B, H, W, C] in q's dtype (float32 softmax and accumulation inside).
   """

@@ -51,8 +51,13 @@ def attention_layers(params) -> list[str]:
 
 
 def load_test_image(config, index: int):
+  """Image `index` of the evaluation split's full base split (e.g. "test" for "test[:200]")."""
   builder = data_lib.get_builder(config.dataset.name, config.dataset.data_dir)
-  ds = data_lib.eval_dataset(builder, split=f"{config.dataset.eval_split}[{index}:{index + 1}]",
+  split = config.dataset.eval_split.split("[")[0]
+  total = data_lib.num_examples(builder, split)
+  if not 0 <= index < total:
+    raise ValueError(f"--image={index} is out of range: split {split!r} has {total} images")
+  ds = data_lib.eval_dataset(builder, split=f"{split}[{index}:{index + 1}]",
                              per_host_batch=1, image_size=config.dataset.image_size, num_steps=1)
   batch = next(ds.as_numpy_iterator())
   spec = data_lib.DATASETS[config.dataset.name]

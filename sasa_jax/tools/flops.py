@@ -1,7 +1,8 @@
 """Counting FLOPS and parameters from a model itself.
 
 FLOPS = 2 x multiply-adds of every dot_general and convolution in the traced
-program (jaxpr), the paper's convention. Elementwise work (normalisation, softmax,
+program (jaxpr), the paper's convention; a Pallas kernel contributes the FLOPS of its
+`pl.CostEstimate` (the work it actually does, padding included). Elementwise work (normalisation, softmax,
 pooling) is not counted, as in the paper's convolution-only counts. The model is
 traced, never compiled, so counting ResNet-50 at 224 px takes seconds.
 """
@@ -53,6 +54,9 @@ def jaxpr_macs(jaxpr) -> int:
       total += _dot_general_macs(eqn)
     elif name == "conv_general_dilated":
       total += _conv_macs(eqn)
+    elif name == "pallas_call":  # the kernel body runs once per grid step: trust its estimate
+      cost = eqn.params.get("cost_estimate")
+      total += cost.flops // 2 if cost is not None else 0
     elif name == "cond":  # one branch runs: count the most expensive
       total += max(jaxpr_macs(b.jaxpr) for b in eqn.params["branches"])
     else:

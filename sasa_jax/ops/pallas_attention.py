@@ -1,0 +1,498 @@
+"""Fused local attention in Pallas: TPU (Mosaic), GPU (Triton), interpret mode on CPU.
+
+Tiling (shared by every backend, sizes chosen per backend in `plan_tiling`):
+  * One program per (batch x head, query block). A query block is bh x bw pixels of one
+    head ([bh, bw, dp] in on-chip memory, dp = head dim, padded on GPU).
+  * Keys and values stay in HBM in a zero-padded per-head map; each program reads one
+    kh x kw *slab* of it (its block plus a halo of at least r = kernel_size // 2 on every
+    side), computes the [bh*bw, kh*kw] logits q.k + q.r there, applies the window and
+    image-border masks, a float32 softmax and the weighted sum of values, and writes only
+    the [bh, bw, dp] output and the per-query log-sum-exp (for the backward).
+  * Window membership of a (query, key) pair inside a block does not depend on where the
+    block is, so it is one static int32 table per tiling ([bh*bw, kh*kw], the relative
+    row / column offset index, -1 outside the window); image borders are checked per block
+    from the block origin.
+  * Backward (flash-attention style, nothing of size k^2 per channel is stored): one
+    kernel per query block recomputes the probabilities from the saved log-sum-exp and
+    writes dq and this block's share of d rel_h / d rel_w; one kernel per key block reads
+    the slab of *queries* that can see it and writes dk and dv, so no two programs write
+    the same output element.
+
+Memory moved per output element (forward): q, o once; k, v (kh * kw) / (bh * bw) times
+(about 2-5x with the default blocks) against k^2 = 49x for an unfold (im2col) of a 7x7
+window.
+"""
+import contextlib
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+_MASKED = -1e30  # finite: padded queries that see no key stay NaN-free (they are cropped)
+_TINY = 1e-30
+_TARGET = None   # set by `target(...)`: (flavour, interpret) instead of the backend's
+
+
+@contextlib.contextmanager
+def target(platform: str, interpret: bool = False):
+  """Build the kernels for `platform` ("tpu" or "gpu") whatever backend traces them.
+
+  For ahead-of-time lowering on a machine without that accelerator, e.g.
+      with target("tpu"): jax.export.export(jax.jit(f), platforms=["tpu"])(...)
+  interpret=True runs that platform's tiling in interpret mode on any backend (tests).
+  """
+  global _TARGET
+  if platform not in ("tpu", "gpu"):
+    raise ValueError(f"platform must be 'tpu' or 'gpu', got {platform!r}")
+  prev, _TARGET = _TARGET, (platform, interpret)
+  try:
+    yield
+  finally:
+    _TARGET = prev
+
+
+def _platform() -> tuple[str, bool]:
+  """(kernel flavour "tpu" | "gpu", interpret?) for the current trace."""
+  if _TARGET is not None:
+    return _TARGET
+  backend = jax.default_backend()
+  if backend == "tpu":
+    return "tpu", False
+  if backend in ("gpu", "cuda", "rocm"):
+    return "gpu", False
+  return "tpu", True  # CPU: run the TPU flavour's kernel bodies in interpret mode
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, math.ceil(math.log2(max(x, 1))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Static geometry of one kernel launch (all sizes in pixels / channels).
+
+  bh, bw: query block; kh, kw: key slab read per block (block + halo);
+  pt, pl: slab rows / columns above and left of the block; dp: head dim as stored
+  (padded to a power of two >= 16 on GPU); kp: rows of the relative tables as stored.
+  """
+  flavour: str
+  height: int
+  width: int
+  kernel_size: int
+  bh: int
+  bw: int
+  kh: int
+  kw: int
+  pt: int
+  pl: int
+  dp: int
+  kp: int
+
+  @property
+  def radius(self):
+    return self.kernel_size // 2
+
+  @property
+  def grid_hw(self):
+    return -(-self.height // self.bh), -(-self.width // self.bw)
+
+  @property
+  def nq(self):
+    return self.bh * self.bw
+
+  @property
+  def nk(self):
+    return self.kh * self.kw
+
+  @property
+  def block_map(self):  # [hq, wq]: the query grid, padded to whole blocks
+    nbh, nbw = self.grid_hw
+    return nbh * self.bh, nbw * self.bw
+
+  @property
+  def slab_map(self):  # [hs, ws]: the padded map every slab is cut from
+    nbh, nbw = self.grid_hw
+    return (nbh - 1) * self.bh + self.kh, (nbw - 1) * self.bw + self.kw
+
+
+def plan_tiling(height: int, width: int, head_dim: int, kernel_size: int, dtype,
+                flavour: str) -> Tiling:
+  """Block sizes for one shape and backend, within that backend's layout rules.
+
+  TPU (Mosaic): the last two dims of every VMEM array are (sublane, lane); column
+  offsets and slab widths are multiples of the sublane tile (8 rows of 32-bit, 16 of
+  16-bit) so slab loads and [bh, bw, d] -> [bh*bw, d] reshapes stay tile-aligned; about
+  128 queries per block feed the MXU. GPU (Triton): every in-kernel array has
+  power-of-two dims and matmul dims >= 16; logits are capped at 16K float32 per program
+  (registers), choosing the blocks with the least padded work.
+  """
+  r = kernel_size // 2
+  if flavour == "tpu":
+    align = 8 * 4 // jnp.dtype(dtype).itemsize
+    bw = min(_round_up(width, align), max(align, 16))
+    bh = max(1, min(height, 128 // bw))
+    pl_ = _round_up(r, align)
+    return Tiling("tpu", height, width, kernel_size, bh, bw, bh + 2 * r,
+                  _round_up(pl_ + bw + r, align), r, pl_, head_dim, kernel_size)
+  best = None
+  for bh in (2, 4, 8, 16, 32):
+    for bw in (2, 4, 8, 16, 32):
+      kh, kw = _next_pow2(bh + 2 * r), _next_pow2(bw + 2 * r)
+      if bh * bw < 16 or bh * bw * kh * kw > 16384:
+        continue
+      work = -(-height // bh) * -(-width // bw) * bh * bw * kh * kw
+      if best is None or work < best[0]:
+        best = (work, bh, bw, kh, kw)
+  if best is None:
+    raise ValueError(f"kernel_size={kernel_size} is too large for the GPU kernel's "
+                     "register budget (16K logits per program); use impl='xla'")
+  _, bh, bw, kh, kw = best
+  return Tiling("gpu", height, width, kernel_size, bh, bw, kh, kw, r, r,
+                max(16, _next_pow2(head_dim)), _next_pow2(kernel_size))
+
+
+def _offset_tables(t: Tiling, *, keys_in_slab: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Relative-offset index (dy + r, dx + r) of every (row item, column item) pair.
+
+  keys_in_slab=True: rows are the queries of a block, columns the keys of its slab
+  ([nq, nk]); False: rows are the queries of a slab, columns the keys of a block
+  ([nk, nq]). Pairs outside the k x k window hold -1 in both tables.
+  """
+  r, k = t.radius, t.kernel_size
+  a, c = np.divmod(np.arange(t.nq), t.bw)       # block pixel (row, col)
+  b, e = np.divmod(np.arange(t.nk), t.kw)       # slab pixel, slab origin at (-pt, -pl)
+  if keys_in_slab:   # key - query
+    dy = (b[None, :] - t.pt) - a[:, None]
+    dx = (e[None, :] - t.pl) - c[:, None]
+  else:              # key (block) - query (slab)
+    dy = a[None, :] - (b[:, None] - t.pt)
+    dx = c[None, :] - (e[:, None] - t.pl)
+  inside = (np.abs(dy) <= r) & (np.abs(dx) <= r)
+  return (np.where(inside, dy + r, -1).astype(np.int32),
+          np.where(inside, dx + r, -1).astype(np.int32))
+
+
+def _slab_positions(t: Tiling, column: bool):
+  """Row / column of every slab pixel relative to its block's origin: [1, nk] or [nk, 1]."""
+  b, e = np.divmod(np.arange(t.nk), t.kw)
+  shape = (t.nk, 1) if column else (1, t.nk)
+  return (b - t.pt).astype(np.int32).reshape(shape), (e - t.pl).astype(np.int32).reshape(shape)
+
+
+def _dot(a, b, contract, dtype):
+  """a, b 2-D; contract = (dim of a, dim of b); float32 accumulation."""
+  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  return jax.lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())),
+                             preferred_element_type=jnp.float32, precision=precision)
+
+
+def _relative_logits(x, th, tw, rh_ref, rw_ref, k: int):
+  """q.r for every pair: rel[i, j] = x[i].rel_h[th[i, j]] + x[i].rel_w[tw[i, j]].
+
+  x: the queries [n, dp], indexing the first axis of the [n, m] offset tables (a block's
+  queries against its key slab, or a slab's queries against a key block). The tables
+  hold full-width [kp, dp] rows, so no lane slicing at d/2 is needed in the kernel.
+  """
+  rel = jnp.zeros(th.shape, jnp.float32)
+  xf = x.astype(jnp.float32)
+  for i in range(k):
+    qh = jnp.sum(xf * rh_ref[pl.ds(i, 1), :].astype(jnp.float32), axis=1, keepdims=True)
+    qw = jnp.sum(xf * rw_ref[pl.ds(i, 1), :].astype(jnp.float32), axis=1, keepdims=True)
+    rel = jnp.where(th == i, rel + qh, rel)
+    rel = jnp.where(tw == i, rel + qw, rel)
+  return rel
+
+
+def _slab(ref, t: Tiling, flavour: str):
+  """This program's kh x kw slab of a padded map ref [hs, ws, c] -> [kh * kw, c]."""
+  by, bx = pl.program_id(1), pl.program_id(2)
+  col = bx * t.bw
+  if flavour == "tpu":
+    col = pl.multiple_of(col, 8)
+  x = ref[pl.ds(by * t.bh, t.kh), pl.ds(col, t.kw), :]
+  return x.reshape(t.nk, x.shape[-1])
+
+
+def _block(ref, t: Tiling):
+  x = ref[...]
+  return x.reshape(t.nq, x.shape[-1])
+
+
+def _query_logits(t, q, kk, th, tw, srow, scol, rh_ref, rw_ref, dtype):
+  """Masked logits [nq, nk] of a query block against its key slab, and the mask."""
+  by, bx = pl.program_id(1), pl.program_id(2)
+  s = _dot(q, kk, (1, 1), dtype) + _relative_logits(q, th, tw, rh_ref, rw_ref,
+                                                     t.kernel_size)
+  rows, cols = by * t.bh + srow, bx * t.bw + scol
+  valid = ((th >= 0) & (rows >= 0) & (rows < t.height) & (cols >= 0) & (cols < t.width))
+  return jnp.where(valid, s, _MASKED), valid
+
+
+def _fwd_kernel(th_ref, tw_ref, srow_ref, scol_ref, q_ref, k_ref, v_ref, rh_ref, rw_ref,
+                o_ref, lse_ref, *, t: Tiling):
+  q = _block(q_ref, t)
+  kk, vv = _slab(k_ref, t, t.flavour), _slab(v_ref, t, t.flavour)
+  s, valid = _query_logits(t, q, kk, th_ref[...], tw_ref[...], srow_ref[...], scol_ref[...],
+                           rh_ref, rw_ref, q.dtype)
+  m = jnp.max(s, axis=1, keepdims=True)
+  p = jnp.where(valid, jnp.exp(s - m), 0.0)
+  denom = jnp.maximum(jnp.sum(p, axis=1, keepdims=True), _TINY)
+  o = _dot(p.astype(vv.dtype), vv, (1, 0), vv.dtype) / denom
+  o_ref[...] = o.reshape(o_ref.shape).astype(o_ref.dtype)
+  lse_ref[...] = (m + jnp.log(denom)).reshape(lse_ref.shape)
+
+
+def _dq_kernel(th_ref, tw_ref, srow_ref, scol_ref, q_ref, k_ref, v_ref, rh_ref, rw_ref,
+               do_ref, lse_ref, dd_ref, dq_ref, drh_ref, drw_ref, *, t: Tiling):
+  q = _block(q_ref, t)
+  kk, vv = _slab(k_ref, t, t.flavour), _slab(v_ref, t, t.flavour)
+  th, tw = th_ref[...], tw_ref[...]
+  s, valid = _query_logits(t, q, kk, th, tw, srow_ref[...], scol_ref[...], rh_ref, rw_ref,
+                           q.dtype)
+  lse, dd = _block(lse_ref, t), _block(dd_ref, t)
+  p = jnp.where(valid, jnp.exp(s - lse), 0.0)
+  do = _block(do_ref, t)
+  ds = p * (_dot(do, vv, (1, 1), do.dtype) - dd)                    # [nq, nk]
+  dq = _dot(ds.astype(kk.dtype), kk, (1, 0), kk.dtype)              # [nq, dp]
+  qf = q.astype(jnp.float32)
+  for i in range(t.kp):
+    if i < t.kernel_size:
+      gh = jnp.sum(jnp.where(th == i, ds, 0.0), axis=1, keepdims=True)  # [nq, 1]
+      gw = jnp.sum(jnp.where(tw == i, ds, 0.0), axis=1, keepdims=True)
+      rh_i = rh_ref[pl.ds(i, 1), :].astype(jnp.float32)
+      rw_i = rw_ref[pl.ds(i, 1), :].astype(jnp.float32)
+      dq = dq + gh * rh_i + gw * rw_i
+      drh_ref[pl.ds(i, 1), :] = jnp.sum(gh * qf, axis=0, keepdims=True)
+      drw_ref[pl.ds(i, 1), :] = jnp.sum(gw * qf, axis=0, keepdims=True)
+    else:  # padding rows of the tables (GPU)
+      drh_ref[pl.ds(i, 1), :] = jnp.zeros((1, t.dp), jnp.float32)
+      drw_ref[pl.ds(i, 1), :] = jnp.zeros((1, t.dp), jnp.float32)
+  dq_ref[...] = dq.reshape(dq_ref.shape).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(th_ref, tw_ref, srow_ref, scol_ref, q_ref, do_ref, lse_ref, dd_ref,
+                k_ref, v_ref, rh_ref, rw_ref, dk_ref, dv_ref, *, t: Tiling):
+  """dk, dv of one key block from the slab of queries whose windows can reach it."""
+  by, bx = pl.program_id(1), pl.program_id(2)
+  qs, dos = _slab(q_ref, t, t.flavour), _slab(do_ref, t, t.flavour)   # [nk, dp]
+  lse, dd = _slab(lse_ref, t, t.flavour), _slab(dd_ref, t, t.flavour)  # [nk, 1]
+  kb, vb = _block(k_ref, t), _block(v_ref, t)                          # [nq, dp]
+  th, tw = th_ref[...], tw_ref[...]                                    # [nk, nq]
+  s = _dot(qs, kb, (1, 1), qs.dtype) + _relative_logits(qs, th, tw, rh_ref, rw_ref,
+                                                         t.kernel_size)
+  rows, cols = by * t.bh + srow_ref[...], bx * t.bw + scol_ref[...]   # queries, [nk, 1]
+  valid = ((th >= 0) & (rows >= 0) & (rows < t.height) & (cols >= 0) & (cols < t.width))
+  p = jnp.where(valid, jnp.exp(jnp.where(valid, s, 0.0) - lse), 0.0)  # [nk, nq]
+  ds = p * (_dot(dos, vb, (1, 1), dos.dtype) - dd)
+  dk_ref[...] = _dot(ds.astype(qs.dtype), qs, (0, 0), qs.dtype).reshape(
+      dk_ref.shape).astype(dk_ref.dtype)
+  dv_ref[...] = _dot(p.astype(dos.dtype), dos, (0, 0), dos.dtype).reshape(
+      dv_ref.shape).astype(dv_ref.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+  """Everything static about one call: shapes, tiling and how to compile."""
+  batch: int
+  heads: int
+  head_dim: int
+  tiling: Tiling
+  interpret: bool
+
+  @property
+  def grid(self):
+    return (self.batch * self.heads, *self.tiling.grid_hw)
+
+  def compiler_params(self):
+    if self.interpret:
+      return None
+    if self.tiling.flavour == "tpu":
+      from jax.experimental.pallas import tpu as pltpu
+      return pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.CompilerParams(num_warps=4, num_stages=1)
+
+  def interpret_mode(self):
+    if not self.interpret:
+      return False
+    if self.tiling.flavour == "gpu":
+      return True
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.InterpretParams()
+
+  # Layouts: [B, H, W, N*d] <-> per-head maps [B*N, rows, cols, dp].
+  def to_heads(self, x, channels=None):
+    b, h, w, _ = x.shape
+    c = channels or self.head_dim
+    x = x.reshape(b, h, w, self.heads, c).transpose(0, 3, 1, 2, 4)
+    return x.reshape(b * self.heads, h, w, c)
+
+  def to_blocks(self, x, pad_channels=True):
+    """[BN, H, W, c] -> the query grid [BN, hq, wq, dp (or c)], zero-padded."""
+    t = self.tiling
+    hq, wq = t.block_map
+    cp = t.dp - x.shape[-1] if pad_channels else 0
+    return jnp.pad(x, ((0, 0), (0, hq - t.height), (0, wq - t.width), (0, cp)))
+
+  def to_slabs(self, x, pad_channels=True):
+    """[BN, H, W, c] -> the slab map [BN, hs, ws, dp (or c)], image at (pt, pl)."""
+    t = self.tiling
+    hs, ws = t.slab_map
+    cp = t.dp - x.shape[-1] if pad_channels else 0
+    return jnp.pad(x, ((0, 0), (t.pt, hs - t.pt - t.height), (t.pl, ws - t.pl - t.width),
+                       (0, cp)))
+
+  def from_blocks(self, x):
+    t = self.tiling
+    x = x[:, :t.height, :t.width, :self.head_dim]
+    bn, h, w, d = x.shape
+    x = x.reshape(self.batch, self.heads, h, w, d).transpose(0, 2, 3, 1, 4)
+    return x.reshape(self.batch, h, w, self.heads * d)
+
+  def rel_table(self, rel, half: int):
+    """rel_h / rel_w [k, d/2] as a [kp, dp] table acting on the full head vector."""
+    t, d = self.tiling, self.head_dim
+    lo = 0 if half == 0 else d // 2
+    return jnp.pad(rel, ((0, t.kp - t.kernel_size), (lo, t.dp - lo - d // 2)))
+
+  # BlockSpecs.
+  def block_spec(self, channels):
+    t = self.tiling
+    return pl.BlockSpec((None, t.bh, t.bw, channels), lambda i, y, x: (i, y, x, 0))
+
+  def map_spec(self, channels):
+    hs, ws = self.tiling.slab_map
+    return pl.BlockSpec((None, hs, ws, channels), lambda i, y, x: (i, 0, 0, 0))
+
+  @staticmethod
+  def const_spec(shape):
+    return pl.BlockSpec(shape, lambda i, y, x: (0,) * len(shape))
+
+  def table_specs(self, tables):
+    return [self.const_spec(a.shape) for a in tables]
+
+  def cost(self, matmuls: int, exps: int, bytes_accessed: int):
+    t = self.tiling
+    programs = math.prod(self.grid)
+    pairs = t.nq * t.nk
+    flops = programs * (2 * matmuls * pairs * t.dp + 4 * t.kernel_size * pairs)
+    return pl.CostEstimate(flops=int(flops), transcendentals=int(programs * pairs * exps),
+                           bytes_accessed=int(bytes_accessed))
+
+  def call(self, kernel, out_shape, in_specs, out_specs, cost):
+    return pl.pallas_call(
+        functools.partial(kernel, t=self.tiling), out_shape=out_shape, grid=self.grid,
+        in_specs=in_specs, out_specs=out_specs, compiler_params=self.compiler_params(),
+        interpret=self.interpret_mode(), cost_estimate=cost,
+        name=f"sasa_{kernel.__name__.strip('_')}")
+
+
+def _nbytes(*xs):
+  return sum(x.size * x.dtype.itemsize for x in xs)
+
+
+def _forward(cfg: _Launch, qb, ks, vs, rh, rw):
+  """qb [BN, hq, wq, dp] blocks; ks, vs [BN, hs, ws, dp] slab maps -> out, lse (blocks)."""
+  t = cfg.tiling
+  tables = [*_offset_tables(t, keys_in_slab=True), *_slab_positions(t, column=False)]
+  hq, wq = t.block_map
+  out_shape = (jax.ShapeDtypeStruct(qb.shape, qb.dtype),
+               jax.ShapeDtypeStruct((qb.shape[0], hq, wq, 1), jnp.float32))
+  in_specs = [*cfg.table_specs(tables), cfg.block_spec(t.dp), cfg.map_spec(t.dp),
+              cfg.map_spec(t.dp), cfg.const_spec(rh.shape), cfg.const_spec(rw.shape)]
+  out_specs = (cfg.block_spec(t.dp), cfg.block_spec(1))
+  cost = cfg.cost(2, 1, _nbytes(qb, ks, vs, qb) + 4 * qb[..., :1].size)
+  return cfg.call(_fwd_kernel, out_shape, in_specs, out_specs, cost)(
+      *tables, qb, ks, vs, rh, rw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg: _Launch, q, k, v, rh, rw):
+  return _attention_fwd(cfg, q, k, v, rh, rw)[0]
+
+
+def _attention_fwd(cfg: _Launch, q, k, v, rh, rw):
+  qb = cfg.to_blocks(cfg.to_heads(q))
+  out, lse = _forward(cfg, qb, cfg.to_slabs(cfg.to_heads(k)), cfg.to_slabs(cfg.to_heads(v)),
+                      cfg.rel_table(rh, 0), cfg.rel_table(rw, 1))
+  return cfg.from_blocks(out), (q, k, v, rh, rw, out, lse)
+
+
+def _attention_bwd(cfg: _Launch, res, g):
+  q, k, v, rh, rw, out, lse = res
+  t = cfg.tiling
+  rht, rwt = cfg.rel_table(rh, 0), cfg.rel_table(rw, 1)
+  qh, kh_, vh = cfg.to_heads(q), cfg.to_heads(k), cfg.to_heads(v)
+  gb = cfg.to_blocks(cfg.to_heads(g))
+  # D = rowsum(dO * O), the softmax-backward correction, per query: [BN, hq, wq, 1].
+  dd = jnp.sum(gb.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  qb = cfg.to_blocks(qh)
+  ks, vs = cfg.to_slabs(kh_), cfg.to_slabs(vh)
+  nblocks = math.prod(cfg.grid)
+  rel_shape = (cfg.grid[0], *t.grid_hw, t.kp, t.dp)
+  rel_spec = pl.BlockSpec((None, None, None, t.kp, t.dp), lambda i, y, x: (i, y, x, 0, 0))
+
+  tables = [*_offset_tables(t, keys_in_slab=True), *_slab_positions(t, column=False)]
+  dq, drh, drw = cfg.call(
+      _dq_kernel,
+      (jax.ShapeDtypeStruct(qb.shape, q.dtype), jax.ShapeDtypeStruct(rel_shape, jnp.float32),
+       jax.ShapeDtypeStruct(rel_shape, jnp.float32)),
+      [*cfg.table_specs(tables), cfg.block_spec(t.dp), cfg.map_spec(t.dp),
+       cfg.map_spec(t.dp), cfg.const_spec(rht.shape), cfg.const_spec(rwt.shape),
+       cfg.block_spec(t.dp), cfg.block_spec(1), cfg.block_spec(1)],
+      (cfg.block_spec(t.dp), rel_spec, rel_spec),
+      cfg.cost(3, 1, _nbytes(qb, ks, vs, gb, qb) + 8 * dd.size + 8 * nblocks * t.kp * t.dp),
+  )(*tables, qb, ks, vs, rht, rwt, gb, lse, dd)
+
+  def slabs_of_blocks(x):  # a [BN, hq, wq, c] block-layout array as a slab map
+    return cfg.to_slabs(x[:, :t.height, :t.width], pad_channels=False)
+
+  tables = [*_offset_tables(t, keys_in_slab=False), *_slab_positions(t, column=True)]
+  qs, gs = cfg.to_slabs(qh), slabs_of_blocks(gb)
+  lses, dds = slabs_of_blocks(lse), slabs_of_blocks(dd)
+  kb, vb = cfg.to_blocks(kh_), cfg.to_blocks(vh)
+  dk, dv = cfg.call(
+      _dkv_kernel,
+      (jax.ShapeDtypeStruct(kb.shape, k.dtype), jax.ShapeDtypeStruct(vb.shape, v.dtype)),
+      [*cfg.table_specs(tables), cfg.map_spec(t.dp), cfg.map_spec(t.dp), cfg.map_spec(1),
+       cfg.map_spec(1), cfg.block_spec(t.dp), cfg.block_spec(t.dp), cfg.const_spec(rht.shape),
+       cfg.const_spec(rwt.shape)],
+      (cfg.block_spec(t.dp), cfg.block_spec(t.dp)),
+      cfg.cost(4, 1, _nbytes(qs, gs, kb, vb, kb, vb) + 8 * lses.size),
+  )(*tables, qs, gs, lses, dds, kb, vb, rht, rwt)
+
+  d = cfg.head_dim
+  drh = jnp.sum(drh, axis=(0, 1, 2))[:t.kernel_size, :d // 2].astype(rh.dtype)
+  drw = jnp.sum(drw, axis=(0, 1, 2))[:t.kernel_size, d // 2:2 * (d // 2)].astype(rw.dtype)
+  return cfg.from_blocks(dq), cfg.from_blocks(dk), cfg.from_blocks(dv), drh, drw
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
+                           num_heads: int):
+  """The fused kernels behind `local_attention`'s contract (arguments checked there).
+
+  k=None (positional logits only) runs the kernels with zero keys; rel_h = rel_w = None
+  with zero tables. Compiles for TPU/GPU on those backends (or under `target(...)`), and
+  runs the TPU kernels in interpret mode elsewhere.
+  """
+  b, h, w, c = q.shape
+  d = c // num_heads
+  flavour, interpret = _platform()
+  tiling = plan_tiling(h, w, d, kernel_size, q.dtype, flavour)
+  cfg = _Launch(b, num_heads, d, tiling, interpret)
+  if k is None:
+    k = jnp.zeros_like(q)
+  if rel_h is None:
+    rel_h = rel_w = jnp.zeros((kernel_size, d // 2), q.dtype)
+  return _attention(cfg, q, k, v, rel_h, rel_w)

@@ -1,0 +1,141 @@
+"""impl="pallas": the real kernel bodies (interpret mode) against the reference, and
+ahead-of-time lowering of a SASA training step for TPU (Mosaic) and GPU (Triton)."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from sasa_jax.layers import SelfAttention2D
+from sasa_jax.ops import default_impl, local_attention
+from sasa_jax.ops import pallas_attention as pa
+from sasa_jax.tools.flops import count_flops
+
+# (B, H, W, C, heads, kernel): non-square, windows larger than the map, 1 and 8 heads, k 3-11.
+SHAPES = [
+    (2, 5, 11, 8, 2, 3),
+    (1, 3, 4, 8, 1, 7),      # window larger than the map in both directions
+    (2, 9, 6, 16, 8, 5),     # 8 heads of d = 2
+    (1, 12, 10, 4, 1, 9),
+    (1, 7, 13, 8, 2, 11),
+]
+ARGNUMS = (0, 1, 2, 3, 4)
+
+
+def _inputs(shape, dtype=jnp.float32, seed=0):
+  b, h, w, c, n, k = shape
+  keys = jax.random.split(jax.random.key(seed), 5)
+  qkv = [jax.random.normal(kk, (b, h, w, c), dtype) for kk in keys[:3]]
+  rel = [0.5 * jax.random.normal(kk, (k, c // n // 2), dtype) for kk in keys[3:]]
+  return (*qkv, *rel), dict(kernel_size=k, num_heads=n)
+
+
+def _loss(impl, **kw):
+  def loss(q, k, v, rh, rw):
+    out = local_attention(q, k, v, rh, rw, impl=impl, **kw).astype(jnp.float32)
+    weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+    return jnp.sum(out * weights)
+  return loss
+
+
+def _assert_close(got, want, rtol):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  scale = np.abs(want).max() + 1e-12
+  assert np.abs(got - want).max() <= rtol * scale, np.abs(got - want).max() / scale
+
+
+@pytest.mark.parametrize("flavour", ["tpu", "gpu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_all_gradients_match_reference(flavour, shape):
+  args, kw = _inputs(shape)
+  want = local_attention(*args, impl="reference", **kw)
+  want_grads = jax.grad(_loss("reference", **kw), ARGNUMS)(*args)
+  with pa.target(flavour, interpret=True):
+    got = local_attention(*args, impl="pallas", **kw)
+    got_grads = jax.grad(_loss("pallas", **kw), ARGNUMS)(*args)
+  _assert_close(got, want, 1e-4)
+  for name, g, w in zip(["q", "k", "v", "rel_h", "rel_w"], got_grads, want_grads):
+    assert g.shape == w.shape, name
+    _assert_close(g, w, 1e-4)
+
+
+def test_cpu_default_runs_kernels_in_interpret_mode_without_positions_or_keys():
+  args, kw = _inputs((1, 6, 5, 8, 2, 3), seed=1)
+  q, k, v, _, _ = args
+  for keys, rel in ((k, (None, None)), (None, args[3:])):
+    want = local_attention(q, keys, v, *rel, impl="reference", **kw)
+    _assert_close(local_attention(q, keys, v, *rel, impl="pallas", **kw), want, 1e-4)
+
+
+def test_bfloat16_inputs_float32_softmax():
+  args, kw = _inputs((1, 8, 9, 16, 2, 5), seed=2)
+  want = local_attention(*args, impl="reference", **kw)
+  got = local_attention(*[a.astype(jnp.bfloat16) for a in args], impl="pallas", **kw)
+  assert got.dtype == jnp.bfloat16
+  _assert_close(got, want, 3e-2)
+
+
+@pytest.mark.parametrize("flavour", ["tpu", "gpu"])
+@pytest.mark.parametrize("hw,d,k,dtype", [(56, 8, 7, jnp.bfloat16), (7, 64, 7, jnp.float32),
+                                          (33, 6, 11, jnp.float32), (5, 32, 3, jnp.bfloat16)])
+def test_tiling_satisfies_each_backends_layout_rules(flavour, hw, d, k, dtype):
+  t = pa.plan_tiling(hw, hw + 3, d, k, dtype, flavour)
+  r = k // 2
+  assert t.kh >= t.pt + t.bh + r and t.kw >= t.pl + t.bw + r and min(t.pt, t.pl) >= r
+  if flavour == "tpu":  # sublane-aligned column offsets and slab widths, full lane dims
+    sub = 8 * 4 // jnp.dtype(dtype).itemsize
+    assert t.bw % sub == 0 and t.pl % sub == 0 and t.kw % sub == 0 and t.dp == d
+  else:  # Triton: power-of-two arrays, matmul dims >= 16, logits within the register cap
+    for n in (t.bh, t.bw, t.kh, t.kw, t.dp, t.kp):
+      assert n & (n - 1) == 0, t
+    assert t.nq >= 16 and t.dp >= 16 and t.nq * t.nk <= 16384
+
+
+def test_auto_picks_pallas_on_accelerators_and_model_impl_selects_it():
+  assert default_impl("tpu") == default_impl("gpu") == "pallas" and default_impl("cpu") == "xla"
+  from sasa_jax.models import create_resnet
+  model = create_resnet(26, "full_attention", width_multiplier=0.125, num_heads=2,
+                        small_images=True, num_classes=10, impl="pallas")
+  x = jnp.zeros((1, 28, 28, 1))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))
+  assert jaxpr.count("pallas_call") >= 7  # every attention layer of the model
+
+
+def test_cost_estimate_reaches_the_flops_counter():
+  args, kw = _inputs((1, 14, 14, 16, 2, 7))
+  exact = count_flops(lambda *a: local_attention(*a, impl="reference", **kw), *args)
+  fused = count_flops(lambda *a: local_attention(*a, impl="pallas", **kw), *args)
+  assert exact > 0 and fused >= exact  # the kernel's padded work is at least the exact work
+
+
+def _layer_train_step(hw, channels):
+  layer = SelfAttention2D(features=channels, kernel_size=7, num_heads=8, impl="pallas",
+                          dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((8, hw, hw, channels), jnp.bfloat16)
+  params = jax.eval_shape(lambda: layer.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype)))
+
+  def loss(p, x):
+    return jnp.mean(jnp.square(layer.apply(p, x).astype(jnp.float32)))
+  return jax.jit(jax.grad(loss)), (params, x)
+
+
+STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]  # ResNet-50 stage shapes (batch 8)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_training_step_exports_for_accelerators_at_every_resnet50_stage(platform):
+  checks = ([export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+            if platform == "cuda" else [])
+  for hw, channels in STAGES:
+    step, args = _layer_train_step(hw, channels)
+    with pa.target("gpu" if platform == "cuda" else "tpu"):
+      exported = export.export(step, platforms=[platform], disabled_checks=checks)(*args)
+    text = exported.mlir_module()
+    call = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
+    calls = [line for line in text.splitlines() if call in line and "custom_call" in line]
+    assert len(calls) == 3, (hw, len(calls))  # forward, dq and dk/dv kernels
+    for kernel in ("sasa_fwd_kernel", "sasa_dq_kernel", "sasa_dkv_kernel"):
+      assert re.search(kernel, text), kernel
