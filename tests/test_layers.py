@@ -71,10 +71,26 @@ def test_attention_stem(stem_type):
   params = variables["params"]
   assert variables["batch_stats"]["bn"]["mean"].shape == (16,)
   if stem_type == "spatially_aware":
-    assert params["value"]["kernel"].shape == (3, 3, 16)  # [C_in, mixtures, C]
+    assert params["value"].shape == (3, 3, 16)  # [C_in, mixtures, C]
     assert params["mixture"].shape[0] == 3
   if stem_type == "conv_values":
     assert params["value"]["kernel"].shape == (4, 4, 3, 16)
+
+
+def test_spatially_aware_values_folded_equal_the_papers_form():
+  # impl="reference" mixes M value maps per pixel; the default folds the mixture into one
+  # matrix per block position first: the same function and the same gradients.
+  img = jax.random.normal(jax.random.key(4), (2, 8, 12, 3))
+  ref = AttentionStem(16, block_size=4, num_mixtures=3, impl="reference")
+  fast = AttentionStem(16, block_size=4, num_mixtures=3)
+  variables = ref.init(jax.random.key(1), img)
+
+  def loss(module):
+    return lambda p: jnp.sum(jnp.sin(module.apply({**variables, "params": p}, img)))
+  np.testing.assert_allclose(fast.apply(variables, img), ref.apply(variables, img), atol=1e-5)
+  g_ref, g_fast = (jax.grad(loss(m))(variables["params"]) for m in (ref, fast))
+  for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_fast)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_stem_attends_within_blocks_only():

@@ -61,6 +61,32 @@ def test_forward_and_all_gradients_match_reference(flavour, shape):
     _assert_close(g, w, 1e-4)
 
 
+# Maps larger than one block: halos, slab offsets and border masks inside the grid.
+HALO_SHAPES = [(2, 20, 13, 8, 2, 5), (1, 11, 17, 16, 8, 3), (1, 9, 10, 4, 1, 7)]
+
+
+@pytest.mark.parametrize("flavour", ["tpu", "gpu"])
+@pytest.mark.parametrize("shape", HALO_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_many_blocks_with_halos_match_reference(flavour, shape):
+  args, kw = _inputs(shape, seed=3)
+  b, h, w, c, n, k = shape
+  tiling = pa.plan_tiling(h, w, c // n, k, jnp.float32, flavour, max_block=8)
+  assert tiling.grid_hw[0] > 1 and tiling.grid_hw[1] > 1 and min(tiling.pt, tiling.pl) > 0
+
+  def loss(impl_fn):
+    def f(*a):
+      out = impl_fn(*a)
+      return jnp.sum(out * jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape))
+    return f
+  ref = lambda *a: local_attention(*a, impl="reference", **kw)
+  fused = lambda *a: pa.local_attention_pallas(*a, max_block=8, **kw)
+  with pa.target(flavour, interpret=True):
+    got, got_grads = fused(*args), jax.grad(loss(fused), ARGNUMS)(*args)
+  _assert_close(got, ref(*args), 1e-4)
+  for g, w_ in zip(got_grads, jax.grad(loss(ref), ARGNUMS)(*args)):
+    _assert_close(g, w_, 1e-4)
+
+
 def test_cpu_default_runs_kernels_in_interpret_mode_without_positions_or_keys():
   args, kw = _inputs((1, 6, 5, 8, 2, 3), seed=1)
   q, k, v, _, _ = args
@@ -83,7 +109,11 @@ def test_bfloat16_inputs_float32_softmax():
 def test_tiling_satisfies_each_backends_layout_rules(flavour, hw, d, k, dtype):
   t = pa.plan_tiling(hw, hw + 3, d, k, dtype, flavour)
   r = k // 2
-  assert t.kh >= t.pt + t.bh + r and t.kw >= t.pl + t.bw + r and min(t.pt, t.pl) >= r
+  for size, block, slab, pad in ((hw, t.bh, t.kh, t.pt), (hw + 3, t.bw, t.kw, t.pl)):
+    if block >= size:  # one block spans the axis: no halo needed
+      assert pad == 0 and slab >= size
+    else:  # every key a query of the block can see is in the slab
+      assert pad >= r and slab >= pad + block + r
   if flavour == "tpu":  # sublane-aligned column offsets and slab widths, full lane dims
     sub = 8 * 4 // jnp.dtype(dtype).itemsize
     assert t.bw % sub == 0 and t.pl % sub == 0 and t.kw % sub == 0 and t.dp == d

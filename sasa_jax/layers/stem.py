@@ -26,6 +26,9 @@ class AttentionStem(nn.Module):
   Logits are q.k + q.r with relative offset embeddings inside the block, as in every
   SASA layer (r = concat(r_row[dy], r_col[dx]), shared by the heads).
 
+  impl: "reference" computes the M value maps and mixes them per pixel (the paper's form,
+  which the FLOPS counter traces); any other value folds the mixture into one value matrix
+  per block position first (same function, 1/M of the value memory and work).
   num_mixtures (m): not given in the paper. We use 4 by default: with 4 mixtures the
   stem adds ~0.1 GFLOPS over the plain value projection, which is what Table 7's
   7.1 -> 7.2 GFLOPS step implies.
@@ -38,6 +41,7 @@ class AttentionStem(nn.Module):
   embedding_dim: int = 16
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -51,15 +55,23 @@ class AttentionStem(nn.Module):
     dense = lambda name: nn.Dense(self.features, use_bias=False, dtype=self.dtype, name=name)
     q, k = dense("query")(x), dense("key")(x)
     if self.stem_type == "spatially_aware":
-      values = nn.DenseGeneral((self.num_mixtures, self.features), use_bias=False,
-                               dtype=self.dtype, name="value")(x)  # [B, H, W, M, C]
+      cin = x.shape[-1]
+      w_v = self.param("value", nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
+                       (cin, self.num_mixtures, self.features))  # the M value matrices
       init = nn.initializers.normal(stddev=1.0)
       emb_row = self.param("emb_row", init, (s, self.embedding_dim))
       emb_col = self.param("emb_col", init, (s, self.embedding_dim))
       nu = self.param("mixture", init, (self.num_mixtures, self.embedding_dim))
       mix = jax.nn.softmax((emb_row[:, None] + emb_col[None, :]) @ nu.T, axis=-1)  # [s, s, M]
-      mix = jnp.tile(mix, (h // s, w // s, 1)).astype(values.dtype)  # [H, W, M]
-      v = jnp.einsum("bhwmc,hwm->bhwc", values, mix)
+      x_in = x.astype(self.dtype)
+      if self.impl == "reference":  # the paper's form: M value maps, mixed per pixel
+        values = jnp.einsum("bhwi,imc->bhwmc", x_in, w_v.astype(self.dtype))  # [B, H, W, M, C]
+        mix_map = jnp.tile(mix, (h // s, w // s, 1)).astype(values.dtype)  # [H, W, M]
+        v = jnp.einsum("bhwmc,hwm->bhwc", values, mix_map)
+      else:  # the same function with the mixture folded into one matrix per block position
+        w_ab = jnp.einsum("abm,imc->abic", mix, w_v).astype(self.dtype)  # [s, s, C_in, C]
+        xb = x_in.reshape(bsz, h // s, s, w // s, s, cin)
+        v = jnp.einsum("nyaxbi,abic->nyaxbc", xb, w_ab).reshape(bsz, h, w, self.features)
     elif self.stem_type == "conv_values":
       v = nn.Conv(self.features, (s, s), padding="SAME", use_bias=False, dtype=self.dtype,
                   name="value")(x)

@@ -84,7 +84,8 @@ class SASAResNet(nn.Module):
       x = AttentionStem(width(STEM_WIDTH), stem_type=self.stem_type,
                         block_size=2 if self.small_images else 4,
                         num_mixtures=self.stem_mixtures, bn_momentum=self.bn_momentum,
-                        dtype=self.dtype, name="stem")(x, train=train)
+                        dtype=self.dtype, impl=(self.attention_kwargs or {}).get("impl", "auto"),
+                        name="stem")(x, train=train)
     for group, (blocks, filters) in enumerate(zip(self.stage_blocks, STAGE_WIDTHS), start=1):
       for i in range(blocks):
         x = BottleneckBlock(width(filters), strides=2 if (i == 0 and group > 1) else 1,

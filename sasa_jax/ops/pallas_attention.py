@@ -123,40 +123,65 @@ class Tiling:
     return (nbh - 1) * self.bh + self.kh, (nbw - 1) * self.bw + self.kw
 
 
+# Per-program fixed cost, in logits: grid-step / block-launch overhead and slab loads.
+_PROGRAM_OVERHEAD = 2048
+
+
+def _axis_options(size: int, radius: int, round_to, pad: int, blocks,
+                  max_block: int | None) -> list:
+  """(block, slab, pad) candidates for one spatial axis.
+
+  One block over the whole axis needs no halo (keys outside the image are masked anyway);
+  otherwise the slab holds `pad` pixels before the block and at least `radius` after it.
+  """
+  whole = round_to(size)
+  options = [(whole, whole, 0)] if max_block is None or whole <= max_block else []
+  for b in blocks:
+    if b < size and (max_block is None or b <= max_block):
+      options.append((b, round_to(pad + b + radius), pad))
+  return options
+
+
 def plan_tiling(height: int, width: int, head_dim: int, kernel_size: int, dtype,
-                flavour: str) -> Tiling:
+                flavour: str, max_block: int | None = None) -> Tiling:
   """Block sizes for one shape and backend, within that backend's layout rules.
 
+  Among the legal tilings, the one computing the fewest logits in total (padded query
+  blocks x slab keys, plus a fixed cost per program) wins: small blocks waste fewer
+  logits per query, large blocks re-read K/V less and launch fewer programs.
   TPU (Mosaic): the last two dims of every VMEM array are (sublane, lane); column
   offsets and slab widths are multiples of the sublane tile (8 rows of 32-bit, 16 of
-  16-bit) so slab loads and [bh, bw, d] -> [bh*bw, d] reshapes stay tile-aligned; about
-  128 queries per block feed the MXU. GPU (Triton): every in-kernel array has
-  power-of-two dims and matmul dims >= 16; logits are capped at 16K float32 per program
-  (registers), choosing the blocks with the least padded work.
+  16-bit) so slab loads and [bh, bw, d] -> [bh*bw, d] reshapes stay tile-aligned; rows are
+  an untiled dim (any offset). GPU (Triton): every in-kernel array has power-of-two dims,
+  matmul dims >= 16, and at most 16K float32 logits per program (registers).
+  max_block caps the block on both axes (tests use it to force halos on small maps).
   """
   r = kernel_size // 2
   if flavour == "tpu":
     align = 8 * 4 // jnp.dtype(dtype).itemsize
-    bw = min(_round_up(width, align), max(align, 16))
-    bh = max(1, min(height, 128 // bw))
-    pl_ = _round_up(r, align)
-    return Tiling("tpu", height, width, kernel_size, bh, bw, bh + 2 * r,
-                  _round_up(pl_ + bw + r, align), r, pl_, head_dim, kernel_size)
+    rows = _axis_options(height, r, lambda x: x, r, (2, 4, 8, 16, 32), max_block)
+    cols = _axis_options(width, r, lambda x: _round_up(x, align), _round_up(r, align),
+                         (align, 2 * align, 4 * align), max_block)
+    dp, kp, min_rows, max_logits = head_dim, kernel_size, 8, 1 << 17
+  else:
+    rows = _axis_options(height, r, _next_pow2, r, (2, 4, 8, 16, 32), max_block)
+    cols = _axis_options(width, r, _next_pow2, r, (2, 4, 8, 16, 32), max_block)
+    dp, kp, min_rows, max_logits = max(16, _next_pow2(head_dim)), _next_pow2(kernel_size), 16, 1 << 14
   best = None
-  for bh in (2, 4, 8, 16, 32):
-    for bw in (2, 4, 8, 16, 32):
-      kh, kw = _next_pow2(bh + 2 * r), _next_pow2(bw + 2 * r)
-      if bh * bw < 16 or bh * bw * kh * kw > 16384:
+  for bh, kh, pt in rows:
+    for bw, kw, pl_ in cols:
+      nq, nk = bh * bw, kh * kw
+      if nq * nk > max_logits or (flavour == "gpu" and min(nq, nk) < min_rows):
         continue
-      work = -(-height // bh) * -(-width // bw) * bh * bw * kh * kw
-      if best is None or work < best[0]:
-        best = (work, bh, bw, kh, kw)
+      programs = -(-height // bh) * -(-width // bw)
+      cost = programs * (nq * nk + _PROGRAM_OVERHEAD)
+      if best is None or cost < best[0]:
+        best = (cost, Tiling(flavour, height, width, kernel_size, bh, bw, kh, kw, pt, pl_,
+                             dp, kp))
   if best is None:
-    raise ValueError(f"kernel_size={kernel_size} is too large for the GPU kernel's "
-                     "register budget (16K logits per program); use impl='xla'")
-  _, bh, bw, kh, kw = best
-  return Tiling("gpu", height, width, kernel_size, bh, bw, kh, kw, r, r,
-                max(16, _next_pow2(head_dim)), _next_pow2(kernel_size))
+    raise ValueError(f"kernel_size={kernel_size} is too large for the {flavour} kernel's "
+                     f"budget of {max_logits} logits per program; use impl='xla'")
+  return best[1]
 
 
 def _offset_tables(t: Tiling, *, keys_in_slab: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -479,17 +504,17 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
-                           num_heads: int):
+                           num_heads: int, max_block: int | None = None):
   """The fused kernels behind `local_attention`'s contract (arguments checked there).
 
   k=None (positional logits only) runs the kernels with zero keys; rel_h = rel_w = None
   with zero tables. Compiles for TPU/GPU on those backends (or under `target(...)`), and
-  runs the TPU kernels in interpret mode elsewhere.
+  runs the TPU kernels in interpret mode elsewhere. max_block: see `plan_tiling`.
   """
   b, h, w, c = q.shape
   d = c // num_heads
   flavour, interpret = _platform()
-  tiling = plan_tiling(h, w, d, kernel_size, q.dtype, flavour)
+  tiling = plan_tiling(h, w, d, kernel_size, q.dtype, flavour, max_block)
   cfg = _Launch(b, num_heads, d, tiling, interpret)
   if k is None:
     k = jnp.zeros_like(q)

@@ -100,8 +100,8 @@ def bench_ops(args):
     yield row
 
 
-def train_step_case(variant, depth, batch, image_size, impl, repeats):
-  model = create_resnet(depth, variant, impl=impl)
+def train_step_case(variant, depth, batch, image_size, impl, repeats, dtype="float32"):
+  model = create_resnet(depth, variant, impl=impl, dtype=jnp.dtype(dtype).name)
   x = jnp.zeros((batch, image_size, image_size, 3))
   labels = jnp.zeros((batch,), jnp.int32)
   variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x[:1])
@@ -127,10 +127,11 @@ def bench_models(args):
   base = None
   for variant in ("baseline", "conv_stem_attention", "full_attention"):
     sec, mem, wall = train_step_case(variant, args.depth, args.model_batch, args.image_size,
-                                     args.impl, args.model_repeats)
+                                     args.impl, args.model_repeats, args.dtype)
     base = base or (sec, mem)
     yield {"kind": "train_step", "model": f"ResNet-{args.depth} {variant}",
            "batch": args.model_batch, "image_size": args.image_size, "impl": args.impl,
+           "dtype": str(args.dtype),
            "ms": 1e3 * sec, "temp_mb": mem / 2**20, "vs_baseline": sec / base[0],
            "temp_vs_baseline": mem / max(base[1], 1), "compile_and_run_s": wall}
 
