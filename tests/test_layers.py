@@ -93,6 +93,27 @@ def test_spatially_aware_values_folded_equal_the_papers_form():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("stem_type", ["spatially_aware", "conv_values"])
+def test_attention_stem_in_chunks_equals_one_pass(monkeypatch, stem_type):
+  from sasa_jax.layers import stem as stem_lib
+  img = jax.random.normal(jax.random.key(5), (4, 8, 8, 3))
+  stem = AttentionStem(8, stem_type=stem_type, block_size=4)
+  variables = stem.init(jax.random.key(1), img)
+
+  def run():
+    y, _ = stem.apply(variables, img, train=True, mutable=["batch_stats"])
+    g = jax.grad(lambda p: jnp.sum(jnp.sin(stem.apply({**variables, "params": p}, img,
+                                                      train=True, mutable=["batch_stats"])[0])))
+    return y, g(variables["params"])
+  y1, g1 = run()
+  monkeypatch.setattr(stem_lib, "MAX_CHUNK_PIXELS", 64)  # one 8x8 image per chunk
+  assert stem_lib._chunks(4, 64) == 4
+  y4, g4 = run()
+  np.testing.assert_allclose(y4, y1, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_attention_stem_attends_within_blocks_only():
   # Changing one block of the input leaves the other blocks' outputs untouched.
   img = jax.random.normal(jax.random.key(3), (1, 8, 8, 3))

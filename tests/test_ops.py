@@ -162,3 +162,30 @@ rel = np.zeros((3, 2), np.float32)
 def test_bad_input_is_named(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_batch_chunks_bound_memory_and_keep_values_and_gradients(monkeypatch):
+  from sasa_jax.ops import blocked
+  rng = np.random.default_rng(7)
+  b, h, w, c, n, k = 4, 9, 7, 8, 2, 3
+  q, kk, v = (jnp.asarray(rng.normal(size=(b, h, w, c)), jnp.float32) for _ in range(3))
+  rel_h, rel_w = (jnp.asarray(rng.normal(size=(k, c // n // 2)), jnp.float32) for _ in range(2))
+
+  def run(*a):
+    y = local_attention_blocked(*a, kernel_size=k, num_heads=n)
+    return y, jax.grad(lambda *x: jnp.sum(jnp.sin(
+        local_attention_blocked(*x, kernel_size=k, num_heads=n))), argnums=range(5))(*a)
+  want, want_grads = run(q, kk, v, rel_h, rel_w)
+  ph, pw = blocked.plan_blocks(h, w, k // 2, c, n)
+  assert blocked._batch_chunks(b, n, ph, pw) == 1
+  monkeypatch.setattr(blocked, "MAX_CHUNK_LOGITS",
+                      n * ph.num_blocks * pw.num_blocks * ph.block * pw.block
+                      * ph.window * pw.window)  # one image's logits: 4 chunks
+  assert blocked._batch_chunks(b, n, ph, pw) == 4
+  jaxpr = str(jax.make_jaxpr(lambda *a: local_attention_blocked(
+      *a, kernel_size=k, num_heads=n))(q, kk, v, rel_h, rel_w))
+  assert "scan" in jaxpr
+  got, got_grads = run(q, kk, v, rel_h, rel_w)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  for g, w_ in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-5)

@@ -52,37 +52,37 @@ class AttentionStem(nn.Module):
       raise ValueError(f"AttentionStem needs H and W divisible by block_size={s}, got {h}x{w}")
     if self.features % n:
       raise ValueError(f"features={self.features} must be divisible by num_heads={n}")
-    dense = lambda name: nn.Dense(self.features, use_bias=False, dtype=self.dtype, name=name)
-    q, k = dense("query")(x), dense("key")(x)
+    cin, c, d = x.shape[-1], self.features, self.features // n
+    x = x.astype(self.dtype)
+    kernel = lambda name, shape: self.param(
+        name, nn.initializers.lecun_normal(in_axis=0, out_axis=tuple(range(1, len(shape)))),
+        shape)
+    w_q, w_k = kernel("query", (cin, c)), kernel("key", (cin, c))
+    v_full = value_of = None  # values for the whole batch, or a function of an x chunk
     if self.stem_type == "spatially_aware":
-      cin = x.shape[-1]
-      w_v = self.param("value", nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
-                       (cin, self.num_mixtures, self.features))  # the M value matrices
+      w_v = kernel("value", (cin, self.num_mixtures, c))  # the M value matrices
       init = nn.initializers.normal(stddev=1.0)
       emb_row = self.param("emb_row", init, (s, self.embedding_dim))
       emb_col = self.param("emb_col", init, (s, self.embedding_dim))
       nu = self.param("mixture", init, (self.num_mixtures, self.embedding_dim))
       mix = jax.nn.softmax((emb_row[:, None] + emb_col[None, :]) @ nu.T, axis=-1)  # [s, s, M]
-      x_in = x.astype(self.dtype)
       if self.impl == "reference":  # the paper's form: M value maps, mixed per pixel
-        values = jnp.einsum("bhwi,imc->bhwmc", x_in, w_v.astype(self.dtype))  # [B, H, W, M, C]
+        values = jnp.einsum("bhwi,imc->bhwmc", x, w_v.astype(self.dtype))  # [B, H, W, M, C]
         mix_map = jnp.tile(mix, (h // s, w // s, 1)).astype(values.dtype)  # [H, W, M]
-        v = jnp.einsum("bhwmc,hwm->bhwc", values, mix_map)
+        v_full = jnp.einsum("bhwmc,hwm->bhwc", values, mix_map)
       else:  # the same function with the mixture folded into one matrix per block position
         w_ab = jnp.einsum("abm,imc->abic", mix, w_v).astype(self.dtype)  # [s, s, C_in, C]
-        xb = x_in.reshape(bsz, h // s, s, w // s, s, cin)
-        v = jnp.einsum("nyaxbi,abic->nyaxbc", xb, w_ab).reshape(bsz, h, w, self.features)
+
+        def value_of(xc):
+          xb = xc.reshape(xc.shape[0], h // s, s, w // s, s, cin)
+          return jnp.einsum("nyaxbi,abic->nyaxbc", xb, w_ab).reshape(xc.shape[:3] + (c,))
     elif self.stem_type == "conv_values":
-      v = nn.Conv(self.features, (s, s), padding="SAME", use_bias=False, dtype=self.dtype,
-                  name="value")(x)
+      v_full = nn.Conv(c, (s, s), padding="SAME", use_bias=False, dtype=self.dtype,
+                       name="value")(x)
     else:
-      v = dense("value")(x)
+      w_v = kernel("value", (cin, c))
+      value_of = lambda xc: xc @ w_v.astype(self.dtype)
 
-    def blocks(t):  # [B, H, W, C] -> [B, H/s, W/s, N, s*s, d]
-      t = t.reshape(bsz, h // s, s, w // s, s, n, -1).transpose(0, 1, 3, 5, 2, 4, 6)
-      return t.reshape(bsz, h // s, w // s, n, s * s, -1)
-
-    d = self.features // n
     emb_init = nn.initializers.normal(stddev=d ** -0.5)
     rel_h = self.param("rel_h", emb_init, (2 * s - 1, d // 2))
     rel_w = self.param("rel_w", emb_init, (2 * s - 1, d // 2))
@@ -91,14 +91,44 @@ class AttentionStem(nn.Module):
     rel = jnp.concatenate([  # [s*s queries, s*s keys, d]: r for every query/key pair
         jnp.broadcast_to(rel_h[off][:, None, :, None], (s, s, s, s, d // 2)),
         jnp.broadcast_to(rel_w[off][None, :, None, :], (s, s, s, s, d // 2))], axis=-1)
-    rel = rel.reshape(s * s, s * s, d).astype(q.dtype)
-    qb = blocks(q)
-    logits = (jnp.einsum("...qd,...kd->...qk", qb, blocks(k), preferred_element_type=jnp.float32)
-              + jnp.einsum("...qd,qkd->...qk", qb, rel, preferred_element_type=jnp.float32))
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    y = jnp.einsum("...qk,...kd->...qd", probs, blocks(v))
-    y = y.reshape(bsz, h // s, w // s, n, s, s, -1).transpose(0, 1, 4, 2, 5, 3, 6)
-    y = y.reshape(bsz, h, w, self.features)
+    rel = rel.reshape(s * s, s * s, d).astype(self.dtype)
+
+    def attend(xc, vc):  # one chunk of images [b, H, W, C_in] -> [b, H, W, C]
+      b = xc.shape[0]
+
+      def blocks(t):  # [b, H, W, C] -> [b, H/s, W/s, N, s*s, d]
+        t = t.reshape(b, h // s, s, w // s, s, n, -1).transpose(0, 1, 3, 5, 2, 4, 6)
+        return t.reshape(b, h // s, w // s, n, s * s, -1)
+      qb = blocks(xc @ w_q.astype(self.dtype))
+      vc = value_of(xc) if vc is None else vc
+      logits = (jnp.einsum("...qd,...kd->...qk", qb, blocks(xc @ w_k.astype(self.dtype)),
+                           preferred_element_type=jnp.float32)
+                + jnp.einsum("...qd,qkd->...qk", qb, rel, preferred_element_type=jnp.float32))
+      probs = jax.nn.softmax(logits, axis=-1).astype(vc.dtype)
+      y = jnp.einsum("...qk,...kd->...qd", probs, blocks(vc))
+      y = y.reshape(b, h // s, w // s, n, s, s, -1).transpose(0, 1, 4, 2, 5, 3, 6)
+      return y.reshape(b, h, w, c)
+
+    # At 224 px the stem's q, k, v and logits have 4x the pixels of any later layer: run the
+    # attention one chunk of images at a time and recompute it in the backward pass, so
+    # only the chunk's inputs are stored (the batch-norm below still sees the whole batch).
+    chunks = _chunks(bsz, h * w)
+    if chunks == 1:
+      y = attend(x, v_full)
+    else:
+      split = lambda t: None if t is None else t.reshape((chunks, bsz // chunks) + t.shape[1:])
+      y = jax.lax.map(lambda a: jax.checkpoint(attend)(*a), (split(x), split(v_full)))
+      y = y.reshape(bsz, h, w, c)
     y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, dtype=self.dtype,
                      name="bn")(y)
     return nn.max_pool(nn.relu(y), (s, s), strides=(s, s))
+
+
+# Pixels per sequential chunk of the stem's attention (one 224 px image is 50,176).
+MAX_CHUNK_PIXELS = 1 << 16
+
+
+def _chunks(bsz: int, pixels: int) -> int:
+  """The fewest chunks (a divisor of the batch) with at most MAX_CHUNK_PIXELS pixels each."""
+  return next(c for c in range(1, bsz + 1)
+              if bsz % c == 0 and (bsz // c) * pixels <= MAX_CHUNK_PIXELS or c == bsz)

@@ -176,18 +176,8 @@ def _mask(lay: _Layout):
   return np.logical_and(mh[:, None, None, :, None, :, None], mw[None, :, None, None, :, None, :])
 
 
-# Up to this head dimension, XLA:CPU runs a batch of [nq, d] x [d, nk] products about twice as
-# fast as d broadcast multiply-adds (one vectorised loop fusion) than as a batched dot,
-# whose kernels are poor at contraction sizes of 8-16. Accelerators use the dot.
-_UNROLL_MAX_D = 16
-
-
 def _contract_head_dim(a, b, acc):
   """[..., nq, d] x [..., d, nk] -> [..., nq, nk] in `acc`."""
-  d = a.shape[-1]
-  if d <= _UNROLL_MAX_D and jax.default_backend() == "cpu":
-    a, b = a.astype(acc), b.astype(acc)
-    return sum(a[..., :, j, None] * b[..., None, j, :] for j in range(d))
   return jnp.einsum("...qd,...dk->...qk", a, b, preferred_element_type=acc)
 
 
@@ -297,5 +287,27 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
   r = kernel_size // 2
   if plan_h is None or plan_w is None:
     plan_h, plan_w = plan_blocks(h, w, r, c, num_heads)
-  lay = _Layout(bsz, h, w, num_heads, c // num_heads, plan_h, plan_w)
-  return _attention(q, k, v, rel_h, rel_w, lay)
+  chunks = _batch_chunks(bsz, num_heads, plan_h, plan_w)
+  lay = _Layout(bsz // chunks, h, w, num_heads, c // num_heads, plan_h, plan_w)
+  if chunks == 1:
+    return _attention(q, k, v, rel_h, rel_w, lay)
+  # Peak memory: run `chunks` slices of the batch one after another (their logits, and
+  # in the backward their probabilities and gradients, never coexist).
+  split = lambda x: None if x is None else x.reshape((chunks, bsz // chunks) + x.shape[1:])
+  out = jax.lax.map(lambda a: _attention(a[0], a[1], a[2], rel_h, rel_w, lay),
+                    (split(q), split(k), split(v)))
+  return out.reshape(q.shape)
+
+
+# Logits (float32) per sequential chunk of the batch: bounds the op's temporary memory.
+MAX_CHUNK_LOGITS = 1 << 22
+
+
+def _batch_chunks(bsz, heads, ph: AxisPlan, pw: AxisPlan) -> int:
+  """The fewest chunks (a divisor of the batch) with at most MAX_CHUNK_LOGITS logits each."""
+  per_image = (heads * ph.num_blocks * pw.num_blocks * ph.block * pw.block
+               * ph.window * pw.window)
+  for chunks in range(1, bsz + 1):
+    if bsz % chunks == 0 and per_image * bsz // chunks <= MAX_CHUNK_LOGITS:
+      return chunks
+  return bsz

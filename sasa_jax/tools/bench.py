@@ -164,7 +164,7 @@ def main(argv=None):
   p.add_argument("--depth", type=int, default=50)
   p.add_argument("--model-batch", type=int, default=4)
   p.add_argument("--image-size", type=int, default=224)
-  p.add_argument("--model-repeats", type=int, default=2)
+  p.add_argument("--model-repeats", type=int, default=3)
   p.add_argument("--skip-reference", action="store_true")
   p.add_argument("--skip-models", action="store_true")
   p.add_argument("--skip-ops", action="store_true")
