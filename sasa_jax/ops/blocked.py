@@ -300,7 +300,7 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
 
 
 # Logits (float32) per sequential chunk of the batch: bounds the op's temporary memory.
-MAX_CHUNK_LOGITS = 1 << 22
+MAX_CHUNK_LOGITS = 1 << 23
 
 
 def _batch_chunks(bsz, heads, ph: AxisPlan, pw: AxisPlan) -> int:
