@@ -176,12 +176,14 @@ def test_batch_chunks_bound_memory_and_keep_values_and_gradients(monkeypatch):
     return y, jax.grad(lambda *x: jnp.sum(jnp.sin(
         local_attention_blocked(*x, kernel_size=k, num_heads=n))), argnums=range(5))(*a)
   want, want_grads = run(q, kk, v, rel_h, rel_w)
+  from sasa_jax.ops.chunks import fewest_chunks
   ph, pw = blocked.plan_blocks(h, w, k // 2, c, n)
-  assert blocked._batch_chunks(b, n, ph, pw) == 1
-  monkeypatch.setattr(blocked, "MAX_CHUNK_LOGITS",
-                      n * ph.num_blocks * pw.num_blocks * ph.block * pw.block
-                      * ph.window * pw.window)  # one image's logits: 4 chunks
-  assert blocked._batch_chunks(b, n, ph, pw) == 4
+  per_image = n * ph.num_blocks * pw.num_blocks * ph.block * pw.block * ph.window * pw.window
+  assert fewest_chunks(b, per_image, blocked.MAX_CHUNK_LOGITS) == 1
+  assert "scan" not in str(jax.make_jaxpr(lambda *a: local_attention_blocked(
+      *a, kernel_size=k, num_heads=n))(q, kk, v, rel_h, rel_w))
+  monkeypatch.setattr(blocked, "MAX_CHUNK_LOGITS", per_image)  # one image's logits: 4 chunks
+  assert fewest_chunks(b, per_image, blocked.MAX_CHUNK_LOGITS) == 4
   jaxpr = str(jax.make_jaxpr(lambda *a: local_attention_blocked(
       *a, kernel_size=k, num_heads=n))(q, kk, v, rel_h, rel_w))
   assert "scan" in jaxpr

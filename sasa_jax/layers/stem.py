@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from sasa_jax.layers.attention import check_choice
+from sasa_jax.ops.chunks import fewest_chunks, map_batch_chunks
 
 ATTENTION_STEM_TYPES = ("spatially_aware", "stand_alone", "conv_values")
 
@@ -112,13 +113,8 @@ class AttentionStem(nn.Module):
     # At 224 px the stem's q, k, v and logits have 4x the pixels of any later layer: run the
     # attention one chunk of images at a time and recompute it in the backward pass, so
     # only the chunk's inputs are stored (the batch-norm below still sees the whole batch).
-    chunks = _chunks(bsz, h * w)
-    if chunks == 1:
-      y = attend(x, v_full)
-    else:
-      split = lambda t: None if t is None else t.reshape((chunks, bsz // chunks) + t.shape[1:])
-      y = jax.lax.map(lambda a: jax.checkpoint(attend)(*a), (split(x), split(v_full)))
-      y = y.reshape(bsz, h, w, c)
+    y = map_batch_chunks(attend, (x, v_full), fewest_chunks(bsz, h * w, MAX_CHUNK_PIXELS),
+                         remat=True)
     y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, dtype=self.dtype,
                      name="bn")(y)
     return nn.max_pool(nn.relu(y), (s, s), strides=(s, s))
@@ -127,8 +123,3 @@ class AttentionStem(nn.Module):
 # Pixels per sequential chunk of the stem's attention (one 224 px image is 50,176).
 MAX_CHUNK_PIXELS = 1 << 16
 
-
-def _chunks(bsz: int, pixels: int) -> int:
-  """The fewest chunks (a divisor of the batch) with at most MAX_CHUNK_PIXELS pixels each."""
-  return next(c for c in range(1, bsz + 1)
-              if bsz % c == 0 and (bsz // c) * pixels <= MAX_CHUNK_PIXELS or c == bsz)

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sasa_jax.ops.chunks import fewest_chunks, map_batch_chunks
+
 # Finite, so that padded query rows that see no key get a harmless uniform softmax
 # instead of NaN (they are cropped away); exp(_MASKED - max) is exactly 0 in float32.
 _MASKED = -1e30
@@ -176,18 +178,13 @@ def _mask(lay: _Layout):
   return np.logical_and(mh[:, None, None, :, None, :, None], mw[None, :, None, None, :, None, :])
 
 
-def _contract_head_dim(a, b, acc):
-  """[..., nq, d] x [..., d, nk] -> [..., nq, nk] in `acc`."""
-  return jnp.einsum("...qd,...dk->...qk", a, b, preferred_element_type=acc)
-
-
 def _logits(qb, kw, emb_h, emb_w, lay: _Layout, acc):
   """Masked logits [B, nbh, nbw, N, nq, nk] in `acc` (float32 or wider)."""
   ph, pw, d = lay.ph, lay.pw, lay.d
   shape = lay.lead + (ph.block, pw.block, ph.window, pw.window)
   logits = jnp.zeros(shape, acc)
   if kw is not None:
-    logits += _contract_head_dim(qb, kw, acc).reshape(shape)
+    logits += jnp.einsum("...qd,...dk->...qk", qb, kw, preferred_element_type=acc).reshape(shape)
   if emb_h is not None:
     q5 = qb.reshape(lay.lead + (ph.block, pw.block, d))
     rows = jnp.einsum("...yxc,yuc->...yxu", q5[..., : d // 2], emb_h, preferred_element_type=acc)
@@ -245,7 +242,7 @@ def _attention_bwd(lay, residuals, g):
   gb = _to_blocks(g, lay)
   gbt = jnp.swapaxes(gb, -1, -2)
   delta = jnp.sum(gb.astype(acc) * _to_blocks(out, lay).astype(acc), axis=-1, keepdims=True)
-  dprobs = _contract_head_dim(gb, vw, acc)
+  dprobs = jnp.einsum("...qd,...dk->...qk", gb, vw, preferred_element_type=acc)
   dlogits = (probs * (dprobs - delta)).astype(q.dtype)
   dv = v_vjp(jnp.einsum("...dq,...qk->...dk", gbt, probs.astype(v.dtype),
                         preferred_element_type=acc).astype(v.dtype))[0]
@@ -287,27 +284,15 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
   r = kernel_size // 2
   if plan_h is None or plan_w is None:
     plan_h, plan_w = plan_blocks(h, w, r, c, num_heads)
-  chunks = _batch_chunks(bsz, num_heads, plan_h, plan_w)
+  per_image = (num_heads * plan_h.num_blocks * plan_w.num_blocks * plan_h.block * plan_w.block
+               * plan_h.window * plan_w.window)
+  chunks = fewest_chunks(bsz, per_image, MAX_CHUNK_LOGITS)
   lay = _Layout(bsz // chunks, h, w, num_heads, c // num_heads, plan_h, plan_w)
-  if chunks == 1:
-    return _attention(q, k, v, rel_h, rel_w, lay)
-  # Peak memory: run `chunks` slices of the batch one after another (their logits, and
-  # in the backward their probabilities and gradients, never coexist).
-  split = lambda x: None if x is None else x.reshape((chunks, bsz // chunks) + x.shape[1:])
-  out = jax.lax.map(lambda a: _attention(a[0], a[1], a[2], rel_h, rel_w, lay),
-                    (split(q), split(k), split(v)))
-  return out.reshape(q.shape)
+  # Peak memory: `chunks` slices of the batch run one after another (their logits, and in
+  # the backward their probabilities and gradients, never coexist).
+  return map_batch_chunks(lambda q_, k_, v_: _attention(q_, k_, v_, rel_h, rel_w, lay),
+                          (q, k, v), chunks)
 
 
 # Logits (float32) per sequential chunk of the batch: bounds the op's temporary memory.
 MAX_CHUNK_LOGITS = 1 << 23
-
-
-def _batch_chunks(bsz, heads, ph: AxisPlan, pw: AxisPlan) -> int:
-  """The fewest chunks (a divisor of the batch) with at most MAX_CHUNK_LOGITS logits each."""
-  per_image = (heads * ph.num_blocks * pw.num_blocks * ph.block * pw.block
-               * ph.window * pw.window)
-  for chunks in range(1, bsz + 1):
-    if bsz % chunks == 0 and per_image * bsz // chunks <= MAX_CHUNK_LOGITS:
-      return chunks
-  return bsz
