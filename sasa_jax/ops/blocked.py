@@ -186,9 +186,11 @@ def _logits(qb, kw, emb_h, emb_w, lay: _Layout, acc):
   if kw is not None:
     logits += jnp.einsum("...qd,...dk->...qk", qb, kw, preferred_element_type=acc).reshape(shape)
   if emb_h is not None:
-    q5 = qb.reshape(lay.lead + (ph.block, pw.block, d))
-    rows = jnp.einsum("...yxc,yuc->...yxu", q5[..., : d // 2], emb_h, preferred_element_type=acc)
-    cols = jnp.einsum("...yxc,xvc->...yxv", q5[..., d // 2:], emb_w, preferred_element_type=acc)
+    # Products summed over d/2 channels, fused: as batched dots (the block position is a
+    # batch dimension of both operands) they ran ~1.3x slower in the whole op on XLA:CPU.
+    q5 = qb.reshape(lay.lead + (ph.block, pw.block, 1, d)).astype(acc)
+    rows = jnp.sum(q5[..., : d // 2] * emb_h[:, None].astype(acc), axis=-1)  # [..., bh, bw, wh]
+    cols = jnp.sum(q5[..., d // 2:] * emb_w[None].astype(acc), axis=-1)  # [..., bh, bw, ww]
     logits += rows[..., :, None] + cols[..., None, :]
   return jnp.where(_mask(lay), logits, _MASKED).reshape(lay.lead + (lay.nq, lay.nk))
 
