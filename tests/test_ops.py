@@ -164,30 +164,34 @@ def test_bad_input_is_named(call, match):
     call()
 
 
-def test_batch_chunks_bound_memory_and_keep_values_and_gradients(monkeypatch):
+@pytest.mark.parametrize("with_k,with_rel", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("chunking", ["strips", "images"])
+def test_chunks_keep_values_and_gradients(monkeypatch, chunking, with_k, with_rel):
+  """The op run in sequential chunks (strips of block rows with a halo, or groups of whole
+  images) gives the unchunked values and gradients; the last block row is padded."""
   from sasa_jax.ops import blocked
-  rng = np.random.default_rng(7)
-  b, h, w, c, n, k = 4, 9, 7, 8, 2, 3
-  q, kk, v = (jnp.asarray(rng.normal(size=(b, h, w, c)), jnp.float32) for _ in range(3))
-  rel_h, rel_w = (jnp.asarray(rng.normal(size=(k, c // n // 2)), jnp.float32) for _ in range(2))
+  b, h, w, c, n, ks = 4, 11, 7, 8, 2, 3
+  args, kw = inputs((b, h, w, c, n, ks), seed=7, with_k=with_k, with_rel=with_rel)
+  plan_h, plan_w = plan_axis(h, 1, min_block=2, block_overhead=0), plan_axis(w, 1, min_block=w)
+  assert (plan_h.block, plan_h.num_blocks) == (2, 6) and plan_w.num_blocks == 1
+  op = lambda *a: local_attention_blocked(*a, **kw, plan_h=plan_h, plan_w=plan_w)
+  jaxpr = lambda: str(jax.make_jaxpr(lambda *a: op(*a))(*args))  # a new function: no cache
+  diff = [i for i, a in enumerate(args) if a is not None]
 
   def run(*a):
-    y = local_attention_blocked(*a, kernel_size=k, num_heads=n)
-    return y, jax.grad(lambda *x: jnp.sum(jnp.sin(
-        local_attention_blocked(*x, kernel_size=k, num_heads=n))), argnums=range(5))(*a)
-  want, want_grads = run(q, kk, v, rel_h, rel_w)
-  from sasa_jax.ops.chunks import fewest_chunks
-  ph, pw = blocked.plan_blocks(h, w, k // 2, c, n)
-  per_image = n * ph.num_blocks * pw.num_blocks * ph.block * pw.block * ph.window * pw.window
-  assert fewest_chunks(b, per_image, blocked.MAX_CHUNK_LOGITS) == 1
-  assert "scan" not in str(jax.make_jaxpr(lambda *a: local_attention_blocked(
-      *a, kernel_size=k, num_heads=n))(q, kk, v, rel_h, rel_w))
-  monkeypatch.setattr(blocked, "MAX_CHUNK_LOGITS", per_image)  # one image's logits: 4 chunks
-  assert fewest_chunks(b, per_image, blocked.MAX_CHUNK_LOGITS) == 4
-  jaxpr = str(jax.make_jaxpr(lambda *a: local_attention_blocked(
-      *a, kernel_size=k, num_heads=n))(q, kk, v, rel_h, rel_w))
-  assert "scan" in jaxpr
-  got, got_grads = run(q, kk, v, rel_h, rel_w)
+    loss = lambda *x: jnp.sum(jnp.sin(op(*[x[diff.index(i)] if i in diff else None
+                                           for i in range(5)])))
+    return op(*a), jax.grad(loss, argnums=range(len(diff)))(*[a[i] for i in diff])
+  want, want_grads = run(*args)
+  assert "scan" not in jaxpr()  # all of it fits one chunk
+  per_block_row = n * plan_w.num_blocks * plan_h.block * plan_w.block * plan_h.window * plan_w.window
+  limit = {"strips": 4 * per_block_row, "images": 2 * 6 * per_block_row}[chunking]
+  monkeypatch.setattr(blocked, "CHUNK_LOGITS", limit)
+  if chunking == "strips":  # 3 of the 6 block rows per strip: 2 strips per image
+    assert blocked.strip_rows(plan_h, per_block_row, limit) == 3
+  assert "scan" in jaxpr()
+  got, got_grads = run(*args)
+  np.testing.assert_allclose(got, oracle(*args, **kw), atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   for g, w_ in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-5)

@@ -9,7 +9,8 @@ dimension the halo is dropped: every key outside the image is masked anyway.
 
 Windows are cut with a constant number of reshapes and concatenations whatever the
 image size, so the compiled program stays small (one slice per window offset would
-unroll k^2 copies per layer).
+unroll k^2 copies per layer). The work runs in sequential cache-sized chunks: groups of
+whole images, or horizontal strips of block rows whose keys carry an r-row halo.
 """
 import dataclasses
 import functools
@@ -17,8 +18,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from sasa_jax.ops.chunks import fewest_chunks, map_batch_chunks
 
 # Finite, so that padded query rows that see no key get a harmless uniform softmax
 # instead of NaN (they are cropped away); exp(_MASKED - max) is exactly 0 in float32.
@@ -81,15 +80,17 @@ def plan_blocks(h: int, w: int, radius: int, channels: int, num_heads: int):
   return min(pairs, key=lambda p: (cost(*p), -p[0].block * p[1].block, p[0].block))
 
 
-def _windows(x, axis, plan: AxisPlan):
-  """Cuts axis `axis` of x (length plan.size) into [num_blocks, window] key windows."""
+def _windows(x, axis, plan: AxisPlan, halo_included: bool = False):
+  """Cuts axis `axis` of x into [num_blocks, window] key windows. x's axis holds the
+  plan.size pixels, or with halo_included their plan.offset rows of halo on either side."""
   if plan.num_blocks == 1:
     return jnp.expand_dims(x, axis)
   b, nb, win = plan.block, plan.num_blocks, plan.window
   pieces = -(-win // b)  # consecutive blocks that cover one window
   total = (nb + pieces - 1) * b
+  before = 0 if halo_included else plan.offset
   pad = [(0, 0)] * x.ndim
-  pad[axis] = (plan.offset, total - plan.size - plan.offset)
+  pad[axis] = (before, total - x.shape[axis] - before)
   x = jnp.pad(x, pad)
   x = x.reshape(x.shape[:axis] + (nb + pieces - 1, b) + x.shape[axis + 1:])
   shifted = [jax.lax.slice_in_dim(x, j, j + nb, axis=axis) for j in range(pieces)]
@@ -105,14 +106,15 @@ def _query_blocks(x, axis, plan: AxisPlan):
   return x.reshape(x.shape[:axis] + (plan.num_blocks, plan.block) + x.shape[axis + 1:])
 
 
-def _axis_mask(plan: AxisPlan):
-  """[num_blocks, block, window] bool: key u is in query y's window and in the image."""
+def _axis_mask(plan: AxisPlan, start: int = 0, size: int | None = None):
+  """[num_blocks, block, window] bool: key u is in query y's window and in the image,
+  for blocks that begin at pixel `start` of an axis of `size` pixels (default plan.size)."""
   i = np.arange(plan.num_blocks)[:, None, None]
   y = np.arange(plan.block)[None, :, None]
   u = np.arange(plan.window)[None, None, :]
   dy = u - plan.offset - y
-  key = i * plan.block + u - plan.offset
-  return (np.abs(dy) <= plan.radius) & (key >= 0) & (key < plan.size)
+  key = start + i * plan.block + u - plan.offset
+  return (np.abs(dy) <= plan.radius) & (key >= 0) & (key < (plan.size if size is None else size))
 
 
 def _axis_embedding(rel, plan: AxisPlan):
@@ -126,7 +128,8 @@ def _axis_embedding(rel, plan: AxisPlan):
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-  """Static shapes of one call: image, heads and the two axis plans."""
+  """Static shapes of one call: image (or strip of rows), heads and the two axis plans.
+  keys_padded: k and v hold ph.offset extra rows above and below the query rows."""
   batch: int
   h: int
   w: int
@@ -134,6 +137,7 @@ class _Layout:
   d: int
   ph: AxisPlan
   pw: AxisPlan
+  keys_padded: bool = False
 
   @property
   def lead(self):  # [B, nbh, nbw, N]: the batch dimensions of every block matmul
@@ -165,20 +169,22 @@ def _from_blocks(xb, lay: _Layout):
 
 def _to_windows(x, lay: _Layout, keys_last: bool):
   """[B, H, W, C] -> key windows [B, nbh, nbw, N, wh * ww, d], or [..., d, wh * ww]."""
-  x = _windows(_windows(x.reshape(lay.batch, lay.h, lay.w, lay.heads, lay.d), 1, lay.ph), 3,
-               lay.pw)
+  x = x.reshape(lay.batch, x.shape[1], lay.w, lay.heads, lay.d)
+  x = _windows(_windows(x, 1, lay.ph, lay.keys_padded), 3, lay.pw)
   if keys_last:  # with d as small as 8, q.k runs ~1.5x faster on XLA:CPU in this layout
     return x.transpose(0, 1, 3, 5, 6, 2, 4).reshape(lay.lead + (lay.d, lay.nk))
   return x.transpose(0, 1, 3, 5, 2, 4, 6).reshape(lay.lead + (lay.nk, lay.d))
 
 
-def _mask(lay: _Layout):
-  """[nbh, nbw, 1, bh, bw, wh, ww] bool, broadcastable against the logits."""
-  mh, mw = _axis_mask(lay.ph), _axis_mask(lay.pw)  # [nbh, bh, wh], [nbw, bw, ww]
-  return np.logical_and(mh[:, None, None, :, None, :, None], mw[None, :, None, None, :, None, :])
+def _mask(mask_h, lay: _Layout):
+  """[B, nbh, nbw, 1, bh, bw, wh, ww] bool, broadcastable against the logits, from the
+  rows' mask of each image (or strip) mask_h [B, nbh, bh, wh]."""
+  mw = _axis_mask(lay.pw)  # [nbw, bw, ww]
+  return jnp.logical_and(mask_h[:, :, None, None, :, None, :, None],
+                         mw[None, None, :, None, None, :, None, :])
 
 
-def _logits(qb, kw, emb_h, emb_w, lay: _Layout, acc):
+def _logits(qb, kw, emb_h, emb_w, mask_h, lay: _Layout, acc):
   """Masked logits [B, nbh, nbw, N, nq, nk] in `acc` (float32 or wider)."""
   ph, pw, d = lay.ph, lay.pw, lay.d
   shape = lay.lead + (ph.block, pw.block, ph.window, pw.window)
@@ -192,7 +198,7 @@ def _logits(qb, kw, emb_h, emb_w, lay: _Layout, acc):
     rows = jnp.sum(q5[..., : d // 2] * emb_h[:, None].astype(acc), axis=-1)  # [..., bh, bw, wh]
     cols = jnp.sum(q5[..., d // 2:] * emb_w[None].astype(acc), axis=-1)  # [..., bh, bw, ww]
     logits += rows[..., :, None] + cols[..., None, :]
-  return jnp.where(_mask(lay), logits, _MASKED).reshape(lay.lead + (lay.nq, lay.nk))
+  return jnp.where(_mask(mask_h, lay), logits, _MASKED).reshape(lay.lead + (lay.nq, lay.nk))
 
 
 def _embeddings(rel_h, rel_w, lay: _Layout, dtype):
@@ -201,32 +207,34 @@ def _embeddings(rel_h, rel_w, lay: _Layout, dtype):
   return (_axis_embedding(rel_h.astype(dtype), lay.ph), _axis_embedding(rel_w.astype(dtype), lay.pw))
 
 
-def _forward(q, k, v, rel_h, rel_w, lay: _Layout):
+def _forward(q, k, v, rel_h, rel_w, mask_h, lay: _Layout):
   """(output [B, H, W, C], log-sum-exp of each query's logits [B, nbh, nbw, N, nq])."""
   acc = jnp.promote_types(q.dtype, jnp.float32)
   qb = _to_blocks(q, lay)
   kw = None if k is None else _to_windows(k, lay, keys_last=True)
-  logits = _logits(qb, kw, *_embeddings(rel_h, rel_w, lay, q.dtype), lay, acc)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  probs = jnp.exp(logits - lse[..., None])
-  out = jnp.einsum("...qk,...kd->...qd", probs.astype(v.dtype), _to_windows(v, lay, False),
-                   preferred_element_type=acc)
-  return _from_blocks(out, lay).astype(q.dtype), lse
+  logits = _logits(qb, kw, *_embeddings(rel_h, rel_w, lay, q.dtype), mask_h, lay, acc)
+  # One exponential per logit: normalise the [nq, d] output, not the [nq, nk] weights.
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  weights = jnp.exp(logits - top)
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  out = jnp.einsum("...qk,...kd->...qd", weights.astype(v.dtype), _to_windows(v, lay, False),
+                   preferred_element_type=acc) / total
+  return _from_blocks(out, lay).astype(q.dtype), (top + jnp.log(total))[..., 0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, rel_h, rel_w, lay):
-  return _forward(q, k, v, rel_h, rel_w, lay)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(q, k, v, rel_h, rel_w, mask_h, lay):
+  return _forward(q, k, v, rel_h, rel_w, mask_h, lay)[0]
 
 
-def _attention_fwd(q, k, v, rel_h, rel_w, lay):
-  out, lse = _forward(q, k, v, rel_h, rel_w, lay)
-  return out, (q, k, v, rel_h, rel_w, out, lse)  # no k x k tensor is kept
+def _attention_fwd(q, k, v, rel_h, rel_w, mask_h, lay):
+  out, lse = _forward(q, k, v, rel_h, rel_w, mask_h, lay)
+  return out, (q, k, v, rel_h, rel_w, mask_h, out, lse)  # no k x k tensor is kept
 
 
 def _attention_bwd(lay, residuals, g):
   """Flash-attention-style backward: recompute probabilities from the saved log-sum-exp."""
-  q, k, v, rel_h, rel_w, out, lse = residuals
+  q, k, v, rel_h, rel_w, mask_h, out, lse = residuals
   acc = jnp.promote_types(q.dtype, jnp.float32)
   d = lay.d
   qb, q_vjp = jax.vjp(lambda x: _to_blocks(x, lay), q)
@@ -240,7 +248,7 @@ def _attention_bwd(lay, residuals, g):
   emb_h = emb_w = None
   if rel_h is not None:
     (emb_h, emb_w), emb_vjp = jax.vjp(lambda a, b: _embeddings(a, b, lay, q.dtype), rel_h, rel_w)
-  probs = jnp.exp(_logits(qb, kw, emb_h, emb_w, lay, acc) - lse[..., None])
+  probs = jnp.exp(_logits(qb, kw, emb_h, emb_w, mask_h, lay, acc) - lse[..., None])
   gb = _to_blocks(g, lay)
   gbt = jnp.swapaxes(gb, -1, -2)
   delta = jnp.sum(gb.astype(acc) * _to_blocks(out, lay).astype(acc), axis=-1, keepdims=True)
@@ -257,8 +265,15 @@ def _attention_bwd(lay, residuals, g):
   drel_h = drel_w = None
   if rel_h is not None:
     ph, pw = lay.ph, lay.pw
-    ds = dlogits.reshape(lay.lead + (ph.block, pw.block, ph.window, pw.window))
-    rows, cols = jnp.sum(ds, axis=-1, dtype=acc), jnp.sum(ds, axis=-2, dtype=acc)
+    # dlogits summed over key columns (rows) and over key rows (cols) in one pass, as a
+    # matmul with a 0/1 [wh * ww, wh + ww] matrix: ~1.3x faster than two reductions.
+    u, v_ = np.divmod(np.arange(lay.nk), pw.window)
+    sums = np.concatenate([u[:, None] == np.arange(ph.window),
+                           v_[:, None] == np.arange(pw.window)], axis=1)
+    rc = jnp.einsum("...k,kj->...j", dlogits, sums.astype(dlogits.dtype),
+                    preferred_element_type=acc)
+    rc = rc.reshape(lay.lead + (ph.block, pw.block, ph.window + pw.window))
+    rows, cols = rc[..., :ph.window], rc[..., ph.window:]
     q5 = qb.reshape(lay.lead + (ph.block, pw.block, d))
     dq5 = jnp.concatenate([
         jnp.einsum("...yxu,yuc->...yxc", rows, emb_h.astype(acc)),
@@ -268,10 +283,20 @@ def _attention_bwd(lay, residuals, g):
     demb_w = jnp.einsum("...yxv,...yxc->xvc", cols, q5[..., d // 2:].astype(acc))
     drel_h, drel_w = emb_vjp((demb_h.astype(q.dtype), demb_w.astype(q.dtype)))
   dq = q_vjp(dqb.astype(q.dtype))[0]
-  return dq, dk, dv, drel_h, drel_w
+  return dq, dk, dv, drel_h, drel_w, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def strip_rows(plan_h: AxisPlan, per_block_row: int, limit: int) -> int:
+  """Block rows per strip: as many as keep one strip's logits within `limit` (at least 1),
+  fewest padded rows first; all of them when the whole image fits."""
+  nbh = plan_h.num_blocks
+  fit = max(1, limit // per_block_row)
+  if fit >= nbh:
+    return nbh
+  return min(range(1, fit + 1), key=lambda s: (-(-nbh // s) * s, -s))
 
 
 def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
@@ -281,20 +306,49 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
   Matrix multiplies run in the input dtype with float32 accumulation; the softmax is
   float32. The backward pass recomputes the logits from the saved log-sum-exp, so the
   only residuals are the inputs, the output and one float per query and head.
+
+  The work runs in sequential chunks of whole images or, when one image's logits exceed
+  CHUNK_LOGITS, of horizontal strips of query-block rows whose keys and values carry a
+  halo of r rows: each chunk is cut, attended and (in the backward) scattered back while
+  it is in cache, which bounds the op's temporary memory too.
   """
   bsz, h, w, c = q.shape
   r = kernel_size // 2
   if plan_h is None or plan_w is None:
     plan_h, plan_w = plan_blocks(h, w, r, c, num_heads)
-  per_image = (num_heads * plan_h.num_blocks * plan_w.num_blocks * plan_h.block * plan_w.block
-               * plan_h.window * plan_w.window)
-  chunks = fewest_chunks(bsz, per_image, MAX_CHUNK_LOGITS)
-  lay = _Layout(bsz // chunks, h, w, num_heads, c // num_heads, plan_h, plan_w)
-  # Peak memory: `chunks` slices of the batch run one after another (their logits, and in
-  # the backward their probabilities and gradients, never coexist).
-  return map_batch_chunks(lambda q_, k_, v_: _attention(q_, k_, v_, rel_h, rel_w, lay),
-                          (q, k, v), chunks)
+  per_block_row = (num_heads * plan_w.num_blocks * plan_h.block * plan_w.block
+                   * plan_h.window * plan_w.window)
+  rows = strip_rows(plan_h, per_block_row, CHUNK_LOGITS)
+  if rows == plan_h.num_blocks:  # whole images, as many per chunk as fit
+    strips, keys_padded, inner_h = 1, False, plan_h
+    q_s, k_s, v_s = (None if x is None else x[:, None] for x in (q, k, v))
+    mask_h = np.broadcast_to(_axis_mask(plan_h), (bsz, 1) + _axis_mask(plan_h).shape)
+    per_chunk = max(1, CHUNK_LOGITS // (plan_h.num_blocks * per_block_row))
+  else:
+    height = rows * plan_h.block
+    strips, keys_padded = -(-plan_h.num_blocks // rows), True
+    inner_h = AxisPlan(height, r, plan_h.block, rows, plan_h.window, plan_h.offset)
+    strip_plan = AxisPlan(h, r, height, strips, height + 2 * r, r)
+    q_s = _query_blocks(q, 1, strip_plan)  # [B, strips, height, W, C]
+    k_s, v_s = (None if x is None else _windows(x, 1, strip_plan) for x in (k, v))
+    mask_h = np.stack([_axis_mask(inner_h, start=g * height, size=h) for g in range(strips)])
+    mask_h = np.broadcast_to(mask_h, (bsz,) + mask_h.shape)
+    per_chunk = 1
+  units = bsz * strips  # images or strips
+  per_chunk = max(m for m in range(1, min(per_chunk, units) + 1) if units % m == 0)
+  lay = _Layout(per_chunk, inner_h.size, w, num_heads, c // num_heads, inner_h, plan_w,
+                keys_padded)
+
+  def chunked(x):  # [B, strips, ...] -> [chunks, per_chunk, ...]
+    return None if x is None else x.reshape((units // per_chunk, per_chunk) + x.shape[2:])
+
+  attend = lambda a: _attention(*a[:3], rel_h, rel_w, a[3], lay)
+  xs = (chunked(q_s), chunked(k_s), chunked(v_s), chunked(jnp.asarray(mask_h)))
+  out = attend(jax.tree.map(lambda x: x[0], xs)) if units == per_chunk else jax.lax.map(attend, xs)
+  return out.reshape(bsz, strips * inner_h.size, w, c)[:, :h]
 
 
-# Logits (float32) per sequential chunk of the batch: bounds the op's temporary memory.
-MAX_CHUNK_LOGITS = 1 << 23
+# Logits per sequential chunk (float32): one chunk's logits and probabilities stay in a
+# core's cache; at 56 x 56 x 64 strips of 2 block rows ran the op ~1.5x faster on XLA:CPU
+# than chunks of whole images.
+CHUNK_LOGITS = 1 << 20
