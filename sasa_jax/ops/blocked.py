@@ -322,12 +322,13 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
     plan_h, plan_w = plan_blocks(h, w, r, c, num_heads)
   per_block_row = (num_heads * plan_w.num_blocks * plan_h.block * plan_w.block
                    * plan_h.window * plan_w.window)
-  rows = strip_rows(plan_h, per_block_row, CHUNK_LOGITS)
+  limit = CHUNK_LOGITS if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK_LOGITS
+  rows = strip_rows(plan_h, per_block_row, limit)
   if rows == plan_h.num_blocks:  # whole images, as many per chunk as fit
     strips, keys_padded, inner_h = 1, False, plan_h
     q_s, k_s, v_s = (None if x is None else x[:, None] for x in (q, k, v))
     mask_h = np.broadcast_to(_axis_mask(plan_h), (bsz, 1) + _axis_mask(plan_h).shape)
-    per_chunk = max(1, CHUNK_LOGITS // (plan_h.num_blocks * per_block_row))
+    per_chunk = max(1, limit // (plan_h.num_blocks * per_block_row))
   else:
     height = rows * plan_h.block
     strips, keys_padded = -(-plan_h.num_blocks // rows), True
@@ -354,5 +355,7 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
 
 # Logits per sequential chunk (float32): one chunk's logits and probabilities stay in a
 # core's cache; at 56 x 56 x 64 strips of 2 block rows ran the op ~1.5x faster on XLA:CPU
-# than chunks of whole images.
+# than chunks of whole images. On GPU/TPU (where impl="auto" takes the Pallas kernels)
+# small sequential chunks would starve the device: there chunks only bound memory.
 CHUNK_LOGITS = 1 << 20
+ACCELERATOR_CHUNK_LOGITS = 1 << 26
