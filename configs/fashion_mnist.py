@@ -31,7 +31,7 @@ def get_config(arg=None):
     config.model["stem_type"] = "spatially_aware"
   config.dataset = dict(name="fashion_mnist", data_dir=ml_collections.config_dict.placeholder(str), image_size=28, train_split="train",
                         eval_split="test", shuffle_buffer=16_384,
-                        crop_padding=0)  # flips only: 5 epochs are too few to profit from crops
+                        crop_padding=0)  # flips only: 3 epochs were too few to profit from crops
   config.batch_size = 128
   config.num_epochs = 5.0
   config.num_train_steps = -1

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sasa_jax.ops.chunks import fewest_chunks, map_batch_chunks
+
 # Finite, so that padded query rows that see no key get a harmless uniform softmax
 # instead of NaN (they are cropped away); exp(_MASKED - max) is exactly 0 in float32.
 _MASKED = -1e30
@@ -218,7 +220,7 @@ def _forward(q, k, v, rel_h, rel_w, mask_h, lay: _Layout):
   kw = None if k is None else _to_windows(k, lay, keys_last=True)
   logits = _logits(qb, kw, *_embeddings(rel_h, rel_w, lay, q.dtype), mask_h, lay, acc)
   # One exponential per logit: normalise the [nq, d] output, not the [nq, nk] weights.
-  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  top = jnp.max(logits, axis=-1, keepdims=True)
   weights = jnp.exp(logits - top)
   total = jnp.sum(weights, axis=-1, keepdims=True)
   out = jnp.einsum("...qk,...kd->...qd", weights.astype(v.dtype), _to_windows(v, lay, False),
@@ -326,30 +328,25 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
   rows = strip_rows(plan_h, per_block_row, limit)
   if rows == plan_h.num_blocks:  # whole images, as many per chunk as fit
     strips, keys_padded, inner_h = 1, False, plan_h
-    q_s, k_s, v_s = (None if x is None else x[:, None] for x in (q, k, v))
-    mask_h = np.broadcast_to(_axis_mask(plan_h), (bsz, 1) + _axis_mask(plan_h).shape)
-    per_chunk = max(1, limit // (plan_h.num_blocks * per_block_row))
-  else:
+    q_s, k_s, v_s = q, k, v
+    image_mask = _axis_mask(plan_h)  # [nbh, bh, wh]
+    mask_h = np.broadcast_to(image_mask, (bsz,) + image_mask.shape)
+    chunks = fewest_chunks(bsz, plan_h.num_blocks * per_block_row, limit)
+  else:  # one strip per chunk
     height = rows * plan_h.block
     strips, keys_padded = -(-plan_h.num_blocks // rows), True
     inner_h = AxisPlan(height, r, plan_h.block, rows, plan_h.window, plan_h.offset)
     strip_plan = AxisPlan(h, r, height, strips, height + 2 * r, r)
-    q_s = _query_blocks(q, 1, strip_plan)  # [B, strips, height, W, C]
-    k_s, v_s = (None if x is None else _windows(x, 1, strip_plan) for x in (k, v))
+    flat = lambda x: x.reshape((bsz * strips,) + x.shape[2:])  # [B, strips, ...] -> [B * strips, ...]
+    q_s = flat(_query_blocks(q, 1, strip_plan))  # [B * strips, height, W, C]
+    k_s, v_s = (None if x is None else flat(_windows(x, 1, strip_plan)) for x in (k, v))
     mask_h = np.stack([_axis_mask(inner_h, start=g * height, size=h) for g in range(strips)])
-    mask_h = np.broadcast_to(mask_h, (bsz,) + mask_h.shape)
-    per_chunk = 1
-  units = bsz * strips  # images or strips
-  per_chunk = max(m for m in range(1, min(per_chunk, units) + 1) if units % m == 0)
-  lay = _Layout(per_chunk, inner_h.size, w, num_heads, c // num_heads, inner_h, plan_w,
-                keys_padded)
-
-  def chunked(x):  # [B, strips, ...] -> [chunks, per_chunk, ...]
-    return None if x is None else x.reshape((units // per_chunk, per_chunk) + x.shape[2:])
-
-  attend = lambda a: _attention(*a[:3], rel_h, rel_w, a[3], lay)
-  xs = (chunked(q_s), chunked(k_s), chunked(v_s), chunked(jnp.asarray(mask_h)))
-  out = attend(jax.tree.map(lambda x: x[0], xs)) if units == per_chunk else jax.lax.map(attend, xs)
+    mask_h = flat(np.broadcast_to(mask_h, (bsz,) + mask_h.shape))
+    chunks = bsz * strips
+  lay = _Layout((bsz * strips) // chunks, inner_h.size, w, num_heads, c // num_heads, inner_h,
+                plan_w, keys_padded)
+  out = map_batch_chunks(lambda q_, k_, v_, m_: _attention(q_, k_, v_, rel_h, rel_w, m_, lay),
+                         (q_s, k_s, v_s, jnp.asarray(mask_h)), chunks)
   return out.reshape(bsz, strips * inner_h.size, w, c)[:, :h]
 
 
