@@ -1,4 +1,6 @@
 """local_attention: every implementation against a brute-force NumPy oracle."""
+import functools
+
 import jax
 import jax.test_util  # noqa: F401  (check_grads)
 import jax.numpy as jnp
@@ -57,6 +59,7 @@ SHAPES = [
     (2, 20, 13, 8, 1, 3),
     (1, 19, 17, 12, 3, 5),
     (1, 6, 1, 4, 2, 9),       # a one-pixel-wide image
+    (1, 16, 16, 32, 8, 7),    # a ResNet stage's heads and kernel, 4 x 4 blocks with halos
 ]
 
 
@@ -72,9 +75,13 @@ def inputs(shape, seed=0, with_k=True, with_rel=True, dtype=np.float32):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_oracle(impl, shape):
+  """Compiled as a whole (as in a training step) and op by op: XLA 0.10's CPU fusions once
+  computed the blocked op's relative-position terms wrongly under jit only."""
   args, kw = inputs(shape)
-  got = np.asarray(IMPLS[impl](*args, **kw))
-  np.testing.assert_allclose(got, oracle(*args, **kw), atol=2e-5, rtol=2e-5)
+  want = oracle(*args, **kw)
+  op = functools.partial(IMPLS[impl], **kw)
+  for fn in (op, jax.jit(op)):
+    np.testing.assert_allclose(np.asarray(fn(*args)), want, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -178,10 +185,11 @@ def test_chunks_keep_values_and_gradients(monkeypatch, chunking, with_k, with_re
   jaxpr = lambda: str(jax.make_jaxpr(lambda *a: op(*a))(*args))  # a new function: no cache
   diff = [i for i, a in enumerate(args) if a is not None]
 
-  def run(*a):
+  def run(*a):  # compiled whole, traced anew at every call (CHUNK_LOGITS changes)
     loss = lambda *x: jnp.sum(jnp.sin(op(*[x[diff.index(i)] if i in diff else None
                                            for i in range(5)])))
-    return op(*a), jax.grad(loss, argnums=range(len(diff)))(*[a[i] for i in diff])
+    both = lambda *a: (op(*a), jax.grad(loss, argnums=range(len(diff)))(*[a[i] for i in diff]))
+    return jax.jit(both)(*a)
   want, want_grads = run(*args)
   assert "scan" not in jaxpr()  # all of it fits one chunk
   per_block_row = n * plan_w.num_blocks * plan_h.block * plan_w.block * plan_h.window * plan_w.window

@@ -88,4 +88,5 @@ def test_bench_quick_prints_ratios():
   assert rows[0]["gflops_per_s"] > 0
   for r in rows[1:3]:
     assert r["vs_conv"] > 0 and r["vs_reference"] > 0 and r["temp_mb"] >= 0
+    assert r["grad_error_vs_reference"] < 1e-3
   assert rows[3]["vs_baseline"] == 1.0 and rows[4]["vs_baseline"] > 0

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sasa_jax.ops.chunks import fewest_chunks, map_batch_chunks
+from sasa_jax.ops.chunks import fewest_chunks
 
 # Finite, so that padded query rows that see no key get a harmless uniform softmax
 # instead of NaN (they are cropped away); exp(_MASKED - max) is exactly 0 in float32.
@@ -119,15 +119,6 @@ def _axis_mask(plan: AxisPlan, start: int = 0, size: int | None = None):
   return (np.abs(dy) <= plan.radius) & (key >= 0) & (key < (plan.size if size is None else size))
 
 
-def _axis_embedding(rel, plan: AxisPlan):
-  """[block, window, d/2]: rel[dy + r] for query y and key u (zeros outside the window)."""
-  y = np.arange(plan.block)[:, None]
-  u = np.arange(plan.window)[None, :]
-  idx = u - plan.offset - y + plan.radius
-  inside = (idx >= 0) & (idx < rel.shape[0])
-  return jnp.where(inside[..., None], rel[np.clip(idx, 0, rel.shape[0] - 1)], 0)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Layout:
   """Static shapes of one call: image (or strip of rows), heads and the two axis plans.
@@ -188,29 +179,55 @@ def _mask_terms(mask_h, lay: _Layout, acc):
   return rows, cols
 
 
-def _logits(qb, kw, emb_h, emb_w, mask_h, lay: _Layout, acc):
-  """Masked logits [B, nbh, nbw, N, nq, nk] in `acc` (float32 or wider): keys outside a
-  query's window or the image get about _MASKED (twice it where both axes are out)."""
+def _skew(t, plan: AxisPlan, axis: int):
+  """Relative offsets to window positions: t [..., block (at `axis`), ..., 2r + 1] holds a
+  term per query and offset dy + r; returns [..., block, ..., window] whose entry u of query
+  y is t[u - offset - y + r] (0 where that offset is outside the kernel)."""
+  k, r = 2 * plan.radius + 1, plan.radius
+  lo = max(0, plan.block - 1 + plan.offset - r)
+  hi = max(0, plan.window - plan.offset + r - k)
+  t = jnp.pad(t, [(0, 0)] * (t.ndim - 1) + [(lo, hi)])
+  rows = [jax.lax.slice_in_dim(t, y, y + 1, axis=axis) for y in range(plan.block)]
+  return jnp.concatenate([jax.lax.slice_in_dim(row, r - plan.offset - y + lo,
+                                               r - plan.offset - y + lo + plan.window, axis=-1)
+                          for y, row in enumerate(rows)], axis=axis)
+
+
+def _terms(qb, rel_h, rel_w, mask_h, lay: _Layout, acc):
+  """Row and column terms of every query's logits [B, nbh, nbw, N, nq, wh + ww] in `acc`:
+  the mask (0 / _MASKED) plus, with rel_h, the relative-position logits (q's first d/2
+  channels . rel_h of the key row's offset; last d/2 . rel_w of the key column's)."""
   ph, pw, d = lay.ph, lay.pw, lay.d
-  shape = lay.lead + (ph.block, pw.block, ph.window, pw.window)
   rows, cols = _mask_terms(mask_h, lay, acc)
-  if emb_h is not None:
-    # Products summed over d/2 channels, fused: as batched dots (the block position is a
-    # batch dimension of both operands) they ran ~1.3x slower in the whole op on XLA:CPU.
-    q5 = qb.reshape(lay.lead + (ph.block, pw.block, 1, d)).astype(acc)
-    rows = rows + jnp.sum(q5[..., : d // 2] * emb_h[:, None].astype(acc), axis=-1)
-    cols = cols + jnp.sum(q5[..., d // 2:] * emb_w[None].astype(acc), axis=-1)
-  logits = rows[..., :, None] + cols[..., None, :]  # [..., bh, bw, wh, ww]
+  shape = lay.lead + (ph.block, pw.block)
+  if rel_h is not None:
+    # Every offset's term by one plain GEMM (no batch dimensions), then skewed to windows.
+    zeros = jnp.zeros((d // 2, 2 * ph.radius + 1), rel_h.dtype)
+    table = jnp.block([[rel_h.T, zeros], [zeros, rel_w.T]]).astype(qb.dtype)  # [d, 2k]
+    t = jnp.einsum("...c,cj->...j", qb.reshape(shape + (d,)), table, preferred_element_type=acc)
+    rows = rows + _skew(t[..., :2 * ph.radius + 1], ph, axis=-3)
+    cols = cols + _skew(t[..., 2 * ph.radius + 1:], pw, axis=-2)
+  rows, cols = (jnp.broadcast_to(x, shape + x.shape[-1:]) for x in (rows, cols))
+  return jnp.concatenate([rows, cols], axis=-1).reshape(lay.lead + (lay.nq, -1))
+
+
+def _spread(lay: _Layout, dtype):
+  """[wh + ww, wh * ww] 0/1: row term u and column term v go to key (u, v)."""
+  u, v = np.divmod(np.arange(lay.nk), lay.pw.window)
+  return jnp.asarray(np.concatenate([u[None, :] == np.arange(lay.ph.window)[:, None],
+                                     v[None, :] == np.arange(lay.pw.window)[:, None]]), dtype)
+
+
+def _logits(qb, kw, terms, lay: _Layout, acc):
+  """Masked logits [B, nbh, nbw, N, nq, nk] in `acc` (float32 or wider): keys outside a
+  query's window or the image get about _MASKED (twice it where both axes are out).
+  The row and column terms enter as a matmul with the 0/1 _spread matrix: XLA:CPU fuses
+  that into the softmax where a broadcast add of the terms (or the terms' products summed
+  in place) ran slower, and where the latter was miscompiled by XLA 0.10's YNN fusions."""
+  logits = jnp.einsum("...j,jk->...k", terms, _spread(lay, acc), preferred_element_type=acc)
   if kw is not None:
-    logits = logits + jnp.einsum("...qd,...dk->...qk", qb, kw,
-                                 preferred_element_type=acc).reshape(shape)
-  return jnp.broadcast_to(logits, shape).reshape(lay.lead + (lay.nq, lay.nk))
-
-
-def _embeddings(rel_h, rel_w, lay: _Layout, dtype):
-  if rel_h is None:
-    return None, None
-  return (_axis_embedding(rel_h.astype(dtype), lay.ph), _axis_embedding(rel_w.astype(dtype), lay.pw))
+    logits = logits + jnp.einsum("...qd,...dk->...qk", qb, kw, preferred_element_type=acc)
+  return logits
 
 
 def _forward(q, k, v, rel_h, rel_w, mask_h, lay: _Layout):
@@ -218,7 +235,7 @@ def _forward(q, k, v, rel_h, rel_w, mask_h, lay: _Layout):
   acc = jnp.promote_types(q.dtype, jnp.float32)
   qb = _to_blocks(q, lay)
   kw = None if k is None else _to_windows(k, lay, keys_last=True)
-  logits = _logits(qb, kw, *_embeddings(rel_h, rel_w, lay, q.dtype), mask_h, lay, acc)
+  logits = _logits(qb, kw, _terms(qb, rel_h, rel_w, mask_h, lay, acc), lay, acc)
   # One exponential per logit: normalise the [nq, d] output, not the [nq, nk] weights.
   top = jnp.max(logits, axis=-1, keepdims=True)
   weights = jnp.exp(logits - top)
@@ -228,21 +245,10 @@ def _forward(q, k, v, rel_h, rel_w, mask_h, lay: _Layout):
   return _from_blocks(out, lay).astype(q.dtype), (top + jnp.log(total))[..., 0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, rel_h, rel_w, mask_h, lay):
-  return _forward(q, k, v, rel_h, rel_w, mask_h, lay)[0]
-
-
-def _attention_fwd(q, k, v, rel_h, rel_w, mask_h, lay):
-  out, lse = _forward(q, k, v, rel_h, rel_w, mask_h, lay)
-  return out, (q, k, v, rel_h, rel_w, mask_h, out, lse)  # no k x k tensor is kept
-
-
-def _attention_bwd(lay, residuals, g):
-  """Flash-attention-style backward: recompute probabilities from the saved log-sum-exp."""
-  q, k, v, rel_h, rel_w, mask_h, out, lse = residuals
+def _backward(q, k, v, rel_h, rel_w, mask_h, out, lse, g, lay: _Layout):
+  """Flash-attention-style backward of one chunk, (dq, dk, dv, drel_h, drel_w) with the
+  rel gradients in float32: probabilities recomputed from the saved log-sum-exp."""
   acc = jnp.promote_types(q.dtype, jnp.float32)
-  d = lay.d
   qb, q_vjp = jax.vjp(lambda x: _to_blocks(x, lay), q)
   # Windows with keys last ([..., d, nk]) and queries transposed ([..., d, nq], small) keep
   # every product below in the layout XLA's batched dot is fastest at (2-3x on XLA:CPU).
@@ -251,10 +257,8 @@ def _attention_bwd(lay, residuals, g):
   kw = k_vjp = None
   if k is not None:
     kw, k_vjp = jax.vjp(lambda x: _to_windows(x, lay, True), k)
-  emb_h = emb_w = None
-  if rel_h is not None:
-    (emb_h, emb_w), emb_vjp = jax.vjp(lambda a, b: _embeddings(a, b, lay, q.dtype), rel_h, rel_w)
-  probs = jnp.exp(_logits(qb, kw, emb_h, emb_w, mask_h, lay, acc) - lse[..., None])
+  terms, terms_vjp = jax.vjp(lambda x, a, b: _terms(x, a, b, mask_h, lay, acc), qb, rel_h, rel_w)
+  probs = jnp.exp(_logits(qb, kw, terms, lay, acc) - lse[..., None])
   gb = _to_blocks(g, lay)
   gbt = jnp.swapaxes(gb, -1, -2)
   delta = jnp.sum(gb.astype(acc) * _to_blocks(out, lay).astype(acc), axis=-1, keepdims=True)
@@ -263,33 +267,136 @@ def _attention_bwd(lay, residuals, g):
   dv = v_vjp(jnp.einsum("...dq,...qk->...dk", gbt, probs.astype(v.dtype),
                         preferred_element_type=acc).astype(v.dtype))[0]
   dqb = jnp.zeros(qb.shape, acc)
-  dk = None
+  dk = drel_h = drel_w = None
   if k is not None:
     dqb += jnp.einsum("...qk,...dk->...qd", dlogits, kw, preferred_element_type=acc)
     dk = k_vjp(jnp.einsum("...dq,...qk->...dk", qbt, dlogits,
                           preferred_element_type=acc).astype(k.dtype))[0]
-  drel_h = drel_w = None
   if rel_h is not None:
-    ph, pw = lay.ph, lay.pw
-    # dlogits summed over key columns (rows) and over key rows (cols) in one pass, as a
-    # matmul with a 0/1 [wh * ww, wh + ww] matrix: ~1.3x faster than two reductions.
-    u, v_ = np.divmod(np.arange(lay.nk), pw.window)
-    sums = np.concatenate([u[:, None] == np.arange(ph.window),
-                           v_[:, None] == np.arange(pw.window)], axis=1)
-    rc = jnp.einsum("...k,kj->...j", dlogits, sums.astype(dlogits.dtype),
-                    preferred_element_type=acc)
-    rc = rc.reshape(lay.lead + (ph.block, pw.block, ph.window + pw.window))
-    rows, cols = rc[..., :ph.window], rc[..., ph.window:]
-    q5 = qb.reshape(lay.lead + (ph.block, pw.block, d))
-    dq5 = jnp.concatenate([
-        jnp.einsum("...yxu,yuc->...yxc", rows, emb_h.astype(acc)),
-        jnp.einsum("...yxv,xvc->...yxc", cols, emb_w.astype(acc))], axis=-1)
-    dqb += dq5.reshape(dqb.shape)
-    demb_h = jnp.einsum("...yxu,...yxc->yuc", rows, q5[..., : d // 2].astype(acc))
-    demb_w = jnp.einsum("...yxv,...yxc->xvc", cols, q5[..., d // 2:].astype(acc))
-    drel_h, drel_w = emb_vjp((demb_h.astype(q.dtype), demb_w.astype(q.dtype)))
+    dterms = jnp.einsum("...k,jk->...j", dlogits, _spread(lay, dlogits.dtype),
+                        preferred_element_type=acc)
+    dq_pos, drel_h, drel_w = terms_vjp(dterms)
+    dqb += dq_pos
   dq = q_vjp(dqb.astype(q.dtype))[0]
-  return dq, dk, dv, drel_h, drel_w, None
+  return dq, dk, dv, drel_h, drel_w
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunks:
+  """The batch cut into `count` sequential chunks: `images` images at a time, each image in
+  `strips` horizontal strips of `height` query rows whose keys carry `halo` rows of the
+  image (or zeros) above and below."""
+  images: int
+  groups: int
+  strips: int
+  height: int
+  halo: int
+
+  @property
+  def count(self):
+    return self.groups * self.strips
+
+  def start(self, i):
+    """(first image, first query row) of chunk i."""
+    return (i // self.strips) * self.images, (i % self.strips) * self.height
+
+
+def _pad_rows(x, before: int, after: int):
+  if x is None or before == after == 0:
+    return x
+  return jnp.pad(x, ((0, 0), (before, after), (0, 0), (0, 0)))
+
+
+def _cut(x, i, rows: int, ch: _Chunks):
+  """Chunk i of x [B, rows_total, W, C]: [images, rows, W, C] from its strip's first row."""
+  if x is None:
+    return None
+  b, y = ch.start(i)
+  return jax.lax.dynamic_slice(x, (b, y, 0, 0), (ch.images, rows) + x.shape[2:])
+
+
+def _paste(x, part, i, ch: _Chunks, add: bool = False):
+  """x with chunk i's rows set to (or, with add, increased by) part."""
+  if x is None:
+    return None
+  b, y = ch.start(i)
+  if add:
+    part = part + jax.lax.dynamic_slice(x, (b, y, 0, 0), part.shape)
+  return jax.lax.dynamic_update_slice(x, part.astype(x.dtype), (b, y, 0, 0))
+
+
+def _each_chunk(body, init, ch: _Chunks):
+  """init threaded through body(i, carry) for every chunk i, in a loop when there are several."""
+  if ch.count == 1:
+    return body(0, init)
+  return jax.lax.fori_loop(0, ch.count, body, init)
+
+
+def _mask(masks, i, ch: _Chunks):
+  """Chunk i's rows mask [images, nbh, bh, wh] from the masks of each strip [strips, ...]."""
+  m = masks[0] if ch.strips == 1 else masks[i % ch.strips]
+  return jnp.broadcast_to(m, (ch.images,) + m.shape)
+
+
+def _run_forward(q, k, v, rel_h, rel_w, masks, lay: _Layout, ch: _Chunks):
+  """(padded q, k, v; padded output [B, strips * height, W, C]; lse [count, *lead, nq]).
+  Keys and values carry ch.halo zero rows above and below; q and the output are padded
+  at the bottom to whole strips."""
+  h = q.shape[1]
+  rows = ch.strips * ch.height
+  qp = _pad_rows(q, 0, rows - h)
+  kp, vp = (_pad_rows(x, ch.halo, rows - h + ch.halo) for x in (k, v))
+  keys = ch.height + 2 * ch.halo
+
+  def body(i, carry):
+    out, lse = carry
+    o, l = _forward(_cut(qp, i, ch.height, ch), _cut(kp, i, keys, ch), _cut(vp, i, keys, ch),
+                    rel_h, rel_w, _mask(masks, i, ch), lay)
+    return _paste(out, o, i, ch), jax.lax.dynamic_update_index_in_dim(lse, l, i, 0)
+
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  init = (jnp.zeros(qp.shape, q.dtype), jnp.zeros((ch.count,) + lay.lead + (lay.nq,), acc))
+  out, lse = _each_chunk(body, init, ch)
+  return (qp, kp, vp), out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _attention(q, k, v, rel_h, rel_w, masks, lay, ch):
+  return _run_forward(q, k, v, rel_h, rel_w, masks, lay, ch)[1][:, :q.shape[1]]
+
+
+def _attention_fwd(q, k, v, rel_h, rel_w, masks, lay, ch):
+  padded, out, lse = _run_forward(q, k, v, rel_h, rel_w, masks, lay, ch)
+  # Residuals: the (padded) inputs, output and one float per query and head; no k x k tensor.
+  return out[:, :q.shape[1]], (padded, rel_h, rel_w, masks, out, lse)
+
+
+def _attention_bwd(lay, ch, residuals, g):
+  """Each chunk's backward in turn: dq written in place, dk and dv (whose halos overlap the
+  neighbouring strips') accumulated in place, rel gradients summed."""
+  (qp, kp, vp), rel_h, rel_w, masks, out, lse = residuals
+  h = g.shape[1]
+  gp = _pad_rows(g, 0, qp.shape[1] - h)
+  keys = ch.height + 2 * ch.halo
+  zeros = lambda x, dtype=None: None if x is None else jnp.zeros(x.shape, dtype or x.dtype)
+  acc = jnp.promote_types(qp.dtype, jnp.float32)
+
+  def body(i, carry):
+    dq, dk, dv, drel_h, drel_w = carry
+    grads = _backward(_cut(qp, i, ch.height, ch), _cut(kp, i, keys, ch), _cut(vp, i, keys, ch),
+                      rel_h, rel_w, _mask(masks, i, ch), _cut(out, i, ch.height, ch),
+                      jax.lax.dynamic_index_in_dim(lse, i, 0, keepdims=False),
+                      _cut(gp, i, ch.height, ch), lay)
+    if drel_h is not None:
+      drel_h, drel_w = drel_h + grads[3], drel_w + grads[4]
+    return (_paste(dq, grads[0], i, ch), _paste(dk, grads[1], i, ch, add=True),
+            _paste(dv, grads[2], i, ch, add=True), drel_h, drel_w)
+
+  dq, dk, dv, drel_h, drel_w = _each_chunk(
+      body, (zeros(qp), zeros(kp), zeros(vp), zeros(rel_h, acc), zeros(rel_w, acc)), ch)
+  crop = lambda x: None if x is None else x[:, ch.halo:ch.halo + h]
+  cast = lambda x, like: None if x is None else x.astype(like.dtype)
+  return (dq[:, :h], crop(dk), crop(dv), cast(drel_h, rel_h), cast(drel_w, rel_w), None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -327,27 +434,19 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
   limit = CHUNK_LOGITS if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK_LOGITS
   rows = strip_rows(plan_h, per_block_row, limit)
   if rows == plan_h.num_blocks:  # whole images, as many per chunk as fit
-    strips, keys_padded, inner_h = 1, False, plan_h
-    q_s, k_s, v_s = q, k, v
-    image_mask = _axis_mask(plan_h)  # [nbh, bh, wh]
-    mask_h = np.broadcast_to(image_mask, (bsz,) + image_mask.shape)
-    chunks = fewest_chunks(bsz, plan_h.num_blocks * per_block_row, limit)
-  else:  # one strip per chunk
+    groups = fewest_chunks(bsz, plan_h.num_blocks * per_block_row, limit)
+    ch = _Chunks(bsz // groups, groups, 1, h, 0)
+    inner_h, keys_padded = plan_h, False
+    masks = _axis_mask(plan_h)[None]
+  else:  # one strip of one image per chunk
     height = rows * plan_h.block
-    strips, keys_padded = -(-plan_h.num_blocks // rows), True
+    ch = _Chunks(1, bsz, -(-plan_h.num_blocks // rows), height, r)
     inner_h = AxisPlan(height, r, plan_h.block, rows, plan_h.window, plan_h.offset)
-    strip_plan = AxisPlan(h, r, height, strips, height + 2 * r, r)
-    flat = lambda x: x.reshape((bsz * strips,) + x.shape[2:])  # [B, strips, ...] -> [B * strips, ...]
-    q_s = flat(_query_blocks(q, 1, strip_plan))  # [B * strips, height, W, C]
-    k_s, v_s = (None if x is None else flat(_windows(x, 1, strip_plan)) for x in (k, v))
-    mask_h = np.stack([_axis_mask(inner_h, start=g * height, size=h) for g in range(strips)])
-    mask_h = flat(np.broadcast_to(mask_h, (bsz,) + mask_h.shape))
-    chunks = bsz * strips
-  lay = _Layout((bsz * strips) // chunks, inner_h.size, w, num_heads, c // num_heads, inner_h,
-                plan_w, keys_padded)
-  out = map_batch_chunks(lambda q_, k_, v_, m_: _attention(q_, k_, v_, rel_h, rel_w, m_, lay),
-                         (q_s, k_s, v_s, jnp.asarray(mask_h)), chunks)
-  return out.reshape(bsz, strips * inner_h.size, w, c)[:, :h]
+    keys_padded = True
+    masks = np.stack([_axis_mask(inner_h, start=s * height, size=h) for s in range(ch.strips)])
+  lay = _Layout(ch.images, inner_h.size, w, num_heads, c // num_heads, inner_h, plan_w,
+                keys_padded)
+  return _attention(q, k, v, rel_h, rel_w, jnp.asarray(masks), lay, ch)
 
 
 # Logits per sequential chunk (float32): one chunk's logits and probabilities stay in a

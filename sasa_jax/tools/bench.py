@@ -10,6 +10,8 @@
 (c) achieved GFLOP/s next to a measured dense-matmul GFLOP/s of this machine.
 Times are medians of --repeats runs after compilation; memory is XLA's compiled
 temporary allocation (memory_analysis().temp_size_in_bytes). All ratios come from one run.
+The benchmarked programs' gradients are checked against the reference implementation's;
+the command fails if they disagree.
 """
 import argparse
 import functools
@@ -26,21 +28,40 @@ from sasa_jax.models import create_resnet
 from sasa_jax.ops import local_attention
 from sasa_jax.tools.flops import count_flops
 
+# Largest relative gradient difference from the reference that counts as agreement.
+GRAD_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]  # ResNet-50 groups 1-4: (H = W, width)
+
+
+def compiled(fn, *args):
+  """(run, temp bytes, output) of jit(fn) on args, compiled and run once: run() times one
+  more call in seconds."""
+  exe = jax.jit(fn).lower(*args).compile()
+  mem = exe.memory_analysis()
+  temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
+  out = jax.block_until_ready(exe(*args))
+
+  def run():
+    t = time.perf_counter()
+    jax.block_until_ready(exe(*args))
+    return time.perf_counter() - t
+  return run, temp, out
+
+
+def medians(runs, repeats):
+  """Median seconds of each of `runs`, their calls interleaved so that the load of a shared
+  machine, which drifts over seconds, weighs on every program of a ratio alike."""
+  times = [[] for _ in runs]
+  for _ in range(repeats):
+    for t, run in zip(times, runs):
+      t.append(run())
+  return [statistics.median(t) for t in times]
 
 
 def timed(fn, *args, repeats=5):
   """(median seconds, temp bytes) of a jitted fn; compiles once first."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  mem = compiled.memory_analysis()
-  temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times), temp
+  run, temp, _ = compiled(fn, *args)
+  return medians([run], repeats)[0], temp
 
 
 def matmul_gflops(n=2048, dtype=jnp.float32):
@@ -68,13 +89,14 @@ def op_case(size, width, batch, kernel_size, heads, impl, dtype, repeats):
 
   attn = jax.grad(attn_loss, argnums=range(5))
   conv = jax.grad(conv_loss, argnums=(0, 1))
-  t_attn, m_attn = timed(attn, q, k, v, rel, rel, repeats=repeats)
-  t_conv, m_conv = timed(conv, x, w, repeats=repeats)
+  run_attn, m_attn, grads = compiled(attn, q, k, v, rel, rel)
+  run_conv, m_conv, _ = compiled(conv, x, w)
+  t_attn, t_conv = medians([run_attn, run_conv], repeats)
   # Algorithmic fwd FLOPS of the op (reference count), x3 for fwd+bwd.
   flops = 3 * count_flops(lambda *a: local_attention(*a, kernel_size=kernel_size,
                                                       num_heads=heads, impl="reference"),
                           q, k, v, rel, rel)
-  return dict(t_attn=t_attn, m_attn=m_attn, t_conv=t_conv, m_conv=m_conv,
+  return dict(t_attn=t_attn, m_attn=m_attn, t_conv=t_conv, m_conv=m_conv, grads=grads,
               attn_gflops_per_s=flops / t_attn / 1e9,
               conv_gflops_per_s=3 * 2 * batch * size * size * 9 * width * width / t_conv / 1e9)
 
@@ -85,6 +107,7 @@ def bench_ops(args):
     fast = op_case(size, width, args.batch, args.kernel_size, args.heads, args.impl,
                    args.dtype, args.repeats)
     row = {"kind": "op", "shape": f"{args.batch}x{size}x{size}x{width}", "impl": args.impl,
+           "dtype": str(args.dtype),
            "ms": 1e3 * fast["t_attn"], "conv_ms": 1e3 * fast["t_conv"],
            "vs_conv": fast["t_attn"] / fast["t_conv"],
            "temp_mb": fast["m_attn"] / 2**20, "conv_temp_mb": fast["m_conv"] / 2**20,
@@ -96,11 +119,17 @@ def bench_ops(args):
       row["reference_ms"] = 1e3 * ref["t_attn"]
       row["vs_reference"] = fast["t_attn"] / ref["t_attn"]
       row["reference_temp_mb"] = ref["m_attn"] / 2**20
+      # The timed programs' own gradients, compiled as benchmarked: a fast wrong op is no result.
+      row["grad_error_vs_reference"] = max(
+          float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                / jnp.max(jnp.abs(b.astype(jnp.float32))))
+          for a, b in zip(fast["grads"], ref["grads"]))
     rows.append(row)
     yield row
 
 
-def train_step_case(variant, depth, batch, image_size, impl, repeats, dtype="float32"):
+def train_step_case(variant, depth, batch, image_size, impl, dtype="float32"):
+  """(run, temp bytes, compile seconds) of one SGD training step of a ResNet variant."""
   model = create_resnet(depth, variant, impl=impl, dtype=jnp.dtype(dtype).name)
   x = jnp.zeros((batch, image_size, image_size, 3))
   labels = jnp.zeros((batch,), jnp.int32)
@@ -118,22 +147,23 @@ def train_step_case(variant, depth, batch, image_size, impl, repeats, dtype="flo
     return optax.apply_updates(params, updates), upd["batch_stats"], opt_state, loss
 
   t0 = time.perf_counter()
-  sec, mem = timed(step, variables["params"], variables["batch_stats"], opt_state, x, labels,
-                   repeats=repeats)
-  return sec, mem, time.perf_counter() - t0
+  run, mem, _ = compiled(step, variables["params"], variables["batch_stats"], opt_state, x,
+                         labels)
+  return run, mem, time.perf_counter() - t0
 
 
 def bench_models(args):
-  base = None
-  for variant in ("baseline", "conv_stem_attention", "full_attention"):
-    sec, mem, wall = train_step_case(variant, args.depth, args.model_batch, args.image_size,
-                                     args.impl, args.model_repeats, args.dtype)
-    base = base or (sec, mem)
+  variants = ("baseline", "conv_stem_attention", "full_attention")
+  cases = [train_step_case(v, args.depth, args.model_batch, args.image_size, args.impl,
+                           args.dtype) for v in variants]
+  secs = medians([run for run, _, _ in cases], args.model_repeats)
+  base_sec, base_mem = secs[0], cases[0][1]
+  for variant, sec, (_, mem, compile_s) in zip(variants, secs, cases):
     yield {"kind": "train_step", "model": f"ResNet-{args.depth} {variant}",
            "batch": args.model_batch, "image_size": args.image_size, "impl": args.impl,
            "dtype": str(args.dtype),
-           "ms": 1e3 * sec, "temp_mb": mem / 2**20, "vs_baseline": sec / base[0],
-           "temp_vs_baseline": mem / max(base[1], 1), "compile_and_run_s": wall}
+           "ms": 1e3 * sec, "temp_mb": mem / 2**20, "vs_baseline": sec / base_sec,
+           "temp_vs_baseline": mem / max(base_mem, 1), "compile_s": compile_s}
 
 
 def fmt(row):
@@ -145,6 +175,9 @@ def fmt(row):
     if "vs_reference" in row:
       s += (f"; {1 / row['vs_reference']:.1f}x faster than reference "
             f"({row['reference_ms']:.0f} ms, {row['reference_temp_mb']:.0f} MB)")
+      err = row["grad_error_vs_reference"]
+      s += (f"; grads match it to {err:.0e}" if err <= GRAD_TOLERANCE[row["dtype"]] else
+            f"; WRONG: grads differ from it by {err:.2g} (relative)")
     return s
   if row["kind"] == "train_step":
     return (f"train step {row['model']:32s} batch {row['batch']} @ {row['image_size']}px: "
@@ -160,11 +193,11 @@ def main(argv=None):
   p.add_argument("--kernel-size", type=int, default=7)
   p.add_argument("--heads", type=int, default=8)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--depth", type=int, default=50)
   p.add_argument("--model-batch", type=int, default=4)
   p.add_argument("--image-size", type=int, default=224)
-  p.add_argument("--model-repeats", type=int, default=3)
+  p.add_argument("--model-repeats", type=int, default=5)
   p.add_argument("--skip-reference", action="store_true")
   p.add_argument("--skip-models", action="store_true")
   p.add_argument("--skip-ops", action="store_true")
@@ -183,12 +216,17 @@ def main(argv=None):
 
   emit({"kind": "matmul", "backend": jax.default_backend(), "dtype": str(args.dtype),
         "gflops_per_s": matmul_gflops(dtype=args.dtype)})
+  wrong = []
   if not args.skip_ops:
     for row in bench_ops(args):
       emit(row)
+      if row.get("grad_error_vs_reference", 0) > GRAD_TOLERANCE[row["dtype"]]:
+        wrong.append(row["shape"])
   if not args.skip_models:
     for row in bench_models(args):
       emit(row)
+  if wrong:
+    raise SystemExit(f"impl={args.impl} computed wrong gradients at {', '.join(wrong)}")
 
 
 if __name__ == "__main__":
