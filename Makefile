@@ -33,9 +33,9 @@ test: install
 demo: install
 	$(PY) -m sasa_jax.tools.demo --workdir=runs/demo $(if $(FRESH),--fresh,)
 
-# The paper's Tables 1, 4, 5 at small scale: runs/tables/report.md and plots.
+# The paper's Tables 1, 4, 5 at small scale: runs/tables/report.md and plots (FRESH=1 retrains).
 tables: install
-	$(PY) -m sasa_jax.tools.tables --outdir=runs/tables
+	$(PY) -m sasa_jax.tools.tables --outdir=runs/tables $(if $(FRESH),--fresh,)
 
 # Speed and memory of the attention op and of training steps against convolution.
 bench: install

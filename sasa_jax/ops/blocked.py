@@ -9,8 +9,12 @@ dimension the halo is dropped: every key outside the image is masked anyway.
 
 Windows are cut with a constant number of reshapes and concatenations whatever the
 image size, so the compiled program stays small (one slice per window offset would
-unroll k^2 copies per layer). The work runs in sequential cache-sized chunks: groups of
-whole images, or horizontal strips of block rows whose keys carry an r-row halo.
+unroll k^2 copies per layer). The relative-position logits are one small GEMM per query
+(q . rel for each of the 2k offsets), skewed to window positions; they enter the logits
+together with the separable mask as a matmul with a 0/1 "spread" matrix, which XLA fuses
+with the softmax. The work runs in sequential cache-sized chunks, one loop for the forward
+and one for the backward: groups of whole images, or horizontal strips of block rows whose
+keys carry an r-row halo.
 """
 import dataclasses
 import functools
@@ -422,8 +426,9 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
 
   The work runs in sequential chunks of whole images or, when one image's logits exceed
   CHUNK_LOGITS, of horizontal strips of query-block rows whose keys and values carry a
-  halo of r rows: each chunk is cut, attended and (in the backward) scattered back while
-  it is in cache, which bounds the op's temporary memory too.
+  halo of r rows: each chunk is sliced from the (once padded) inputs, attended and, in the
+  backward, its gradients written (dk, dv: added) in place while it is in cache, which
+  bounds the op's temporary memory too.
   """
   bsz, h, w, c = q.shape
   r = kernel_size // 2

@@ -1,16 +1,19 @@
 """The paper's Tables 1, 4 and 5 at small scale, on real Fashion-MNIST.
 
   python -m sasa_jax.tools.tables [--outdir runs/tables] [--seeds 2] [--epochs 1] [--quick]
+                                 [--fresh]
 
 Trains, with identical budgets and seeds, ResNet-26 baseline / conv-stem + attention /
 full attention (Table 1), conv-stem + attention with k = 3, 5, 7 (Table 4) and with
 positional encoding none / absolute / relative (Table 5); shared rows are trained
 once. Writes OUTDIR/report.md (our accuracy, parameters and FLOPS at 28 px next to the
 paper's ImageNet numbers) and PNG plots. --quick: a few steps on a few hundred images,
-for tests. Runs already finished in OUTDIR are reused (each run resumes by itself).
+for tests. Runs already finished in OUTDIR are reused (each run resumes by itself);
+--fresh deletes them first (after a change to the code they were trained with).
 """
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -86,6 +89,8 @@ def train_all(args) -> dict:
       workdir = os.path.join(args.outdir, f"{name}_seed{seed}")
       config = run_config(name, seed, args)
       t0 = time.time()
+      if args.fresh and os.path.exists(workdir):
+        shutil.rmtree(workdir)
       train.train_and_evaluate(config, workdir)
       print(f"[tables] {name} seed {seed}: test accuracy "
             f"{final(read_metrics(workdir), 'eval/accuracy'):.4f} ({time.time() - t0:.0f} s)",
@@ -185,6 +190,7 @@ def main(argv=None):
   parser.add_argument("--epochs", type=float, default=1.0)
   parser.add_argument("--data-dir", default=None, help="TFDS data_dir (default: TFDS's)")
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--fresh", action="store_true", help="retrain runs already in OUTDIR")
   args = parser.parse_args(argv)
   from sasa_jax.logs import quiet_orbax
   from absl import logging
