@@ -206,11 +206,12 @@ def _terms(qb, rel_h, rel_w, mask_h, lay: _Layout, acc):
   shape = lay.lead + (ph.block, pw.block)
   if rel_h is not None:
     # Every offset's term by one plain GEMM (no batch dimensions), then skewed to windows.
-    zeros = jnp.zeros((d // 2, 2 * ph.radius + 1), rel_h.dtype)
+    k = rel_h.shape[0]  # kernel_size
+    zeros = jnp.zeros((d // 2, k), rel_h.dtype)
     table = jnp.block([[rel_h.T, zeros], [zeros, rel_w.T]]).astype(qb.dtype)  # [d, 2k]
     t = jnp.einsum("...c,cj->...j", qb.reshape(shape + (d,)), table, preferred_element_type=acc)
-    rows = rows + _skew(t[..., :2 * ph.radius + 1], ph, axis=-3)
-    cols = cols + _skew(t[..., 2 * ph.radius + 1:], pw, axis=-2)
+    rows = rows + _skew(t[..., :k], ph, axis=-3)
+    cols = cols + _skew(t[..., k:], pw, axis=-2)
   rows, cols = (jnp.broadcast_to(x, shape + x.shape[-1:]) for x in (rows, cols))
   return jnp.concatenate([rows, cols], axis=-1).reshape(lay.lead + (lay.nq, -1))
 
@@ -250,8 +251,8 @@ def _forward(q, k, v, rel_h, rel_w, mask_h, lay: _Layout):
 
 
 def _backward(q, k, v, rel_h, rel_w, mask_h, out, lse, g, lay: _Layout):
-  """Flash-attention-style backward of one chunk, (dq, dk, dv, drel_h, drel_w) with the
-  rel gradients in float32: probabilities recomputed from the saved log-sum-exp."""
+  """Flash-attention-style backward of one chunk, (dq, dk, dv, drel_h, drel_w), each in
+  its input's dtype: probabilities recomputed from the saved log-sum-exp."""
   acc = jnp.promote_types(q.dtype, jnp.float32)
   qb, q_vjp = jax.vjp(lambda x: _to_blocks(x, lay), q)
   # Windows with keys last ([..., d, nk]) and queries transposed ([..., d, nq], small) keep
@@ -300,6 +301,14 @@ class _Chunks:
   def count(self):
     return self.groups * self.strips
 
+  @property
+  def query_rows(self):  # of the padded images: every strip whole
+    return self.strips * self.height
+
+  @property
+  def key_rows(self):  # of one chunk's keys and values
+    return self.height + 2 * self.halo
+
   def start(self, i):
     """(first image, first query row) of chunk i."""
     return (i // self.strips) * self.images, (i % self.strips) * self.height
@@ -347,15 +356,13 @@ def _run_forward(q, k, v, rel_h, rel_w, masks, lay: _Layout, ch: _Chunks):
   Keys and values carry ch.halo zero rows above and below; q and the output are padded
   at the bottom to whole strips."""
   h = q.shape[1]
-  rows = ch.strips * ch.height
-  qp = _pad_rows(q, 0, rows - h)
-  kp, vp = (_pad_rows(x, ch.halo, rows - h + ch.halo) for x in (k, v))
-  keys = ch.height + 2 * ch.halo
+  qp = _pad_rows(q, 0, ch.query_rows - h)
+  kp, vp = (_pad_rows(x, ch.halo, ch.query_rows - h + ch.halo) for x in (k, v))
 
   def body(i, carry):
     out, lse = carry
-    o, l = _forward(_cut(qp, i, ch.height, ch), _cut(kp, i, keys, ch), _cut(vp, i, keys, ch),
-                    rel_h, rel_w, _mask(masks, i, ch), lay)
+    o, l = _forward(_cut(qp, i, ch.height, ch), _cut(kp, i, ch.key_rows, ch),
+                    _cut(vp, i, ch.key_rows, ch), rel_h, rel_w, _mask(masks, i, ch), lay)
     return _paste(out, o, i, ch), jax.lax.dynamic_update_index_in_dim(lse, l, i, 0)
 
   acc = jnp.promote_types(q.dtype, jnp.float32)
@@ -380,19 +387,20 @@ def _attention_bwd(lay, ch, residuals, g):
   neighbouring strips') accumulated in place, rel gradients summed."""
   (qp, kp, vp), rel_h, rel_w, masks, out, lse = residuals
   h = g.shape[1]
-  gp = _pad_rows(g, 0, qp.shape[1] - h)
-  keys = ch.height + 2 * ch.halo
-  zeros = lambda x, dtype=None: None if x is None else jnp.zeros(x.shape, dtype or x.dtype)
+  gp = _pad_rows(g, 0, ch.query_rows - h)
   acc = jnp.promote_types(qp.dtype, jnp.float32)
+  zeros = lambda x, dtype=None: None if x is None else jnp.zeros(
+      x.shape, x.dtype if dtype is None else dtype)
 
   def body(i, carry):
     dq, dk, dv, drel_h, drel_w = carry
-    grads = _backward(_cut(qp, i, ch.height, ch), _cut(kp, i, keys, ch), _cut(vp, i, keys, ch),
-                      rel_h, rel_w, _mask(masks, i, ch), _cut(out, i, ch.height, ch),
+    grads = _backward(_cut(qp, i, ch.height, ch), _cut(kp, i, ch.key_rows, ch),
+                      _cut(vp, i, ch.key_rows, ch), rel_h, rel_w, _mask(masks, i, ch),
+                      _cut(out, i, ch.height, ch),
                       jax.lax.dynamic_index_in_dim(lse, i, 0, keepdims=False),
                       _cut(gp, i, ch.height, ch), lay)
-    if drel_h is not None:
-      drel_h, drel_w = drel_h + grads[3], drel_w + grads[4]
+    if drel_h is not None:  # summed over chunks in float32
+      drel_h, drel_w = drel_h + grads[3].astype(acc), drel_w + grads[4].astype(acc)
     return (_paste(dq, grads[0], i, ch), _paste(dk, grads[1], i, ch, add=True),
             _paste(dv, grads[2], i, ch, add=True), drel_h, drel_w)
 
