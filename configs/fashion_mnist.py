@@ -50,4 +50,5 @@ def get_config(arg=None):
   config.seed = a["seed"]
   config.dtype = "float32"
   config.profile = False
+  config.compilation_cache_dir = ml_collections.config_dict.placeholder(str)  # None: WORKDIR/compilation_cache
   return config

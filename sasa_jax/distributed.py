@@ -1,39 +1,137 @@
 """Multi-process start-up: jax.distributed from the environment, before any device use.
 
-Explicit (any cluster, and launch/local.sh on loopback):
-  SASA_COORDINATOR_ADDRESS=host:port SASA_NUM_PROCESSES=N SASA_PROCESS_ID=i
-  [SASA_HEARTBEAT_TIMEOUT=seconds: how soon the others fail when one process dies]
-Automatic (jax's cluster detection): SLURM with more than one task, or a multi-worker
-TPU VM slice. A single process needs nothing.
-"""
-import os
+`plan_startup` decides, `initialize_from_env` acts:
 
-import jax
+| environment                                          | start-up                              |
+|------------------------------------------------------|---------------------------------------|
+| SASA_NUM_PROCESSES > 1 (+ SASA_COORDINATOR_ADDRESS,   | explicit `jax.distributed.initialize` |
+|   SASA_PROCESS_ID; launch/local.sh, any cluster)      |                                       |
+| SLURM job step with SLURM_NTASKS > 1                  | jax's SLURM detection; every GPU that |
+|                                                       | SLURM gave the task, not only one     |
+| GKE TPU: TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES | jax's GKE detection                   |
+|   listing several workers                             |                                       |
+| Cloud TPU VM (Google TPU chips on the PCI bus) whose  | jax's metadata-server detection       |
+|   metadata lists several worker-network-endpoints     |                                       |
+| anything else                                         | nothing: one process                  |
+
+SASA_HEARTBEAT_TIMEOUT (seconds, default 100): how soon the others fail when one process dies.
+Check a cluster with `python -m sasa_jax.distributed` on every host: it prints what it decided,
+the process index and count, and the local and global devices.
+"""
+import dataclasses
+import glob
+import os
+import urllib.error
+import urllib.request
+from typing import Callable, Mapping
+
 from absl import logging
 
-
-def _cluster_env() -> bool:
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    return True
-  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips
+METADATA_URL = "http://{host}/computeMetadata/v1/instance/attributes/{key}"
 
 
-def initialize_from_env() -> None:
-  """Calls jax.distributed.initialize when the environment describes several processes."""
-  num = int(os.environ.get("SASA_NUM_PROCESSES", "1"))
+@dataclasses.dataclass(frozen=True)
+class Startup:
+  """How this process joins the run: `kind` and the keyword arguments of initialize()."""
+  kind: str       # "single", "explicit", "slurm", "gke_tpu" or "tpu_vm"
+  kwargs: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def distributed(self) -> bool:
+    return self.kind != "single"
+
+
+def tpu_vm_metadata(key: str, environ: Mapping[str, str] = os.environ,
+                    timeout: float = 5.0) -> str | None:
+  """An attribute of this VM from the GCE metadata server (GCE_METADATA_IP overrides its
+  address, as in jax), or None when there is no such server or attribute."""
+  host = environ.get("GCE_METADATA_IP", "metadata.google.internal")
+  request = urllib.request.Request(METADATA_URL.format(host=host, key=key),
+                                   headers={"Metadata-Flavor": "Google"})
+  try:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+      return response.read().decode()
+  except (urllib.error.URLError, OSError):
+    return None
+
+
+def has_tpu_chips(sysfs: str = "/sys/bus/pci/devices") -> bool:
+  """Whether a Google TPU chip is on this host's PCI bus (what jax itself looks for)."""
+  for path in glob.glob(os.path.join(sysfs, "*", "vendor")):
+    with open(path) as f:
+      if f.read().strip() == GOOGLE_PCI_VENDOR:
+        return True
+  return False
+
+
+def _slurm_local_device_ids(environ) -> list[int] | None:
+  """Every GPU SLURM gave this task. jax's own SLURM detection passes [SLURM_LOCALID], which
+  with one task per node leaves all GPUs but the first idle."""
+  visible = environ.get("CUDA_VISIBLE_DEVICES") or environ.get("SLURM_STEP_GPUS")
+  count = len(visible.split(",")) if visible else int(environ.get("SLURM_GPUS_ON_NODE", "0"))
+  if count <= 0:
+    return None
+  per_node = environ.get("SLURM_NTASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "1")
+  if int(per_node.split("(")[0].split(",")[0]) > 1:  # --per-gpu: one GPU each
+    return [0] if count == 1 else [int(environ.get("SLURM_LOCALID", "0"))]
+  return list(range(count))
+
+
+def plan_startup(environ: Mapping[str, str] = os.environ,
+                 metadata: Callable[[str], str | None] = tpu_vm_metadata,
+                 tpu_chips: Callable[[], bool] = has_tpu_chips) -> Startup:
+  """Decides how this process starts from its environment (pure apart from the callables)."""
+  heartbeat = int(environ.get("SASA_HEARTBEAT_TIMEOUT", "100"))
+  num = int(environ.get("SASA_NUM_PROCESSES", "1"))
   if num > 1:
-    address = os.environ.get("SASA_COORDINATOR_ADDRESS")
-    if not address or "SASA_PROCESS_ID" not in os.environ:
-      raise ValueError("SASA_NUM_PROCESSES>1 needs SASA_COORDINATOR_ADDRESS (host:port) and "
-                       "SASA_PROCESS_ID (0..N-1) in the environment")
-    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        address, num_processes=num, process_id=int(os.environ["SASA_PROCESS_ID"]),
-        heartbeat_timeout_seconds=int(os.environ.get("SASA_HEARTBEAT_TIMEOUT", "100")))
-  elif _cluster_env():
-    jax.distributed.initialize()
-  else:
-    return
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+    address = environ.get("SASA_COORDINATOR_ADDRESS")
+    if not address or "SASA_PROCESS_ID" not in environ:
+      missing = [v for v in ("SASA_COORDINATOR_ADDRESS", "SASA_PROCESS_ID") if v not in environ]
+      raise ValueError(f"SASA_NUM_PROCESSES={num} needs {' and '.join(missing)} in the "
+                       "environment (host:port of process 0, and this process's index 0..N-1)")
+    return Startup("explicit", dict(coordinator_address=address, num_processes=num,
+                                    process_id=int(environ["SASA_PROCESS_ID"]),
+                                    heartbeat_timeout_seconds=heartbeat))
+  if "SLURM_JOB_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+    kwargs = dict(heartbeat_timeout_seconds=heartbeat)
+    ids = _slurm_local_device_ids(environ)
+    if ids is not None:
+      kwargs["local_device_ids"] = ids
+    return Startup("slurm", kwargs)
+  hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
+  if "," in hosts:
+    return Startup("gke_tpu", dict(heartbeat_timeout_seconds=heartbeat))
+  if tpu_chips():
+    endpoints = metadata("worker-network-endpoints") or ""
+    if "," in endpoints:
+      return Startup("tpu_vm", dict(heartbeat_timeout_seconds=heartbeat))
+  return Startup("single")
+
+
+def initialize_from_env() -> Startup:
+  """Calls jax.distributed.initialize when the environment describes several processes."""
+  import jax  # noqa: PLC0415 - keeps `plan_startup` importable without touching jax
+  startup = plan_startup()
+  if not startup.distributed:
+    return startup
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**startup.kwargs)
+  logging.info("%s start-up: process %d of %d, %d local / %d global devices", startup.kind,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+  return startup
+
+
+def main():
+  startup = initialize_from_env()
+  import jax  # noqa: PLC0415
+  print(f"start-up: {startup.kind} {startup.kwargs}")
+  print(f"process {jax.process_index()} of {jax.process_count()}: "
+        f"{jax.local_device_count()} local devices {jax.local_devices()}, "
+        f"{jax.device_count()} global", flush=True)
+
+
+if __name__ == "__main__":
+  main()

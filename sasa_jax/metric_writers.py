@@ -1,16 +1,17 @@
-"""metrics.jsonl next to clu's TensorBoard writer."""
+"""metrics.jsonl next to clu's TensorBoard writer, in a local or gs:// workdir."""
 import json
 import os
 
 import numpy as np
 from clu import metric_writers
+from etils import epath
 
 
 class JsonlWriter(metric_writers.MetricWriter):
   """Appends one JSON object per write_scalars call: {"step": s, "name": value, ...}."""
 
-  def __init__(self, path: str):
-    self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+  def __init__(self, path: epath.PathLike):
+    self._file = epath.Path(path).open("a")  # noqa: SIM115 - closed in close()
 
   def write_scalars(self, step, scalars):
     row = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
@@ -25,17 +26,18 @@ class JsonlWriter(metric_writers.MetricWriter):
   def write_hparams(self, hparams): pass
 
   def flush(self):
-    self._file.flush()
-    os.fsync(self._file.fileno())
+    self._file.flush()  # on object storage: uploads the file so far
+    if hasattr(self._file, "fileno"):
+      os.fsync(self._file.fileno())
 
   def close(self):
     self.flush()
     self._file.close()
 
 
-def create_writer(workdir: str, is_main: bool) -> metric_writers.MetricWriter:
+def create_writer(workdir: epath.PathLike, is_main: bool) -> metric_writers.MetricWriter:
   """TensorBoard + metrics.jsonl on the main process; logging only elsewhere."""
-  default = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  default = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
   if not is_main:
     return default
-  return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+  return metric_writers.MultiWriter([default, JsonlWriter(epath.Path(workdir) / "metrics.jsonl")])

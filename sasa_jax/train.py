@@ -3,11 +3,17 @@
 Data parallel over all devices of all processes with a Mesh/NamedSharding (parameters
 replicated, the batch split on the "data" axis; BatchNorm statistics are therefore over
 the global batch). Orbax checkpoints with automatic resume, clu metric writers
-(TensorBoard + metrics.jsonl) and progress reports.
+(TensorBoard + metrics.jsonl) and progress reports. The workdir may be a local path or a
+URL (gs://...): every file goes through etils.epath, orbax or TensorFlow's file system.
+
+Preemption: one process alone saves and exits on SIGTERM. With several processes, jax's
+preemption service (started by jax.distributed) turns a SIGTERM to any process into one
+agreed step at which every process saves, so no process waits in a barrier that another
+never reaches. A non-finite loss or gradient stops the run at the next log or checkpoint
+step, before anything non-finite is saved.
 """
 import functools
 import hashlib
-import os
 import signal
 from typing import Any
 
@@ -20,6 +26,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import periodic_actions
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sasa_jax import data as data_lib
@@ -31,7 +38,7 @@ REQUIRED_FIELDS = (
     "model", "dataset", "batch_size", "num_epochs", "num_train_steps", "learning_rate",
     "momentum", "nesterov", "warmup_epochs", "weight_decay", "label_smoothing", "ema_decay",
     "bn_momentum", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-    "keep_checkpoints", "seed", "dtype", "profile")
+    "keep_checkpoints", "seed", "dtype", "profile", "compilation_cache_dir")
 DATASET_FIELDS = ("name", "data_dir", "image_size", "train_split", "eval_split", "shuffle_buffer")
 LOOP_SET_MODEL_FIELDS = ("dtype", "bn_momentum")  # taken from the top-level config
 
@@ -105,10 +112,11 @@ def train_step(state, batch, *, model, tx, schedule, config):
   """One step on the global batch {"image": [B, S, S, C], "label": [B]}."""
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
   num_classes = config.model.get("num_classes", OVERRIDES["num_classes"])
+  images = data_lib.normalize(batch["image"], config.dataset.name)
 
   def loss_fn(params):
     logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                  batch["image"], train=True, mutable=["batch_stats"],
+                                  images, train=True, mutable=["batch_stats"],
                                   rngs={"dropout": rng})
     targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes),
                                   config.label_smoothing)
@@ -122,20 +130,25 @@ def train_step(state, batch, *, model, tx, schedule, config):
     t = state.step.astype(jnp.float32)
     decay = jnp.minimum(config.ema_decay, (1 + t) / (10 + t))
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+  grad_norm = optax.global_norm(grads)
   metrics = {"train/loss": loss,
              "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-             "learning_rate": schedule(state.step)}
+             "train/grad_norm": grad_norm,
+             "learning_rate": schedule(state.step),
+             # 1.0 while loss, gradients and new parameters are all finite
+             "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                        & jnp.isfinite(optax.global_norm(params))).astype(jnp.float32)}
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=updates["batch_stats"], opt_state=opt_state,
                             ema_params=ema)
   return new_state, metrics
 
 
-def eval_step(state, batch, *, model):
+def eval_step(state, batch, *, model, dataset_name):
   """Sums over the real (mask 1) examples: loss, top-1 and top-5 hits, count."""
   params = state.params if state.ema_params is None else state.ema_params
-  logits = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                       train=False)
+  logits = model.apply({"params": params, "batch_stats": state.batch_stats},
+                       data_lib.normalize(batch["image"], dataset_name), train=False)
   mask = batch["mask"]
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
@@ -145,20 +158,57 @@ def eval_step(state, batch, *, model):
           "count": jnp.sum(mask)}
 
 
-class _Preemption:
-  """Remembers a SIGTERM so the loop can save and exit cleanly at the next step."""
+class DivergenceError(FloatingPointError):
+  """The loss, gradients or parameters stopped being finite."""
 
-  def __init__(self):
+
+class _Preemption:
+  """When to save and exit on a preemption notice (SIGTERM).
+
+  One process: a Python SIGTERM handler sets a flag, checked after every step. Several
+  processes: jax.distributed's preemption service owns SIGTERM (a Python handler would
+  replace its handler and leave processes stopping at different steps); orbax's
+  `reached_preemption(step)`, called at every step by every process, turns true at the same
+  step everywhere."""
+
+  def __init__(self, ckpt: ocp.CheckpointManager):
+    self._ckpt = ckpt
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._own_handler = jax.process_count() == 1
+    if self._own_handler:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning("SIGTERM: saving a checkpoint at the next step, then exiting")
     self.requested = True
 
+  def reached(self, step: int) -> bool:
+    if self._own_handler:
+      return self.requested
+    return self._ckpt.reached_preemption(step)
+
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._own_handler:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def set_compilation_cache(config, workdir: epath.Path) -> str | None:
+  """Persistent XLA compilation cache, so that a restarted run skips compiling.
+
+  config.compilation_cache_dir: None = JAX_COMPILATION_CACHE_DIR if set, else
+  WORKDIR/compilation_cache; "" = off; else that directory (local or gs://)."""
+  from jax.experimental.compilation_cache import compilation_cache  # noqa: PLC0415
+  path = config.compilation_cache_dir
+  if path is None:
+    path = jax.config.jax_compilation_cache_dir or str(workdir / "compilation_cache")
+  if not path:
+    return None
+  if path != jax.config.jax_compilation_cache_dir:
+    compilation_cache.reset_cache()
+    compilation_cache.set_cache_dir(path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return path
 
 
 def _initial_state(config, model, tx, mesh, image_shape):
@@ -185,11 +235,33 @@ def params_fingerprint(params) -> str:
   return digest.hexdigest()
 
 
+def _check_finite(pending, ckpt, step):
+  """Raises DivergenceError if any step in `pending` (metrics since the last check) had a
+  non-finite loss, gradient or parameter, naming the first such step and the newest
+  checkpoint (every checkpoint is finite: this check runs before each save)."""
+  finite = np.asarray(jax.device_get([m["finite"] for _, m in pending]))
+  if finite.all():
+    return
+  bad_step = pending[int(np.argmin(finite))][0]
+  last = ckpt.latest_step()
+  where = (f"the last finite checkpoint is step {last} in {ckpt.directory}" if last is not None
+           else "no checkpoint was written before it")
+  raise DivergenceError(f"training diverged: non-finite loss, gradient or parameters at step "
+                        f"{bad_step}; {where}. Lower config.optimizer/schedule learning rates "
+                        f"or check the data, then resume from that checkpoint.")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains config's model on config's dataset in workdir, resuming from its checkpoints."""
+  """Trains config's model on config's dataset in workdir, resuming from its checkpoints.
+
+  workdir: a local directory or a URL that etils.epath, orbax and TensorFlow read
+  (gs://bucket/run); shared by all processes."""
   validate_config(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = epath.Path(workdir)
+  if not workdir.is_absolute() and "://" not in str(workdir):
+    workdir = workdir.absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  set_compilation_cache(config, workdir)
   is_main = jax.process_index() == 0
   writer = create_writer(workdir, is_main)
 
@@ -211,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   init, abstract, state_sharding = _initial_state(config, model, tx, mesh, (size, size, channels))
 
   ckpt = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
+      workdir / "checkpoints",
       options=ocp.CheckpointManagerOptions(
           max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every_steps,
           enable_async_checkpointing=True, create=True))
@@ -226,8 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start_step = int(jax.device_get(state.step))
 
   if is_main:  # what tools (attention maps, reports) need to rebuild the model
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   if is_main and start_step == 0:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("model %s: %.3fM parameters; %d steps, %d per epoch", dict(config.model),
@@ -239,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=(0,))
-  p_eval = jax.jit(functools.partial(eval_step, model=model),
+  p_eval = jax.jit(functools.partial(eval_step, model=model, dataset_name=config.dataset.name),
                    in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
 
   def evaluate(step):
@@ -266,10 +337,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)]
   if config.profile and is_main:
-    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+    hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=5))
 
-  preemption = _Preemption()
-  pending = []
+  preemption = _Preemption(ckpt)
+  pending = []  # (step, metrics) since the last log step, still on the device
+  unchecked = []  # (step, metrics) since the last finiteness check
   step = start_step
   try:
     while step < num_steps:
@@ -277,16 +349,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         state, metrics = p_train(state, data_lib.to_global(next(train_iter), batch_sharding))
       step += 1
       pending.append(metrics)
+      unchecked.append((step, metrics))
       for hook in hooks:
         hook(step)
+      stop = preemption.reached(step)
+      save = stop or step == num_steps or ckpt.should_save(step)
+      if save or step % config.log_every_steps == 0:
+        _check_finite(unchecked, ckpt, step)
+        unchecked = []
       if step % config.log_every_steps == 0 or step == num_steps:
         summary = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
+        summary.pop("finite")
         writer.write_scalars(step, summary)
         pending = []
       if step % config.eval_every_steps == 0 or step == num_steps:
         evaluate(step)
-      stop = preemption.requested or ckpt.reached_preemption(step)
-      ckpt.save(step, args=ocp.args.StandardSave(state), force=stop or step == num_steps)
+      if save:
+        ckpt.save(step, args=ocp.args.StandardSave(state), force=True)
       if stop:
         logging.warning("preempted: checkpoint at step %d written; exiting", step)
         break

@@ -1,13 +1,15 @@
 """TFDS input pipelines: per-host shards, deterministic order, resumable position.
 
-Every process reads its own slice of each split (`tfds.split_for_jax_process`).
-Training order is a pure function of (seed, epoch): files are read in one seeded
-order and examples reshuffled per epoch with seed + epoch, and each example's
-augmentation is seeded by (seed, its position in the run). Resuming at step s
+Every process reads its own even slice of each split (as `tfds.split_for_jax_process`).
+Training order is a pure function of (seed, epoch): each epoch reads the host's files in
+its own seeded order and reshuffles examples through a buffer seeded with (seed, epoch),
+and each example's augmentation is seeded by (seed, process, its position in the run),
+so that hosts draw different crops and flips. Resuming at step s
 therefore jumps to the right epoch and skips the encoded records before the
 position (no decoding), and yields exactly the batches an uninterrupted run would.
 """
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -17,6 +19,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from sasa_jax.data import fashion_mnist
+from sasa_jax.data import preprocessing
 from sasa_jax.data.preprocessing import PREPROCESS
 
 
@@ -61,33 +64,65 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
                           f"{spec.how_to_prepare}")
 
 
-def _records(builder, split, seed):
-  return builder.as_dataset(
-      split, shuffle_files=True, decoders={"image": tfds.decode.SkipDecoding()},
-      read_config=tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False))
+def _host_split(split: str, process_index: int, process_count: int, drop_remainder: bool):
+  """This process's even slice of `split` (tfds.split_for_jax_process, process given)."""
+  return tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)[process_index]
+
+
+def augmentation_seed(seed, process_index, index):
+  """The [2] stateless seed of the example at run position `index` on `process_index`:
+  each process draws its own crops and flips."""
+  base = tf.stack([tf.cast(seed, tf.int64), tf.cast(process_index, tf.int64)])
+  return tf.random.experimental.stateless_fold_in(base, tf.cast(index, tf.int64))
+
+
+def _epoch_records(builder, host_split, *, seed, epoch, shuffle_buffer):
+  """The host's encoded examples of epoch `epoch` (a tensor), in an order that is a function
+  of (seed, epoch) alone: files shuffled per epoch, then examples through a seeded buffer."""
+  instructions = builder.info.splits[host_split].file_instructions
+  if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+    raise ValueError(f"dataset {builder.name!r} is stored as {builder.info.file_format.value}; "
+                     "the training pipeline reads tfrecord datasets (`tfds build "
+                     "--file_format=tfrecord`)")
+  files = {"path": [str(f.filename) for f in instructions],
+           "skip": np.array([f.skip for f in instructions], np.int64),
+           "take": np.array([f.take for f in instructions], np.int64)}
+  n_host = sum(f.take for f in instructions)
+  order = tf.data.Dataset.from_tensor_slices(files).shuffle(
+      len(instructions), seed=2 * (seed + epoch) + 1, reshuffle_each_iteration=False)
+  serialized = order.interleave(
+      lambda f: tf.data.TFRecordDataset(f["path"]).skip(f["skip"]).take(f["take"]),
+      cycle_length=min(16, len(instructions)), block_length=1, deterministic=True,
+      num_parallel_calls=tf.data.AUTOTUNE)
+  serialized = serialized.shuffle(min(shuffle_buffer, n_host), seed=2 * (seed + epoch),
+                                  reshuffle_each_iteration=False)
+  return serialized.map(functools.partial(builder.info.features.deserialize_example,
+                                          decoders={"image": tfds.decode.SkipDecoding()}))
 
 
 def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, seed: int,
-                  start_step: int = 0, shuffle_buffer: int = 16_384,
-                  crop_padding: int = 2) -> tf.data.Dataset:
-  """Endless batches {"image": [b, S, S, C] float32, "label": [b] int32} for this host,
-  starting at global step `start_step`. crop_padding: random-crop margin of small images."""
+                  start_step: int = 0, shuffle_buffer: int = 16_384, crop_padding: int = 2,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> tf.data.Dataset:
+  """Endless batches {"image": [b, S, S, C] uint8, "label": [b] int32} for this host,
+  starting at global step `start_step`. crop_padding: random-crop margin of small images.
+  process_index/count default to jax's (given explicitly only to inspect another host)."""
   spec = DATASETS[builder.name]
   train_fn = PREPROCESS[spec.preprocess][0]
-  host_split = tfds.split_for_jax_process(split, drop_remainder=True)
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  host_split = _host_split(split, process_index, process_count, drop_remainder=True)
   n_host = builder.info.splits[host_split].num_examples
-  records = _records(builder, host_split, seed)
   epoch0, offset = divmod(start_step * per_host_batch, n_host)
 
   def epoch(e):
-    shuffled = records.shuffle(min(shuffle_buffer, n_host), seed=seed + e,
-                               reshuffle_each_iteration=False)
-    return shuffled.enumerate().map(lambda i, ex: (e * n_host + i, ex))
+    records = _epoch_records(builder, host_split, seed=seed, epoch=e,
+                             shuffle_buffer=shuffle_buffer)
+    return records.enumerate().map(lambda i, ex: (e * n_host + i, ex))
 
   def preprocess(index, ex):
-    example_seed = tf.stack([tf.constant(seed, tf.int64), index])
-    image = train_fn(ex["image"], example_seed, image_size=image_size, mean=spec.mean,
-                     std=spec.std, pad=crop_padding)
+    image = train_fn(ex["image"], augmentation_seed(seed, process_index, index),
+                     image_size=image_size, channels=len(spec.mean), pad=crop_padding)
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
   ds = tf.data.Dataset.range(epoch0, 2**40).flat_map(epoch).skip(offset)
@@ -106,19 +141,25 @@ def eval_dataset(builder, *, split: str, per_host_batch: int, image_size: int,
   """`num_steps` batches with a "mask" (1 real, 0 padding) covering this host's slice."""
   spec = DATASETS[builder.name]
   eval_fn = PREPROCESS[spec.preprocess][1]
-  host_split = tfds.split_for_jax_process(split, drop_remainder=False)
+  host_split = _host_split(split, jax.process_index(), jax.process_count(), drop_remainder=False)
   n_host = builder.info.splits[host_split].num_examples
   ds = builder.as_dataset(host_split, shuffle_files=False,
                           decoders={"image": tfds.decode.SkipDecoding()})
   ds = ds.map(lambda ex: {
-      "image": eval_fn(ex["image"], image_size=image_size, mean=spec.mean, std=spec.std),
+      "image": eval_fn(ex["image"], image_size=image_size, channels=len(spec.mean)),
       "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)},
               num_parallel_calls=tf.data.AUTOTUNE)
   pad = num_steps * per_host_batch - n_host
-  padding = {"image": tf.zeros([image_size, image_size, len(spec.mean)]),
+  padding = {"image": tf.zeros([image_size, image_size, len(spec.mean)], tf.uint8),
              "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad))
   return ds.batch(per_host_batch).prefetch(tf.data.AUTOTUNE)
+
+
+def normalize(images, dataset_name: str):
+  """uint8 images from these pipelines -> the model's float32 inputs (on the device)."""
+  spec = DATASETS[dataset_name]
+  return preprocessing.normalize(images, spec.mean, spec.std)
 
 
 def num_examples(builder, split: str) -> int:

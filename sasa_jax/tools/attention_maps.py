@@ -60,9 +60,8 @@ def load_test_image(config, index: int):
   ds = data_lib.eval_dataset(builder, split=f"{split}[{index}:{index + 1}]",
                              per_host_batch=1, image_size=config.dataset.image_size, num_steps=1)
   batch = next(ds.as_numpy_iterator())
-  spec = data_lib.DATASETS[config.dataset.name]
-  pixels = batch["image"][0] * np.array(spec.std) + np.array(spec.mean)
-  return batch["image"], np.clip(pixels / 255.0, 0, 1), int(batch["label"][0])
+  inputs = np.asarray(data_lib.normalize(batch["image"], config.dataset.name))
+  return inputs, batch["image"][0] / 255.0, int(batch["label"][0])
 
 
 def draw(workdir, image_index, layer=None, queries=None, out=None):
