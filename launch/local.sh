@@ -56,7 +56,9 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap 'cleanup; exit 143' TERM INT
 cd "$ROOT"
 for ((i = 0; i < N; i++)); do
-  eval "$(cmd_for "$i")" > "$LOGDIR/process_$i.log" 2>&1 &
+  echo "local.sh: process $i: $(cmd_for "$i")"
+  # exec: the recorded pid is the training process itself, so signals reach it directly.
+  { eval "exec $(cmd_for "$i")"; } > "$LOGDIR/process_$i.log" 2>&1 &
   PIDS+=($!)
 done
 echo "local.sh: started $N processes (pids ${PIDS[*]}), coordinator 127.0.0.1:$PORT, logs in $LOGDIR"

@@ -46,17 +46,15 @@ def run_main(config_arg, workdir, flags, devices=1, check=True, timeout=600):
 
 
 def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  from sasa_jax.tools.runs import read_metrics as read
+  return read(workdir)
 
 
 def restore_params(workdir, step=None):
   """The parameters of checkpoint `step` (default: latest) as numpy, keyed by path."""
   import jax
-  import orbax.checkpoint as ocp
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mngr:
-    step = mngr.latest_step() if step is None else step
-    state = mngr.restore(step, args=ocp.args.StandardRestore())
+  from sasa_jax.tools.runs import restore_state
+  step, state = restore_state(workdir, step)
   flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
   return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
 

@@ -1,13 +1,19 @@
 """Reading finished runs: metrics.jsonl, config.json and the latest checkpoint."""
 import json
-import os
 
 import ml_collections
+import numpy as np
+from etils import epath
+
+
+def _path(workdir) -> epath.Path:
+  path = epath.Path(workdir)
+  return path if "://" in str(workdir) else path.absolute()
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = (_path(workdir) / "metrics.jsonl").read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -24,23 +30,31 @@ def final(rows: list[dict], key: str) -> float:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = _path(workdir) / "config.json"
+  if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a sasa_jax run directory?")
-  with open(path) as f:
-    config = json.load(f)
+  config = json.loads(path.read_text())
   if isinstance(config["model"].get("attention_groups"), list):
     config["model"]["attention_groups"] = tuple(config["model"]["attention_groups"])
   return ml_collections.ConfigDict(config)
 
 
-def restore_variables(workdir: str):
-  """(step, {"params", "batch_stats"}) of the latest checkpoint, as numpy trees."""
+def restore_state(workdir, step: int | None = None) -> tuple[int, dict]:
+  """(step, state as a tree of numpy arrays) of checkpoint `step` (default: the latest),
+  on this process's first device, whatever topology saved it."""
+  import jax
   import orbax.checkpoint as ocp
-  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints")) as mngr:
-    step = mngr.latest_step()
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.CheckpointManager(_path(workdir) / "checkpoints") as mngr:
+    step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    state = mngr.restore(step, args=ocp.args.StandardRestore())
+    state = mngr.restore(step, args=ocp.args.StandardRestore(fallback_sharding=device))
+  return step, jax.tree.map(np.asarray, state)
+
+
+def restore_variables(workdir: str):
+  """(step, {"params", "batch_stats"}) of the latest checkpoint, as numpy trees."""
+  step, state = restore_state(workdir)
   params = state["ema_params"] if state.get("ema_params") is not None else state["params"]
   return step, {"params": params, "batch_stats": state["batch_stats"]}
