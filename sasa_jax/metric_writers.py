@@ -1,4 +1,5 @@
 """metrics.jsonl next to clu's TensorBoard writer, in a local or gs:// workdir."""
+import contextlib
 import json
 import os
 
@@ -11,7 +12,9 @@ class JsonlWriter(metric_writers.MetricWriter):
   """Appends one JSON object per write_scalars call: {"step": s, "name": value, ...}."""
 
   def __init__(self, path: epath.PathLike):
-    self._file = epath.Path(path).open("a")  # noqa: SIM115 - closed in close()
+    # epath's gs:// open is a context manager around a GFile: keep it entered until close().
+    self._files = contextlib.ExitStack()
+    self._file = self._files.enter_context(epath.Path(path).open("a"))
 
   def write_scalars(self, step, scalars):
     row = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
@@ -32,7 +35,7 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def close(self):
     self.flush()
-    self._file.close()
+    self._files.close()
 
 
 def create_writer(workdir: epath.PathLike, is_main: bool) -> metric_writers.MetricWriter:

@@ -247,7 +247,7 @@ def _check_finite(pending, ckpt, step):
   where = (f"the last finite checkpoint is step {last} in {ckpt.directory}" if last is not None
            else "no checkpoint was written before it")
   raise DivergenceError(f"training diverged: non-finite loss, gradient or parameters at step "
-                        f"{bad_step}; {where}. Lower config.optimizer/schedule learning rates "
+                        f"{bad_step}; {where}. Lower the learning rate "
                         f"or check the data, then resume from that checkpoint.")
 
 

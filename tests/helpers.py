@@ -37,8 +37,13 @@ def env(devices=1, **extra):
   return e
 
 
-def run_main(config_arg, workdir, flags, devices=1, check=True, timeout=600):
-  proc = subprocess.run(main_cmd(config_arg, workdir, flags), cwd=ROOT, env=env(devices),
+def run_main(config_arg, workdir, flags, devices=1, check=True, timeout=600,
+             env_overrides=None):
+  """Runs sasa_jax.main; env_overrides: variables to set (None: remove)."""
+  e = env(devices)
+  for k, v in (env_overrides or {}).items():
+    e.pop(k, None) if v is None else e.__setitem__(k, v)
+  proc = subprocess.run(main_cmd(config_arg, workdir, flags), cwd=ROOT, env=e,
                         capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode:
     raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
@@ -76,8 +81,8 @@ class FakeImagenet(inet.Builder, skip_registration=True):
                 "file_name": f"fake_{seed}_{i}.JPEG"}
 
 
-def prepare_fake_imagenet(data_dir):
+def prepare_fake_imagenet(data_dir, num_shards=None):
   builder = FakeImagenet(data_dir=data_dir)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=data_dir))
+      manual_dir=data_dir, num_shards=num_shards))
   return builder

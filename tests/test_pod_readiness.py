@@ -1,0 +1,177 @@
+"""What a multi-host run needs beyond the loop's basics: start-up on every cluster, per-process
+augmentation, per-epoch file order, uint8 transfer, divergence, compilation cache."""
+import http.server
+import re
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sasa_jax import distributed
+from sasa_jax.data import input_pipeline, preprocessing
+from tests import helpers
+
+FMNIST = f"configs/fashion_mnist.py:{helpers.TINY_MODEL}"
+
+
+class _Metadata(http.server.BaseHTTPRequestHandler):
+  """A GCE metadata server that knows one attribute (answers 404 to others)."""
+  attributes = {}
+
+  def do_GET(self):  # noqa: N802 - the http.server interface
+    key = self.path.rsplit("/", 1)[-1]
+    ok = self.headers.get("Metadata-Flavor") == "Google" and key in self.attributes
+    body = self.attributes.get(key, "not found").encode()
+    self.send_response(200 if ok else 404)
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def metadata_server():
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Metadata)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  yield server
+  server.shutdown()
+  server.server_close()
+
+
+def _plan(env, *, chips=False, metadata=lambda key: None):
+  return distributed.plan_startup(env, metadata=metadata, tpu_chips=lambda: chips)
+
+
+def test_single_process_starts_nothing():
+  assert _plan({}).kind == "single"
+  assert _plan({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}).kind == "single"
+  assert _plan({"TPU_WORKER_HOSTNAMES": "one-host"}).kind == "single"
+  assert _plan({}, chips=True, metadata=lambda key: "10.0.0.2").kind == "single"  # 1 worker
+
+
+def test_explicit_variables():
+  plan = _plan({"SASA_NUM_PROCESSES": "4", "SASA_COORDINATOR_ADDRESS": "h:1234",
+                "SASA_PROCESS_ID": "3", "SASA_HEARTBEAT_TIMEOUT": "30"})
+  assert plan.kind == "explicit" and plan.kwargs == dict(
+      coordinator_address="h:1234", num_processes=4, process_id=3, heartbeat_timeout_seconds=30)
+  with pytest.raises(ValueError, match="SASA_NUM_PROCESSES=2 needs SASA_PROCESS_ID"):
+    _plan({"SASA_NUM_PROCESSES": "2", "SASA_COORDINATOR_ADDRESS": "h:1"})
+
+
+def test_slurm_gives_a_task_every_gpu_of_its_node():
+  base = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}
+  one_per_node = _plan({**base, "SLURM_TASKS_PER_NODE": "1(x2)", "CUDA_VISIBLE_DEVICES": "0,1"})
+  assert one_per_node.kind == "slurm" and one_per_node.kwargs["local_device_ids"] == [0, 1]
+  per_gpu = _plan({**base, "SLURM_TASKS_PER_NODE": "2", "SLURM_LOCALID": "1",
+                   "CUDA_VISIBLE_DEVICES": "0,1"})
+  assert per_gpu.kwargs["local_device_ids"] == [1]
+  bound = _plan({**base, "SLURM_NTASKS_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "1"})
+  assert bound.kwargs["local_device_ids"] == [0]
+  cpu_only = _plan(base)
+  assert cpu_only.kind == "slurm" and "local_device_ids" not in cpu_only.kwargs
+
+
+def test_gke_tpu():
+  assert _plan({"TPU_WORKER_HOSTNAMES": "w-0,w-1"}).kind == "gke_tpu"
+  assert _plan({"TPU_PROCESS_ADDRESSES": "w-0:8476,w-1:8476"}).kind == "gke_tpu"
+
+
+def test_cloud_tpu_vm_asks_the_metadata_server(metadata_server):
+  env = {"GCE_METADATA_IP": "127.0.0.1:%d" % metadata_server.server_address[1]}
+  fetch = lambda key: distributed.tpu_vm_metadata(key, env)  # noqa: E731
+  _Metadata.attributes = {"worker-network-endpoints": "10.0.0.2,10.0.0.3,10.0.0.4,10.0.0.5"}
+  assert fetch("worker-network-endpoints").count(",") == 3
+  assert _plan(env, chips=True, metadata=fetch).kind == "tpu_vm"
+  assert _plan(env, chips=False, metadata=fetch).kind == "single"  # a GCE VM without TPUs
+  _Metadata.attributes = {"worker-network-endpoints": "10.0.0.2"}
+  assert _plan(env, chips=True, metadata=fetch).kind == "single"  # a one-worker TPU VM
+  assert distributed.tpu_vm_metadata("anything", {"GCE_METADATA_IP": "127.0.0.1:1"}) is None
+
+
+def test_tpu_chips_are_found_on_the_pci_bus(tmp_path):
+  for i, vendor in enumerate(["0x8086", "0x1ae0"]):
+    (tmp_path / f"0000:00:0{i}.0").mkdir()
+    (tmp_path / f"0000:00:0{i}.0" / "vendor").write_text(vendor + "\n")
+  assert distributed.has_tpu_chips(str(tmp_path))
+  (tmp_path / "0000:00:01.0" / "vendor").write_text("0x10de\n")
+  assert not distributed.has_tpu_chips(str(tmp_path))
+
+
+def _flips(process_index, n=64):
+  """Whether example i of this process is flipped, through the real train preprocessing."""
+  image = tf.reshape(tf.range(28 * 28, dtype=tf.int32) % 256, [28, 28, 1])
+  encoded = tf.io.encode_png(tf.cast(image, tf.uint8))
+  flips = []
+  for i in range(n):
+    seed = input_pipeline.augmentation_seed(0, process_index, i)
+    out = preprocessing.small_train(encoded, seed, image_size=28, channels=1, pad=0)
+    flips.append(bool(np.any(out.numpy() != image.numpy())))
+  return flips
+
+
+def test_each_process_draws_its_own_augmentation():
+  p0, p1 = _flips(0), _flips(1)
+  assert p0 == _flips(0)  # deterministic
+  assert 16 < sum(p0) < 48 and 16 < sum(p1) < 48
+  assert sum(a != b for a, b in zip(p0, p1)) > 16
+
+
+def test_file_order_changes_every_epoch(tmp_path):
+  builder = helpers.prepare_fake_imagenet(str(tmp_path), num_shards=6)
+  assert len(builder.info.splits["train"].file_instructions) == 6
+
+  def order(epoch):
+    records = input_pipeline._epoch_records(builder, "train", seed=0, epoch=tf.constant(
+        epoch, tf.int64), shuffle_buffer=1)  # no example shuffle: the file order shows
+    return [r["file_name"] for r in records.as_numpy_iterator()]
+
+  first = order(0)
+  assert sorted(first) == sorted(order(1)) and len(first) == 24
+  assert first == order(0) and first != order(1) and order(1) != order(2)
+
+
+def test_images_cross_to_the_device_as_uint8(fmnist_dir):
+  from sasa_jax import data
+  builder = data.get_builder("fashion_mnist", fmnist_dir)
+  batch = next(data.train_dataset(builder, split="train[:64]", per_host_batch=16,
+                                  image_size=28, seed=0).as_numpy_iterator())
+  assert batch["image"].dtype == np.uint8 and batch["image"].nbytes == 16 * 28 * 28
+  spec = data.DATASETS["fashion_mnist"]
+  x = np.asarray(data.normalize(batch["image"], "fashion_mnist"))
+  want = (batch["image"].astype(np.float64) - spec.mean[0]) / spec.std[0]
+  np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-5)
+  ev = next(data.eval_dataset(builder, split="test[:10]", per_host_batch=16, image_size=28,
+                              num_steps=1).as_numpy_iterator())
+  assert ev["image"].dtype == np.uint8 and list(ev["mask"]) == [1] * 10 + [0] * 6
+
+
+def test_divergence_stops_at_the_next_check_and_keeps_finite_checkpoints(fmnist_dir, tmp_path):
+  flags = helpers.tiny_flags(fmnist_dir, 40, ckpt_every=2, log_every=5)
+  flags += ["--config.learning_rate=1000", "--config.warmup_epochs=2",
+            "--config.keep_checkpoints=2"]
+  proc = helpers.run_main(FMNIST, tmp_path, flags, check=False)
+  assert proc.returncode != 0
+  match = re.search(r"training diverged: non-finite loss, gradient or parameters at step (\d+); "
+                    r"the last finite checkpoint is step (\d+) in (\S+)\.", proc.stderr)
+  assert match, proc.stderr[-3000:]
+  bad, last = int(match.group(1)), int(match.group(2))
+  assert 0 < last < bad <= last + 2  # checked before every save
+  assert match.group(3) == str(tmp_path / "checkpoints")
+  steps = sorted(int(s.name) for s in (tmp_path / "checkpoints").iterdir() if s.name.isdigit())
+  assert steps[-1] == last and len(steps) == 2
+  for step in steps:
+    assert all(np.isfinite(v).all() for v in helpers.restore_params(tmp_path, step)[1].values())
+
+
+def test_compilation_cache_defaults_to_the_workdir(fmnist_dir, tmp_path):
+  env_flags = helpers.tiny_flags(fmnist_dir, 1)
+  proc = helpers.run_main(FMNIST, tmp_path / "run", env_flags, env_overrides={
+      "JAX_COMPILATION_CACHE_DIR": None})
+  assert proc.returncode == 0
+  assert any((tmp_path / "run" / "compilation_cache").iterdir())
+  off = helpers.run_main(FMNIST, tmp_path / "off", env_flags + [
+      "--config.compilation_cache_dir="], env_overrides={"JAX_COMPILATION_CACHE_DIR": None})
+  assert off.returncode == 0 and not (tmp_path / "off" / "compilation_cache").exists()
