@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Submits sasa_jax to a SLURM GPU cluster: one process per node (all its GPUs) or per GPU.
 #
-#   NODES=4 GPUS_PER_NODE=8 PARTITION=gpu TIME=72:00:00 WORKDIR=/shared/sasa/r50 \
+#   NODES=4 GPUS_PER_NODE=8 WORKDIR=/shared/sasa/r50 TFDS_DATA_DIR=/shared/tfds \
 #     launch/gpu_slurm.sh [--per-gpu] [--dry-run] --config=configs/imagenet.py:depth=50
 #
-# Environment: NODES, GPUS_PER_NODE, WORKDIR required; PARTITION, TIME (default 24:00:00),
-# ACCOUNT, PYTHON (default python3 on the nodes), TFDS_DATA_DIR. jax.distributed.initialize()
-# reads SLURM's environment (SLURM_NTASKS > 1) by itself. --dry-run prints the sbatch script.
-#
-# Without SLURM (any cluster): on every node run
-#   SASA_COORDINATOR_ADDRESS=NODE0:1234 SASA_NUM_PROCESSES=NODES SASA_PROCESS_ID=i \
-#     python3 -m sasa_jax.main --config=... --workdir=SHARED_DIR
+# Required: NODES, GPUS_PER_NODE, WORKDIR (shared by all nodes). Optional: TFDS_DATA_DIR,
+# PARTITION, ACCOUNT, TIME (default 24:00:00), CPUS_PER_TASK (default 8 per GPU of a task),
+# MEM (default 0: all of each node's memory), TIME_WARNING (seconds before the limit at which
+# the ranks save and the job requeues itself, default 300), JOB_NAME (default sasa_jax),
+# PYTHON (default python3 on the nodes). --dry-run prints the batch script and submits nothing.
+# At the time limit the job saves a checkpoint, requeues itself and resumes where it stopped;
+# `scancel --signal=TERM JOBID` saves and ends it. Logs: WORKDIR/logs/JOB_JOBID_rankN.log
+# (one per rank, lines labelled, appended across requeues) and JOB_JOBID.batch.log.
 set -euo pipefail
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 PER_GPU=0; DRY_RUN=0; ARGS=()
 for a in "$@"; do
   case "$a" in
@@ -23,34 +24,55 @@ for a in "$@"; do
     *) ARGS+=("$a") ;;
   esac
 done
-for v in NODES GPUS_PER_NODE WORKDIR; do
-  [[ -n "${!v:-}" ]] || { echo "gpu_slurm.sh: environment variable $v is required (see --help)" >&2; exit 2; }
-done
+missing=()
+for v in NODES GPUS_PER_NODE WORKDIR; do [[ -n "${!v:-}" ]] || missing+=("$v"); done
+if (( ${#missing[@]} )); then
+  echo "gpu_slurm.sh: environment variable(s) ${missing[*]} required (see --help)" >&2; exit 2
+fi
+[[ " ${ARGS[*]:-} " == *" --config="* ]] || { echo "gpu_slurm.sh: --config=configs/X.py[:args] is required (see --help)" >&2; exit 2; }
 if [[ $DRY_RUN == 0 ]] && ! command -v sbatch >/dev/null 2>&1; then
-  echo "gpu_slurm.sh: sbatch not found: run on a SLURM login node, or use the plain multi-node form in --help" >&2
+  echo "gpu_slurm.sh: sbatch not found: run on a SLURM login node, or use the plain multi-node form in docs/scaling_out.md" >&2
   exit 127
 fi
 TASKS_PER_NODE=$([[ $PER_GPU == 1 ]] && echo "$GPUS_PER_NODE" || echo 1)
-PY=${PYTHON:-python3}
-TRAIN=$(printf '%q ' "$PY" -m sasa_jax.main --workdir="$WORKDIR" \
-  ${TFDS_DATA_DIR:+--config.dataset.data_dir="$TFDS_DATA_DIR"} "${ARGS[@]}")
-SCRIPT=$(cat <<SBATCH
-#!/usr/bin/env bash
-#SBATCH --job-name=sasa_jax
+GPUS_PER_TASK=$(( GPUS_PER_NODE / TASKS_PER_NODE ))
+CPUS=${CPUS_PER_TASK:-$(( 8 * GPUS_PER_TASK ))}
+NAME=${JOB_NAME:-sasa_jax}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# --config first: ml_collections rejects --config.X before --config.
+TRAIN=$(printf '%q ' "${PYTHON:-python3}" -m sasa_jax.main "${ARGS[@]}" --workdir="$WORKDIR" \
+  ${TFDS_DATA_DIR:+--config.dataset.data_dir="$TFDS_DATA_DIR"})
+LOGS=$(printf '%q' "$WORKDIR/logs")
+SCRIPT="#!/usr/bin/env bash
+#SBATCH --job-name=$NAME
 #SBATCH --nodes=$NODES
 #SBATCH --ntasks-per-node=$TASKS_PER_NODE
 #SBATCH --gpus-per-node=$GPUS_PER_NODE
+#SBATCH --cpus-per-task=$CPUS
+#SBATCH --mem=${MEM:-0}
 #SBATCH --time=${TIME:-24:00:00}
-#SBATCH --output=$WORKDIR/logs/%x_%j_%t.log
-#SBATCH --signal=TERM@120
+#SBATCH --output=$WORKDIR/logs/%x_%j.batch.log
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@${TIME_WARNING:-300}
 #SBATCH --requeue
-cd $(printf '%q' "$(cd "$(dirname "$0")/.." && pwd)")
-srun --kill-on-bad-exit=1 $TRAIN
-SBATCH
-)
-# Optional directives go right after the shebang (sbatch reads #SBATCH lines up to the first command).
-[[ -n "${PARTITION:-}" ]] && SCRIPT=$(echo "$SCRIPT" | sed "1a #SBATCH --partition=$PARTITION")
-[[ -n "${ACCOUNT:-}" ]] && SCRIPT=$(echo "$SCRIPT" | sed "1a #SBATCH --account=$ACCOUNT")
+$([[ -n "${PARTITION:-}" ]] && echo "#SBATCH --partition=$PARTITION")
+$([[ -n "${ACCOUNT:-}" ]] && echo "#SBATCH --account=$ACCOUNT")
+set -u
+cd $(printf '%q' "$ROOT")
+echo \"[\$(date -Is)] job \$SLURM_JOB_ID starts on \$SLURM_JOB_NODELIST (restart \${SLURM_RESTART_COUNT:-0})\"
+# Near the time limit SLURM sends USR1 here: every rank saves (TERM), then the job requeues.
+requeue=0
+trap 'echo \"[\$(date -Is)] time limit near: ranks save, then the job requeues\"; requeue=1; scancel --signal=TERM \$SLURM_JOB_ID' USR1
+srun --kill-on-bad-exit=1 --label --open-mode=append --output=$LOGS/%x_%j_rank%t.log \\
+  $TRAIN &
+srun_pid=\$!
+rc=0
+while kill -0 \$srun_pid 2>/dev/null; do wait \$srun_pid && rc=0 || rc=\$?; done
+echo \"[\$(date -Is)] ranks exited with status \$rc\"
+if [[ \$requeue == 1 && \$rc == 0 ]]; then scontrol requeue \$SLURM_JOB_ID; fi
+exit \$rc"
+SCRIPT=$(echo "$SCRIPT" | sed '/^$/d')
+echo "gpu_slurm.sh: every rank runs: $TRAIN"
 if [[ $DRY_RUN == 1 ]]; then
   echo "$SCRIPT"
   echo "# submit with: sbatch <this script>"

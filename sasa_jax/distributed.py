@@ -109,18 +109,29 @@ def plan_startup(environ: Mapping[str, str] = os.environ,
   return Startup("single")
 
 
+def _rehearse_gpus_on_cpu(environ=os.environ) -> None:
+  """A CPU rehearsal of a GPU job (JAX_PLATFORMS=cpu inside a SLURM job that was given GPUs):
+  one CPU device per GPU of the task, so that device counts match the real run."""
+  if environ.get("JAX_PLATFORMS") != "cpu" or "SLURM_JOB_ID" not in environ:
+    return
+  ids = _slurm_local_device_ids(environ)
+  flags = environ.get("XLA_FLAGS", "")
+  if ids and "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={len(ids)}"
+
+
 def initialize_from_env() -> Startup:
   """Calls jax.distributed.initialize when the environment describes several processes."""
   import jax  # noqa: PLC0415 - keeps `plan_startup` importable without touching jax
   startup = plan_startup()
-  if not startup.distributed:
-    return startup
-  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**startup.kwargs)
-  logging.info("%s start-up: process %d of %d, %d local / %d global devices", startup.kind,
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  _rehearse_gpus_on_cpu()
+  if startup.distributed:
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**startup.kwargs)
+  logging.info("start-up %s: process %d of %d (pid %d), %d local / %d global devices",
+               startup.kind, jax.process_index(), jax.process_count(), os.getpid(),
+               jax.local_device_count(), jax.device_count())
   return startup
 
 

@@ -15,6 +15,7 @@ step, before anything non-finite is saved.
 import functools
 import hashlib
 import signal
+import time
 from typing import Any
 
 import flax
@@ -256,6 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   workdir: a local directory or a URL that etils.epath, orbax and TensorFlow read
   (gs://bucket/run); shared by all processes."""
+  started = time.time()
   validate_config(config)
   workdir = epath.Path(workdir)
   if not workdir.is_absolute() and "://" not in str(workdir):
@@ -348,6 +350,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = p_train(state, data_lib.to_global(next(train_iter), batch_sharding))
       step += 1
+      if step == start_step + 1:
+        jax.block_until_ready(metrics)
+        logging.info("first step done %.1f s after start (compilation included)",
+                     time.time() - started)
       pending.append(metrics)
       unchecked.append((step, metrics))
       for hook in hooks:

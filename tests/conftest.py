@@ -23,3 +23,13 @@ def fmnist_dir(tmp_path_factory):
   path = os.environ.get("SASA_TEST_TFDS_DIR") or str(tmp_path_factory.mktemp("tfds"))
   fashion_mnist.prepare(path)
   return path
+
+
+def require(reason: str | None) -> None:
+  """Skips a test that this machine cannot run (reason given), or fails it under CI
+  (.ci/run sets SASA_REQUIRE_ALL=1), so that CI always runs it."""
+  if reason is None:
+    return
+  if os.environ.get("SASA_REQUIRE_ALL") == "1":
+    pytest.fail(f"required under CI but unavailable: {reason}")
+  pytest.skip(reason)

@@ -1,0 +1,129 @@
+"""launch/gpu_slurm.sh on a real single-node SLURM cluster (tests/slurm_cluster.py): two fake
+GPUs, the ranks training on the CPU (one CPU device per GPU of a task)."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import helpers, slurm_cluster
+from tests.conftest import require
+
+FMNIST = f"configs/fashion_mnist.py:{helpers.TINY_MODEL}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+  require(slurm_cluster.unavailable_reason())
+  c = slurm_cluster.start(str(tmp_path_factory.mktemp("slurm")))
+  yield c
+  c.stop()
+
+
+def _submit(cluster, workdir, data_dir, steps, *, per_gpu, ckpt_every=1000):
+  env = helpers.env()
+  env["XLA_FLAGS"] = env["LOCAL_XLA_FLAGS"]  # device counts come from the task's GPUs
+  env.update(cluster.env, NODES="1", GPUS_PER_NODE=str(slurm_cluster.GPUS),
+             WORKDIR=str(workdir), TFDS_DATA_DIR=data_dir, PYTHON=sys.executable,
+             CPUS_PER_TASK="1", MEM="1024", JOB_NAME="sasa")
+  flags = helpers.tiny_flags(data_dir, steps, batch=12, ckpt_every=ckpt_every)
+  flags = [f for f in flags if not f.startswith("--config.dataset.data_dir")]  # TFDS_DATA_DIR
+  proc = subprocess.run([os.path.join(helpers.ROOT, "launch", "gpu_slurm.sh"),
+                         *(["--per-gpu"] if per_gpu else []), f"--config={FMNIST}", *flags],
+                        cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  return re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
+
+
+def _rank_logs(workdir, job):
+  logs = {}
+  for name in sorted(os.listdir(workdir / "logs")):
+    m = re.fullmatch(rf"sasa_{job}_rank(\d+)\.log", name)
+    if m:
+      logs[int(m.group(1))] = (workdir / "logs" / name).read_text()
+  return logs
+
+
+def _wait_for_training(workdir, job, ranks, cluster, steps=2, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    logs = _rank_logs(workdir, job)
+    if len(logs) == ranks and all(len(re.findall(r"train/loss=", t)) >= steps
+                                  for t in logs.values()):
+      return logs
+    assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), cluster.job(job)
+    time.sleep(0.5)
+  raise AssertionError(f"no progress: {_rank_logs(workdir, job)}")
+
+
+def _finals(logs):
+  return {r: re.findall(r"final parameters at step (\d+): sha256 (\w+)", t) for r, t in logs.items()}
+
+
+def test_two_ranks_per_node_train_in_step(cluster, fmnist_dir, tmp_path):
+  job = _submit(cluster, tmp_path, fmnist_dir, 4, per_gpu=True)
+  info = cluster.wait_for(job)
+  logs = _rank_logs(tmp_path, job)
+  assert info["JobState"] == "COMPLETED", (info, logs)
+  assert set(logs) == {0, 1}
+  assert all(line.startswith(f"{r}: ") for r, t in logs.items() for line in t.splitlines())
+  finals = _finals(logs)
+  assert finals[0] == finals[1] and finals[0][-1][0] == "4"
+  assert all("start-up slurm: process" in t and "of 2" in t and "1 local / 2 global devices" in t
+             for t in logs.values())
+
+
+def test_one_rank_per_node_uses_every_gpu(cluster, fmnist_dir, tmp_path):
+  job = _submit(cluster, tmp_path, fmnist_dir, 2, per_gpu=False)
+  info = cluster.wait_for(job)
+  logs = _rank_logs(tmp_path, job)
+  assert info["JobState"] == "COMPLETED", (info, logs)
+  assert list(logs) == [0] and "2 local / 2 global devices" in logs[0]
+
+
+def test_scancel_term_and_term_to_ranks_at_different_moments_save_one_step(
+    cluster, fmnist_dir, tmp_path):
+  job = _submit(cluster, tmp_path / "a", fmnist_dir, 100_000, per_gpu=True)
+  _wait_for_training(tmp_path / "a", job, 2, cluster)
+  cluster.run("scancel", "--signal=TERM", job)
+  assert cluster.wait_for(job)["JobState"] == "COMPLETED"
+  steps = {r: re.findall(r"preempted: checkpoint at step (\d+)", t)
+           for r, t in _rank_logs(tmp_path / "a", job).items()}
+  assert steps[0] == steps[1] and len(steps[0]) == 1
+
+  job = _submit(cluster, tmp_path / "b", fmnist_dir, 100_000, per_gpu=True)
+  logs = _wait_for_training(tmp_path / "b", job, 2, cluster)
+  pids = {r: int(re.search(r"\(pid (\d+)\)", t).group(1)) for r, t in logs.items()}
+  os.kill(pids[1], signal.SIGTERM)
+  time.sleep(1.5)
+  os.kill(pids[0], signal.SIGTERM)
+  assert cluster.wait_for(job)["JobState"] == "COMPLETED"
+  logs = _rank_logs(tmp_path / "b", job)
+  steps = {r: re.findall(r"preempted: checkpoint at step (\d+)", t) for r, t in logs.items()}
+  assert steps[0] == steps[1] and len(steps[0]) == 1, logs
+  assert helpers.restore_params(tmp_path / "b")[0] == int(steps[0][0])
+
+
+def test_time_limit_saves_requeues_and_resumes_to_the_end(cluster, fmnist_dir, tmp_path):
+  total = 40
+  job = _submit(cluster, tmp_path, fmnist_dir, total, per_gpu=True)
+  _wait_for_training(tmp_path, job, 2, cluster)
+  # What SLURM does TIME_WARNING seconds before the limit (--signal=B:USR1@...).
+  cluster.run("scancel", "--batch", "--signal=USR1", job)
+  deadline = time.time() + 300
+  while cluster.job(job).get("Restarts", "0") == "0":
+    assert time.time() < deadline, cluster.job(job)
+    time.sleep(1)
+  info = cluster.wait_for(job, timeout=600)
+  logs = _rank_logs(tmp_path, job)
+  assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, logs)
+  for text in logs.values():  # one log per rank, both runs appended
+    saved = re.findall(r"preempted: checkpoint at step (\d+)", text)
+    assert len(saved) == 1 and f"resumed from {tmp_path}/checkpoints at step {saved[0]}" in text
+  finals = _finals(logs)
+  assert finals[0][-1] == finals[1][-1] and finals[0][-1][0] == str(total)
+  batch = (tmp_path / "logs" / f"sasa_{job}.batch.log").read_text()
+  assert "time limit near" in batch and batch.count(f"job {job} starts") == 2
