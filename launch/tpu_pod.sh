@@ -1,78 +1,124 @@
 #!/usr/bin/env bash
-# Runs sasa_jax on every worker of a Cloud TPU VM pod slice.
+# Runs sasa_jax on every worker of a Cloud TPU VM slice, detached from this shell.
 #
-#   TPU_NAME=sasa ZONE=europe-west4-a WORKDIR=gs://B/sasa/r50 TFDS_DATA_DIR=gs://B/tfds \
+#   TPU_NAME=sasa ZONE=us-central2-b WORKDIR=gs://B/sasa/r50 TFDS_DATA_DIR=gs://B/tfds \
 #     launch/tpu_pod.sh [--create] [--dry-run] --config=configs/imagenet.py:depth=50,variant=full_attention
+#   TPU_NAME=sasa ZONE=us-central2-b launch/tpu_pod.sh --status | --logs [--worker=N] | --stop | --check
 #
-# Environment: TPU_NAME, ZONE, WORKDIR (gs://), TFDS_DATA_DIR (gs://, holds imagenet2012/)
-# required; PROJECT, ACCELERATOR_TYPE (default v3-128), RUNTIME_VERSION (default
-# tpu-ubuntu2204-base), REPO (git URL to clone on the workers; default: copy this checkout
-# with scp), LOGDIR (default ./logs/TPU_NAME). Flags after the options go to sasa_jax.main.
-# --create creates the slice first. Every worker's output is collected in LOGDIR/worker_N.log.
-# jax.distributed picks up the pod's topology by itself; a preempted slice is restarted by
-# running this script again: the run resumes from the last checkpoint in WORKDIR.
+# Start (the default): ships the tracked files of this checkout to every worker (a re-run
+# replaces the old copy by renaming), gives each worker Python PYTHON_VERSION in ~/sasa_venv
+# (uv; Cloud TPU VM images ship 3.10, jax needs >= 3.11), installs the package with its
+# [PIP_EXTRAS] and starts training with nohup/setsid: it survives a dropped ssh connection.
+# --status: running or not, and the last log lines, per worker. --logs: a worker's log tail.
+# --stop: SIGTERM to every worker (they save one agreed step and exit), waits for the exit.
+# --check: prints each worker's process index, process count and devices (jax.distributed).
+# --create: creates the slice first. --dry-run: prints every command, runs none.
+# Required: TPU_NAME, ZONE; to start also WORKDIR and TFDS_DATA_DIR (gs://, shared by all
+# workers). Optional: PROJECT, ACCELERATOR_TYPE (default v4-32), RUNTIME_VERSION (default:
+# the one for the accelerator generation), SPOT=1 (a Spot slice), PYTHON_VERSION (3.11),
+# PIP_EXTRAS (tpu). After a preemption, run the same start command again: it resumes.
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
-CREATE=0; DRY_RUN=0; ARGS=()
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+ACTION=start; CREATE=0; DRY_RUN=0; WORKER=0; ARGS=()
 for a in "$@"; do
   case "$a" in
     -h|--help) usage; exit 0 ;;
     --create) CREATE=1 ;;
     --dry-run) DRY_RUN=1 ;;
+    --status|--stop|--logs|--check) ACTION=${a#--} ;;
+    --worker=*) WORKER=${a#--worker=} ;;
     *) ARGS+=("$a") ;;
   esac
 done
-for v in TPU_NAME ZONE WORKDIR TFDS_DATA_DIR; do
-  [[ -n "${!v:-}" ]] || { echo "tpu_pod.sh: environment variable $v is required (see --help)" >&2; exit 2; }
-done
+need=(TPU_NAME ZONE)
+[[ $ACTION == start ]] && need+=(WORKDIR TFDS_DATA_DIR)
+missing=()
+for v in "${need[@]}"; do [[ -n "${!v:-}" ]] || missing+=("$v"); done
+if (( ${#missing[@]} )); then
+  echo "tpu_pod.sh: environment variable(s) ${missing[*]} required (see --help)" >&2; exit 2
+fi
+if [[ $ACTION == start && " ${ARGS[*]:-} " != *" --config="* ]]; then
+  echo "tpu_pod.sh: --config=configs/X.py[:args] is required to start a run (see --help)" >&2; exit 2
+fi
 if [[ $DRY_RUN == 0 ]] && ! command -v gcloud >/dev/null 2>&1; then
   echo "tpu_pod.sh: gcloud not found: install the Google Cloud SDK (https://cloud.google.com/sdk)" >&2
   exit 127
 fi
-ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v3-128}
-RUNTIME_VERSION=${RUNTIME_VERSION:-tpu-ubuntu2204-base}
-LOGDIR=${LOGDIR:-logs/$TPU_NAME}
+if [[ $ACTION == start && $WORKDIR != gs://* ]]; then
+  echo "tpu_pod.sh: warning: WORKDIR=$WORKDIR is not gs://; every worker must see the same directory" >&2
+fi
+
+ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v4-32}
+GENERATION=${ACCELERATOR_TYPE%%-*}
+SIZE=${ACCELERATOR_TYPE##*-}
+case "$GENERATION" in  # runtime image and hosts of each generation (suffix: cores or chips)
+  v2|v3) DEFAULT_RUNTIME=tpu-ubuntu2204-base; WORKERS=$(( (SIZE + 7) / 8 )) ;;
+  v4) DEFAULT_RUNTIME=tpu-ubuntu2204-base; WORKERS=$(( (SIZE + 7) / 8 )) ;;
+  v5p) DEFAULT_RUNTIME=v2-alpha-tpuv5; WORKERS=$(( (SIZE + 7) / 8 )) ;;
+  v5litepod) DEFAULT_RUNTIME=v2-alpha-tpuv5-lite; WORKERS=$(( SIZE <= 8 ? 1 : SIZE / 4 )) ;;
+  v6e) DEFAULT_RUNTIME=v2-alpha-tpuv6e; WORKERS=$(( SIZE <= 8 ? 1 : SIZE / 4 )) ;;
+  *) echo "tpu_pod.sh: ACCELERATOR_TYPE=$ACCELERATOR_TYPE is not one of v2-N, v3-N, v4-N, v5p-N, v5litepod-N, v6e-N" >&2; exit 2 ;;
+esac
+RUNTIME_VERSION=${RUNTIME_VERSION:-$DEFAULT_RUNTIME}
+PYTHON_VERSION=${PYTHON_VERSION:-3.11}
+PIP_EXTRAS=${PIP_EXTRAS-tpu}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 GC=(gcloud compute tpus tpu-vm)
-PROJ=(); [[ -n "${PROJECT:-}" ]] && PROJ=(--project="$PROJECT")
-WHERE=(--zone="$ZONE" "${PROJ[@]}")
+WHERE=(--zone="$ZONE")
+[[ -n "${PROJECT:-}" ]] && WHERE+=(--project="$PROJECT")
 
 run() {  # prints the command; runs it unless --dry-run
   printf '%q ' "$@"; echo
   [[ $DRY_RUN == 1 ]] || "$@"
 }
+on_workers() {  # on_workers WORKER|all SCRIPT: runs SCRIPT with bash on the worker(s)
+  local script=${2//$'\n'/; }  # one line: the printed command stays copy-pasteable
+  run "${GC[@]}" ssh "$TPU_NAME" --worker="$1" "${WHERE[@]}" --command="bash -c $(printf '%q' "$script")"
+}
 
-TRAIN=$(printf '%q ' python3 -m sasa_jax.main --workdir="$WORKDIR" \
-  --config.dataset.data_dir="$TFDS_DATA_DIR" "${ARGS[@]}")
+PIDFILE='$HOME/sasa_run.pid'
+LOG='$HOME/sasa_logs/train.log'
+ALIVE="[ -f $PIDFILE ] && kill -0 \$(cat $PIDFILE) 2>/dev/null"
+case "$ACTION" in
+  status)
+    on_workers all "if $ALIVE; then echo \"\$(hostname): running (pid \$(cat $PIDFILE))\"; else echo \"\$(hostname): not running\"; fi; tail -n 3 $LOG 2>/dev/null || true"
+    exit ;;
+  logs)
+    on_workers "$WORKER" "tail -n ${LINES:-100} $LOG"
+    exit ;;
+  stop)
+    on_workers all "if $ALIVE; then kill -TERM \$(cat $PIDFILE); for i in \$(seq 600); do $ALIVE || break; sleep 1; done; fi; if $ALIVE; then echo \"\$(hostname): still running\"; exit 1; else echo \"\$(hostname): stopped\"; tail -n 2 $LOG; fi"
+    exit ;;
+  check)
+    on_workers all "cd ~/sasa_jax && ~/sasa_venv/bin/python -m sasa_jax.distributed"
+    exit ;;
+esac
 
 if [[ $CREATE == 1 ]]; then
   run "${GC[@]}" create "$TPU_NAME" "${WHERE[@]}" --accelerator-type="$ACCELERATOR_TYPE" \
-    --version="$RUNTIME_VERSION"
+    --version="$RUNTIME_VERSION" ${SPOT:+--spot}
 fi
-if [[ -n "${REPO:-}" ]]; then
-  SETUP="rm -rf sasa_jax_src && git clone --depth 1 $(printf '%q' "$REPO") sasa_jax_src"
-else
-  run "${GC[@]}" scp --recurse "$ROOT" "$TPU_NAME":sasa_jax_src --worker=all "${WHERE[@]}"
-  SETUP="true"
-fi
-SETUP="$SETUP && cd sasa_jax_src && python3 -m pip install -q -e '.[tpu]'"
-run "${GC[@]}" ssh "$TPU_NAME" --worker=all "${WHERE[@]}" --command="$SETUP"
-[[ $DRY_RUN == 1 ]] || mkdir -p "$LOGDIR"
-# One ssh per worker so that each worker's output lands in its own log.
-WORKERS=${NUM_WORKERS:-$([[ $DRY_RUN == 1 ]] && echo 1 || \
-  "${GC[@]}" describe "$TPU_NAME" "${WHERE[@]}" --format='value(networkEndpoints.len())')}
-PIDS=()
-for ((w = 0; w < WORKERS; w++)); do
-  if [[ $DRY_RUN == 1 ]]; then
-    run "${GC[@]}" ssh "$TPU_NAME" --worker="$w" "${WHERE[@]}" --command="cd sasa_jax_src && $TRAIN"
-  else
-    "${GC[@]}" ssh "$TPU_NAME" --worker="$w" "${WHERE[@]}" \
-      --command="cd sasa_jax_src && $TRAIN" > "$LOGDIR/worker_$w.log" 2>&1 &
-    PIDS+=($!)
-  fi
-done
-STATUS=0
-for p in "${PIDS[@]}"; do wait "$p" || STATUS=$?; done
-[[ $DRY_RUN == 1 ]] || echo "tpu_pod.sh: workers finished (status $STATUS); logs in $LOGDIR"
-exit $STATUS
+# Ship the tracked files only (as they are in the working tree), never .venv or runs/.
+TARBALL=$(mktemp -d)/sasa_jax.tgz
+[[ $DRY_RUN == 1 ]] || (cd "$ROOT" && git ls-files -z | tar --null -czf "$TARBALL" -T -)
+run "${GC[@]}" scp "$TARBALL" "$TPU_NAME":sasa_jax.tgz --worker=all "${WHERE[@]}"
+EXTRAS=${PIP_EXTRAS:+[$PIP_EXTRAS]}
+SETUP="set -e
+if $ALIVE; then echo \"\$(hostname): a run is going (pid \$(cat $PIDFILE)); stop it first (--stop)\"; exit 1; fi
+rm -rf ~/sasa_jax.next && mkdir ~/sasa_jax.next && tar xzf ~/sasa_jax.tgz -C ~/sasa_jax.next
+rm -rf ~/sasa_jax.prev; if [ -d ~/sasa_jax ]; then mv ~/sasa_jax ~/sasa_jax.prev; fi; mv ~/sasa_jax.next ~/sasa_jax
+export PATH=\$HOME/.local/bin:\$PATH
+command -v uv >/dev/null || python3 -m pip install -q --user uv || python3 -m pip install -q --user --break-system-packages uv
+[ -x ~/sasa_venv/bin/python ] || uv venv -q --python $PYTHON_VERSION ~/sasa_venv
+uv pip install -q --python ~/sasa_venv/bin/python -e \"\$HOME/sasa_jax$EXTRAS\"
+echo \"\$(hostname): code and Python ready (\$(~/sasa_venv/bin/python --version))\""
+on_workers all "$SETUP"
+TRAIN=$(printf '%q ' -m sasa_jax.main "${ARGS[@]}" --workdir="$WORKDIR" \
+  --config.dataset.data_dir="$TFDS_DATA_DIR")
+START="mkdir -p ~/sasa_logs && cd ~/sasa_jax
+nohup setsid ~/sasa_venv/bin/python $TRAIN >> $LOG 2>&1 < /dev/null & echo \$! > $PIDFILE
+echo \"\$(hostname): started pid \$(cat $PIDFILE); log $LOG\""
+echo "# every one of the $WORKERS workers of $ACCELERATOR_TYPE ($RUNTIME_VERSION) runs: python $TRAIN"
+on_workers all "$START"
+[[ $DRY_RUN == 1 ]] || echo "tpu_pod.sh: started; follow with --status, --logs [--worker=N]; stop with --stop"

@@ -1,0 +1,152 @@
+"""launch/tpu_pod.sh: every command it prints through the real gcloud argument parser, and
+the whole flow (ship, Python set-up, detached start, status, logs, stop) against a fake
+gcloud (tests/fake_gcloud.py) whose 2 workers are process directories on this machine."""
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import helpers
+from tests.conftest import require
+
+SCRIPT = os.path.join(helpers.ROOT, "launch", "tpu_pod.sh")
+FMNIST = f"configs/fashion_mnist.py:{helpers.TINY_MODEL}"
+BASE = {"TPU_NAME": "pod", "ZONE": "us-central2-b", "WORKDIR": "gs://b/run",
+        "TFDS_DATA_DIR": "gs://b/tfds", "PROJECT": "my-project"}
+
+
+def _launch(*args, env=None, timeout=120):
+  e = {k: v for k, v in os.environ.items() if k not in BASE}
+  e.update(env or {})
+  return subprocess.run([SCRIPT, *args], capture_output=True, text=True, env=e,
+                        cwd=helpers.ROOT, timeout=timeout)
+
+
+def _gcloud_lines(stdout):
+  return [shlex.split(line) for line in stdout.splitlines() if line.startswith("gcloud ")]
+
+
+def test_dry_run_prints_every_command_and_each_parses_in_real_gcloud(tmp_path):
+  runs = [_launch("--create", "--dry-run", f"--config={FMNIST}", "--config.seed=3",
+                  env={**BASE, "SPOT": "1"}),
+          *[_launch(f"--{a}", "--dry-run", env=BASE) for a in ("status", "stop", "check")],
+          _launch("--logs", "--worker=3", "--dry-run", env=BASE)]
+  for proc in runs:
+    assert proc.returncode == 0, proc.stderr
+  start = _gcloud_lines(runs[0].stdout)
+  verbs = [c[4] for c in start]
+  assert verbs == ["create", "scp", "ssh", "ssh"]  # create, ship, set up, start
+  assert "--spot" in start[0] and "--accelerator-type=v4-32" in start[0]
+  assert "--version=tpu-ubuntu2204-base" in start[0]
+  assert all("--worker=all" in c for c in start[1:])
+  remote = shlex.split(start[3][-1][len("--command="):])[2]  # bash -c SCRIPT
+  assert "nohup setsid" in remote and "--config.seed=3" in remote
+  assert "--workdir=gs://b/run" in remote and "--config.dataset.data_dir=gs://b/tfds" in remote
+  assert remote.index("--config=") < remote.index("--config.seed")
+  assert "every one of the 4 workers of v4-32" in runs[0].stdout
+  assert "--worker=3" in _gcloud_lines(runs[-1].stdout)[0]
+
+  require(None if shutil.which("gcloud") else "gcloud (Google Cloud SDK) not installed",
+          in_ci=False)
+  env = dict(os.environ, CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+             CLOUDSDK_CORE_DISABLE_PROMPTS="1")
+  commands = [c for proc in runs for c in _gcloud_lines(proc.stdout)]
+  assert len(commands) == 8
+  for command in commands:
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0  # no credentials here: it fails after parsing
+    assert "unrecognized arguments" not in proc.stderr, (command, proc.stderr)
+    assert not re.search(r"argument --?\w+", proc.stderr), (command, proc.stderr)
+    assert "active account" in proc.stderr or "credential" in proc.stderr.lower(), proc.stderr
+
+
+@pytest.mark.parametrize("accelerator,runtime,workers", [
+    ("v4-32", "tpu-ubuntu2204-base", 4), ("v5litepod-16", "v2-alpha-tpuv5-lite", 4),
+    ("v5litepod-8", "v2-alpha-tpuv5-lite", 1), ("v5p-128", "v2-alpha-tpuv5", 16),
+    ("v6e-64", "v2-alpha-tpuv6e", 16), ("v3-128", "tpu-ubuntu2204-base", 16)])
+def test_accelerator_defaults_fit_each_generation(accelerator, runtime, workers):
+  proc = _launch("--create", "--dry-run", f"--config={FMNIST}",
+                 env={**BASE, "ACCELERATOR_TYPE": accelerator})
+  assert f"--version={runtime}" in proc.stdout
+  assert f"every one of the {workers} workers of {accelerator}" in proc.stdout
+  override = _launch("--create", "--dry-run", f"--config={FMNIST}",
+                     env={**BASE, "ACCELERATOR_TYPE": accelerator, "RUNTIME_VERSION": "mine"})
+  assert "--version=mine" in override.stdout
+
+
+def test_missing_variables_and_unknown_accelerator_are_named():
+  proc = _launch(f"--config={FMNIST}", env={"TPU_NAME": "t", "ZONE": "z"})
+  assert proc.returncode == 2 and "WORKDIR TFDS_DATA_DIR required" in proc.stderr
+  proc = _launch("--status", env={"ZONE": "z"})
+  assert proc.returncode == 2 and "TPU_NAME required" in proc.stderr
+  proc = _launch("--dry-run", f"--config={FMNIST}", env={**BASE, "ACCELERATOR_TYPE": "v9-8"})
+  assert proc.returncode == 2 and "ACCELERATOR_TYPE=v9-8 is not one of" in proc.stderr
+
+
+def _worker_log(root, i):
+  path = root / "pod" / f"worker_{i}" / "sasa_logs" / "train.log"
+  return path.read_text() if path.exists() else ""
+
+
+def _wait(predicate, timeout, what):
+  deadline = time.time() + timeout
+  while not predicate():
+    assert time.time() < deadline, what()
+    time.sleep(1)
+
+
+def test_whole_flow_on_a_fake_slice(fmnist_dir, tmp_path):
+  root = tmp_path / "gcloud"
+  bindir = tmp_path / "bin"
+  root.mkdir()
+  bindir.mkdir()
+  (bindir / "gcloud").write_text(
+      f"#!/bin/sh\nexec {sys.executable} {helpers.ROOT}/tests/fake_gcloud.py \"$@\"\n")
+  (bindir / "gcloud").chmod(0o755)
+  env = helpers.env(FAKE_GCLOUD_ROOT=str(root), FAKE_GCLOUD_WORKERS="2", PIP_EXTRAS="",
+                    UV_CACHE_DIR=os.path.join(helpers.ROOT, ".cache", "uv"),
+                    TPU_NAME="pod", ZONE="z", WORKDIR=str(tmp_path / "run"),
+                    TFDS_DATA_DIR=fmnist_dir, SASA_HEARTBEAT_TIMEOUT="30")
+  env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
+  flags = [f for f in helpers.tiny_flags(fmnist_dir, 4) if "data_dir" not in f]
+
+  first = _launch("--create", f"--config={FMNIST}", *flags, env=env, timeout=900)
+  assert first.returncode == 0, first.stdout + first.stderr
+  assert first.stdout.count("code and Python ready (Python 3.11") == 2
+  calls = [json.loads(line)[3] for line in (root / "calls.jsonl").read_text().splitlines()]
+  assert calls == ["create", "scp", "ssh", "ssh"]
+  home = root / "pod" / "worker_1"
+  assert (home / "sasa_jax" / "setup.py").exists() and not (home / "sasa_jax" / ".venv").exists()
+  finals = lambda: [re.findall(r"final parameters at step (\d+): sha256 (\w+)",  # noqa: E731
+                               _worker_log(root, i)) for i in range(2)]
+  _wait(lambda: all(finals()), 600, lambda: [_worker_log(root, i)[-2000:] for i in range(2)])
+  assert finals()[0] == finals()[1] and finals()[0][0][0] == "4"
+  _wait(lambda: _launch("--status", env=env).stdout.count("not running") == 2, 120,
+        lambda: _launch("--status", env=env).stdout)
+
+  # A second start replaces the shipped code; --stop saves one agreed step on every worker.
+  flags = [f for f in helpers.tiny_flags(fmnist_dir, 100_000, ckpt_every=100_000)
+           if "data_dir" not in f]
+  second = _launch(f"--config={FMNIST}", *flags, env={**env, "WORKDIR": str(tmp_path / "b")},
+                   timeout=900)
+  assert second.returncode == 0, second.stdout + second.stderr
+  assert (home / "sasa_jax.prev" / "setup.py").exists()
+  assert not (home / "sasa_jax" / "sasa_jax.prev").exists()
+  _wait(lambda: all(_worker_log(root, i).count("train/loss=") >= 6 for i in range(2)), 300,
+        lambda: [_worker_log(root, i)[-2000:] for i in range(2)])
+  assert _launch("--status", env=env).stdout.count(": running (pid") == 2
+  again = _launch(f"--config={FMNIST}", *flags, env=env)
+  assert again.returncode != 0 and "a run is going" in again.stdout
+  stop = _launch("--stop", env=env, timeout=300)
+  assert stop.returncode == 0 and stop.stdout.count(": stopped") == 2, stop.stdout
+  saved = [re.findall(r"preempted: checkpoint at step (\d+)", _worker_log(root, i))
+           for i in range(2)]
+  assert saved[0] == saved[1] and len(saved[0]) == 1
+  logs = _launch("--logs", "--worker=1", env=env)
+  assert "preempted: checkpoint at step" in logs.stdout
