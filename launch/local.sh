@@ -53,7 +53,7 @@ fi
 mkdir -p "$LOGDIR"
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap 'cleanup; exit 143' TERM INT
+trap 'cleanup; wait; exit 143' TERM INT  # the processes save first
 cd "$ROOT"
 for ((i = 0; i < N; i++)); do
   echo "local.sh: process $i: $(cmd_for "$i")"
