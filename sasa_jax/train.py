@@ -31,17 +31,18 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sasa_jax import data as data_lib
+from sasa_jax import optim
+from sasa_jax.base_config import LOOP_SET_MODEL_FIELDS
 from sasa_jax.metric_writers import create_writer
 from sasa_jax.models import OVERRIDES, create_resnet
 
-# Fields the loop reads; a config missing one fails before anything is built.
+# Fields the loop reads (base_config.get_config declares them all).
 REQUIRED_FIELDS = (
-    "model", "dataset", "batch_size", "num_epochs", "num_train_steps", "learning_rate",
-    "momentum", "nesterov", "warmup_epochs", "weight_decay", "label_smoothing", "ema_decay",
-    "bn_momentum", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-    "keep_checkpoints", "seed", "dtype", "profile", "compilation_cache_dir")
+    "model", "dataset", "batch_size", "num_epochs", "num_train_steps", "optimizer", "schedule",
+    "label_smoothing", "ema_decay", "bn_momentum", "log_every_steps", "eval_every_steps",
+    "checkpoint_every_steps", "keep_checkpoints", "seed", "dtype", "profile",
+    "compilation_cache_dir")
 DATASET_FIELDS = ("name", "data_dir", "image_size", "train_split", "eval_split", "shuffle_buffer")
-LOOP_SET_MODEL_FIELDS = ("dtype", "bn_momentum")  # taken from the top-level config
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -54,10 +55,13 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the bad field, its value and what is allowed."""
+  """Raises ValueError naming the bad field, its value and what is allowed, before any data
+  is read or anything compiled: the model is built abstractly (jax.eval_shape), so that a
+  layer or implementation that cannot take the config fails here."""
   missing = [f for f in REQUIRED_FIELDS if f not in config]
   if missing:
-    raise ValueError(f"config is missing field(s) {missing}")
+    raise ValueError(f"config is missing field(s) {missing} (configs start from "
+                     "sasa_jax.base_config.get_config())")
   missing = [f for f in DATASET_FIELDS if f not in config.dataset]
   if missing:
     raise ValueError(f"config.dataset is missing field(s) {missing}")
@@ -67,10 +71,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for f in LOOP_SET_MODEL_FIELDS:
     if f in config.model:
       raise ValueError(f"config.model.{f} is set by the top-level config.{f}; remove it")
-  unknown = sorted(set(config.model) - set(OVERRIDES) - {"depth", "variant"})
+  allowed = {"depth", "variant", *OVERRIDES}
+  unknown = sorted(set(config.model) - allowed)
   if unknown:
     raise ValueError(f"config.model has unknown field(s) {unknown}; allowed (the keyword "
-                     f"arguments of create_resnet): {['depth', 'variant'] + sorted(OVERRIDES)}")
+                     f"arguments of create_resnet): {sorted(allowed - set(LOOP_SET_MODEL_FIELDS))}")
   if config.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.dtype={config.dtype!r} is not allowed; choose one of "
                      "('float32', 'bfloat16')")
@@ -84,7 +89,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for f in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[f] <= 0:
       raise ValueError(f"config.{f}={config[f]} must be > 0")
-  create_model(config)  # model fields: raises ValueError naming the field
+  optim.validate(config.optimizer, config.schedule)
+  model = create_model(config)  # model fields: raises ValueError naming the field
+  size = config.dataset.image_size
+  shape = (1, size, size, len(data_lib.DATASETS[config.dataset.name].mean))
+  try:
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+  except (ValueError, TypeError, NotImplementedError) as e:
+    raise ValueError(f"config.model {dict(config.model)} cannot be built for "
+                     f"{size}x{size} images: {e}") from e
 
 
 def create_model(config):
@@ -94,25 +107,10 @@ def create_model(config):
     raise ValueError(f"config.model: {e}") from e
 
 
-def learning_rate_schedule(config, steps_per_epoch: int, num_steps: int):
-  """Linear warm-up to learning_rate x batch / 256, then cosine decay to 0."""
-  peak = config.learning_rate * config.batch_size / 256
-  warmup = min(int(config.warmup_epochs * steps_per_epoch), num_steps - 1)
-  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps=warmup,
-                                            decay_steps=num_steps, end_value=0.0)
-
-
-def create_optimizer(config, schedule):
-  """Nesterov SGD with decoupled-from-BN weight decay (kernels and embeddings only)."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-                     optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
-
-
 def train_step(state, batch, *, model, tx, schedule, config):
   """One step on the global batch {"image": [B, S, S, C], "label": [B]}."""
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
-  num_classes = config.model.get("num_classes", OVERRIDES["num_classes"])
+  num_classes = config.model.num_classes
   images = data_lib.normalize(batch["image"], config.dataset.name)
 
   def loss_fn(params):
@@ -277,8 +275,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   channels = len(data_lib.DATASETS[config.dataset.name].mean)
 
   model = create_model(config)
-  schedule = learning_rate_schedule(config, steps_per_epoch, num_steps)
-  tx = create_optimizer(config, schedule)
+  schedule = optim.create_schedule(config.schedule, steps_per_epoch, num_steps)
+  tx = optim.create_optimizer(config.optimizer, schedule)
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())

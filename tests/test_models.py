@@ -57,14 +57,13 @@ def test_bfloat16_model():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(variant="attention"), r"variant='attention' is not allowed; choose one of \('baseline', 'conv_stem_attention', 'full_attention'\)"),
-    (dict(depth=101), r"depth=101 is not allowed; choose one of \(26, 38, 50\)"),
-    (dict(kernel=7), r"unknown create_resnet keyword\(s\) \['kernel'\]; allowed: .*'kernel_size'"),
-    (dict(stem_type="resnet"), r"stem_type='resnet' is not allowed; choose one of \('conv', 'spatially_aware'"),
+    (dict(variant="attention"), r"variant='attention' is not allowed; choose one of"),
+    (dict(depth=101), r"depth=101 is not allowed; choose one of"),
+    (dict(stem_type="resnet"), r"stem_type='resnet' is not allowed; choose one of"),
     (dict(attention_groups=(0, 1)), r"attention_groups entry=0 is not allowed"),
-    (dict(kernel_size=4), r"kernel_size=4 is not allowed"),
-    (dict(dtype="float16"), r"dtype='float16' is not allowed; choose one of \('float32', 'bfloat16'\)"),
-    (dict(num_heads=3), r"num_heads=3 .* group 1 has width 64"),
+    (dict(kernel_size=4), r"kernel_size=4 \(group 1\) is not allowed"),
+    (dict(dtype="float16"), r"dtype='float16' is not allowed; choose one of"),
+    (dict(num_heads=3), r"num_heads=3 \(group 1\): the layer's width 64 must be a multiple of 6"),
 ])
 def test_bad_arguments(kw, match):
   kw = {"depth": 50, "variant": "full_attention", **kw}

@@ -150,7 +150,7 @@ def test_images_cross_to_the_device_as_uint8(fmnist_dir):
 
 def test_divergence_stops_at_the_next_check_and_keeps_finite_checkpoints(fmnist_dir, tmp_path):
   flags = helpers.tiny_flags(fmnist_dir, 40, ckpt_every=2, log_every=5)
-  flags += ["--config.learning_rate=1000", "--config.warmup_epochs=2",
+  flags += ["--config.schedule.peak_value=62.5", "--config.schedule.warmup_epochs=2",
             "--config.keep_checkpoints=2"]
   proc = helpers.run_main(FMNIST, tmp_path, flags, check=False)
   assert proc.returncode != 0

@@ -1,4 +1,5 @@
 """The SASA layer: multi-head local self-attention replacing a k x k convolution."""
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -14,6 +15,42 @@ def check_choice(field: str, value, allowed) -> None:
   """Raises ValueError naming `field`, its `value` and the `allowed` values."""
   if value not in allowed:
     raise ValueError(f"{field}={value!r} is not allowed; choose one of {tuple(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSettings:
+  """What a SASA layer is configured with besides its width and stride; the one place where
+  the layer's rules are checked (`check`), by the layer itself and by `create_resnet`."""
+  kernel_size: int = 7
+  num_heads: int = 8
+  positional_encoding: str = "relative"
+  attention_type: str = "qk+qr"
+  scale_query: bool = False
+  impl: str = "auto"
+
+  def check(self, features: int | None = None, where: str = "") -> None:
+    """Raises ValueError naming the field, its value and what is allowed; `where` says
+    which layer (e.g. "group 2")."""
+    at = f" ({where})" if where else ""
+    check_choice("positional_encoding", self.positional_encoding, POSITIONAL_ENCODINGS)
+    check_choice("attention_type", self.attention_type, ATTENTION_TYPES)
+    check_choice("impl", self.impl, IMPLS)
+    k = self.kernel_size
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k % 2 == 0:
+      raise ValueError(f"kernel_size={k!r}{at} is not allowed; it must be a positive odd int")
+    if not isinstance(self.num_heads, int) or self.num_heads < 1:
+      raise ValueError(f"num_heads={self.num_heads!r}{at} must be a positive int")
+    if self.attention_type == "qr" and self.positional_encoding == "none":
+      raise ValueError("attention_type='qr' needs positional_encoding 'relative' or 'absolute'")
+    if features is None:
+      return
+    positional = self.positional_encoding != "none"
+    per_head = 2 * self.num_heads if positional else self.num_heads
+    if features % per_head:
+      why = ("num_heads x an even head dimension, for the positional embeddings" if positional
+             else "num_heads")
+      raise ValueError(f"num_heads={self.num_heads}{at}: the layer's width {features} must be "
+                       f"a multiple of {per_head} ({why})")
 
 
 class SelfAttention2D(nn.Module):
@@ -44,18 +81,14 @@ class SelfAttention2D(nn.Module):
   kernel_init: Callable = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
   value_init: Callable = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
+  @classmethod
+  def from_settings(cls, settings: AttentionSettings, features: int, **kwargs):
+    return cls(features, **dataclasses.asdict(settings), **kwargs)
+
   def _check(self):
-    check_choice("positional_encoding", self.positional_encoding, POSITIONAL_ENCODINGS)
-    check_choice("attention_type", self.attention_type, ATTENTION_TYPES)
     check_choice("stride", self.stride, (1, 2))
-    check_choice("impl", self.impl, IMPLS)
-    if self.features % self.num_heads:
-      raise ValueError(f"features={self.features} must be divisible by num_heads={self.num_heads}")
-    if self.positional_encoding != "none" and (self.features // self.num_heads) % 2:
-      raise ValueError(f"positional_encoding={self.positional_encoding!r} needs an even head "
-                       f"dimension features / num_heads, got {self.features} / {self.num_heads}")
-    if self.attention_type == "qr" and self.positional_encoding == "none":
-      raise ValueError("attention_type='qr' needs positional_encoding 'relative' or 'absolute'")
+    AttentionSettings(self.kernel_size, self.num_heads, self.positional_encoding,
+                      self.attention_type, self.scale_query, self.impl).check(self.features)
 
   @nn.compact
   def __call__(self, x):

@@ -1,97 +1,108 @@
 """create_resnet: the model zoo's one entry point; its keyword arguments are config.model."""
+import inspect
+from typing import Sequence
+
 import jax.numpy as jnp
 
-from sasa_jax.layers import ATTENTION_STEM_TYPES, ATTENTION_TYPES, POSITIONAL_ENCODINGS
+from sasa_jax.layers import ATTENTION_STEM_TYPES, AttentionSettings
 from sasa_jax.layers.attention import check_choice
 from sasa_jax.models.resnet import STAGE_BLOCKS, STAGE_WIDTHS, STEM_WIDTH, SASAResNet
-from sasa_jax.ops import IMPLS
 
 VARIANTS = {
-    # variant: (attention_groups, stem_type)
+    # variant: (attention_groups, stem_type) when not given
     "baseline": ((), "conv"),
     "conv_stem_attention": ((1, 2, 3, 4), "conv"),
     "full_attention": ((1, 2, 3, 4), "spatially_aware"),
 }
 STEM_TYPES = ("conv",) + ATTENTION_STEM_TYPES
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-# Every keyword create_resnet accepts besides depth and variant, with its default.
-# None means "the variant's choice".
-OVERRIDES = {
-    "num_classes": 1000,
-    "width_multiplier": 1.0,
-    "kernel_size": 7,
-    "num_heads": 8,
-    "attention_groups": None,
-    "positional_encoding": "relative",
-    "attention_type": "qk+qr",
-    "scale_query": False,
-    "stem_type": None,
-    "stem_mixtures": 4,
-    "small_images": False,
-    "bn_momentum": 0.9,
-    "dtype": "float32",
-    "impl": "auto",
-}
+PER_GROUP = ("kernel_size", "num_heads")  # one value, or one per attention group
 
 
-def create_resnet(depth: int = 50, variant: str = "full_attention", **overrides) -> SASAResNet:
-  """Builds a ResNet of the SASA paper. See OVERRIDES for the keywords and defaults.
+def create_resnet(depth: int = 50, variant: str = "full_attention", *,
+                  num_classes: int = 1000,
+                  width_multiplier: float = 1.0,
+                  kernel_size: int | Sequence[int] = 7,
+                  num_heads: int | Sequence[int] = 8,
+                  attention_groups: Sequence[int] | None = None,
+                  positional_encoding: str = "relative",
+                  attention_type: str = "qk+qr",
+                  scale_query: bool = False,
+                  stem_type: str | None = None,
+                  stem_mixtures: int = 4,
+                  small_images: bool = False,
+                  bn_momentum: float = 0.9,
+                  dtype: str = "float32",
+                  impl: str = "auto") -> SASAResNet:
+  """Builds a ResNet of the SASA paper.
 
   depth: 26, 38 or 50 (blocks per group [1,2,4,1], [2,3,5,2], [3,4,6,3]).
-  variant: "baseline" (all conv), "conv_stem_attention" (attention in every group,
-    conv stem) or "full_attention" (attention stem too).
-  attention_groups: which groups (1-4) use attention (Table 3); the variant's default
-    is all four for attention variants and none for the baseline.
-  stem_type: "conv" or an attention stem (Table 7); default from the variant.
+  variant: "baseline" (convolutions everywhere: attention_groups and stem_type do not
+    apply), "conv_stem_attention" (attention in attention_groups, default all four, conv
+    stem) or "full_attention" (the same with an attention stem, default spatially aware).
+  attention_groups: which groups (1-4) use attention (Table 3); None: the variant's.
+  kernel_size, num_heads: one value for every attention group, or one per group of
+    attention_groups (e.g. kernel_size=(7, 7, 5) with attention_groups=(2, 3, 4)).
+  stem_type: "conv" or an attention stem (Table 7); None: the variant's.
+  small_images: a stem for 28-32 px inputs (3x3 conv + 2x2 max pool, or 2x2 attention blocks).
   dtype: "float32" or "bfloat16" (activations and matmuls; parameters stay float32).
+  impl: the op implementation of every attention layer and the attention stem.
+  Raises ValueError naming the keyword, its value and what is allowed.
   """
   check_choice("depth", depth, tuple(STAGE_BLOCKS))
   check_choice("variant", variant, tuple(VARIANTS))
-  unknown = sorted(set(overrides) - set(OVERRIDES))
-  if unknown:
-    raise ValueError(f"unknown create_resnet keyword(s) {unknown}; allowed: "
-                     f"{['depth', 'variant'] + sorted(OVERRIDES)}")
-  cfg = {**OVERRIDES, **overrides}
-  groups, stem = VARIANTS[variant]
-  groups = tuple(groups if cfg["attention_groups"] is None else cfg["attention_groups"])
-  stem = stem if cfg["stem_type"] is None else cfg["stem_type"]
+  check_choice("dtype", dtype, tuple(DTYPES))
+  if not width_multiplier > 0:
+    raise ValueError(f"width_multiplier={width_multiplier!r} is not allowed; it must be > 0")
+  default_groups, default_stem = VARIANTS[variant]
+  if variant == "baseline":
+    groups, stem = (), "conv"
+  else:
+    groups = tuple(default_groups if attention_groups is None else attention_groups)
+    stem = default_stem if stem_type is None else stem_type
   for g in groups:
     check_choice("attention_groups entry", g, (1, 2, 3, 4))
+  if len(set(groups)) != len(groups):
+    raise ValueError(f"attention_groups={groups!r} names a group twice")
   check_choice("stem_type", stem, STEM_TYPES)
-  check_choice("positional_encoding", cfg["positional_encoding"], POSITIONAL_ENCODINGS)
-  check_choice("attention_type", cfg["attention_type"], ATTENTION_TYPES)
-  check_choice("impl", cfg["impl"], IMPLS)
-  check_choice("dtype", cfg["dtype"], tuple(DTYPES))
-  k = cfg["kernel_size"]
-  if not isinstance(k, int) or k < 1 or k % 2 == 0:
-    raise ValueError(f"kernel_size={k!r} is not allowed; it must be a positive odd int")
-  wm = cfg["width_multiplier"]
-  if not wm > 0:
-    raise ValueError(f"width_multiplier={wm!r} is not allowed; it must be > 0")
-  if groups:
-    heads = cfg["num_heads"]
-    for g in groups:
-      width = int(round(STAGE_WIDTHS[g - 1] * wm))
-      per_head = 2 * heads if cfg["positional_encoding"] != "none" else heads
-      if width % per_head:
-        raise ValueError(f"num_heads={heads} with width_multiplier={wm}: group {g} has width "
-                         f"{width}, which must be a multiple of {per_head} (heads x even head dim)")
-  if stem != "conv" and int(round(STEM_WIDTH * wm)) % 4:
-    raise ValueError(f"width_multiplier={wm}: the attention stem's width "
-                     f"{int(round(STEM_WIDTH * wm))} must be a multiple of its 4 heads")
+  per_group = {name: _per_group(name, value, groups)
+               for name, value in (("kernel_size", kernel_size), ("num_heads", num_heads))}
+  group_attention = [None] * 4
+  for i, g in enumerate(sorted(groups)):
+    settings = AttentionSettings(
+        kernel_size=per_group["kernel_size"][groups.index(g)],
+        num_heads=per_group["num_heads"][groups.index(g)],
+        positional_encoding=positional_encoding, attention_type=attention_type,
+        scale_query=scale_query, impl=impl)
+    settings.check(int(round(STAGE_WIDTHS[g - 1] * width_multiplier)), where=f"group {g}")
+    group_attention[g - 1] = settings
+  if not groups:  # the settings still must be valid values
+    AttentionSettings(positional_encoding=positional_encoding, attention_type=attention_type,
+                      impl=impl).check()
+  if stem != "conv" and int(round(STEM_WIDTH * width_multiplier)) % 4:
+    raise ValueError(f"width_multiplier={width_multiplier}: the attention stem's width "
+                     f"{int(round(STEM_WIDTH * width_multiplier))} must be a multiple of its "
+                     "4 heads")
   return SASAResNet(
-      stage_blocks=STAGE_BLOCKS[depth],
-      num_classes=cfg["num_classes"],
-      width_multiplier=wm,
-      attention_groups=groups,
-      stem_type=stem,
-      small_images=cfg["small_images"],
-      stem_mixtures=cfg["stem_mixtures"],
-      attention_kwargs=dict(kernel_size=k, num_heads=cfg["num_heads"],
-                            positional_encoding=cfg["positional_encoding"],
-                            attention_type=cfg["attention_type"],
-                            scale_query=cfg["scale_query"], impl=cfg["impl"]),
-      bn_momentum=cfg["bn_momentum"],
-      dtype=DTYPES[cfg["dtype"]],
-  )
+      stage_blocks=STAGE_BLOCKS[depth], num_classes=num_classes,
+      width_multiplier=width_multiplier, group_attention=tuple(group_attention),
+      stem_type=stem, small_images=small_images, stem_mixtures=stem_mixtures, stem_impl=impl,
+      bn_momentum=bn_momentum, dtype=DTYPES[dtype])
+
+
+def _per_group(name, value, groups) -> tuple:
+  """One value per attention group, from one value or a sequence of one per group."""
+  if isinstance(value, (list, tuple)):
+    if len(value) == 1:
+      return tuple(value) * len(groups)
+    if len(value) != len(groups):
+      raise ValueError(f"{name}={tuple(value)!r} gives {len(value)} values for "
+                       f"{len(groups)} attention group(s) {tuple(groups)}; give one value or "
+                       "one per group")
+    return tuple(value)
+  return (value,) * len(groups)
+
+
+# Every keyword create_resnet accepts besides depth and variant, with its default.
+OVERRIDES = {name: p.default for name, p in inspect.signature(create_resnet).parameters.items()
+             if p.kind == p.KEYWORD_ONLY}

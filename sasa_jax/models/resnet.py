@@ -5,7 +5,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sasa_jax.layers import AttentionStem, SelfAttention2D
+from sasa_jax.layers import AttentionSettings, AttentionStem, SelfAttention2D
 
 STAGE_BLOCKS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck widths; block outputs are 4x these
@@ -20,8 +20,7 @@ class BottleneckBlock(nn.Module):
   """
   filters: int
   strides: int
-  attention: bool
-  attention_kwargs: Any
+  attention: AttentionSettings | None  # None: a 3x3 convolution
   norm: Any
   dtype: Any = jnp.float32
 
@@ -29,9 +28,9 @@ class BottleneckBlock(nn.Module):
   def __call__(self, x):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
     y = nn.relu(self.norm()(conv(self.filters, (1, 1), name="conv1")(x)))
-    if self.attention:
-      y = SelfAttention2D(self.filters, stride=self.strides, dtype=self.dtype, name="attention",
-                          **self.attention_kwargs)(y)
+    if self.attention is not None:
+      y = SelfAttention2D.from_settings(self.attention, self.filters, stride=self.strides,
+                                        dtype=self.dtype, name="attention")(y)
     else:
       y = conv(self.filters, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)),
                name="conv2")(y)
@@ -48,19 +47,21 @@ class SASAResNet(nn.Module):
 
   Attributes:
     stage_blocks: bottleneck blocks per group 1-4.
-    attention_groups: which of groups 1-4 use attention instead of 3x3 convolutions.
+    group_attention: per group 1-4, the AttentionSettings of its SASA layers, or None for
+      3x3 convolutions.
     stem_type: "conv" (7x7/2 conv + 3x3/2 max pool) or an AttentionStem type.
+    stem_impl: the attention stem's op implementation.
     small_images: for 28-32 px inputs: a 3x3/1 conv + 2x2/2 max pool stem, or an
       attention stem over 2x2 blocks (+ 2x2 max pool): both halve the resolution.
   """
   stage_blocks: Sequence[int]
   num_classes: int = 1000
   width_multiplier: float = 1.0
-  attention_groups: Sequence[int] = ()
+  group_attention: Sequence[AttentionSettings | None] = (None, None, None, None)
   stem_type: str = "conv"
   small_images: bool = False
   stem_mixtures: int = 4
-  attention_kwargs: Any = None
+  stem_impl: str = "auto"
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
 
@@ -84,13 +85,12 @@ class SASAResNet(nn.Module):
       x = AttentionStem(width(STEM_WIDTH), stem_type=self.stem_type,
                         block_size=2 if self.small_images else 4,
                         num_mixtures=self.stem_mixtures, bn_momentum=self.bn_momentum,
-                        dtype=self.dtype, impl=(self.attention_kwargs or {}).get("impl", "auto"),
+                        dtype=self.dtype, impl=self.stem_impl,
                         name="stem")(x, train=train)
     for group, (blocks, filters) in enumerate(zip(self.stage_blocks, STAGE_WIDTHS), start=1):
       for i in range(blocks):
         x = BottleneckBlock(width(filters), strides=2 if (i == 0 and group > 1) else 1,
-                            attention=group in self.attention_groups,
-                            attention_kwargs=self.attention_kwargs or {}, norm=norm,
+                            attention=self.group_attention[group - 1], norm=norm,
                             dtype=self.dtype, name=f"group{group}_block{i + 1}")(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,

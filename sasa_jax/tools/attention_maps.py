@@ -20,30 +20,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sasa_jax import data as data_lib  # noqa: E402
+from sasa_jax.ops.reference import window_logits  # noqa: E402
 from sasa_jax.tools.runs import read_config, restore_variables  # noqa: E402
 
 
 def window_probabilities(q, k, rel_h, rel_w, y, x, kernel_size, num_heads):
-  """[heads, k, k] softmax of query (y, x) over its window (outside the image: 0).
+  """[heads, k, k] softmax of query (y, x) over its window (outside the image: 0), from the
+  op's own logit formula (`sasa_jax.ops.reference.window_logits`).
 
-  q, k: [H, W, C] of one image; rel_h, rel_w: [k, d/2] or None."""
-  h, w, c = q.shape
-  d, r = c // num_heads, kernel_size // 2
-  probs = np.zeros((num_heads, kernel_size, kernel_size))
-  for n in range(num_heads):
-    qq = q[y, x, n * d:(n + 1) * d]
-    logits = np.full((kernel_size, kernel_size), -np.inf)
-    for i in range(kernel_size):
-      for j in range(kernel_size):
-        yy, xx = y + i - r, x + j - r
-        if 0 <= yy < h and 0 <= xx < w:
-          logit = qq @ k[yy, xx, n * d:(n + 1) * d]
-          if rel_h is not None:
-            logit += qq[: d // 2] @ rel_h[i] + qq[d // 2:] @ rel_w[j]
-          logits[i, j] = logit
-    e = np.exp(logits - logits.max())
-    probs[n] = e / e.sum()
-  return probs
+  q, k: [H, W, C] of one image (k None: positional logits only); rel_h, rel_w: [k, d/2] or None."""
+  logits = window_logits(q[None], None if k is None else k[None], rel_h, rel_w,
+                         kernel_size=kernel_size, num_heads=num_heads)[0, y, x]  # [N, k*k]
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  return probs.reshape(num_heads, kernel_size, kernel_size)
 
 
 def attention_layers(params) -> list[str]:
@@ -81,11 +70,9 @@ def draw(workdir, image_index, layer=None, queries=None, out=None):
   inter = state["intermediates"][layer]["attention"]
   p = variables["params"][layer]["attention"]
   q = np.asarray(inter["query"]["__call__"][0])[0]
-  if "key" in inter:
-    k = np.asarray(inter["key"]["__call__"][0])[0]
-  else:
-    k = np.zeros_like(q)
-  ks, heads = config.model.kernel_size, config.model.num_heads
+  k = np.asarray(inter["key"]["__call__"][0])[0] if "key" in inter else None
+  settings = model.group_attention[int(layer.split("_")[0][len("group"):]) - 1]
+  ks, heads = settings.kernel_size, settings.num_heads
   rel_h = np.asarray(p["rel_h"]) if "rel_h" in p else None
   rel_w = np.asarray(p["rel_w"]) if "rel_w" in p else None
   gh, gw = q.shape[:2]

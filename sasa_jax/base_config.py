@@ -1,0 +1,124 @@
+"""The one config shape that every config in configs/ overrides.
+
+`get_config()` declares every field the loop reads, and config.model declares every
+keyword of `create_resnet` (None: the variant's choice), so that a config-string argument
+(`configs/X.py:kernel_size=5`) and the matching flag (`--config.model.kernel_size=5`) always
+build the same model. Config strings: `apply_arg(config, "a=1,b=x", **extras)` sets model
+fields and top-level fields by name and returns the config's own extra arguments.
+
+Command-line forms of sequences: config strings use dashes (`attention_groups=2-3-4`,
+`kernel_size=7-7-5`, `attention_groups=none`); flags use commas
+(`--config.model.attention_groups=2,3,4`, `--config.model.kernel_size=7,7,5`,
+`--config.model.attention_groups=()`).
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from sasa_jax.models.factory import OVERRIDES, PER_GROUP
+
+# Set at the top level of the config (the loop passes them to create_resnet).
+LOOP_SET_MODEL_FIELDS = ("dtype", "bn_momentum")
+# create_resnet keywords whose default is None, with the type a config field holds.
+NONE_DEFAULT_TYPES = {"attention_groups": tuple, "stem_type": str}
+TOP_LEVEL_ARGS = ("seed", "batch_size", "num_epochs", "dtype")
+
+
+def model_config(**values) -> ml_collections.ConfigDict:
+  """config.model: every create_resnet keyword (bar the loop's), `values` overriding."""
+  fields = {"depth": 50, "variant": "full_attention"}
+  for name, default in OVERRIDES.items():
+    if name in LOOP_SET_MODEL_FIELDS:
+      continue
+    if name in NONE_DEFAULT_TYPES:
+      default = config_dict.placeholder(NONE_DEFAULT_TYPES[name])
+    elif name in PER_GROUP:
+      default = (default,)
+    fields[name] = default
+  model = ml_collections.ConfigDict(fields)
+  for name, value in values.items():
+    if name not in model:
+      raise ValueError(f"model field {name!r} is not a create_resnet keyword; choose among "
+                       f"{sorted(model)}")
+    if name in PER_GROUP and not isinstance(value, (tuple, list)):
+      value = (value,)
+    model[name] = tuple(value) if isinstance(value, list) else value
+  return model
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Every field the loop reads, with defaults that configs override."""
+  config = ml_collections.ConfigDict()
+  config.model = model_config()
+  config.dataset = ml_collections.ConfigDict(dict(
+      name="imagenet2012", data_dir=config_dict.placeholder(str), image_size=224,
+      train_split="train", eval_split="validation", shuffle_buffer=16_384,
+      crop_padding=2))  # random-crop margin of small-image pipelines
+  config.batch_size = 256
+  config.num_epochs = 90.0
+  config.num_train_steps = -1  # > 0 overrides num_epochs
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="sgd", momentum=0.9, nesterov=True, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4))
+  config.schedule = ml_collections.ConfigDict(dict(
+      name="cosine", peak_value=0.1, warmup_epochs=5.0, end_value=0.0,
+      boundaries_epochs=(30.0, 60.0, 80.0), decay_factor=0.1))
+  config.label_smoothing = 0.0
+  config.ema_decay = 0.0  # 0: off
+  config.bn_momentum = 0.9
+  config.dtype = "float32"
+  config.log_every_steps = 100
+  config.eval_every_steps = 5_000
+  config.checkpoint_every_steps = 1_000
+  config.keep_checkpoints = 3
+  config.seed = 0
+  config.profile = False
+  config.compilation_cache_dir = config_dict.placeholder(str)  # None: WORKDIR/compilation_cache
+  return config
+
+
+def linear_scaling(config, per_256: float):
+  """peak learning rate = per_256 x batch_size / 256, kept in step with config.batch_size
+  (a FieldReference: --config.batch_size rescales it)."""
+  return config.get_ref("batch_size").to_float() * per_256 / 256
+
+
+def _parse(key, text, current):
+  kind = type(current) if current is not None else None
+  if key in PER_GROUP or NONE_DEFAULT_TYPES.get(key) is tuple or isinstance(current, tuple):
+    if text.lower() in ("", "none"):
+      return ()
+    try:
+      return tuple(int(t) for t in text.split("-"))
+    except ValueError:
+      raise ValueError(f"config argument {key}={text!r}: expected integers joined by '-' "
+                       "(e.g. 2-3-4) or none") from None
+  if kind is bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"config argument {key}={text!r}: expected true or false")
+    return text.lower() in ("true", "1")
+  if kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      raise ValueError(f"config argument {key}={text!r}: expected {kind.__name__}") from None
+  return text
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None, **extras) -> dict:
+  """Applies a config string "a=1,b=x" to `config`: model fields by their name, and
+  TOP_LEVEL_ARGS. `extras` are the config's own arguments with their defaults; their parsed
+  values are returned."""
+  values = dict(extras)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"config argument {item!r}: expected key=value")
+    if key in extras:
+      values[key] = _parse(key, text, extras[key])
+    elif key in config.model:
+      config.model[key] = _parse(key, text, config.model[key])
+    elif key in TOP_LEVEL_ARGS:
+      config[key] = _parse(key, text, config[key])
+    else:
+      allowed = sorted(set(config.model) | set(TOP_LEVEL_ARGS) | set(extras))
+      raise ValueError(f"config argument {key!r} is not allowed; choose among {allowed}")
+  return values

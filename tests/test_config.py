@@ -1,0 +1,193 @@
+"""One config shape: config strings and flags build the same model, optimizers and schedules
+come from the config, validation names the field before anything is loaded or compiled."""
+import importlib.util
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from sasa_jax import base_config, optim
+from sasa_jax.models import create_resnet
+from tests import helpers
+
+CONFIGS = {name: os.path.join(helpers.ROOT, "configs", f"{name}.py")
+           for name in ("fashion_mnist", "imagenet")}
+# Every model field: (config-string value, flag value), non-default for both configs.
+MODEL_VALUES = {
+    "depth": ("38", "38"),
+    "variant": ("full_attention", "full_attention"),
+    "num_classes": ("7", "7"),
+    "width_multiplier": ("0.25", "0.25"),
+    "kernel_size": ("5", "5"),
+    "num_heads": ("4", "4"),
+    "attention_groups": ("3-4", "3,4"),
+    "positional_encoding": ("absolute", "absolute"),
+    "attention_type": ("qr", "qr"),
+    "scale_query": ("true", "true"),
+    "stem_type": ("conv_values", "conv_values"),
+    "stem_mixtures": ("2", "2"),
+    "small_images": ("true", "true"),
+    "impl": ("reference", "reference"),
+}
+ALTERNATES = {"variant": ("conv_stem_attention",) * 2, "small_images": ("false",) * 2}
+EXTRA_CASES = [("kernel_size", "3-5-7", "3,5,7", "attention_groups", "2-3-4", "2,3,4"),
+               ("attention_groups", "none", "()", None, None, None),
+               ("variant", "baseline", "baseline", None, None, None)]
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS[name])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def via_flags(name, *flag_args):
+  """The config as `python -m sasa_jax.main --config=configs/NAME.py FLAGS` would see it."""
+  argv = ["main", f"--config={CONFIGS[name]}", *flag_args]
+  values = flags.FlagValues()
+  saved, sys.argv = sys.argv, argv  # config_flags finds the override flags in sys.argv
+  try:
+    config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True)
+    values(argv)
+  finally:
+    sys.argv = saved
+  return values.config
+
+
+def _param_count(model_config):
+  model = create_resnet(**model_config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                             train=False))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+def test_every_model_field_is_covered():
+  for name in CONFIGS:
+    assert set(_load(name).get_config().model) == set(MODEL_VALUES)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("field", list(MODEL_VALUES))
+def test_config_string_and_flag_build_the_same_model(name, field):
+  text, flag = MODEL_VALUES[field]
+  default = dict(_load(name).get_config().model)
+  if dict(_load(name).get_config(f"{field}={text}").model) == default:
+    text, flag = ALTERNATES[field]  # the value was this config's default
+  from_string = _load(name).get_config(f"{field}={text}").model
+  from_flag = via_flags(name, f"--config.model.{field}={flag}").model
+  assert dict(from_string) == dict(from_flag) != default
+  assert _param_count(from_string) == _param_count(from_flag)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("case", EXTRA_CASES, ids=[c[0] + "=" + c[1] for c in EXTRA_CASES])
+def test_sequences_and_variants_by_both_routes(name, case):
+  field, text, flag, field2, text2, flag2 = case
+  arg = f"{field}={text}" + (f",{field2}={text2}" if field2 else "")
+  flag_args = [f"--config.model.{field}={flag}"] + (
+      [f"--config.model.{field2}={flag2}"] if field2 else [])
+  a, b = _load(name).get_config(arg).model, via_flags(name, *flag_args).model
+  assert dict(a) == dict(b) and _param_count(a) == _param_count(b)
+
+
+def test_baseline_variant_is_the_conv_model_by_either_route():
+  a = _load("fashion_mnist").get_config("variant=baseline").model
+  b = via_flags("fashion_mnist", "--config.model.variant=baseline").model
+  conv = create_resnet(26, "baseline", num_classes=10, width_multiplier=0.125,
+                       small_images=True)
+  assert _param_count(a) == _param_count(b) == _param_count(
+      {"depth": 26, "variant": "baseline", "num_classes": 10, "width_multiplier": 0.125,
+       "small_images": True})
+  assert all(g is None for g in conv.group_attention)
+
+
+def test_per_group_kernel_sizes_reach_the_layers():
+  model = create_resnet(26, "conv_stem_attention", attention_groups=(2, 3, 4),
+                        kernel_size=(7, 7, 5), num_heads=(8, 8, 4))
+  assert model.group_attention[0] is None
+  assert [s.kernel_size for s in model.group_attention[1:]] == [7, 7, 5]
+  assert [s.num_heads for s in model.group_attention[1:]] == [8, 8, 4]
+  with pytest.raises(ValueError, match=r"kernel_size=\(7, 5\) gives 2 values for 3 attention"):
+    create_resnet(26, "conv_stem_attention", attention_groups=(2, 3, 4), kernel_size=(7, 5))
+
+
+def test_linear_scaling_follows_the_batch_size_by_either_route():
+  assert _load("imagenet").get_config().schedule.peak_value == pytest.approx(1.6)
+  assert _load("imagenet").get_config("batch_size=1024").schedule.peak_value == pytest.approx(0.4)
+  assert via_flags("imagenet", "--config.batch_size=1024").schedule.peak_value == pytest.approx(0.4)
+  fixed = via_flags("imagenet", "--config.schedule.peak_value=3.0", "--config.batch_size=1024")
+  assert fixed.schedule.peak_value == 3.0
+
+
+def test_optimizer_and_schedule_flags():
+  config = via_flags("fashion_mnist", "--config.optimizer.name=lamb",
+                     "--config.optimizer.weight_decay=0.02", "--config.schedule.name=step")
+  assert config.optimizer.name == "lamb" and config.optimizer.weight_decay == 0.02
+  assert config.schedule.name == "step"
+
+
+def _schedule(**fields):
+  c = base_config.get_config().schedule
+  c.update({"peak_value": 1.0, "warmup_epochs": 1.0, "end_value": 0.0, **fields})
+  return optim.create_schedule(c, steps_per_epoch=10, num_steps=100)
+
+
+def test_schedules():
+  cosine = _schedule(name="cosine")
+  assert float(cosine(0)) == 0.0 and float(cosine(5)) == pytest.approx(0.5)
+  assert float(cosine(10)) == pytest.approx(1.0) and float(cosine(55)) == pytest.approx(0.5)
+  assert float(cosine(100)) == pytest.approx(0.0, abs=1e-6)
+  linear = _schedule(name="linear", end_value=0.1)
+  assert float(linear(10)) == pytest.approx(1.0) and float(linear(55)) == pytest.approx(0.55)
+  assert float(linear(100)) == pytest.approx(0.1)
+  step = _schedule(name="step", boundaries_epochs=(3.0, 6.0), decay_factor=0.1)
+  assert [round(float(step(s)), 6) for s in (10, 29, 30, 59, 60, 99)] == [
+      1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+  constant = _schedule(name="constant", warmup_epochs=0.0)
+  assert float(constant(0)) == float(constant(99)) == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
+def test_optimizers_decay_kernels_only(name):
+  c = base_config.get_config().optimizer
+  c.update(name=name, weight_decay=0.5)
+  tx = optim.create_optimizer(c, optax.constant_schedule(0.1))
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  assert float(jnp.abs(updates["bias"]).max()) == 0.0  # no gradient, no decay
+  assert float(jnp.abs(updates["kernel"]).max()) > 0.0  # decayed
+
+
+def _train_config(**changes):
+  config = _load("fashion_mnist").get_config(helpers.TINY_MODEL)
+  for key, value in changes.items():
+    node = config
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return config
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"optimizer.name": "adam"}, r"config.optimizer.name='adam' is not allowed"),
+    ({"schedule.name": "poly"}, r"config.schedule.name='poly' is not allowed"),
+    ({"schedule.peak_value": 0.0}, r"config.schedule.peak_value=0.0 must be > 0"),
+    ({"model.kernel_size": (4,)}, r"config.model: kernel_size=4 \(group 2\) is not allowed"),
+    ({"model.num_heads": (3,)}, r"config.model: num_heads=3 \(group 2\): the layer's width 16"),
+    ({"model.attention_groups": (2, 5)}, r"config.model: attention_groups entry=5 is not allowed"),
+    ({"model.variant": "full_attention", "dataset.image_size": 29},
+     r"config.model .* cannot be built for 29x29 images: AttentionStem needs H and W divisible"),
+])
+def test_validate_config_names_the_field(changes, match):
+  from sasa_jax.train import validate_config
+  with pytest.raises(ValueError, match=match):
+    validate_config(_train_config(**changes))
