@@ -2,17 +2,19 @@
 # Starts N real JAX processes on this machine (loopback, gloo CPU collectives), the same
 # multi-host code path as a TPU pod or a GPU cluster.
 #
-#   launch/local.sh N [--dry-run] --config=configs/X.py --workdir=DIR [--config.FIELD=V ...]
+#   launch/local.sh N [--dry-run] --config=configs/X.py[:ARGS] --workdir=DIR [--config.FIELD=V ...]
+#   launch/local.sh 2 --config=configs/fashion_mnist.py --workdir=runs/two --config.num_train_steps=20
 #
 # Environment: LOCAL_DEVICES (simulated CPU devices per process, default 2), LOCAL_XLA_FLAGS
-# (extra XLA flags for every process), PORT
-# (coordinator port, default: a free one), LOGDIR (per-process logs, default WORKDIR/logs
-# or ./logs), PYTHON (default: .venv/bin/python if present, else python3),
-# SASA_HEARTBEAT_TIMEOUT (seconds before survivors fail when a process dies, default 30).
-# Waits for every process; if one fails, stops the others and exits with its status.
+# (extra XLA flags for every process), PORT (coordinator port, default: a free one), LOGDIR
+# (per-process logs, default WORKDIR/logs or ./logs), PYTHON (default: .venv/bin/python if
+# present, else python3), SASA_HEARTBEAT_TIMEOUT (seconds before survivors fail when a
+# process dies, default 30). Prints each process's command; waits for every process; if one
+# fails, stops the others and exits with its status; TERM/INT reach every process (they
+# save one agreed step) and the script waits for them.
 set -euo pipefail
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
 case "$1" in -h|--help) usage; exit 0 ;; esac
