@@ -169,3 +169,20 @@ def test_training_step_exports_for_accelerators_at_every_resnet50_stage(platform
     assert len(calls) == 3, (hw, len(calls))  # forward, dq and dk/dv kernels
     for kernel in ("sasa_fwd_kernel", "sasa_dq_kernel", "sasa_dkv_kernel"):
       assert re.search(kernel, text), kernel
+
+
+def test_one_jitted_function_lowers_for_each_platform_without_a_context():
+  """The kernel flavour follows the lowering platform (jax.lax.platform_dependent): the same
+  jitted training step exports for TPU, then for CUDA, then runs here (interpret mode)."""
+  step, args = _layer_train_step(14, 128)
+  checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  tpu = export.export(step, platforms=["tpu"])(*args).mlir_module()
+  cuda = export.export(step, platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
+  assert tpu.count("tpu_custom_call") == 3 and "__gpu$xla.gpu.triton" not in tpu
+  assert cuda.count("__gpu$xla.gpu.triton") == 3 and "tpu_custom_call" not in cuda
+  layer = SelfAttention2D(features=16, kernel_size=5, num_heads=2, impl="pallas")
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 9, 7, 16)), jnp.float32)
+  params = layer.init(jax.random.key(0), x)
+  want = SelfAttention2D(features=16, kernel_size=5, num_heads=2, impl="reference").apply(
+      params, x)
+  np.testing.assert_allclose(jax.jit(layer.apply)(params, x), want, rtol=1e-4, atol=1e-5)

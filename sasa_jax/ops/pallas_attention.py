@@ -55,18 +55,6 @@ def target(platform: str, interpret: bool = False):
     _TARGET = prev
 
 
-def _platform() -> tuple[str, bool]:
-  """(kernel flavour "tpu" | "gpu", interpret?) for the current trace."""
-  if _TARGET is not None:
-    return _TARGET
-  backend = jax.default_backend()
-  if backend == "tpu":
-    return "tpu", False
-  if backend in ("gpu", "cuda", "rocm"):
-    return "gpu", False
-  return "tpu", True  # CPU: run the TPU flavour's kernel bodies in interpret mode
-
-
 def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
@@ -331,6 +319,10 @@ class _Launch:
   head_dim: int
   tiling: Tiling
   interpret: bool
+  # Interpret the TPU flavour with TPU semantics (pltpu.InterpretParams: io callbacks), or
+  # with the generic interpreter (plain jax ops, no effects: fit for a platform_dependent
+  # branch beside compiled ones).
+  tpu_interpreter: bool = True
 
   @property
   def grid(self):
@@ -348,7 +340,7 @@ class _Launch:
   def interpret_mode(self):
     if not self.interpret:
       return False
-    if self.tiling.flavour == "gpu":
+    if self.tiling.flavour == "gpu" or not self.tpu_interpreter:
       return True
     from jax.experimental.pallas import tpu as pltpu
     return pltpu.InterpretParams()
@@ -508,16 +500,29 @@ def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
   """The fused kernels behind `local_attention`'s contract (arguments checked there).
 
   k=None (positional logits only) runs the kernels with zero keys; rel_h = rel_w = None
-  with zero tables. Compiles for TPU/GPU on those backends (or under `target(...)`), and
-  runs the TPU kernels in interpret mode elsewhere. max_block: see `plan_tiling`.
+  with zero tables. The kernel flavour is chosen per lowering platform
+  (`jax.lax.platform_dependent`): Mosaic on TPU, Triton on CUDA/ROCm, and the TPU flavour's
+  kernel bodies in interpret mode anywhere else (the CPU). So one jitted function exports
+  for ["tpu"], ["cuda"] or both from any host. `target(...)` forces one flavour (and
+  interpret mode, for tests). max_block: see `plan_tiling`.
   """
-  b, h, w, c = q.shape
-  d = c // num_heads
-  flavour, interpret = _platform()
-  tiling = plan_tiling(h, w, d, kernel_size, q.dtype, flavour, max_block)
-  cfg = _Launch(b, num_heads, d, tiling, interpret)
+  d = q.shape[-1] // num_heads
   if k is None:
     k = jnp.zeros_like(q)
   if rel_h is None:
     rel_h = rel_w = jnp.zeros((kernel_size, d // 2), q.dtype)
-  return _attention(cfg, q, k, v, rel_h, rel_w)
+
+  def flavoured(flavour, interpret, tpu_interpreter=True):
+    def run(q, k, v, rel_h, rel_w):
+      b, h, w, _ = q.shape
+      tiling = plan_tiling(h, w, d, kernel_size, q.dtype, flavour, max_block)
+      launch = _Launch(b, num_heads, d, tiling, interpret, tpu_interpreter)
+      return _attention(launch, q, k, v, rel_h, rel_w)
+    return run
+
+  args = (q, k, v, rel_h, rel_w)
+  if _TARGET is not None:
+    return flavoured(*_TARGET)(*args)
+  return jax.lax.platform_dependent(
+      *args, tpu=flavoured("tpu", False), cuda=flavoured("gpu", False),
+      rocm=flavoured("gpu", False), default=flavoured("tpu", True, tpu_interpreter=False))
