@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install test test-deps demo tables bench model-table data clean
+.PHONY: install test test-deps demo tables bench model-table gpu-check data clean
 
 install: $(STAMP) data
 
@@ -52,6 +52,13 @@ tables: install
 # Speed and memory of the attention op and of training steps against convolution.
 bench: install
 	$(PY) -m sasa_jax.tools.bench
+
+# On an accelerator machine, from a checkout, with that machine's own jax (no install):
+# correctness and speed of the Pallas kernels (sasa_jax/tools/gpu_check.py). Results in
+# $(GPU_CHECK_OUT); CPU_SMOKE=1 runs tiny shapes anywhere.
+GPU_CHECK_OUT ?= runs/gpu_check
+gpu-check:
+	PYTHONPATH=. $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m sasa_jax.tools.gpu_check --out=$(GPU_CHECK_OUT) $(if $(CPU_SMOKE),--cpu-smoke,)
 
 model-table: install
 	$(PY) -m sasa_jax.tools.model_table

@@ -520,9 +520,21 @@ def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
       return _attention(launch, q, k, v, rel_h, rel_w)
     return run
 
+  def or_blocked(flavour, interpret, **kw):
+    """Every branch is traced whatever the platform: a shape that a flavour's tiling cannot
+    take runs the blocked XLA op on that platform instead of failing everywhere."""
+    b, h, w, _ = q.shape
+    try:
+      plan_tiling(h, w, d, kernel_size, q.dtype, flavour, max_block)
+    except ValueError:
+      from sasa_jax.ops.blocked import local_attention_blocked  # noqa: PLC0415
+      return functools.partial(local_attention_blocked, kernel_size=kernel_size,
+                               num_heads=num_heads)
+    return flavoured(flavour, interpret, **kw)
+
   args = (q, k, v, rel_h, rel_w)
   if _TARGET is not None:
     return flavoured(*_TARGET)(*args)
   return jax.lax.platform_dependent(
-      *args, tpu=flavoured("tpu", False), cuda=flavoured("gpu", False),
-      rocm=flavoured("gpu", False), default=flavoured("tpu", True, tpu_interpreter=False))
+      *args, tpu=or_blocked("tpu", False), cuda=or_blocked("gpu", False),
+      rocm=or_blocked("gpu", False), default=or_blocked("tpu", True, tpu_interpreter=False))

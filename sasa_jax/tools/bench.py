@@ -128,9 +128,10 @@ def bench_ops(args):
     yield row
 
 
-def train_step_case(variant, depth, batch, image_size, impl, dtype="float32"):
-  """(run, temp bytes, compile seconds) of one SGD training step of a ResNet variant."""
-  model = create_resnet(depth, variant, impl=impl, dtype=jnp.dtype(dtype).name)
+def train_step_case(variant, depth, batch, image_size, impl, dtype="float32", **model_kw):
+  """(run, temp bytes, compile seconds) of one SGD training step of a ResNet variant;
+  model_kw: more create_resnet keywords."""
+  model = create_resnet(depth, variant, impl=impl, dtype=jnp.dtype(dtype).name, **model_kw)
   x = jnp.zeros((batch, image_size, image_size, 3))
   labels = jnp.zeros((batch,), jnp.int32)
   variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x[:1])
