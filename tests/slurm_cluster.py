@@ -62,6 +62,13 @@ class Cluster:
     raise TimeoutError(f"job {job_id} not in {states} after {timeout} s: {self.job(job_id)}")
 
   def stop(self):
+    """Cancels every job (slurmstepd outlives slurmd otherwise), then stops the daemons."""
+    jobs = self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+    if jobs:
+      self.run("scancel", "--full", *jobs, check=False)
+      deadline = time.time() + 60
+      while self.run("squeue", "-h", check=False).stdout.strip() and time.time() < deadline:
+        time.sleep(0.5)
     for name in reversed(DAEMONS):
       pid = self.pids.get(name)
       if pid:
