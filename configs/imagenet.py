@@ -32,11 +32,7 @@ def get_config(arg=None):
   config.label_smoothing = 0.1
   config.ema_decay = 0.9999
   config.bn_momentum = 0.9999
-  config.dtype = "bfloat16"
-  config.log_every_steps = 100
-  config.eval_every_steps = 5_000
-  config.checkpoint_every_steps = 1_000
-  config.keep_checkpoints = 3
+  config.dtype = "bfloat16"  # logging, eval and checkpoint intervals: base_config's
   extras = base_config.apply_arg(config, arg, holdout=False)
   if extras["holdout"]:
     config.dataset.update(train_split="train[:96%]", eval_split="train[96%:]")
