@@ -13,6 +13,17 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 import pytest  # noqa: E402
 
 
+# Files whose tests run for minutes (multi-process runs, clusters): collected first, so
+# that the two pytest workers do not end the suite waiting on one of them.
+SLOW_FIRST = ("test_preemption.py", "test_slurm.py", "test_tpu_launcher.py", "test_gcs.py",
+              "test_gpu_check.py", "test_launch.py", "test_tools.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
+
+
 @pytest.fixture(scope="session")
 def fmnist_dir(tmp_path_factory):
   """A TFDS data_dir holding fashion_mnist prepared from Debian's dataset-fashion-mnist."""

@@ -90,14 +90,19 @@ class Cluster:
 
 def _conf(root, host, cpus, memory_mb):
   munge_socket = os.path.join(root, "munge.socket")
+  ctld_port = _free_port()
+  # jax's SLURM detection derives the coordinator port from the job id: clusters of
+  # parallel test workers number their jobs apart.
+  first_job = 1 + ctld_port % 3000
   return f"""ClusterName=sasa
+FirstJobId={first_job}
 SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket={munge_socket}
 CredType=cred/munge
-SlurmctldPort={_free_port()}
+SlurmctldPort={ctld_port}
 SlurmdPort={_free_port()}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool

@@ -77,9 +77,10 @@ def op_speed(stages, batch, dtype, repeats):
     yield row
 
 
-def model_steps(depth, batch, image_size, dtype, repeats, **model_kw):
-  cases = [(variant, impl) for variant in ("baseline", "conv_stem_attention", "full_attention")
-           for impl in (("xla",) if variant == "baseline" else ("pallas", "xla"))]
+def model_steps(depth, batch, image_size, dtype, repeats, cases=None, **model_kw):
+  cases = cases or [(variant, impl)
+                    for variant in ("baseline", "conv_stem_attention", "full_attention")
+                    for impl in (("xla",) if variant == "baseline" else ("pallas", "xla"))]
   for variant, impl in cases:
     run, temp, compile_s = train_step_case(variant, depth, batch, image_size, impl, dtype,
                                            **model_kw)
@@ -184,7 +185,8 @@ def main(argv=None):
   if not args.skip_models:
     if smoke:
       sections.append(model_steps(26, 2, 32, jnp.float32, 2, width_multiplier=0.125,
-                                  num_heads=2))
+                                  num_heads=2, cases=[("baseline", "xla"),
+                                                      ("full_attention", "pallas")]))
     else:
       sections.append(model_steps(50, 128, 224, jnp.bfloat16, 5))
   sections.append(torch_baselines(stages, op_batch, "float32" if smoke else "bfloat16",
