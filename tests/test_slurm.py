@@ -108,7 +108,7 @@ def test_scancel_term_and_term_to_ranks_at_different_moments_save_one_step(
 
 
 def test_time_limit_saves_requeues_and_resumes_to_the_end(cluster, fmnist_dir, tmp_path):
-  total = 16
+  total = 24
   job = _submit(cluster, tmp_path, fmnist_dir, total, per_gpu=True)
   _wait_for_training(tmp_path, job, 2, cluster)
   # What SLURM does TIME_WARNING seconds before the limit (--signal=B:USR1@...).
