@@ -356,8 +356,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       unchecked.append((step, metrics))
       for hook in hooks:
         hook(step)
-      stop = preemption.reached(step)
-      save = stop or step == num_steps or ckpt.should_save(step)
+      stop = preemption.reached(step)  # asked once per step: every process gets one answer
+      save = stop or step == num_steps or step % config.checkpoint_every_steps == 0
       if save or step % config.log_every_steps == 0:
         _check_finite(unchecked, ckpt, step)
         unchecked = []
