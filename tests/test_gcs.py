@@ -47,7 +47,9 @@ def test_train_kill_resume_on_object_storage(emulator, fmnist_dir, tmp_path):
   proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
-  while not any(n.startswith("run/checkpoints/4/") for n in emulator.list_objects("sasa", "run/")):
+  # On object storage orbax marks a finished step with commit_success.txt (no rename).
+  committed = "run/checkpoints/4/commit_success.txt"
+  while committed not in emulator.list_objects("sasa", "run/"):
     assert proc.poll() is None, proc.stderr.read()[-4000:]
     assert time.time() < deadline
     time.sleep(0.2)
