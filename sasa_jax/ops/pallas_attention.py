@@ -503,7 +503,7 @@ def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
   with zero tables. The kernel flavour is chosen per lowering platform
   (`jax.lax.platform_dependent`): Mosaic on TPU, Triton on CUDA/ROCm, and the TPU flavour's
   kernel bodies in interpret mode anywhere else (the CPU). So one jitted function exports
-  for ["tpu"], ["cuda"] or both from any host. `target(...)` forces one flavour (and
+  for ["tpu"] and for ["cuda"] from any host (one export for both fails on jax 0.10.2). `target(...)` forces one flavour (and
   interpret mode, for tests). max_block: see `plan_tiling`.
   """
   d = q.shape[-1] // num_heads
@@ -512,25 +512,22 @@ def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
   if rel_h is None:
     rel_h = rel_w = jnp.zeros((kernel_size, d // 2), q.dtype)
 
+  b, h, w, _ = q.shape
+
   def flavoured(flavour, interpret, tpu_interpreter=True):
-    def run(q, k, v, rel_h, rel_w):
-      b, h, w, _ = q.shape
-      tiling = plan_tiling(h, w, d, kernel_size, q.dtype, flavour, max_block)
-      launch = _Launch(b, num_heads, d, tiling, interpret, tpu_interpreter)
-      return _attention(launch, q, k, v, rel_h, rel_w)
-    return run
+    tiling = plan_tiling(h, w, d, kernel_size, q.dtype, flavour, max_block)
+    return functools.partial(_attention,
+                             _Launch(b, num_heads, d, tiling, interpret, tpu_interpreter))
 
   def or_blocked(flavour, interpret, **kw):
     """Every branch is traced whatever the platform: a shape that a flavour's tiling cannot
     take runs the blocked XLA op on that platform instead of failing everywhere."""
-    b, h, w, _ = q.shape
     try:
-      plan_tiling(h, w, d, kernel_size, q.dtype, flavour, max_block)
+      return flavoured(flavour, interpret, **kw)
     except ValueError:
       from sasa_jax.ops.blocked import local_attention_blocked  # noqa: PLC0415
       return functools.partial(local_attention_blocked, kernel_size=kernel_size,
                                num_heads=num_heads)
-    return flavoured(flavour, interpret, **kw)
 
   args = (q, k, v, rel_h, rel_w)
   if _TARGET is not None:
