@@ -156,3 +156,30 @@ def test_attention_stem_bad_input():
     AttentionStem(8).init(jax.random.key(0), jnp.zeros((1, 10, 8, 3)))
   with pytest.raises(ValueError, match="stem_type='conv' is not allowed"):
     AttentionStem(8, stem_type="conv").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(8, 8), (7, 5)])
+def test_pointwise_conv_equals_the_convolution(stride, size):
+  """The 1x1 convolutions of the ResNet blocks: values and both gradients of nn.Conv's lax
+  convolution, jitted, at even and odd sizes (stride 2 rounds up as SAME does)."""
+  from flax import linen as nn
+
+  from sasa_jax.layers.pointwise import pointwise_conv
+  xs = jax.random.normal(jax.random.key(2), (3,) + size + (6,))
+  conv = lambda **kw: nn.Conv(5, (1, 1), strides=stride, use_bias=False, **kw)
+  variables = conv().init(jax.random.key(0), xs)
+
+  def loss(module):
+    return jax.jit(jax.value_and_grad(
+        lambda v, x: jnp.sum(jnp.sin(module.apply(v, x))), argnums=(0, 1)))(variables, xs)
+
+  (want, (gw_want, gx_want)), (got, (gw, gx)) = loss(conv()), loss(
+      conv(conv_general_dilated=pointwise_conv))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(gx, gx_want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gw["params"]["kernel"], gw_want["params"]["kernel"], rtol=1e-4,
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="padding"):
+    nn.Conv(5, (1, 1), padding=((1, 1), (1, 1)),
+            conv_general_dilated=pointwise_conv).init(jax.random.key(0), xs)

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sasa_jax.layers import AttentionSettings, AttentionStem, SelfAttention2D
+from sasa_jax.layers.pointwise import pointwise_conv
 
 STAGE_BLOCKS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck widths; block outputs are 4x these
@@ -27,7 +28,8 @@ class BottleneckBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
-    y = nn.relu(self.norm()(conv(self.filters, (1, 1), name="conv1")(x)))
+    conv1x1 = functools.partial(conv, kernel_size=(1, 1), conv_general_dilated=pointwise_conv)
+    y = nn.relu(self.norm()(conv1x1(self.filters, name="conv1")(x)))
     if self.attention is not None:
       y = SelfAttention2D.from_settings(self.attention, self.filters, stride=self.strides,
                                         dtype=self.dtype, name="attention")(y)
@@ -35,10 +37,10 @@ class BottleneckBlock(nn.Module):
       y = conv(self.filters, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)),
                name="conv2")(y)
     y = nn.relu(self.norm()(y))
-    y = self.norm(scale_init=nn.initializers.zeros)(conv(4 * self.filters, (1, 1), name="conv3")(y))
+    y = self.norm(scale_init=nn.initializers.zeros)(conv1x1(4 * self.filters, name="conv3")(y))
     if x.shape != y.shape:
-      x = self.norm(name="proj_bn")(conv(4 * self.filters, (1, 1), strides=self.strides,
-                                         name="proj")(x))
+      x = self.norm(name="proj_bn")(conv1x1(4 * self.filters, strides=self.strides,
+                                            name="proj")(x))
     return nn.relu(x + y)
 
 
