@@ -42,7 +42,7 @@ def test_attention_maps_png(demo_run):
   workdir, _, _ = demo_run
   out = workdir / "maps.png"
   _run("sasa_jax.tools.attention_maps", f"--workdir={workdir}", "--image=3",
-       "--layer=group2_block1", "--queries", "1,1", "3,2", f"--out={out}")
+       "--layer=group3_block1", "--queries", "1,1", "3,2", f"--out={out}")
   image = matplotlib.image.imread(out)
   assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
 
@@ -84,9 +84,23 @@ def test_bench_quick_prints_ratios():
   out = _run("sasa_jax.tools.bench", "--quick", "--format=json").stdout
   rows = [json.loads(line) for line in out.splitlines()]
   kinds = [r["kind"] for r in rows]
-  assert kinds == ["matmul", "op", "op", "train_step", "train_step", "train_step"]
+  assert kinds == ["matmul", "op", "op", "demo_step", "breakdown", "train_step", "train_step",
+                   "train_step", "breakdown"]
   assert rows[0]["gflops_per_s"] > 0
   for r in rows[1:3]:
     assert r["vs_conv"] > 0 and r["vs_reference"] > 0 and r["temp_mb"] >= 0
     assert r["grad_error_vs_reference"] < 1e-3
-  assert rows[3]["vs_baseline"] == 1.0 and rows[4]["vs_baseline"] > 0
+  assert rows[3]["vs_baseline"] > 0 and rows[3]["baseline_ms"] > 0
+  assert rows[5]["vs_baseline"] == 1.0 and rows[6]["vs_baseline"] > 0
+  # The breakdowns found every attention layer (one per block of an attention group of
+  # ResNet-26: the demo's groups, all 8 blocks in full attention); the parts add up to the step.
+  from sasa_jax.models.resnet import STAGE_BLOCKS
+  from sasa_jax.tools.tables import load_config
+  demo_groups = load_config(None).model.attention_groups
+  demo, full = rows[4], rows[8]
+  assert demo["attention_layers"] == sum(STAGE_BLOCKS[26][g - 1] for g in demo_groups)
+  assert full["attention_layers"] == sum(STAGE_BLOCKS[26])
+  for r in (demo, full):
+    parts = [r[k + "_ms"] for k in ("op", "projections", "stem", "rest")]
+    assert r["op_ms"] > 0 and r["stem_ms"] > 0
+    assert abs(sum(parts) - r["step_ms"]) < 1e-6 * r["step_ms"]

@@ -7,7 +7,12 @@
     against a 3x3 convolution of the same width and against the reference implementation;
 (b) one training step of ResNet-50 full attention and conv-stem + attention against the
     ResNet-50 baseline at the same batch;
-(c) achieved GFLOP/s next to a measured dense-matmul GFLOP/s of this machine.
+(c) one training step of the demo model (configs/fashion_mnist.py, its batch) against the
+    same config with variant=baseline;
+(d) where an attention step's time goes, per layer kind: the op, the rest of the attention
+    layers (q/k/v projections, pooling), the stem (with the head, loss and update) and the
+    rest of the network;
+(e) achieved GFLOP/s next to a measured dense-matmul GFLOP/s of this machine.
 Times are medians of --repeats runs after compilation; memory is XLA's compiled
 temporary allocation (memory_analysis().temp_size_in_bytes). All ratios come from one run.
 The benchmarked programs' gradients are checked against the reference implementation's;
@@ -19,11 +24,13 @@ import json
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sasa_jax.layers import SelfAttention2D
 from sasa_jax.models import create_resnet
 from sasa_jax.ops import local_attention
 from sasa_jax.tools.flops import count_flops
@@ -132,7 +139,12 @@ def train_step_case(variant, depth, batch, image_size, impl, dtype="float32", **
   """(run, temp bytes, compile seconds) of one SGD training step of a ResNet variant;
   model_kw: more create_resnet keywords."""
   model = create_resnet(depth, variant, impl=impl, dtype=jnp.dtype(dtype).name, **model_kw)
-  x = jnp.zeros((batch, image_size, image_size, 3))
+  return model_step_case(model, batch, image_size)
+
+
+def model_step_case(model, batch, image_size, channels=3):
+  """(run, temp bytes, compile seconds) of one SGD training step of a classifier."""
+  x = jnp.zeros((batch, image_size, image_size, channels))
   labels = jnp.zeros((batch,), jnp.int32)
   variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x[:1])
   tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
@@ -153,6 +165,71 @@ def train_step_case(variant, depth, batch, image_size, impl, dtype="float32", **
   return run, mem, time.perf_counter() - t0
 
 
+def attention_layers(model, batch, image_size, channels=3):
+  """{(unbound SelfAttention2D, input shape): how many} of the model's attention layers,
+  found by tracing its init abstractly."""
+  found = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, SelfAttention2D) and context.method_name == "__call__":
+      layer = context.module.clone(parent=None, name=None)
+      key = (layer, tuple(args[0].shape))
+      found[key] = found.get(key, 0) + 1
+    return next_fun(*args, **kwargs)
+
+  x = jax.ShapeDtypeStruct((batch, image_size, image_size, channels), jnp.float32)
+  with nn.intercept_methods(record):
+    jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+  return found
+
+
+def layer_case(layer: SelfAttention2D, shape):
+  """(run of the layer's fwd+bwd, run of its op's fwd+bwd) at input `shape`."""
+  x = jnp.ones(shape, layer.dtype)
+  params = layer.init(jax.random.key(0), x)
+  layer_grad = jax.grad(lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2),
+                        argnums=(0, 1))
+  b, h, w, _ = shape
+  c, heads, kernel = layer.features, layer.num_heads, layer.kernel_size
+  q = jnp.ones((b, h, w, c), layer.dtype)
+  # The op's operands as the layer passes them: no keys for q.r alone (unless absolute
+  # positions stand in for them), relative embeddings only for relative positions.
+  keys = None if (layer.attention_type == "qr" and layer.positional_encoding != "absolute") \
+      else q
+  rel = (jnp.ones((kernel, c // heads // 2), layer.dtype)
+         if layer.positional_encoding == "relative" else None)
+
+  def op_loss(q, k, v, rh, rw):
+    y = local_attention(q, k, v, rh, rw, kernel_size=kernel, num_heads=heads, impl=layer.impl)
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+  args = (q, keys, q, rel, rel)
+  op_grad = jax.grad(op_loss, argnums=tuple(i for i, a in enumerate(args) if a is not None))
+  return compiled(layer_grad, params, x)[0], compiled(op_grad, *args)[0]
+
+
+def step_breakdown(model, batch, image_size, channels=3, repeats=5):
+  """Milliseconds of one training step and of its parts, each part timed on its own (fwd+bwd):
+  op: every attention layer's local_attention; projections: the rest of those layers
+  (q/k/v, pooling); stem: the network with no residual blocks (stem, pooling, head, loss and
+  update); rest: the step minus these (the blocks' convolutions, normalisation, residuals)."""
+  layers = attention_layers(model, batch, image_size, channels)
+  stem_only = model.clone(stage_blocks=(0,) * len(model.stage_blocks))
+  runs = [model_step_case(model, batch, image_size, channels)[0],
+          model_step_case(stem_only, batch, image_size, channels)[0]]
+  for layer, shape in layers:
+    runs.extend(layer_case(layer, shape))
+  secs = medians(runs, repeats)
+  step, stem = secs[:2]
+  counts = list(layers.values())
+  layer_s = sum(n * t for n, t in zip(counts, secs[2::2]))
+  op_s = sum(n * t for n, t in zip(counts, secs[3::2]))
+  parts = {"op": op_s, "projections": layer_s - op_s, "stem": stem,
+           "rest": step - layer_s - stem}
+  return {"step_ms": 1e3 * step, **{f"{k}_ms": 1e3 * v for k, v in parts.items()},
+          **{f"{k}_share": v / step for k, v in parts.items()},
+          "attention_layers": sum(counts)}
+
+
 def bench_models(args):
   variants = ("baseline", "conv_stem_attention", "full_attention")
   cases = [train_step_case(v, args.depth, args.model_batch, args.image_size, args.impl,
@@ -165,6 +242,40 @@ def bench_models(args):
            "dtype": str(args.dtype),
            "ms": 1e3 * sec, "temp_mb": mem / 2**20, "vs_baseline": sec / base_sec,
            "temp_vs_baseline": mem / max(base_mem, 1), "compile_s": compile_s}
+  if not args.skip_breakdown:
+    model = create_resnet(args.depth, "full_attention", impl=args.impl,
+                          dtype=jnp.dtype(args.dtype).name)
+    yield breakdown_row(f"ResNet-{args.depth} full_attention", model, args.model_batch,
+                        args.image_size, 3, args.model_repeats)
+
+
+def breakdown_row(name, model, batch, image_size, channels, repeats):
+  return {"kind": "breakdown", "model": name, "batch": batch, "image_size": image_size,
+          **step_breakdown(model, batch, image_size, channels, repeats)}
+
+
+def demo_models(impl="auto"):
+  """(attention model, baseline model, batch, image size, channels) of configs/fashion_mnist.py."""
+  from sasa_jax.tools.tables import load_config  # noqa: PLC0415 (configs/ is not a package)
+  config = load_config(None)
+  kw = dict(config.model, impl=impl)
+  return (create_resnet(**kw), create_resnet(**dict(kw, variant="baseline")),
+          config.batch_size, config.dataset.image_size, 1)
+
+
+def bench_demo(args):
+  attention, baseline, batch, size, channels = demo_models(args.impl)
+  if args.quick:
+    batch = 8
+  cases = [model_step_case(m, batch, size, channels) for m in (baseline, attention)]
+  (base_s, attn_s) = medians([run for run, _, _ in cases], args.model_repeats)
+  yield {"kind": "demo_step", "model": "configs/fashion_mnist.py", "batch": batch,
+         "image_size": size, "impl": args.impl, "ms": 1e3 * attn_s,
+         "baseline_ms": 1e3 * base_s, "vs_baseline": attn_s / base_s,
+         "temp_mb": cases[1][1] / 2**20, "baseline_temp_mb": cases[0][1] / 2**20}
+  if not args.skip_breakdown:
+    yield breakdown_row("configs/fashion_mnist.py", attention, batch, size, channels,
+                        args.model_repeats)
 
 
 def fmt(row):
@@ -184,6 +295,16 @@ def fmt(row):
     return (f"train step {row['model']:32s} batch {row['batch']} @ {row['image_size']}px: "
             f"{row['ms']:8.0f} ms = {row['vs_baseline']:4.2f}x baseline; temp "
             f"{row['temp_mb']:.0f} MB = {row['temp_vs_baseline']:4.2f}x")
+  if row["kind"] == "demo_step":
+    return (f"train step {row['model']} batch {row['batch']} @ {row['image_size']}px: "
+            f"{row['ms']:.0f} ms = {row['vs_baseline']:4.2f}x its baseline variant "
+            f"({row['baseline_ms']:.0f} ms); temp {row['temp_mb']:.0f} MB (baseline "
+            f"{row['baseline_temp_mb']:.0f} MB)")
+  if row["kind"] == "breakdown":
+    parts = ", ".join(f"{k} {row[k + '_ms']:.0f} ms ({100 * row[k + '_share']:.0f}%)"
+                      for k in ("op", "projections", "stem", "rest"))
+    return (f"where a step of {row['model']} (batch {row['batch']}, {row['step_ms']:.0f} ms, "
+            f"{row['attention_layers']} attention layers) goes: {parts}")
   return f"dense matmul 2048^2 {row['dtype']}: {row['gflops_per_s']:.1f} GFLOP/s on {row['backend']}"
 
 
@@ -202,6 +323,9 @@ def main(argv=None):
   p.add_argument("--skip-reference", action="store_true")
   p.add_argument("--skip-models", action="store_true")
   p.add_argument("--skip-ops", action="store_true")
+  p.add_argument("--skip-demo", action="store_true")
+  p.add_argument("--skip-breakdown", action="store_true",
+                 help="no per-layer-kind breakdown of the attention steps")
   p.add_argument("--format", choices=("text", "json"), default="text")
   p.add_argument("--quick", action="store_true",
                  help="tiny shapes (a smoke test of the benchmark itself, not a measurement)")
@@ -223,6 +347,9 @@ def main(argv=None):
       emit(row)
       if row.get("grad_error_vs_reference", 0) > GRAD_TOLERANCE[row["dtype"]]:
         wrong.append(row["shape"])
+  if not args.skip_demo:
+    for row in bench_demo(args):
+      emit(row)
   if not args.skip_models:
     for row in bench_models(args):
       emit(row)
