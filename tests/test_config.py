@@ -35,7 +35,8 @@ MODEL_VALUES = {
     "small_images": ("true", "true"),
     "impl": ("reference", "reference"),
 }
-ALTERNATES = {"variant": ("conv_stem_attention",) * 2, "small_images": ("false",) * 2}
+ALTERNATES = {"variant": ("conv_stem_attention",) * 2, "small_images": ("false",) * 2,
+              "attention_groups": ("2-3-4", "2,3,4")}
 EXTRA_CASES = [("kernel_size", "3-5-7", "3,5,7", "attention_groups", "2-3-4", "2,3,4"),
                ("attention_groups", "none", "()", None, None, None),
                ("variant", "baseline", "baseline", None, None, None)]
@@ -181,8 +182,8 @@ def _train_config(**changes):
     ({"optimizer.name": "adam"}, r"config.optimizer.name='adam' is not allowed"),
     ({"schedule.name": "poly"}, r"config.schedule.name='poly' is not allowed"),
     ({"schedule.peak_value": 0.0}, r"config.schedule.peak_value=0.0 must be > 0"),
-    ({"model.kernel_size": (4,)}, r"config.model: kernel_size=4 \(group 2\) is not allowed"),
-    ({"model.num_heads": (3,)}, r"config.model: num_heads=3 \(group 2\): the layer's width 16"),
+    ({"model.kernel_size": (4,)}, r"config.model: kernel_size=4 \(group 3\) is not allowed"),
+    ({"model.num_heads": (3,)}, r"config.model: num_heads=3 \(group 3\): the layer's width 32"),
     ({"model.attention_groups": (2, 5)}, r"config.model: attention_groups entry=5 is not allowed"),
     ({"model.variant": "full_attention", "dataset.image_size": 29},
      r"config.model .* cannot be built for 29x29 images: AttentionStem needs H and W divisible"),

@@ -1,7 +1,7 @@
 """Where a trained SASA layer looks: attention of chosen query pixels, per head.
 
   python -m sasa_jax.tools.attention_maps --workdir runs/demo --image 0
-  python -m sasa_jax.tools.attention_maps --workdir runs/demo --image 7 --layer group2_block1 \\
+  python -m sasa_jax.tools.attention_maps --workdir runs/demo --image 7 --layer group3_block1 \\
       --queries 3,3 10,4 --out maps.png
 
 Loads the run's config.json and latest checkpoint, runs test image N through the model,
@@ -116,7 +116,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--image", type=int, default=0, help="index in the eval split")
-  parser.add_argument("--layer", default=None, help="e.g. group2_block1 (default: first)")
+  parser.add_argument("--layer", default=None, help="e.g. group3_block1 (default: first)")
   parser.add_argument("--queries", nargs="*", default=None, help="y,x cells of the layer grid")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)

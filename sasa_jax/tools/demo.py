@@ -2,8 +2,8 @@
 
   python -m sasa_jax.tools.demo [--workdir runs/demo] [--fresh] [--config.FIELD=VALUE ...]
 
-Trains configs/fashion_mnist.py (attention in residual groups 2-4, Table 3's best row;
-a 3x3 conv stem for 28 px images) on the 60,000 training images, evaluates on all
+Trains configs/fashion_mnist.py (attention in residual groups 3-4, one of Table 3's two best
+rows; a 3x3 conv stem for 28 px images) on the 60,000 training images, evaluates on all
 10,000 test images, and prints the test accuracy, the parameter count and the wall time.
 Running it again resumes the run in --workdir (or finishes at once if it is done);
 --fresh deletes the workdir first.
