@@ -32,10 +32,11 @@ $(FMNIST):
 	  echo "warning: could not apt-get install dataset-fashion-mnist; tests that need it will fail"; \
 	else echo "warning: no apt-get; install dataset-fashion-mnist (or let TFDS download it)"; fi
 
-# jemalloc, keeping the pages it frees: XLA:CPU allocates every step's temporaries anew (one
-# ~100 MB buffer for the demo model) and glibc maps and zero-fills them each time (~25k page
-# faults per step, a fifth of the demo's step time). Used by the targets below where
-# installed (Debian: libjemalloc2, installed here where apt works as root).
+# jemalloc with its oversize arena off (MALLOC_CONF=oversize_threshold:0): XLA:CPU allocates
+# every step's temporaries anew (one ~100 MB buffer for the demo model), and glibc maps and
+# zero-fills them each time (~25k page faults per step, a fifth of the demo's step time).
+# Used by the targets below where installed (Debian: libjemalloc2, installed here where apt
+# works as root); docs/performance.md has the measurements.
 allocator:
 	@if ! ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  (apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 || \
@@ -43,7 +44,7 @@ allocator:
 	  echo "warning: could not apt-get install libjemalloc2; CPU steps run ~20% slower"; \
 	fi
 WITH_JEMALLOC = lib=$$(ls /usr/lib/*/libjemalloc.so.2 2>/dev/null | head -n 1); \
-	if [ -n "$$lib" ]; then export LD_PRELOAD="$$lib" MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1; fi;
+	if [ -n "$$lib" ]; then export LD_PRELOAD="$$lib" MALLOC_CONF=oversize_threshold:0; fi;
 
 # What the cluster tests run for real: a single-node SLURM (slurm-wlm, munge) and openssl for
 # the GCS emulator's certificate. Installed where apt works (as root); elsewhere those tests
