@@ -94,13 +94,15 @@ def _conf(root, host, cpus, memory_mb):
   # jax's SLURM detection derives the coordinator port from the job id: clusters of
   # parallel test workers number their jobs apart.
   first_job = 1 + ctld_port % 3000
+  # cred_expire also sets how long a requeued job waits before it may start again (SLURM's
+  # default, 120 s, was most of the time-limit test); 30 s still covers a step's launch.
   return f"""ClusterName=sasa
 FirstJobId={first_job}
 SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire=30
 CredType=cred/munge
 SlurmctldPort={ctld_port}
 SlurmdPort={_free_port()}
