@@ -59,7 +59,7 @@ test-deps:
 	fi
 
 test: install test-deps
-	$(WITH_JEMALLOC) SASA_TEST_TFDS_DIR=$(TFDS_DIR) JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --durations=15 tests
+	$(WITH_JEMALLOC) SASA_TEST_TFDS_DIR=$(TFDS_DIR) JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 3 --durations=20 tests
 
 # The main job: a SASA ResNet learns real Fashion-MNIST on the CPU (FRESH=1 starts over).
 demo: install
