@@ -41,7 +41,7 @@ allocator:
 	@if ! ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  (apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 || \
 	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libjemalloc2 >/dev/null 2>&1)) || \
-	  echo "warning: could not apt-get install libjemalloc2; CPU steps run ~20% slower"; \
+	  echo "warning: could not apt-get install libjemalloc2; CPU steps run 16-27% slower"; \
 	fi
 WITH_JEMALLOC = lib=$$(ls /usr/lib/*/libjemalloc.so.2 2>/dev/null | head -n 1); \
 	if [ -n "$$lib" ]; then export LD_PRELOAD="$$lib" MALLOC_CONF=oversize_threshold:0; fi;
@@ -59,7 +59,7 @@ test-deps:
 	fi
 
 test: install test-deps
-	$(WITH_JEMALLOC) SASA_TEST_TFDS_DIR=$(TFDS_DIR) JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 3 --durations=20 tests
+	$(WITH_JEMALLOC) SASA_TEST_TFDS_DIR=$(TFDS_DIR) JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --durations=20 tests
 
 # The main job: a SASA ResNet learns real Fashion-MNIST on the CPU (FRESH=1 starts over).
 demo: install

@@ -333,7 +333,7 @@ def main(argv=None):
   args.stages = STAGES
   if args.quick:
     args.stages, args.batch, args.repeats = [(14, 16), (7, 32)], 1, 1
-    args.depth, args.model_batch, args.image_size, args.model_repeats = 26, 1, 64, 1
+    args.depth, args.model_batch, args.image_size, args.model_repeats = 26, 1, 32, 1
   args.dtype = jnp.dtype(args.dtype)
 
   def emit(row):
