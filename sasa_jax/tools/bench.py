@@ -138,8 +138,11 @@ def bench_ops(args):
 def train_step_case(variant, depth, batch, image_size, impl, dtype="float32", **model_kw):
   """(run, temp bytes, compile seconds) of one SGD training step of a ResNet variant;
   model_kw: more create_resnet keywords."""
-  model = create_resnet(depth, variant, impl=impl, dtype=jnp.dtype(dtype).name, **model_kw)
-  return model_step_case(model, batch, image_size)
+  return model_step_case(resnet(variant, depth, impl, dtype, **model_kw), batch, image_size)
+
+
+def resnet(variant, depth, impl, dtype, **model_kw):
+  return create_resnet(depth, variant, impl=impl, dtype=jnp.dtype(dtype).name, **model_kw)
 
 
 def model_step_case(model, batch, image_size, channels=3):
@@ -207,15 +210,16 @@ def layer_case(layer: SelfAttention2D, shape):
   return compiled(layer_grad, params, x)[0], compiled(op_grad, *args)[0]
 
 
-def step_breakdown(model, batch, image_size, channels=3, repeats=5):
+def step_breakdown(model, batch, image_size, channels=3, repeats=5, step_run=None):
   """Milliseconds of one training step and of its parts, each part timed on its own (fwd+bwd):
   op: every attention layer's local_attention; projections: the rest of those layers
   (q/k/v, pooling); stem: the network with no residual blocks (stem, pooling, head, loss and
-  update); rest: the step minus these (the blocks' convolutions, normalisation, residuals)."""
+  update); rest: the step minus these (the blocks' convolutions, normalisation, residuals).
+  step_run: the model's step as `model_step_case` compiled it, if the caller has it."""
   layers = attention_layers(model, batch, image_size, channels)
   stem_only = model.clone(stage_blocks=(0,) * len(model.stage_blocks))
-  runs = [model_step_case(model, batch, image_size, channels)[0],
-          model_step_case(stem_only, batch, image_size, channels)[0]]
+  step_run = step_run or model_step_case(model, batch, image_size, channels)[0]
+  runs = [step_run, model_step_case(stem_only, batch, image_size, channels)[0]]
   for layer, shape in layers:
     runs.extend(layer_case(layer, shape))
   secs = medians(runs, repeats)
@@ -243,24 +247,25 @@ def bench_models(args):
            "ms": 1e3 * sec, "temp_mb": mem / 2**20, "vs_baseline": sec / base_sec,
            "temp_vs_baseline": mem / max(base_mem, 1), "compile_s": compile_s}
   if not args.skip_breakdown:
-    model = create_resnet(args.depth, "full_attention", impl=args.impl,
-                          dtype=jnp.dtype(args.dtype).name)
-    yield breakdown_row(f"ResNet-{args.depth} full_attention", model, args.model_batch,
-                        args.image_size, 3, args.model_repeats)
+    yield breakdown_row(f"ResNet-{args.depth} full_attention",
+                        resnet("full_attention", args.depth, args.impl, args.dtype),
+                        args.model_batch, args.image_size, 3, args.model_repeats,
+                        step_run=cases[variants.index("full_attention")][0])
 
 
-def breakdown_row(name, model, batch, image_size, channels, repeats):
+def breakdown_row(name, model, batch, image_size, channels, repeats, step_run=None):
   return {"kind": "breakdown", "model": name, "batch": batch, "image_size": image_size,
-          **step_breakdown(model, batch, image_size, channels, repeats)}
+          **step_breakdown(model, batch, image_size, channels, repeats, step_run)}
 
 
 def demo_models(impl="auto"):
   """(attention model, baseline model, batch, image size, channels) of configs/fashion_mnist.py."""
+  from sasa_jax.data import DATASETS  # noqa: PLC0415 (TensorFlow: only for this part)
   from sasa_jax.tools.tables import load_config  # noqa: PLC0415 (configs/ is not a package)
   config = load_config(None)
   kw = dict(config.model, impl=impl)
   return (create_resnet(**kw), create_resnet(**dict(kw, variant="baseline")),
-          config.batch_size, config.dataset.image_size, 1)
+          config.batch_size, config.dataset.image_size, len(DATASETS[config.dataset.name].mean))
 
 
 def bench_demo(args):
@@ -275,7 +280,7 @@ def bench_demo(args):
          "temp_mb": cases[1][1] / 2**20, "baseline_temp_mb": cases[0][1] / 2**20}
   if not args.skip_breakdown:
     yield breakdown_row("configs/fashion_mnist.py", attention, batch, size, channels,
-                        args.model_repeats)
+                        args.model_repeats, step_run=cases[1][0])
 
 
 def fmt(row):
