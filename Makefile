@@ -8,6 +8,9 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 TFDS_DIR := $(or $(TFDS_DATA_DIR),$(HOME)/tensorflow_datasets)
 FMNIST_TFDS := $(TFDS_DIR)/fashion_mnist/3.0.1/dataset_info.json
 export TF_CPP_MIN_LOG_LEVEL ?= 3
+# Quietly apt-installs $(1), refreshing the package lists only if the first try fails.
+apt_install = (apt-get install -y -qq $(1) >/dev/null 2>&1 || \
+  (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq $(1) >/dev/null 2>&1))
 
 .PHONY: install test test-deps demo tables bench model-table gpu-check data allocator clean
 
@@ -27,8 +30,7 @@ $(FMNIST_TFDS): | $(STAMP) $(FMNIST)
 	$(PY) -c "from sasa_jax.data import fashion_mnist; fashion_mnist.prepare('$(TFDS_DIR)')"
 $(FMNIST):
 	@if command -v apt-get >/dev/null 2>&1; then \
-	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
-	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
+	  $(call apt_install,dataset-fashion-mnist) || \
 	  echo "warning: could not apt-get install dataset-fashion-mnist; tests that need it will fail"; \
 	else echo "warning: no apt-get; install dataset-fashion-mnist (or let TFDS download it)"; fi
 
@@ -39,8 +41,7 @@ $(FMNIST):
 # works as root); docs/performance.md has the measurements.
 allocator:
 	@if ! ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  (apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 || \
-	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libjemalloc2 >/dev/null 2>&1)) || \
+	  $(call apt_install,libjemalloc2) || \
 	  echo "warning: could not apt-get install libjemalloc2; CPU steps run 16-27% slower"; \
 	fi
 WITH_JEMALLOC = lib=$$(ls /usr/lib/*/libjemalloc.so.2 2>/dev/null | head -n 1); \
@@ -53,8 +54,7 @@ TEST_DEBS := slurm-wlm munge openssl
 test-deps:
 	@missing=""; for c in slurmctld slurmd munged openssl; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  (apt-get install -y -qq $(TEST_DEBS) >/dev/null 2>&1 || \
-	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq $(TEST_DEBS) >/dev/null 2>&1)) || \
+	  $(call apt_install,$(TEST_DEBS)) || \
 	  echo "warning: could not apt-get install $(TEST_DEBS); the SLURM tests will skip"; \
 	fi
 
