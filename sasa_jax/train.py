@@ -32,9 +32,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sasa_jax import data as data_lib
 from sasa_jax import optim
+from sasa_jax import tasks
 from sasa_jax.base_config import LOOP_SET_MODEL_FIELDS
+from sasa_jax.data.detection import DetectionOptions
 from sasa_jax.metric_writers import create_writer
-from sasa_jax.models import OVERRIDES, create_resnet
 
 # Fields the loop reads (base_config.get_config declares them all).
 REQUIRED_FIELDS = (
@@ -68,14 +69,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.dataset.name not in data_lib.DATASETS:
     raise ValueError(f"config.dataset.name={config.dataset.name!r} is not allowed; choose one "
                      f"of {tuple(data_lib.DATASETS)}")
+  task = tasks.get(config)  # raises ValueError naming config.task
+  spec = data_lib.DATASETS[config.dataset.name]
+  if spec.task != task.name:
+    raise ValueError(f"config.dataset.name={config.dataset.name!r} is a {spec.task} dataset "
+                     f"but config.task={task.name!r}")
   for f in LOOP_SET_MODEL_FIELDS:
     if f in config.model:
       raise ValueError(f"config.model.{f} is set by the top-level config.{f}; remove it")
-  allowed = {"depth", "variant", *OVERRIDES}
+  allowed = set(task.model_fields)
   unknown = sorted(set(config.model) - allowed)
   if unknown:
     raise ValueError(f"config.model has unknown field(s) {unknown}; allowed (the keyword "
-                     f"arguments of create_resnet): {sorted(allowed - set(LOOP_SET_MODEL_FIELDS))}")
+                     f"arguments of {task.factory.__name__}): "
+                     f"{sorted(allowed - set(LOOP_SET_MODEL_FIELDS))}")
+  if spec.num_classes is not None and config.model.get("num_classes") != spec.num_classes:
+    raise ValueError(f"config.model.num_classes={config.model.get('num_classes')!r}: "
+                     f"{config.dataset.name} has {spec.num_classes} classes")
+  if task.name == "detection" and "detection" not in config:
+    raise ValueError("config is missing field 'detection' (base_config.get_config() has it)")
+  if config.get("init_backbone_from") and task.name != "detection":
+    raise ValueError(f"config.init_backbone_from={config.init_backbone_from!r} initialises a "
+                     "detection model's backbone; config.task is "
+                     f"{task.name!r}")
   if config.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.dtype={config.dtype!r} is not allowed; choose one of "
                      "('float32', 'bfloat16')")
@@ -92,9 +108,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   optim.validate(config.optimizer, config.schedule)
   model = create_model(config)  # model fields: raises ValueError naming the field
   size = config.dataset.image_size
-  shape = (1, size, size, len(data_lib.DATASETS[config.dataset.name].mean))
+  image_shape = (size, size, len(spec.mean))
   try:
-    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                                  jnp.zeros((1, *image_shape)), train=False))
+    task.check(model, variables, image_shape)
   except (ValueError, TypeError, NotImplementedError) as e:
     raise ValueError(f"config.model {dict(config.model)} cannot be built for "
                      f"{size}x{size} images: {e}") from e
@@ -102,26 +120,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 def create_model(config):
   try:
-    return create_resnet(**config.model, dtype=config.dtype, bn_momentum=config.bn_momentum)
+    return tasks.get(config).create_model()
   except ValueError as e:
     raise ValueError(f"config.model: {e}") from e
 
 
-def train_step(state, batch, *, model, tx, schedule, config):
-  """One step on the global batch {"image": [B, S, S, C], "label": [B]}."""
+def train_step(state, batch, *, model, tx, schedule, config, task):
+  """One step on the global batch {"image": [B, S, S, C], + the task's targets}."""
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
-  num_classes = config.model.num_classes
   images = data_lib.normalize(batch["image"], config.dataset.name)
 
   def loss_fn(params):
-    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                  images, train=True, mutable=["batch_stats"],
-                                  rngs={"dropout": rng})
-    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes),
-                                  config.label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets).mean(), (logits, updates)
+    outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                   images, train=True, mutable=["batch_stats"],
+                                   rngs={"dropout": rng})
+    loss, task_metrics = task.loss(outputs, batch)
+    return loss, (task_metrics, updates)
 
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (task_metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   deltas, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, deltas)
   ema = state.ema_params
@@ -130,8 +147,7 @@ def train_step(state, batch, *, model, tx, schedule, config):
     decay = jnp.minimum(config.ema_decay, (1 + t) / (10 + t))
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
   grad_norm = optax.global_norm(grads)
-  metrics = {"train/loss": loss,
-             "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+  metrics = {"train/loss": loss, **task_metrics,
              "train/grad_norm": grad_norm,
              "learning_rate": schedule(state.step),
              # 1.0 while loss, gradients and new parameters are all finite
@@ -143,18 +159,12 @@ def train_step(state, batch, *, model, tx, schedule, config):
   return new_state, metrics
 
 
-def eval_step(state, batch, *, model, dataset_name):
-  """Sums over the real (mask 1) examples: loss, top-1 and top-5 hits, count."""
+def eval_step(state, batch, *, model, dataset_name, task):
+  """The task's evaluation outputs of one global batch (with its "mask": 1 real, 0 pad)."""
   params = state.params if state.ema_params is None else state.ema_params
-  logits = model.apply({"params": params, "batch_stats": state.batch_stats},
-                       data_lib.normalize(batch["image"], dataset_name), train=False)
-  mask = batch["mask"]
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-  return {"loss": jnp.sum(loss * mask),
-          "top1": jnp.sum((top5[:, 0] == batch["label"]) * mask),
-          "top5": jnp.sum(jnp.any(top5 == batch["label"][:, None], -1) * mask),
-          "count": jnp.sum(mask)}
+  outputs = model.apply({"params": params, "batch_stats": state.batch_stats},
+                        data_lib.normalize(batch["image"], dataset_name), train=False)
+  return task.eval_outputs(outputs, batch)
 
 
 class DivergenceError(FloatingPointError):
@@ -250,6 +260,46 @@ def _check_finite(pending, ckpt, step):
                         f"or check the data, then resume from that checkpoint.")
 
 
+def init_backbone(state: TrainState, source: str, tx, shardings) -> TrainState:
+  """`state` with its backbone's parameters and BatchNorm statistics taken from the latest
+  checkpoint of the classification run in `source` (its EMA weights if it kept them; its
+  classifier head left out), the optimizer state (and EMA) started afresh. Raises
+  ValueError naming the first entry whose presence or shape differs."""
+  from sasa_jax.tools.runs import restore_variables  # noqa: PLC0415
+  step, variables = restore_variables(source)
+  replaced = {}
+  for collection in ("params", "batch_stats"):
+    target = getattr(state, collection)["backbone"]
+    loaded = {k: v for k, v in variables[collection].items() if k != "head"}
+    want, have = ({jax.tree_util.keystr(k): v
+                   for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+                  for tree in (target, loaded))
+    for key in sorted(set(want) | set(have)):
+      if key not in have or key not in want or want[key].shape != have[key].shape:
+        raise ValueError(
+            f"config.init_backbone_from={source!r}: {collection}{key} is "
+            f"{'missing' if key not in have else have[key].shape} in its checkpoint (step "
+            f"{step}) but {'absent' if key not in want else want[key].shape} in this "
+            "backbone; the classification run must use the same depth, variant and "
+            "backbone settings")
+    sharding = jax.tree.leaves(shardings)[0]
+    placed = jax.tree.map(lambda t, x: jax.make_array_from_callback(
+        t.shape, sharding, lambda index: np.asarray(x, t.dtype)[index]), target, loaded)
+    replaced[collection] = {**getattr(state, collection), "backbone": placed}
+  params = replaced["params"]
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  logging.info("initialised the backbone from %s (step %d)", source, step)
+  return state.replace(params=params, batch_stats=replaced["batch_stats"], opt_state=opt_state,
+                       ema_params=params if state.ema_params is not None else None)
+
+
+def _detection_options(config) -> DetectionOptions | None:
+  if tasks.get(config).name != "detection":
+    return None
+  c = config.detection
+  return DetectionOptions(max_boxes=c.max_boxes, scale_min=c.scale_min, scale_max=c.scale_max)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains config's model on config's dataset in workdir, resuming from its checkpoints.
 
@@ -274,6 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   size = config.dataset.image_size
   channels = len(data_lib.DATASETS[config.dataset.name].mean)
 
+  task = tasks.get(config)
   model = create_model(config)
   schedule = optim.create_schedule(config.schedule, steps_per_epoch, num_steps)
   tx = optim.create_optimizer(config.optimizer, schedule)
@@ -295,6 +346,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
   else:
     state = jax.jit(init, out_shardings=state_sharding)()
+    if config.get("init_backbone_from"):
+      state = init_backbone(state, config.init_backbone_from, tx, state_sharding)
   start_step = int(jax.device_get(state.step))
 
   if is_main:  # what tools (attention maps, reports) need to rebuild the model
@@ -307,24 +360,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                           if isinstance(v, (int, float, str, bool))})
 
   p_train = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
+                        task=task),
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=(0,))
-  p_eval = jax.jit(functools.partial(eval_step, model=model, dataset_name=config.dataset.name),
+  p_eval = jax.jit(functools.partial(eval_step, model=model, dataset_name=config.dataset.name,
+                                     task=task),
                    in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
 
   def evaluate(step):
     n = data_lib.eval_steps(builder, config.dataset.eval_split, config.batch_size)
     ds = data_lib.eval_dataset(builder, split=config.dataset.eval_split,
                                per_host_batch=per_host_batch, image_size=size, num_steps=n)
-    totals = None
+    evaluator = task.evaluator(builder)
     for batch in ds.as_numpy_iterator():
-      sums = p_eval(state, data_lib.to_global(batch, batch_sharding))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = float(totals["count"])
-    result = {"eval/loss": totals["loss"] / count, "eval/accuracy": totals["top1"] / count,
-              "eval/top5_accuracy": totals["top5"] / count, "eval/num_examples": count}
+      evaluator.update(p_eval(state, data_lib.to_global(batch, batch_sharding)))
+    result = evaluator.result()
     writer.write_scalars(step, result)
     writer.flush()
     return result
@@ -333,7 +384,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       builder, split=config.dataset.train_split, per_host_batch=per_host_batch, image_size=size,
       seed=config.seed, start_step=start_step,
       shuffle_buffer=config.dataset.shuffle_buffer,
-      crop_padding=config.dataset.get("crop_padding", 2)).as_numpy_iterator()
+      crop_padding=config.dataset.get("crop_padding", 2),
+      detection_options=_detection_options(config)).as_numpy_iterator()
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)]
   if config.profile and is_main:

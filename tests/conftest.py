@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 # Files whose tests run for minutes (multi-process runs, clusters): collected first, so
 # that the two pytest workers do not end the suite waiting on one of them.
-SLOW_FIRST = ("test_preemption.py", "test_slurm.py", "test_tpu_launcher.py", "test_gcs.py",
+SLOW_FIRST = ("test_preemption.py", "test_detection.py", "test_slurm.py", "test_tpu_launcher.py", "test_gcs.py",
               "test_gpu_check.py", "test_launch.py", "test_tools.py", "test_train.py",
               "test_pod_readiness.py")
 
@@ -45,3 +45,12 @@ def require(reason: str | None, *, in_ci: bool = True) -> None:
   if in_ci and os.environ.get("SASA_REQUIRE_ALL") == "1":
     pytest.fail(f"required under CI but unavailable: {reason}")
   pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def detection_dir(fmnist_dir):
+  """A TFDS data_dir holding fashion_mnist_detection (generated from the real
+  Fashion-MNIST, in the same data_dir)."""
+  from sasa_jax.data import fashion_mnist_detection
+  fashion_mnist_detection.prepare(fmnist_dir)
+  return fmnist_dir

@@ -18,6 +18,8 @@ from tests import helpers
 
 CONFIGS = {name: os.path.join(helpers.ROOT, "configs", f"{name}.py")
            for name in ("fashion_mnist", "imagenet")}
+DETECTION_CONFIGS = {name: os.path.join(helpers.ROOT, "configs", f"{name}.py")
+                     for name in ("coco_retinanet", "fashion_mnist_detection")}
 # Every model field: (config-string value, flag value), non-default for both configs.
 MODEL_VALUES = {
     "depth": ("38", "38"),
@@ -43,7 +45,7 @@ EXTRA_CASES = [("kernel_size", "3-5-7", "3,5,7", "attention_groups", "2-3-4", "2
 
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS[name])
+  spec = importlib.util.spec_from_file_location(name, {**CONFIGS, **DETECTION_CONFIGS}[name])
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -51,7 +53,7 @@ def _load(name):
 
 def via_flags(name, *flag_args):
   """The config as `python -m sasa_jax.main --config=configs/NAME.py FLAGS` would see it."""
-  argv = ["main", f"--config={CONFIGS[name]}", *flag_args]
+  argv = ["main", f"--config={ {**CONFIGS, **DETECTION_CONFIGS}[name]}", *flag_args]
   values = flags.FlagValues()
   saved, sys.argv = sys.argv, argv  # config_flags finds the override flags in sys.argv
   try:
@@ -167,8 +169,9 @@ def test_optimizers_decay_kernels_only(name):
   assert float(jnp.abs(updates["kernel"]).max()) > 0.0  # decayed
 
 
-def _train_config(**changes):
-  config = _load("fashion_mnist").get_config(helpers.TINY_MODEL)
+def _train_config(name="fashion_mnist", arg=helpers.TINY_MODEL, **changes):
+  """Config `name` with `changes` ({"dotted.field": value})."""
+  config = _load(name).get_config(arg)
   for key, value in changes.items():
     node = config
     *path, last = key.split(".")
@@ -192,3 +195,67 @@ def test_validate_config_names_the_field(changes, match):
   from sasa_jax.train import validate_config
   with pytest.raises(ValueError, match=match):
     validate_config(_train_config(**changes))
+
+
+# Detection configs: (config-string value, flag value) of create_retinanet fields.
+DETECTION_VALUES = {
+    "backbone_variant": ("baseline", "baseline"),
+    "heads": ("conv", "conv"),
+    "head_kernel_size": ("3", "3"),
+    "aspect_ratios": ("0.5-2.0", "0.5,2.0"),
+    "p6_input": ("p5", "p5"),
+    "kernel_size": ("3-5-7", "3,5,7"),
+    "attention_groups": ("2-3-4", "2,3,4"),
+    "max_level": ("6", "6"),
+}
+
+
+def _retinanet_params(model_config):
+  from sasa_jax.models.factory import create_retinanet
+  model = create_retinanet(**model_config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+def test_detection_configs_cover_every_create_retinanet_keyword():
+  from sasa_jax.models.factory import RETINANET_OVERRIDES
+  fields = {"backbone_variant", "heads", *RETINANET_OVERRIDES} - {"dtype", "bn_momentum"}
+  for name in DETECTION_CONFIGS:
+    assert set(_load(name).get_config().model) == fields
+
+
+@pytest.mark.parametrize("field", list(DETECTION_VALUES))
+def test_detection_config_string_and_flag_build_the_same_model(field):
+  text, flag = DETECTION_VALUES[field]
+  default = dict(_load("coco_retinanet").get_config().model)
+  extra = ",attention_groups=2-3-4" if field == "kernel_size" else ""
+  flags = ["--config.model.attention_groups=2,3,4"] if extra else []
+  from_string = _load("coco_retinanet").get_config(f"{field}={text}{extra}").model
+  from_flag = via_flags("coco_retinanet", f"--config.model.{field}={flag}", *flags).model
+  assert dict(from_string) == dict(from_flag) != default
+  if field in ("heads", "p6_input", "aspect_ratios"):
+    assert _retinanet_params(from_string) == _retinanet_params(from_flag)
+
+
+def test_coco_config_rows_and_recipe():
+  config = _load("coco_retinanet").get_config("backbone_variant=baseline,heads=conv")
+  assert (config.task, config.dataset.name, config.dataset.image_size) == (
+      "detection", "coco/2017", 640)
+  assert config.batch_size == 64 and config.num_epochs == 150
+  assert config.schedule.peak_value == pytest.approx(0.12)
+  assert config.schedule.warmup_epochs == 1.0 and config.schedule.name == "cosine"
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"task": "classification"},
+     r"config.dataset.name='fashion_mnist_detection' is a detection dataset but "
+     r"config.task='classification'"),
+    ({"task": "segmentation"}, r"config.task='segmentation' is not allowed"),
+    ({"model.num_classes": 80}, r"config.model.num_classes=80: fashion_mnist_detection has 10"),
+    ({"model.heads": "dense"}, r"config.model: heads='dense' is not allowed"),
+    ({"model.max_level": 8}, r"config.model: max_level=8 is not allowed; choose 3..7"),
+])
+def test_validate_detection_config_names_the_field(changes, match):
+  from sasa_jax.train import validate_config
+  with pytest.raises(ValueError, match=match):
+    validate_config(_train_config("fashion_mnist_detection", None, **changes))

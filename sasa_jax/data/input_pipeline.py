@@ -18,7 +18,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from sasa_jax.data import detection
 from sasa_jax.data import fashion_mnist
+from sasa_jax.data import fashion_mnist_detection
 from sasa_jax.data import preprocessing
 from sasa_jax.data.preprocessing import PREPROCESS
 
@@ -26,11 +28,13 @@ from sasa_jax.data.preprocessing import PREPROCESS
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   """What the pipeline needs to know about a TFDS dataset."""
-  preprocess: str               # key of PREPROCESS
+  preprocess: str               # key of PREPROCESS ("detection": sasa_jax.data.detection)
   mean: tuple                   # per-channel, in [0, 255] pixel units
   std: tuple
   prepare: Callable | None      # prepares the dataset in data_dir, or None if manual
   how_to_prepare: str
+  task: str = "classification"  # or "detection" (coco/2017's features)
+  num_classes: int | None = None
 
 
 DATASETS = {
@@ -43,7 +47,23 @@ DATASETS = {
         "small", (72.94,), (90.02,), fashion_mnist.prepare,
         "`make data` (Debian's dataset-fashion-mnist), or network access for TFDS's download; "
         "it is then prepared automatically."),
+    "coco/2017": DatasetSpec(
+        "detection", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), None,
+        "Run `tfds build coco/2017 --data_dir=DATA_DIR` on a machine with network access "
+        "(about 25 GB), or point dataset.data_dir at an existing prepared copy (local or "
+        "gs://).", task="detection", num_classes=80),
+    "fashion_mnist_detection": DatasetSpec(
+        "detection", (72.94,), (90.02,), fashion_mnist_detection.prepare,
+        "`make data` (Debian's dataset-fashion-mnist); it is then generated automatically.",
+        task="detection", num_classes=10),
 }
+
+
+def spec_of(builder) -> DatasetSpec:
+  """The DatasetSpec of a TFDS builder ("coco/2017" is registered with its config)."""
+  if builder.name in DATASETS:
+    return DATASETS[builder.name]
+  return DATASETS[f"{builder.name}/{builder.builder_config.name}"]
 
 
 def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -51,8 +71,11 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   if name not in DATASETS:
     raise ValueError(f"dataset.name={name!r} is not allowed; choose one of {tuple(DATASETS)}")
   spec = DATASETS[name]
-  builder = tfds.builder(name, data_dir=data_dir)
-  if builder.is_prepared():
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:  # ours, not registered with TFDS
+    builder = None
+  if builder is not None and builder.is_prepared():
     return builder
   if spec.prepare is not None:
     try:
@@ -60,7 +83,8 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     except Exception as e:  # noqa: BLE001 - re-raised with the instructions
       raise FileNotFoundError(f"dataset {name!r} is not prepared in data_dir={data_dir!r} and "
                               f"preparing it failed ({e}). {spec.how_to_prepare}") from e
-  raise FileNotFoundError(f"dataset {name!r} is not prepared in data_dir={builder.data_dir!r}. "
+  where = builder.data_dir if builder is not None else data_dir
+  raise FileNotFoundError(f"dataset {name!r} is not prepared in data_dir={where!r}. "
                           f"{spec.how_to_prepare}")
 
 
@@ -102,13 +126,15 @@ def _epoch_records(builder, host_split, *, seed, epoch, shuffle_buffer):
 
 def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, seed: int,
                   start_step: int = 0, shuffle_buffer: int = 16_384, crop_padding: int = 2,
+                  detection_options: detection.DetectionOptions | None = None,
                   process_index: int | None = None,
                   process_count: int | None = None) -> tf.data.Dataset:
-  """Endless batches {"image": [b, S, S, C] uint8, "label": [b] int32} for this host,
-  starting at global step `start_step`. crop_padding: random-crop margin of small images.
-  process_index/count default to jax's (given explicitly only to inspect another host)."""
-  spec = DATASETS[builder.name]
-  train_fn = PREPROCESS[spec.preprocess][0]
+  """Endless batches for this host, starting at global step `start_step`:
+  classification {"image": [b, S, S, C] uint8, "label": [b] int32}; detection as
+  sasa_jax.data.detection.train_example's. crop_padding: random-crop margin of small
+  images. process_index/count default to jax's (given explicitly only to inspect another
+  host)."""
+  spec = spec_of(builder)
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   host_split = _host_split(split, process_index, process_count, drop_remainder=True)
@@ -121,8 +147,13 @@ def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, 
     return records.enumerate().map(lambda i, ex: (e * n_host + i, ex))
 
   def preprocess(index, ex):
-    image = train_fn(ex["image"], augmentation_seed(seed, process_index, index),
-                     image_size=image_size, channels=len(spec.mean), pad=crop_padding)
+    example_seed = augmentation_seed(seed, process_index, index)
+    if spec.task == "detection":
+      return detection.train_example(ex, example_seed, image_size=image_size,
+                                     channels=len(spec.mean),
+                                     options=detection_options or detection.DetectionOptions())
+    image = PREPROCESS[spec.preprocess][0](ex["image"], example_seed, image_size=image_size,
+                                           channels=len(spec.mean), pad=crop_padding)
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
   ds = tf.data.Dataset.range(epoch0, 2**40).flat_map(epoch).skip(offset)
@@ -138,22 +169,39 @@ def eval_steps(builder, split: str, global_batch: int) -> int:
 
 def eval_dataset(builder, *, split: str, per_host_batch: int, image_size: int,
                  num_steps: int) -> tf.data.Dataset:
-  """`num_steps` batches with a "mask" (1 real, 0 padding) covering this host's slice."""
-  spec = DATASETS[builder.name]
-  eval_fn = PREPROCESS[spec.preprocess][1]
+  """`num_steps` batches with a "mask" (1 real, 0 padding) covering this host's slice:
+  classification {"image", "label", "mask"}; detection as
+  sasa_jax.data.detection.eval_example's."""
+  spec = spec_of(builder)
+  channels = len(spec.mean)
+
+  def preprocess(ex):
+    if spec.task == "detection":
+      return detection.eval_example(ex, image_size=image_size, channels=channels)
+    return {"image": PREPROCESS[spec.preprocess][1](ex["image"], image_size=image_size,
+                                                    channels=channels),
+            "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)}
+
   host_split = _host_split(split, jax.process_index(), jax.process_count(), drop_remainder=False)
   n_host = builder.info.splits[host_split].num_examples
   ds = builder.as_dataset(host_split, shuffle_files=False,
                           decoders={"image": tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: {
-      "image": eval_fn(ex["image"], image_size=image_size, channels=len(spec.mean)),
-      "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)},
-              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   pad = num_steps * per_host_batch - n_host
-  padding = {"image": tf.zeros([image_size, image_size, len(spec.mean)], tf.uint8),
-             "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
+  padding = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad))
   return ds.batch(per_host_batch).prefetch(tf.data.AUTOTUNE)
+
+
+def ground_truth(builder, split: str):
+  """Every image of `split` once, as numpy dicts for sasa_jax.detection.coco_eval (read on
+  one host; the images are decoded only for their size)."""
+  spec = spec_of(builder)
+  ds = builder.as_dataset(split, shuffle_files=False,
+                          decoders={"image": tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: detection.ground_truth_example(ex, channels=len(spec.mean)),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
 def normalize(images, dataset_name: str):

@@ -106,3 +106,90 @@ def _per_group(name, value, groups) -> tuple:
 # Every keyword create_resnet accepts besides depth and variant, with its default.
 OVERRIDES = {name: p.default for name, p in inspect.signature(create_resnet).parameters.items()
              if p.kind == p.KEYWORD_ONLY}
+
+
+HEADS = ("conv", "attention")
+P6_INPUTS = ("p5", "c5")
+
+
+def create_retinanet(backbone_variant: str = "full_attention", heads: str = "attention", *,
+                     depth: int = 50,
+                     num_classes: int = 80,
+                     min_level: int = 3,
+                     max_level: int = 7,
+                     num_scales: int = 3,
+                     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+                     anchor_scale: float = 4.0,
+                     fpn_width: int = 256,
+                     head_layers: int = 4,
+                     head_kernel_size: int = 7,
+                     head_num_heads: int = 8,
+                     p6_input: str | None = None,
+                     width_multiplier: float = 1.0,
+                     kernel_size: int | Sequence[int] = 7,
+                     num_heads: int | Sequence[int] = 8,
+                     attention_groups: Sequence[int] | None = None,
+                     positional_encoding: str = "relative",
+                     attention_type: str = "qk+qr",
+                     scale_query: bool = False,
+                     stem_type: str | None = None,
+                     stem_mixtures: int = 4,
+                     bn_momentum: float = 0.99,
+                     dtype: str = "float32",
+                     impl: str = "auto") -> "RetinaNet":
+  """Builds the RetinaNet of the SASA paper's Table 2.
+
+  backbone_variant: a create_resnet variant ("baseline", "conv_stem_attention",
+    "full_attention"); depth and the backbone keywords as create_resnet's.
+  heads: "conv" (3x3 convolutions in the FPN and heads) or "attention" (each a SASA layer of
+    head_kernel_size and head_num_heads; a strided one attention + 2x2 average pool; each
+    subnet's predictor a SASA layer + a pointwise convolution).
+  min_level..max_level: pyramid levels (3..7: strides 8-128); 5 < max_level adds P6/P7.
+  num_scales x aspect_ratios anchors per position, of side anchor_scale x stride x
+    2^(i / num_scales) (sasa_jax.detection.anchors).
+  fpn_width, head_layers: channels of the FPN and heads, layers per subnet.
+  p6_input: what P6 is computed from: "p5" or "c5" (the RetinaNet paper's choice); None:
+    "p5" with conv heads, "c5" with attention heads, the only choice that puts every row
+    of Table 2 within 5% of its parameters (docs/detection.md).
+  Raises ValueError naming the keyword, its value and what is allowed.
+  """
+  from sasa_jax.models.retinanet import RetinaNet  # noqa: PLC0415 - avoids an import cycle
+  check_choice("heads", heads, HEADS)
+  if p6_input is None:
+    p6_input = "p5" if heads == "conv" else "c5"
+  check_choice("p6_input", p6_input, P6_INPUTS)
+  check_choice("min_level", min_level, (3, 4, 5))
+  if not min_level <= max_level <= 7:
+    raise ValueError(f"max_level={max_level!r} is not allowed; choose {min_level}..7")
+  for name, value in (("num_classes", num_classes), ("num_scales", num_scales),
+                      ("fpn_width", fpn_width), ("head_layers", head_layers)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name}={value!r} is not allowed; it must be a positive int")
+  if not aspect_ratios or any(r <= 0 for r in aspect_ratios):
+    raise ValueError(f"aspect_ratios={aspect_ratios!r} must be positive numbers")
+  if not anchor_scale > 0:
+    raise ValueError(f"anchor_scale={anchor_scale!r} must be > 0")
+  backbone = create_resnet(
+      depth, backbone_variant, width_multiplier=width_multiplier, kernel_size=kernel_size,
+      num_heads=num_heads, attention_groups=attention_groups,
+      positional_encoding=positional_encoding, attention_type=attention_type,
+      scale_query=scale_query, stem_type=stem_type, stem_mixtures=stem_mixtures,
+      bn_momentum=bn_momentum, dtype=dtype, impl=impl)
+  head_attention = None
+  if heads == "attention":
+    head_attention = AttentionSettings(
+        kernel_size=head_kernel_size, num_heads=head_num_heads,
+        positional_encoding=positional_encoding, attention_type=attention_type,
+        scale_query=scale_query, impl=impl)
+    head_attention.check(fpn_width, where="FPN and heads")
+  return RetinaNet(backbone.clone(features_only=True), num_classes=num_classes,
+                   num_anchors=num_scales * len(aspect_ratios), min_level=min_level,
+                   max_level=max_level, width=fpn_width, head_layers=head_layers,
+                   head_attention=head_attention, p6_input=p6_input, bn_momentum=bn_momentum,
+                   dtype=DTYPES[dtype])
+
+
+# Every keyword create_retinanet accepts besides backbone_variant and heads, with its default.
+RETINANET_OVERRIDES = {
+    name: p.default for name, p in inspect.signature(create_retinanet).parameters.items()
+    if p.kind == p.KEYWORD_ONLY}

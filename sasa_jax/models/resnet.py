@@ -51,6 +51,8 @@ class SASAResNet(nn.Module):
     stage_blocks: bottleneck blocks per group 1-4.
     group_attention: per group 1-4, the AttentionSettings of its SASA layers, or None for
       3x3 convolutions.
+    features_only: return the outputs of groups 2-4 (strides 8, 16, 32: the C3-C5 of a
+      feature pyramid) as {3: C3, 4: C4, 5: C5} instead of logits; no classifier head.
     stem_type: "conv" (7x7/2 conv + 3x3/2 max pool) or an AttentionStem type.
     stem_impl: the attention stem's op implementation.
     small_images: for 28-32 px inputs: a 3x3/1 conv + 2x2/2 max pool stem, or an
@@ -66,6 +68,7 @@ class SASAResNet(nn.Module):
   stem_impl: str = "auto"
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+  features_only: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -89,11 +92,15 @@ class SASAResNet(nn.Module):
                         num_mixtures=self.stem_mixtures, bn_momentum=self.bn_momentum,
                         dtype=self.dtype, impl=self.stem_impl,
                         name="stem")(x, train=train)
+    features = {}
     for group, (blocks, filters) in enumerate(zip(self.stage_blocks, STAGE_WIDTHS), start=1):
       for i in range(blocks):
         x = BottleneckBlock(width(filters), strides=2 if (i == 0 and group > 1) else 1,
                             attention=self.group_attention[group - 1], norm=norm,
                             dtype=self.dtype, name=f"group{group}_block{i + 1}")(x)
+      features[group + 1] = x
+    if self.features_only:
+      return {level: features[level] for level in (3, 4, 5)}
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                  name="head")(x)

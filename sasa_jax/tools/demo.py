@@ -10,12 +10,13 @@ Running it again resumes the run in --workdir (or finishes at once if it is done
 """
 import json
 import os
-import shutil
 import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from sasa_jax.tools.runs import train_or_resume
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = flags.FLAGS
@@ -35,13 +36,7 @@ def summary(workdir: str) -> dict:
 def main(argv):
   del argv
   start = time.time()
-  if FLAGS.fresh and os.path.exists(FLAGS.workdir):
-    shutil.rmtree(FLAGS.workdir)
-  from sasa_jax.logs import quiet_orbax
-  quiet_orbax()
-  from sasa_jax import train
-  state = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  params = sum(x.size for x in __import__("jax").tree.leaves(state.params))
+  params = train_or_resume(FLAGS.config, FLAGS.workdir, FLAGS.fresh)
   final = summary(FLAGS.workdir)
   model = dict(FLAGS.config.model)
   print(f"\nsasa_jax demo: ResNet-{model['depth']} {model['variant']} (attention groups "

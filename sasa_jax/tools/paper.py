@@ -69,3 +69,26 @@ TABLE7 = [
 ]
 
 TABLES = {1: TABLE1, 3: TABLE3, 4: TABLE4, 5: TABLE5, 6: TABLE6, 7: TABLE7}
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionRow:
+  """Table 2: RetinaNet on COCO. GFLOPS at the paper's input size (640 x 640 reproduces
+  them: docs/detection.md), parameters in millions, COCO mAP (AP, AP50, AP75, APs, APm,
+  APl; %)."""
+  heads: str
+  backbone: str
+  gflops: float
+  params_m: float
+  coco: tuple
+
+
+TABLE2 = [
+    DetectionRow("conv", "baseline", 182, 33.4, (36.5, 54.3, 39.0, 18.3, 40.6, 51.7)),
+    DetectionRow("conv", "conv_stem_attention", 173, 25.9, (36.8, 54.6, 39.3, 18.4, 41.1, 51.7)),
+    DetectionRow("conv", "full_attention", 173, 25.9, (36.2, 54.0, 38.7, 17.5, 40.3, 51.7)),
+    DetectionRow("attention", "conv_stem_attention", 111, 22.0,
+                 (36.6, 54.3, 39.1, 19.0, 40.7, 51.1)),
+    DetectionRow("attention", "full_attention", 110, 22.0, (36.6, 54.5, 39.2, 18.5, 40.6, 51.6)),
+]
+DETECTION_IMAGE_SIZE = 640

@@ -1,4 +1,4 @@
-"""Reading finished runs: metrics.jsonl, config.json and the latest checkpoint."""
+"""Running the demos and reading finished runs: metrics.jsonl, config.json, checkpoints."""
 import json
 
 import ml_collections
@@ -58,3 +58,16 @@ def restore_variables(workdir: str):
   step, state = restore_state(workdir)
   params = state["ema_params"] if state.get("ema_params") is not None else state["params"]
   return step, {"params": params, "batch_stats": state["batch_stats"]}
+
+
+def train_or_resume(config, workdir: str, fresh: bool) -> int:
+  """Trains `config` in `workdir` (resuming it, or deleting it first if `fresh`); returns
+  the parameter count."""
+  if fresh and _path(workdir).exists():
+    _path(workdir).rmtree()
+  from sasa_jax.logs import quiet_orbax  # noqa: PLC0415
+  quiet_orbax()
+  import jax  # noqa: PLC0415
+  from sasa_jax.train import train_and_evaluate  # noqa: PLC0415
+  state = train_and_evaluate(config, workdir)
+  return sum(x.size for x in jax.tree.leaves(state.params))

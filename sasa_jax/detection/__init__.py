@@ -1,0 +1,1 @@
+"""Detection: anchors and box coding, targets, losses, post-processing, COCO evaluation."""
