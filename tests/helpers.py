@@ -86,3 +86,37 @@ def prepare_fake_imagenet(data_dir, num_shards=None):
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=data_dir, num_shards=num_shards))
   return builder
+
+
+def prepare_fake_coco(data_dir):
+  """coco/2017 with a few random JPEGs of random sizes and random boxes: TFDS's own coco
+  builder and features, fake pixels."""
+  from tensorflow_datasets.object_detection import coco
+
+  class FakeCoco(coco.Coco, skip_registration=True):
+    name = "coco"
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._fake(12, 0), "validation": self._fake(7, 1)}
+
+    def _fake(self, n, seed):
+      import tensorflow as tf
+      rng = np.random.default_rng(seed)
+      for i in range(n):
+        h, w = (int(v) for v in rng.integers(50, 120, size=2))
+        pixels = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+        objects = []
+        for j in range(int(rng.integers(1, 4))):
+          y0, x0 = rng.uniform(0, 0.6, 2)
+          y1, x1 = y0 + rng.uniform(0.1, 0.4), x0 + rng.uniform(0.1, 0.4)
+          objects.append({"id": 100 * i + j, "area": int((y1 - y0) * (x1 - x0) * h * w),
+                          "bbox": tfds.features.BBox(y0, x0, y1, x1),
+                          "label": int(rng.integers(80)), "is_crowd": j == 2})
+        image_id = 1000 * seed + i + 1
+        yield image_id, {"image": tf.io.encode_jpeg(pixels).numpy(),
+                         "image/filename": f"{image_id}.jpg", "image/id": image_id,
+                         "objects": objects}
+
+  builder = FakeCoco(config="2017", data_dir=data_dir)
+  builder.download_and_prepare()
+  return builder

@@ -294,3 +294,22 @@ def test_init_backbone_from_a_classification_checkpoint(tmp_path):
   with pytest.raises(ValueError, match=r"init_backbone_from=.*\['stem_conv'\]\['kernel'\] is "
                      r"\(3, 3, 1, 8\) in its checkpoint \(step 1\) but \(7, 7, 1, 8\)"):
     train.init_backbone(state, str(tmp_path / "small"), tx, shardings)
+
+
+def test_coco_2017_through_the_same_path(tmp_path):
+  """TFDS's coco/2017 builder (fake JPEGs of random sizes, crowd boxes) through the COCO
+  config: RGB decode, jitter/crop/pad of non-square images, eval mapped back to original
+  pixels."""
+  data_dir = str(tmp_path / "tfds")
+  helpers.prepare_fake_coco(data_dir)
+  workdir = tmp_path / "run"
+  flags = helpers.tiny_flags(data_dir, 2, batch=4, eval_every=2, train_split="train",
+                             eval_split="validation")
+  flags += ["--config.dataset.image_size=64", "--config.dtype=float32"]
+  helpers.run_main("configs/coco_retinanet.py:depth=26,width_multiplier=0.125,num_heads=2,"
+                   "kernel_size=3,head_kernel_size=3,head_num_heads=2,fpn_width=32,"
+                   "head_layers=1", workdir, flags, devices=2)
+  rows = helpers.read_metrics(workdir)
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+  (final,) = [r for r in rows if "eval/AP" in r]
+  assert final["eval/num_images"] == 7
