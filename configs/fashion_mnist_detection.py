@@ -5,9 +5,9 @@ detect-demo`).
 ResNet-26 backbone at 1/8 width with attention in groups 3-4 (as the classification demo),
 FPN P3-P5 of 64 channels and 2-layer heads, SASA (k = 3, 8 heads) in the FPN and heads;
 anchors of 24-48 px at P3, since the items are 20-48 px. On these 3x3 to 12x12 maps the
-attention heads learned faster with more, smaller windows: the train loss after 1,000 of
+attention heads learned faster with more, smaller windows: the focal loss after 1,000 of
 1,500 steps was 0.41 with k = 5 and 4 heads, 0.33 with k = 3 and 4 heads, 0.28 with k = 3
-and 8 heads (conv heads: 0.20).
+and 8 heads (conv heads: 0.20; docs/detection.md).
 
   python -m sasa_jax.main --config=configs/fashion_mnist_detection.py --workdir=runs/detect
   python -m sasa_jax.main --config=configs/fashion_mnist_detection.py:heads=conv --workdir=...
