@@ -49,6 +49,7 @@ def draw(workdir: str, num_images: int, out: str, min_score: float = 0.3) -> str
   import numpy as np  # noqa: PLC0415
   from sasa_jax import data as data_lib  # noqa: PLC0415
   from sasa_jax.data.fashion_mnist_detection import CLASS_NAMES  # noqa: PLC0415
+  from sasa_jax.detection.anchors import iou  # noqa: PLC0415
   from sasa_jax.tools.runs import read_config, restore_variables  # noqa: PLC0415
   config = read_config(workdir)
   _, variables = restore_variables(workdir)
@@ -69,12 +70,17 @@ def draw(workdir: str, num_images: int, out: str, min_score: float = 0.3) -> str
     ax.imshow(batch["image"][i, ..., 0], cmap="gray")
     for (y0, x0, y1, x1), label in zip(truth[i]["boxes"], truth[i]["labels"]):
       ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ls="--", ec="lime"))
+    drawn = []  # one label per object: skip a box that overlaps a better one (any class)
     for j in np.nonzero(valid[i] & (scores[i] >= min_score))[0]:
+      if drawn and float(np.max(iou(boxes[i, j][None], boxes[i, drawn]))) > 0.7:
+        continue
+      drawn.append(j)
       y0, x0, y1, x1 = boxes[i, j]
       ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="red"))
       ax.text(x0, y0, f"{CLASS_NAMES[classes[i, j]]} {scores[i, j]:.2f}", color="yellow",
               fontsize=6, va="bottom")
-  fig.suptitle(f"predictions (red, score >= {min_score}) and truth (dashed)")
+  fig.suptitle(f"predictions (red, score >= {min_score}, the best class per object) and "
+               "truth (dashed)")
   fig.tight_layout()
   fig.savefig(out, dpi=100)
   plt.close(fig)
