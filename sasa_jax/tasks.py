@@ -6,6 +6,8 @@ A task holds the config and gives: create_model(); check(model, variables, image
 (raises ValueError); loss(outputs, batch) -> (loss, metrics), inside the jitted step;
 eval_outputs(outputs, batch), inside the jitted eval step; evaluator(builder), whose
 update(eval outputs) runs per eval batch and result() returns the eval metrics."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,7 +86,11 @@ class Detection:
     self.anchor_spec = anchors_lib.AnchorSpec(
         model["min_level"], model["max_level"], model["num_scales"],
         tuple(model["aspect_ratios"]), model["anchor_scale"])
-    self.anchors = anchors_lib.generate_anchors(self.anchor_spec, config.dataset.image_size)
+
+  @functools.cached_property
+  def anchors(self):
+    """[N, 4] anchors of config.dataset.image_size images (numpy)."""
+    return anchors_lib.generate_anchors(self.anchor_spec, self.config.dataset.image_size)
 
   def create_model(self):
     return self.factory(**self.config.model, dtype=self.config.dtype,

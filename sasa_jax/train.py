@@ -293,8 +293,8 @@ def init_backbone(state: TrainState, source: str, tx, shardings) -> TrainState:
                        ema_params=params if state.ema_params is not None else None)
 
 
-def _detection_options(config) -> DetectionOptions | None:
-  if tasks.get(config).name != "detection":
+def _detection_options(task, config) -> DetectionOptions | None:
+  if task.name != "detection":
     return None
   c = config.detection
   return DetectionOptions(max_boxes=c.max_boxes, scale_min=c.scale_min, scale_max=c.scale_max)
@@ -325,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   channels = len(data_lib.DATASETS[config.dataset.name].mean)
 
   task = tasks.get(config)
-  model = create_model(config)
+  model = task.create_model()
   schedule = optim.create_schedule(config.schedule, steps_per_epoch, num_steps)
   tx = optim.create_optimizer(config.optimizer, schedule)
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
@@ -385,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       seed=config.seed, start_step=start_step,
       shuffle_buffer=config.dataset.shuffle_buffer,
       crop_padding=config.dataset.get("crop_padding", 2),
-      detection_options=_detection_options(config)).as_numpy_iterator()
+      detection_options=_detection_options(task, config)).as_numpy_iterator()
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)]
   if config.profile and is_main:

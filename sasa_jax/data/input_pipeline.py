@@ -71,11 +71,8 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   if name not in DATASETS:
     raise ValueError(f"dataset.name={name!r} is not allowed; choose one of {tuple(DATASETS)}")
   spec = DATASETS[name]
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:  # ours, not registered with TFDS
-    builder = None
-  if builder is not None and builder.is_prepared():
+  builder = tfds.builder(name, data_dir=data_dir)
+  if builder.is_prepared():
     return builder
   if spec.prepare is not None:
     try:
@@ -83,8 +80,7 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     except Exception as e:  # noqa: BLE001 - re-raised with the instructions
       raise FileNotFoundError(f"dataset {name!r} is not prepared in data_dir={data_dir!r} and "
                               f"preparing it failed ({e}). {spec.how_to_prepare}") from e
-  where = builder.data_dir if builder is not None else data_dir
-  raise FileNotFoundError(f"dataset {name!r} is not prepared in data_dir={where!r}. "
+  raise FileNotFoundError(f"dataset {name!r} is not prepared in data_dir={builder.data_dir!r}. "
                           f"{spec.how_to_prepare}")
 
 

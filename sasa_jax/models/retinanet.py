@@ -145,13 +145,3 @@ class RetinaNet(nn.Module):
     batch = images.shape[0]
     return {"logits": logits.reshape(batch, -1, self.num_classes).astype(jnp.float32),
             "boxes": boxes.reshape(batch, -1, 4).astype(jnp.float32)}
-
-  def level_sizes(self, image_size: int) -> dict:
-    """{level: feature map side} for square images of `image_size` (each stride-2 stage
-    rounds up)."""
-    sizes, side = {}, image_size
-    for level in range(1, self.max_level + 1):
-      side = -(-side // 2)
-      sizes[level] = side
-    return {l: sizes[l] for l in range(self.min_level, self.max_level + 1)}
-
