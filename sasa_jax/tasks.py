@@ -86,6 +86,7 @@ class Detection:
     self.anchor_spec = anchors_lib.AnchorSpec(
         model["min_level"], model["max_level"], model["num_scales"],
         tuple(model["aspect_ratios"]), model["anchor_scale"])
+    self._ground_truth = None
 
   @functools.cached_property
   def anchors(self):
@@ -127,15 +128,24 @@ class Detection:
             "mask": batch["mask"]}
 
   def evaluator(self, builder):
-    return _CocoEvaluator(builder, self.config.dataset.eval_split,
-                          data_lib.DATASETS[self.config.dataset.name].num_classes)
+    return _CocoEvaluator(functools.partial(self.ground_truth, builder),
+                          self.config.dataset.eval_split)
+
+  def ground_truth(self, builder):
+    """The eval split's pycocotools ground truth, read on first use and kept for the run's
+    later evaluations (it decodes every eval image once for its size)."""
+    if self._ground_truth is None:
+      self._ground_truth = coco_eval.ground_truth(
+          data_lib.ground_truth(builder, self.config.dataset.eval_split),
+          data_lib.DATASETS[self.config.dataset.name].num_classes)
+    return self._ground_truth
 
 
 class _CocoEvaluator:
   """Collects the detections of real images; `result` runs pycocotools on process 0."""
 
-  def __init__(self, builder, split, num_classes):
-    self.builder, self.split, self.num_classes = builder, split, num_classes
+  def __init__(self, ground_truth, split):
+    self.ground_truth, self.split = ground_truth, split  # ground_truth(): a pycocotools COCO
     self.batches = []
 
   def update(self, outputs):
@@ -151,8 +161,7 @@ class _CocoEvaluator:
     ids = out["image_id"]
     if len(np.unique(ids)) != len(ids):
       raise RuntimeError(f"evaluation saw {len(ids) - len(np.unique(ids))} image(s) twice")
-    gt = coco_eval.ground_truth(data_lib.ground_truth(self.builder, self.split),
-                                self.num_classes)
+    gt = self.ground_truth()
     missing = set(gt.getImgIds()) - set(ids.tolist())
     if missing:
       raise RuntimeError(f"evaluation missed {len(missing)} image(s) of {self.split}")
