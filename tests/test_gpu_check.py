@@ -19,7 +19,8 @@ sys.exit(gpu_check.main(sys.argv[1:]))
 
 
 def test_cpu_smoke_writes_results(tmp_path):
-  proc = subprocess.run([sys.executable, "-c", BLOCK, "--cpu-smoke", f"--out={tmp_path}"],
+  proc = subprocess.run([sys.executable, "-c", BLOCK, "--cpu-smoke", "--tune",
+                         f"--out={tmp_path}"],
                         cwd=helpers.ROOT, env=helpers.env(), capture_output=True, text=True,
                         timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -28,7 +29,28 @@ def test_cpu_smoke_writes_results(tmp_path):
   assert kinds.count("correctness") == 4 and all(
       r["ok"] for r in report["rows"] if r["kind"] == "correctness")
   assert kinds.count("op") == 4 and kinds.count("train_step") == 2 and "torch" in kinds
+  assert not [r for r in report["rows"] if "error" in r and r["kind"] != "export"]
   ops = [r for r in report["rows"] if r["kind"] == "op"]
   assert all(r["pallas_ms"] > 0 and r["xla_ms"] > 0 and r["conv_ms"] > 0 for r in ops)
+  env, = [r for r in report["rows"] if r["kind"] == "env"]
+  assert env["backend"] == "cpu" and env["auto_impl"] == "xla"
+  exports = {r["platforms"]: r for r in report["rows"] if r["kind"] == "export"}
+  assert exports["tpu"]["tpu_custom_calls"] == 3 and exports["cuda"]["triton_calls"] == 3
+  tune = [r for r in report["rows"] if r["kind"] == "tune"]
+  assert len(tune) == 2 and sum(r["planned"] for r in tune) == 1
+  assert all(r["ms"] > 0 and r["grad_error"] < 1e-4 for r in tune)
   markdown = (tmp_path / "results.md").read_text()
-  assert "## correctness" in markdown and "## train_step" in markdown
+  assert "## correctness" in markdown and "## train_step" in markdown and "## tune" in markdown
+
+
+def test_a_row_that_raises_is_recorded_and_the_check_goes_on(tmp_path, monkeypatch):
+  from sasa_jax.tools import gpu_check  # noqa: PLC0415
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("kernel exploded")
+  monkeypatch.setattr(gpu_check, "local_attention", broken)
+  status = gpu_check.main(["--cpu-smoke", "--sections=env,correctness", f"--out={tmp_path}"])
+  rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+  assert status == 1 and [r["kind"] for r in rows] == ["env"] + ["correctness"] * 4
+  assert all("kernel exploded" in r["error"] and r["ok"] is False for r in rows[1:])
+  assert "kernel exploded" in (tmp_path / "results.md").read_text()

@@ -130,6 +130,38 @@ def _axis_options(size: int, radius: int, round_to, pad: int, blocks,
   return options
 
 
+def candidate_tilings(height: int, width: int, head_dim: int, kernel_size: int, dtype,
+                      flavour: str, max_block: int | None = None,
+                      max_logits: int | None = None) -> list[Tiling]:
+  """Every legal tiling of one shape for one backend, cheapest first (see `plan_tiling`)."""
+  r = kernel_size // 2
+  if flavour == "tpu":
+    align = 8 * 4 // jnp.dtype(dtype).itemsize
+    rows = _axis_options(height, r, lambda x: x, r, (2, 4, 8, 16, 32), max_block)
+    cols = _axis_options(width, r, lambda x: _round_up(x, align), _round_up(r, align),
+                         (align, 2 * align, 4 * align), max_block)
+    dp, kp, min_rows, cap = head_dim, kernel_size, 8, 1 << 17
+  else:
+    rows = _axis_options(height, r, _next_pow2, r, (2, 4, 8, 16, 32), max_block)
+    cols = _axis_options(width, r, _next_pow2, r, (2, 4, 8, 16, 32), max_block)
+    dp, kp, min_rows, cap = max(16, _next_pow2(head_dim)), _next_pow2(kernel_size), 16, 1 << 14
+  max_logits = max_logits or cap
+  scored = []
+  for bh, kh, pt in rows:
+    for bw, kw, pl_ in cols:
+      nq, nk = bh * bw, kh * kw
+      if nq * nk > max_logits or (flavour == "gpu" and min(nq, nk) < min_rows):
+        continue
+      programs = -(-height // bh) * -(-width // bw)
+      scored.append((programs * (nq * nk + _PROGRAM_OVERHEAD), len(scored),
+                     Tiling(flavour, height, width, kernel_size, bh, bw, kh, kw, pt, pl_, dp,
+                            kp)))
+  if not scored:
+    raise ValueError(f"kernel_size={kernel_size} is too large for the {flavour} kernel's "
+                     f"budget of {max_logits} logits per program; use impl='xla'")
+  return [t for _, _, t in sorted(scored)]
+
+
 def plan_tiling(height: int, width: int, head_dim: int, kernel_size: int, dtype,
                 flavour: str, max_block: int | None = None) -> Tiling:
   """Block sizes for one shape and backend, within that backend's layout rules.
@@ -144,32 +176,8 @@ def plan_tiling(height: int, width: int, head_dim: int, kernel_size: int, dtype,
   matmul dims >= 16, and at most 16K float32 logits per program (registers).
   max_block caps the block on both axes (tests use it to force halos on small maps).
   """
-  r = kernel_size // 2
-  if flavour == "tpu":
-    align = 8 * 4 // jnp.dtype(dtype).itemsize
-    rows = _axis_options(height, r, lambda x: x, r, (2, 4, 8, 16, 32), max_block)
-    cols = _axis_options(width, r, lambda x: _round_up(x, align), _round_up(r, align),
-                         (align, 2 * align, 4 * align), max_block)
-    dp, kp, min_rows, max_logits = head_dim, kernel_size, 8, 1 << 17
-  else:
-    rows = _axis_options(height, r, _next_pow2, r, (2, 4, 8, 16, 32), max_block)
-    cols = _axis_options(width, r, _next_pow2, r, (2, 4, 8, 16, 32), max_block)
-    dp, kp, min_rows, max_logits = max(16, _next_pow2(head_dim)), _next_pow2(kernel_size), 16, 1 << 14
-  best = None
-  for bh, kh, pt in rows:
-    for bw, kw, pl_ in cols:
-      nq, nk = bh * bw, kh * kw
-      if nq * nk > max_logits or (flavour == "gpu" and min(nq, nk) < min_rows):
-        continue
-      programs = -(-height // bh) * -(-width // bw)
-      cost = programs * (nq * nk + _PROGRAM_OVERHEAD)
-      if best is None or cost < best[0]:
-        best = (cost, Tiling(flavour, height, width, kernel_size, bh, bw, kh, kw, pt, pl_,
-                             dp, kp))
-  if best is None:
-    raise ValueError(f"kernel_size={kernel_size} is too large for the {flavour} kernel's "
-                     f"budget of {max_logits} logits per program; use impl='xla'")
-  return best[1]
+  return candidate_tilings(height, width, head_dim, kernel_size, dtype, flavour,
+                           max_block)[0]
 
 
 def _offset_tables(t: Tiling, *, keys_in_slab: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -323,6 +331,8 @@ class _Launch:
   # with the generic interpreter (plain jax ops, no effects: fit for a platform_dependent
   # branch beside compiled ones).
   tpu_interpreter: bool = True
+  num_warps: int = 4   # Triton only
+  num_stages: int = 1
 
   @property
   def grid(self):
@@ -335,7 +345,7 @@ class _Launch:
       from jax.experimental.pallas import tpu as pltpu
       return pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
     from jax.experimental.pallas import triton as pltriton
-    return pltriton.CompilerParams(num_warps=4, num_stages=1)
+    return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
   def interpret_mode(self):
     if not self.interpret:
@@ -535,3 +545,14 @@ def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
   return jax.lax.platform_dependent(
       *args, tpu=or_blocked("tpu", False), cuda=or_blocked("gpu", False),
       rocm=or_blocked("gpu", False), default=or_blocked("tpu", True, tpu_interpreter=False))
+
+
+def fused_attention(q, k, v, rel_h, rel_w, *, num_heads: int, tiling: Tiling,
+                    num_warps: int = 4, num_stages: int = 1, interpret: bool = False):
+  """The kernels in one given tiling and launch configuration, with no platform dispatch:
+  for timing candidates against each other on one device (`tools/gpu_check --tune`).
+  Arguments as `local_attention`'s, all five arrays given; tiling from `candidate_tilings`.
+  """
+  launch = _Launch(q.shape[0], num_heads, q.shape[-1] // num_heads, tiling, interpret,
+                   num_warps=num_warps, num_stages=num_stages)
+  return _attention(launch, q, k, v, rel_h, rel_w)

@@ -23,6 +23,7 @@ import functools
 import json
 import statistics
 import time
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -43,16 +44,27 @@ STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]  # ResNet-50 groups 1-4: (H 
 def compiled(fn, *args):
   """(run, temp bytes, output) of jit(fn) on args, compiled and run once: run() times one
   more call in seconds."""
+  run, memory, out = compiled_with_memory(fn, *args)
+  return run, memory["temp"], out
+
+
+def compiled_with_memory(fn, *args):
+  """(run, memory, output) as `compiled`; memory: XLA's plan in bytes, {"temp": temporaries,
+  "footprint": arguments + outputs - donated + temporaries}."""
   exe = jax.jit(fn).lower(*args).compile()
   mem = exe.memory_analysis()
-  temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
+
+  def size(name):
+    return int(getattr(mem, f"{name}_size_in_bytes", 0) or 0) if mem is not None else 0
+  memory = {"temp": size("temp"),
+            "footprint": size("temp") + size("argument") + size("output") - size("alias")}
   out = jax.block_until_ready(exe(*args))
 
   def run():
     t = time.perf_counter()
     jax.block_until_ready(exe(*args))
     return time.perf_counter() - t
-  return run, temp, out
+  return run, memory, out
 
 
 def medians(runs, repeats):
@@ -136,8 +148,7 @@ def bench_ops(args):
 
 
 def train_step_case(variant, depth, batch, image_size, impl, dtype="float32", **model_kw):
-  """(run, temp bytes, compile seconds) of one SGD training step of a ResNet variant;
-  model_kw: more create_resnet keywords."""
+  """`model_step_case` of a ResNet variant; model_kw: more create_resnet keywords."""
   return model_step_case(resnet(variant, depth, impl, dtype, **model_kw), batch, image_size)
 
 
@@ -145,10 +156,18 @@ def resnet(variant, depth, impl, dtype, **model_kw):
   return create_resnet(depth, variant, impl=impl, dtype=jnp.dtype(dtype).name, **model_kw)
 
 
-def model_step_case(model, batch, image_size, channels=3):
-  """(run, temp bytes, compile seconds) of one SGD training step of a classifier."""
-  x = jnp.zeros((batch, image_size, image_size, channels))
-  labels = jnp.zeros((batch,), jnp.int32)
+class StepCase(NamedTuple):
+  run: Callable[[], float]  # seconds of one more step
+  temp: int                 # bytes of the compiled step's temporaries
+  compile_s: float
+  footprint: int            # bytes of its planned device memory (state, batch, temporaries)
+
+
+def model_step_case(model, batch, image_size, channels=3) -> StepCase:
+  """One SGD training step of a classifier on a random batch, compiled and run once."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(batch, image_size, image_size, channels)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, model.num_classes, size=(batch,)), jnp.int32)
   variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x[:1])
   tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
   opt_state = tx.init(variables["params"])
@@ -162,10 +181,10 @@ def model_step_case(model, batch, image_size, channels=3):
     updates, opt_state = tx.update(g, opt_state, params)
     return optax.apply_updates(params, updates), upd["batch_stats"], opt_state, loss
 
+  args = (variables["params"], variables["batch_stats"], opt_state, x, labels)
   t0 = time.perf_counter()
-  run, mem, _ = compiled(step, variables["params"], variables["batch_stats"], opt_state, x,
-                         labels)
-  return run, mem, time.perf_counter() - t0
+  run, memory, _ = compiled_with_memory(step, *args)
+  return StepCase(run, memory["temp"], time.perf_counter() - t0, memory["footprint"])
 
 
 def attention_layers(model, batch, image_size, channels=3):
@@ -218,8 +237,8 @@ def step_breakdown(model, batch, image_size, channels=3, repeats=5, step_run=Non
   step_run: the model's step as `model_step_case` compiled it, if the caller has it."""
   layers = attention_layers(model, batch, image_size, channels)
   stem_only = model.clone(stage_blocks=(0,) * len(model.stage_blocks))
-  step_run = step_run or model_step_case(model, batch, image_size, channels)[0]
-  runs = [step_run, model_step_case(stem_only, batch, image_size, channels)[0]]
+  step_run = step_run or model_step_case(model, batch, image_size, channels).run
+  runs = [step_run, model_step_case(stem_only, batch, image_size, channels).run]
   for layer, shape in layers:
     runs.extend(layer_case(layer, shape))
   secs = medians(runs, repeats)
@@ -238,9 +257,9 @@ def bench_models(args):
   variants = ("baseline", "conv_stem_attention", "full_attention")
   cases = [train_step_case(v, args.depth, args.model_batch, args.image_size, args.impl,
                            args.dtype) for v in variants]
-  secs = medians([run for run, _, _ in cases], args.model_repeats)
-  base_sec, base_mem = secs[0], cases[0][1]
-  for variant, sec, (_, mem, compile_s) in zip(variants, secs, cases):
+  secs = medians([case.run for case in cases], args.model_repeats)
+  base_sec, base_mem = secs[0], cases[0].temp
+  for variant, sec, (_, mem, compile_s, _) in zip(variants, secs, cases):
     yield {"kind": "train_step", "model": f"ResNet-{args.depth} {variant}",
            "batch": args.model_batch, "image_size": args.image_size, "impl": args.impl,
            "dtype": str(args.dtype),
@@ -250,7 +269,7 @@ def bench_models(args):
     yield breakdown_row(f"ResNet-{args.depth} full_attention",
                         resnet("full_attention", args.depth, args.impl, args.dtype),
                         args.model_batch, args.image_size, 3, args.model_repeats,
-                        step_run=cases[variants.index("full_attention")][0])
+                        step_run=cases[variants.index("full_attention")].run)
 
 
 def breakdown_row(name, model, batch, image_size, channels, repeats, step_run=None):
@@ -273,14 +292,14 @@ def bench_demo(args):
   if args.quick:
     batch = 8
   cases = [model_step_case(m, batch, size, channels) for m in (baseline, attention)]
-  (base_s, attn_s) = medians([run for run, _, _ in cases], args.model_repeats)
+  (base_s, attn_s) = medians([case.run for case in cases], args.model_repeats)
   yield {"kind": "demo_step", "model": "configs/fashion_mnist.py", "batch": batch,
          "image_size": size, "impl": args.impl, "ms": 1e3 * attn_s,
          "baseline_ms": 1e3 * base_s, "vs_baseline": attn_s / base_s,
-         "temp_mb": cases[1][1] / 2**20, "baseline_temp_mb": cases[0][1] / 2**20}
+         "temp_mb": cases[1].temp / 2**20, "baseline_temp_mb": cases[0].temp / 2**20}
   if not args.skip_breakdown:
     yield breakdown_row("configs/fashion_mnist.py", attention, batch, size, channels,
-                        args.model_repeats, step_run=cases[1][0])
+                        args.model_repeats, step_run=cases[1].run)
 
 
 def fmt(row):

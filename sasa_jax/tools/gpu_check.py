@@ -1,104 +1,147 @@
 """The prepared accelerator check: is impl="pallas" right and fast on this GPU?
 
   make gpu-check                      # GPU_CHECK_OUT=dir (default runs/gpu_check)
-  PYTHONPATH=. python -m sasa_jax.tools.gpu_check --out DIR [--cpu-smoke]
+  PYTHONPATH=. python -m sasa_jax.tools.gpu_check --out DIR [--cpu-smoke] [--tune]
 
 Needs jax, flax, optax and numpy only (no TensorFlow, TFDS, clu or ml_collections), so it
-runs from a checkout on a bare accelerator image. In order, printing as it goes:
+runs from a checkout on a bare accelerator image. In order, printing a JSON row as each
+result comes:
+0. env: versions, the device, and what impl="auto" picks on it;
 1. correctness: impl="pallas" (compiled kernels; interpret mode only on the CPU) against
    impl="reference", the output and all five gradients, float32 and bfloat16, at the four
    ResNet-50 stage shapes and at odd shapes (window larger than the map, non-square, 1 head);
-2. the op's fwd+bwd time and compiled temporary memory, pallas vs xla vs a 3x3 conv of the
-   same width (batch 32), bfloat16 and float32;
-3. ResNet-50 training steps (batch 128, bfloat16, 224 px, synthetic data): baseline,
-   conv-stem + attention and full attention with impl pallas and xla: images/s, memory;
-4. where PyTorch and timm are installed, the same op shapes as an exact SASA by unfold and
-   timm's HaloAttn (block 8, halo 3), fwd+bwd.
-Writes results.json and results.md in --out. --cpu-smoke: tiny shapes, for the test suite.
+2. op: the op's fwd+bwd time and compiled temporary memory, pallas vs xla vs a 3x3 conv of
+   the same width (batch 32), bfloat16 and float32;
+3. torch: where PyTorch is installed, the same op shapes as an exact SASA by unfold and
+   timm's HaloAttn (block 8, halo 3), fwd+bwd;
+4. export: one jitted layer training step exported for ["tpu"], ["cuda"] and both at once;
+5. train_step: ResNet-50 training steps (batch 128, bfloat16, 224 px, random data):
+   baseline, conv-stem + attention and full attention with impl pallas and xla: images/s
+   and XLA's planned device memory;
+6. tune (with --tune): the Triton kernels' candidate tilings and launch settings (warps,
+   pipeline stages) at the stage shapes, fwd+bwd time and gradient error against impl=xla.
+A row that raises is recorded with its error and the check goes on; past --budget-s seconds
+the remaining rows are recorded as skipped. Writes results.json (after every row) and
+results.md in --out. Exit status 1 if a correctness row fails or errs.
 """
 import argparse
+import importlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sasa_jax.ops import local_attention
-from sasa_jax.tools.bench import STAGES, compiled, medians, op_case, train_step_case
+from sasa_jax.ops import default_impl, local_attention
+from sasa_jax.ops import pallas_attention as pa
+from sasa_jax.tools.bench import (STAGES, compiled, medians, model_step_case, op_case,
+                                  resnet)
 
 TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}  # max |a - b| / max |b|
 ODD_SHAPES = [  # (batch, H, W, C, heads, k): window > map, non-square, 1 head
     (2, 5, 5, 32, 4, 7), (2, 9, 20, 64, 8, 7), (2, 13, 11, 16, 1, 5)]
+SECTIONS = ("env", "correctness", "op", "torch", "export", "train_step", "tune")
 
 
 def _rel_error(a, b):
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  if not np.all(np.isfinite(a)):
+    return float("inf")
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
-def correctness(shapes, dtype):
-  """Rows: per shape, the worst relative error of the output and of each gradient."""
+def _operands(shape, heads, k, dtype, seed=0):
+  """q, k, v, rel_h, rel_w and an output cotangent, fresh normal draws."""
+  b, h, w, c = shape
+  rng = np.random.default_rng(seed)
+  q, kk, v, cot = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(4))
+  rh, rw = (jnp.asarray(rng.normal(size=(k, c // heads // 2)), dtype) for _ in range(2))
+  return (q, kk, v, rh, rw), cot
+
+
+def _fwd_bwd(op, args, cot):
+  """jit of (output, five gradients) of op at args for the output cotangent cot."""
+  def f():
+    out, vjp = jax.vjp(op, *args)
+    return (out, *vjp(cot))
+  return jax.jit(f)()
+
+
+# Each section yields (labels, thunk): the thunk computes the rest of one row.
+
+def env_rows(smoke):
+  def run():
+    versions = {}
+    for name in ("jaxlib", "flax", "optax", "numpy", "torch", "triton", "timm"):
+      try:
+        versions[name] = importlib.import_module(name).__version__
+      except Exception:  # noqa: BLE001 - not installed, or broken: either way, say so
+        versions[name] = None
+    row = {"backend": jax.default_backend(), "devices": len(jax.devices()),
+           "auto_impl": default_impl(), **versions}
+    stats = jax.devices()[0].memory_stats() or {}
+    row["device_memory_gb"] = stats.get("bytes_limit", 0) / 2**30
+    if not smoke:
+      try:
+        row["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
+      except (OSError, subprocess.SubprocessError) as e:
+        row["nvidia_smi"] = f"unavailable: {e}"
+    return row
+  yield {}, run
+
+
+def correctness_rows(shapes, dtype):
   for b, h, w, c, heads, k in shapes:
-    rng = np.random.default_rng(0)
-    q, kk, v = (jnp.asarray(rng.normal(size=(b, h, w, c)), dtype) for _ in range(3))
-    rh, rw = (jnp.asarray(rng.normal(size=(k, c // heads // 2)), dtype) for _ in range(2))
-    cot = jnp.asarray(rng.normal(size=(b, h, w, c)), dtype)
+    labels = {"shape": f"{b}x{h}x{w}x{c}", "heads": heads, "k": k,
+              "dtype": jnp.dtype(dtype).name}
 
-    def fwd_bwd(impl):
-      def f(*args):
-        return local_attention(*args, kernel_size=k, num_heads=heads, impl=impl)
-      out, vjp = jax.vjp(f, q, kk, v, rh, rw)
-      return (out, *vjp(cot))
-    got = jax.jit(lambda: fwd_bwd("pallas"))()
-    want = jax.jit(lambda: fwd_bwd("reference"))()
-    errors = dict(zip(("out", "dq", "dk", "dv", "drel_h", "drel_w"),
-                      (_rel_error(g, r) for g, r in zip(got, want))))
-    worst = max(errors.values())
-    yield {"kind": "correctness", "shape": f"{b}x{h}x{w}x{c}", "heads": heads, "k": k,
-           "dtype": jnp.dtype(dtype).name, **errors, "worst": worst,
-           "ok": worst <= TOLERANCE[jnp.dtype(dtype).name]}
+    def run(b=b, h=h, w=w, c=c, heads=heads, k=k):
+      args, cot = _operands((b, h, w, c), heads, k, dtype)
+
+      def op(impl):
+        return lambda *a: local_attention(*a, kernel_size=k, num_heads=heads, impl=impl)
+      got, want = _fwd_bwd(op("pallas"), args, cot), _fwd_bwd(op("reference"), args, cot)
+      errors = dict(zip(("out", "dq", "dk", "dv", "drel_h", "drel_w"),
+                        (_rel_error(g, r) for g, r in zip(got, want))))
+      worst = max(errors.values())
+      return {**errors, "worst": worst, "ok": worst <= TOLERANCE[jnp.dtype(dtype).name]}
+    yield labels, run
 
 
-def op_speed(stages, batch, dtype, repeats):
+def op_rows(stages, batch, dtype, repeats):
   for size, width in stages:
-    row = {"kind": "op", "shape": f"{batch}x{size}x{size}x{width}",
-           "dtype": jnp.dtype(dtype).name}
-    for impl in ("pallas", "xla"):
-      case = op_case(size, width, batch, 7, 8, impl, dtype, repeats)
-      row[f"{impl}_ms"] = 1e3 * case["t_attn"]
-      row[f"{impl}_temp_mb"] = case["m_attn"] / 2**20
-      row["conv_ms"], row["conv_temp_mb"] = 1e3 * case["t_conv"], case["m_conv"] / 2**20
-    row["pallas_vs_conv"] = row["pallas_ms"] / row["conv_ms"]
-    row["xla_vs_conv"] = row["xla_ms"] / row["conv_ms"]
-    yield row
+    labels = {"shape": f"{batch}x{size}x{size}x{width}", "dtype": jnp.dtype(dtype).name}
+
+    def run(size=size, width=width):
+      row = {}
+      for impl in ("pallas", "xla"):
+        case = op_case(size, width, batch, 7, 8, impl, dtype, repeats)
+        row[f"{impl}_ms"] = 1e3 * case["t_attn"]
+        row[f"{impl}_temp_mb"] = case["m_attn"] / 2**20
+        row["conv_ms"], row["conv_temp_mb"] = 1e3 * case["t_conv"], case["m_conv"] / 2**20
+      row["pallas_vs_conv"] = row["pallas_ms"] / row["conv_ms"]
+      row["xla_vs_conv"] = row["xla_ms"] / row["conv_ms"]
+      row["pallas_vs_xla"] = row["pallas_ms"] / row["xla_ms"]
+      return row
+    yield labels, run
 
 
-def model_steps(depth, batch, image_size, dtype, repeats, cases=None, **model_kw):
-  cases = cases or [(variant, impl)
-                    for variant in ("baseline", "conv_stem_attention", "full_attention")
-                    for impl in (("xla",) if variant == "baseline" else ("pallas", "xla"))]
-  for variant, impl in cases:
-    run, temp, compile_s = train_step_case(variant, depth, batch, image_size, impl, dtype,
-                                           **model_kw)
-    sec = medians([run], repeats)[0]
-    stats = jax.local_devices()[0].memory_stats() or {}
-    yield {"kind": "train_step", "model": f"ResNet-{depth} {variant}", "impl": impl,
-           "batch": batch, "image_size": image_size, "dtype": jnp.dtype(dtype).name,
-           "ms": 1e3 * sec, "images_per_s": batch / sec, "temp_mb": temp / 2**20,
-           "peak_mb": stats.get("peak_bytes_in_use", 0) / 2**20, "compile_s": compile_s}
-
-
-def torch_baselines(stages, batch, dtype_name, repeats):
-  """An exact SASA by unfold (as public PyTorch ports write it) and timm's HaloAttn."""
+def torch_rows(stages, batch, dtype_name, repeats):
+  """An exact SASA by unfold (as public PyTorch ports write it) and timm's HaloAttn (which
+  includes its q/k/v projections: an upper bound on its attention alone)."""
   try:
-    import torch
-    import torch.nn.functional as F
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415, N812
   except ImportError:
-    yield {"kind": "torch", "skipped": "PyTorch is not installed"}
+    yield {}, lambda: {"skipped": "PyTorch is not installed"}
     return
   device = "cuda" if torch.cuda.is_available() else "cpu"
   dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
@@ -117,60 +160,184 @@ def torch_baselines(stages, batch, dtype_name, repeats):
     return 1e3 * float(np.median(times))
 
   for size, width in stages:
+    labels = {"shape": f"{batch}x{size}x{size}x{width}", "dtype": dtype_name, "device": device}
+
+    def run(size=size, width=width):
+      heads, k = 8, 7
+      d = width // heads
+      x = torch.randn(batch, width, size, size, device=device, dtype=dtype,
+                      requires_grad=True)
+      q, key, v = (torch.randn(batch, width, size, size, device=device, dtype=dtype,
+                               requires_grad=True) for _ in range(3))
+      rel = torch.randn(d, k * k, device=device, dtype=dtype, requires_grad=True)
+      outside = F.unfold(torch.ones(1, 1, size, size, device=device), k,
+                         padding=k // 2).reshape(1, k * k, size * size) == 0
+
+      def unfold_sasa():  # logits q.k + q.r over the k x k window, keys outside masked
+        qh = q.reshape(batch * heads, d, size * size)
+        kw, vw = (F.unfold(t.reshape(batch * heads, d, size, size), k, padding=k // 2)
+                  .reshape(batch * heads, d, k * k, size * size) for t in (key, v))
+        logits = (torch.einsum("bcp,bckp->bkp", qh, kw)
+                  + torch.einsum("bcp,ck->bkp", qh, rel))
+        probs = logits.float().masked_fill(outside, float("-inf")).softmax(1).to(dtype)
+        y = torch.einsum("bkp,bckp->bcp", probs, vw)
+        y.float().square().sum().backward()
+      row = {"unfold_sasa_ms": timeit(unfold_sasa)}
+      try:
+        from timm.layers import HaloAttn  # noqa: PLC0415
+        block = 8 if size % 8 == 0 else size
+        halo = HaloAttn(width, width, num_heads=heads, block_size=block, halo_size=3).to(
+            device, dtype)
+        row["timm_halo_ms"] = timeit(lambda: halo(x).float().square().sum().backward())
+      except Exception as e:  # noqa: BLE001 - timm missing, or a shape it refuses
+        row["timm_halo"] = f"skipped: {type(e).__name__}: {e}"[:200]
+      return row
+    yield labels, run
+
+
+def export_rows():
+  """Whether one jitted function (a SASA layer's training step) exports for each platform
+  list, with no context manager: the kernel flavour follows the lowering platform."""
+  from jax import export  # noqa: PLC0415
+  from sasa_jax.layers import SelfAttention2D  # noqa: PLC0415
+  layer = SelfAttention2D(features=128, kernel_size=7, num_heads=8, impl="pallas",
+                          dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((8, 14, 14, 128), jnp.bfloat16)
+  params = jax.eval_shape(lambda: layer.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype)))
+  step = jax.jit(jax.grad(lambda p, x: jnp.mean(jnp.square(
+      layer.apply(p, x).astype(jnp.float32)))))
+  checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  for platforms in (["tpu"], ["cuda"], ["tpu", "cuda"]):
+    def run(platforms=platforms):
+      text = export.export(step, platforms=platforms, disabled_checks=checks)(
+          params, x).mlir_module()
+      return {"ok": True, "tpu_custom_calls": text.count("tpu_custom_call"),
+              "triton_calls": text.count("__gpu$xla.gpu.triton")}
+    yield {"platforms": "+".join(platforms)}, run
+
+
+def train_step_rows(depth, batch, image_size, dtype, repeats, cases=None, **model_kw):
+  cases = cases or [(variant, impl)
+                    for variant in ("baseline", "conv_stem_attention", "full_attention")
+                    for impl in (("xla",) if variant == "baseline" else ("pallas", "xla"))]
+  baseline = {}
+  for variant, impl in cases:
+    labels = {"model": f"ResNet-{depth} {variant}", "impl": impl, "batch": batch,
+              "image_size": image_size, "dtype": jnp.dtype(dtype).name}
+
+    def run(variant=variant, impl=impl):
+      case = model_step_case(resnet(variant, depth, impl, dtype, **model_kw), batch,
+                             image_size)
+      sec = medians([case.run], repeats)[0]
+      row = {"ms": 1e3 * sec, "images_per_s": batch / sec,
+             "memory_gb": case.footprint / 2**30, "temp_gb": case.temp / 2**30,
+             "compile_s": case.compile_s}
+      if variant == "baseline":
+        baseline.update(row)
+      elif baseline:
+        row["vs_baseline"] = sec * 1e3 / baseline["ms"]
+        row["memory_vs_baseline"] = row["memory_gb"] / baseline["memory_gb"]
+      return row
+    yield labels, run
+
+
+def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
+  """Candidate Triton launches at each shape (k = 7, 8 heads): the `tilings` cheapest by the
+  cost model (up to 32K logits a program) x `warps` warp counts, plus the planned tiling
+  with two pipeline stages. Gradient error against impl=xla, so a fast wrong launch shows."""
+  for size, width in stages:
     heads, k = 8, 7
     d = width // heads
-    x = torch.randn(batch, width, size, size, device=device, dtype=dtype, requires_grad=True)
-    q, key, v = (torch.randn(batch, width, size, size, device=device, dtype=dtype,
-                             requires_grad=True) for _ in range(3))
-    rel = torch.randn(d, k * k, device=device, dtype=dtype, requires_grad=True)
-    outside = F.unfold(torch.ones(1, 1, size, size, device=device), k,
-                       padding=k // 2).reshape(1, k * k, size * size) == 0
+    shape = (batch, size, size, width)
+    args, cot = _operands(shape, heads, k, dtype, seed=1)
+    want = []
 
-    def unfold_sasa():  # logits q.k + q.r over the k x k window, keys outside masked
-      qh = q.reshape(batch * heads, d, size * size)
-      kw, vw = (F.unfold(t.reshape(batch * heads, d, size, size), k, padding=k // 2).reshape(
-          batch * heads, d, k * k, size * size) for t in (key, v))
-      logits = torch.einsum("bcp,bckp->bkp", qh, kw) + torch.einsum("bcp,ck->bkp", qh, rel)
-      probs = logits.float().masked_fill(outside, float("-inf")).softmax(1).to(dtype)
-      y = torch.einsum("bkp,bckp->bcp", probs, vw)
-      y.float().square().sum().backward()
-    row = {"kind": "torch", "shape": f"{batch}x{size}x{size}x{width}", "dtype": dtype_name,
-           "device": device, "unfold_sasa_ms": timeit(unfold_sasa)}
-    try:
-      from timm.layers import HaloAttn
-      block = 8 if size % 8 == 0 else size
-      halo = HaloAttn(width, width, num_heads=heads, block_size=block, halo_size=3).to(
-          device, dtype)
-      row["timm_halo_ms"] = timeit(lambda: halo(x).float().square().sum().backward())
-    except Exception as e:  # noqa: BLE001 - timm missing, or a shape it refuses
-      row["timm_halo"] = f"skipped: {type(e).__name__}: {e}"[:200]
-    yield row
+    def grads(op):
+      return jax.grad(lambda *a: jnp.sum(op(*a).astype(jnp.float32) * cot), argnums=range(5))
+    planned = pa.plan_tiling(size, size, d, k, dtype, "gpu")
+    candidates = pa.candidate_tilings(size, size, d, k, dtype, "gpu", max_logits=1 << 15)
+    launches = [(t, nw, 1) for t in candidates[:tilings] for nw in warps]
+    launches.append((planned, warps[0], 2))
+    if all(t != planned for t, _, _ in launches):
+      launches.insert(0, (planned, warps[0], 1))
+    for t, nw, ns in launches:
+      labels = {"shape": "x".join(map(str, shape)), "dtype": jnp.dtype(dtype).name,
+                "block": f"{t.bh}x{t.bw}", "slab": f"{t.kh}x{t.kw}", "logits": t.nq * t.nk,
+                "num_warps": nw, "num_stages": ns,
+                "planned": t == planned and nw == 4 and ns == 1}
+
+      def run(t=t, nw=nw, ns=ns):
+        if not want:
+          xla = grads(lambda *a: local_attention(*a, kernel_size=k, num_heads=heads,
+                                                 impl="xla"))
+          want.extend(jax.jit(xla)(*args))
+        fn = grads(lambda *a: pa.fused_attention(*a, num_heads=heads, tiling=t,
+                                                 num_warps=nw, num_stages=ns,
+                                                 interpret=interpret))
+        go, temp, got = compiled(fn, *args)
+        return {"ms": 1e3 * medians([go], repeats)[0], "temp_mb": temp / 2**20,
+                "grad_error": max(_rel_error(g, w) for g, w in zip(got, want))}
+      yield labels, run
 
 
 def to_markdown(report) -> str:
   lines = [f"# GPU check: {report['device']}", "",
-           f"jax {report['jax']}, {report['date']}, {report['mode']}", ""]
-  for kind in ("correctness", "op", "train_step", "torch"):
+           f"jax {report['jax']}, Python {report['python']}, {report['date']}, "
+           f"{report['mode']}", ""]
+  for kind in SECTIONS:
     rows = [r for r in report["rows"] if r["kind"] == kind]
     if not rows:
       continue
-    keys = [k for k in rows[0] if k != "kind"]
-    lines += [f"## {kind}", "", "| " + " | ".join(keys) + " |",
-              "|" + "---|" * len(keys)]
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("kind", "traceback")))
+    lines += [f"## {kind}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
-      lines.append("| " + " | ".join(f"{r.get(k):.4g}" if isinstance(r.get(k), float)
-                                     else str(r.get(k)) for k in keys) + " |")
+      cells = (f"{r[k]:.4g}" if isinstance(r.get(k), float) else
+               str(r.get(k, "")).replace("|", "/").replace("\n", " ") for k in keys)
+      lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
   return "\n".join(lines)
+
+
+def _run_row(kind, labels, thunk):
+  row = {"kind": kind, **labels}
+  try:
+    row.update(thunk())
+  except Exception as e:  # noqa: BLE001 - record it and go on to the next row
+    row["error"] = f"{type(e).__name__}: {e}"[:1500]
+    row["traceback"] = traceback.format_exc()[-4000:]
+    if kind == "correctness":
+      row["ok"] = False
+  return row
+
+
+def _guarded(kind, make_rows):
+  """The (labels, thunk) pairs of a section; a section that fails to set up gives one row
+  that raises its error."""
+  try:
+    yield from make_rows()
+  except Exception as e:  # noqa: BLE001
+    error = e
+
+    def fail():
+      raise error
+    yield {"setup": kind}, fail
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT", "runs/gpu_check"))
   p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes (tests, any machine)")
-  p.add_argument("--skip-models", action="store_true")
+  p.add_argument("--tune", action="store_true", help="also time the kernels' launch options")
+  p.add_argument("--sections", default=",".join(s for s in SECTIONS if s != "tune"),
+                 help=f"comma-separated, from {','.join(SECTIONS)}")
+  p.add_argument("--budget-s", type=float, default=0,
+                 help="after this many seconds, record the remaining rows as skipped")
   args = p.parse_args(argv)
-  smoke = args.cpu_smoke
+  sections = [s for s in args.sections.split(",") if s] + (["tune"] if args.tune else [])
+  unknown = sorted(set(sections) - set(SECTIONS))
+  if unknown:
+    p.error(f"--sections: unknown {unknown}; choose from {list(SECTIONS)}")
+  smoke, start = args.cpu_smoke, time.perf_counter()
   stages = [(8, 16), (4, 32)] if smoke else STAGES
   shapes = ([(1, 6, 5, 16, 2, 3), (1, 4, 4, 8, 1, 5)] if smoke
             else [(2, s, s, c, 8, 7) for s, c in STAGES] + ODD_SHAPES)
@@ -178,30 +345,46 @@ def main(argv=None):
   report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "mode": "cpu smoke" if smoke else "full", "rows": []}
-  print(f"gpu_check: {report['device']} ({jax.default_backend()}), jax {jax.__version__}",
-        flush=True)
-  sections = [correctness(shapes, dt) for dt in (jnp.float32, jnp.bfloat16)]
-  sections += [op_speed(stages, op_batch, dt, repeats) for dt in (jnp.bfloat16, jnp.float32)]
-  if not args.skip_models:
-    if smoke:
-      sections.append(model_steps(26, 2, 32, jnp.float32, 2, width_multiplier=0.125,
-                                  num_heads=2, cases=[("baseline", "xla"),
-                                                      ("full_attention", "pallas")]))
-    else:
-      sections.append(model_steps(50, 128, 224, jnp.bfloat16, 5))
-  sections.append(torch_baselines(stages, op_batch, "float32" if smoke else "bfloat16",
-                                  repeats))
+  print(f"gpu_check: {report['device']} ({jax.default_backend()}), jax {jax.__version__}; "
+        f"sections {','.join(sections)}", flush=True)
+  makers = {
+      "env": lambda: env_rows(smoke),
+      "correctness": lambda: (r for dt in (jnp.float32, jnp.bfloat16)
+                              for r in correctness_rows(shapes, dt)),
+      "op": lambda: (r for dt in (jnp.bfloat16, jnp.float32)
+                     for r in op_rows(stages, op_batch, dt, repeats)),
+      "torch": lambda: torch_rows(stages, op_batch, "float32" if smoke else "bfloat16",
+                                  repeats),
+      "export": export_rows,
+      "train_step": lambda: (
+          train_step_rows(26, 2, 32, jnp.float32, 2, width_multiplier=0.125, num_heads=2,
+                          cases=[("baseline", "xla"), ("full_attention", "pallas")])
+          if smoke else train_step_rows(50, 128, 224, jnp.bfloat16, 5)),
+      "tune": lambda: (tune_rows(stages[:1], op_batch, jnp.float32, 2, 1, (4,), interpret=True)
+                       if smoke else
+                       tune_rows(STAGES, op_batch, jnp.bfloat16, repeats, 4, (4, 8))),
+  }
   os.makedirs(args.out, exist_ok=True)
   for section in sections:
-    for row in section:
-      print(json.dumps(row), flush=True)
+    for labels, thunk in _guarded(section, makers[section]):
+      elapsed = time.perf_counter() - start
+      if args.budget_s and elapsed > args.budget_s:
+        row = {"kind": section, **labels, "skipped": f"time budget ({args.budget_s:.0f} s)"}
+      else:
+        row = _run_row(section, labels, thunk)
+      row["at_s"] = round(time.perf_counter() - start, 1)
+      print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+      if "traceback" in row:
+        print(row["traceback"], flush=True)
       report["rows"].append(row)
       with open(os.path.join(args.out, "results.json"), "w") as f:  # what is done so far
         json.dump(report, f, indent=1)
   with open(os.path.join(args.out, "results.md"), "w") as f:
     f.write(to_markdown(report))
-  bad = [r for r in report["rows"] if r["kind"] == "correctness" and not r["ok"]]
-  print(f"gpu_check: {len(bad)} correctness failure(s); results in {args.out}", flush=True)
+  bad = [r for r in report["rows"] if r["kind"] == "correctness" and not r.get("ok", True)]
+  print(to_markdown(report), flush=True)
+  print(f"gpu_check: {len(bad)} correctness failure(s) in {time.perf_counter() - start:.0f} s;"
+        f" results in {args.out}", flush=True)
   return 1 if bad else 0
 
 
