@@ -123,8 +123,8 @@ def test_tiling_satisfies_each_backends_layout_rules(flavour, hw, d, k, dtype):
     assert t.nq >= 16 and t.dp >= 16 and t.nq * t.nk <= 16384
 
 
-def test_auto_picks_pallas_on_accelerators_and_model_impl_selects_it():
-  assert default_impl("tpu") == default_impl("gpu") == "pallas" and default_impl("cpu") == "xla"
+def test_auto_picks_pallas_on_tpu_and_model_impl_selects_it():
+  assert default_impl("tpu") == "pallas" and default_impl("gpu") == default_impl("cpu") == "xla"
   from sasa_jax.models import create_resnet
   model = create_resnet(26, "full_attention", width_multiplier=0.125, num_heads=2,
                         small_images=True, num_classes=10, impl="pallas")
@@ -171,18 +171,56 @@ def test_training_step_exports_for_accelerators_at_every_resnet50_stage(platform
       assert re.search(kernel, text), kernel
 
 
+def _exported(step, args, platforms):
+  checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  return export.export(step, platforms=platforms, disabled_checks=checks)(*args)
+
+
 def test_one_jitted_function_lowers_for_each_platform_without_a_context():
   """The kernel flavour follows the lowering platform (jax.lax.platform_dependent): the same
-  jitted training step exports for TPU, then for CUDA, then runs here (interpret mode)."""
+  jitted training step exports for TPU, then for CUDA, then for both at once, then runs
+  here (interpret mode)."""
   step, args = _layer_train_step(14, 128)
-  checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  tpu = export.export(step, platforms=["tpu"])(*args).mlir_module()
-  cuda = export.export(step, platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
+  tpu = _exported(step, args, ["tpu"]).mlir_module()
+  cuda = _exported(step, args, ["cuda"]).mlir_module()
+  both = _exported(step, args, ["tpu", "cuda"]).mlir_module()
   assert tpu.count("tpu_custom_call") == 3 and "__gpu$xla.gpu.triton" not in tpu
   assert cuda.count("__gpu$xla.gpu.triton") == 3 and "tpu_custom_call" not in cuda
+  assert both.count("tpu_custom_call") == 3 and both.count("__gpu$xla.gpu.triton") == 3
   layer = SelfAttention2D(features=16, kernel_size=5, num_heads=2, impl="pallas")
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 9, 7, 16)), jnp.float32)
   params = layer.init(jax.random.key(0), x)
   want = SelfAttention2D(features=16, kernel_size=5, num_heads=2, impl="reference").apply(
       params, x)
   np.testing.assert_allclose(jax.jit(layer.apply)(params, x), want, rtol=1e-4, atol=1e-5)
+
+
+def _op_grads(impl):
+  def loss(q, k, v, rh, rw):
+    y = local_attention(q, k, v, rh, rw, kernel_size=5, num_heads=2, impl=impl)
+    return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+  return jax.jit(jax.grad(loss, argnums=ARGNUMS))
+
+
+def test_an_export_for_cpu_tpu_and_cuda_runs_the_cpu_branch_here():
+  """One module for three platforms: the TPU and GPU kernels are lowered only for their own
+  platform (`platform_only`), and calling it here takes the CPU branch, right."""
+  args, _ = _inputs((1, 9, 7, 16, 2, 5))
+  exported = _exported(_op_grads("pallas"), args, ["cpu", "tpu", "cuda"])
+  text = exported.mlir_module()
+  assert text.count("tpu_custom_call") == 3 and text.count("__gpu$xla.gpu.triton") == 3
+  for got, want in zip(exported.call(*args), _op_grads("reference")(*args)):
+    _assert_close(got, want, 1e-4)
+
+
+def test_auto_resolves_per_lowering_platform():
+  """impl="auto": Pallas kernels when lowered for TPU, the blocked XLA op for CUDA (it beat
+  the Triton kernels on an H200) and for the CPU, all from one jitted function."""
+  args, _ = _inputs((1, 9, 7, 16, 2, 5))
+  step = _op_grads("auto")
+  tpu = _exported(step, args, ["tpu"]).mlir_module()
+  cuda = _exported(step, args, ["cuda"]).mlir_module()
+  assert tpu.count("tpu_custom_call") == 3
+  assert "tpu_custom_call" not in cuda and "__gpu$xla.gpu.triton" not in cuda
+  for got, want in zip(step(*args), _op_grads("reference")(*args)):
+    _assert_close(got, want, 1e-4)

@@ -1,4 +1,6 @@
 """The one local-attention contract and its implementations."""
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -17,11 +19,21 @@ IMPLS = ("auto",) + tuple(IMPLEMENTATIONS)
 def default_impl(backend: str | None = None) -> str:
   """The implementation `impl="auto"` uses on `backend` (default: jax's default backend).
 
-  TPU and GPU: the fused Pallas kernels (no window ever reaches HBM). CPU: the blocked
-  XLA form (Pallas runs only in interpret mode there, for tests).
+  TPU: the fused Pallas kernels (no window ever reaches HBM). GPU: the blocked XLA form,
+  which beat the Triton kernels 1.7-13x in fwd+bwd time on an H200 (docs/gpu.md). CPU: the
+  blocked XLA form (Pallas runs only in interpret mode there, for tests).
   """
   backend = backend or jax.default_backend()
-  return "pallas" if backend in ("tpu", "gpu", "cuda", "rocm") else "xla"
+  return "pallas" if backend == "tpu" else "xla"
+
+
+def _auto(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
+  """impl="auto", chosen per lowering platform (so one jitted function exports for each)."""
+  kw = dict(kernel_size=kernel_size, num_heads=num_heads)
+  return jax.lax.platform_dependent(
+      q, k, v, rel_h, rel_w,
+      tpu=functools.partial(local_attention_pallas, platform="tpu", **kw),
+      default=functools.partial(local_attention_blocked, **kw))
 
 
 def _check(q, k, v, rel_h, rel_w, kernel_size, num_heads, impl):
@@ -79,12 +91,10 @@ def local_attention(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int, num_he
     kernel_size: odd window size k.
     num_heads: number of heads N; must divide C.
     impl: "reference" (oracle), "xla" (blocked matmuls), "pallas" (fused kernels; interpret
-      mode on CPU), or "auto" (`default_impl` of the backend).
+      mode on CPU), or "auto" (`default_impl` of the platform the function is lowered for).
   Returns:
     [B, H, W, C] in q's dtype (float32 softmax and accumulation inside).
   """
   _check(q, k, v, rel_h, rel_w, kernel_size, num_heads, impl)
-  if impl == "auto":
-    impl = default_impl(jax.default_backend())
-  fn = IMPLEMENTATIONS[impl]
+  fn = _auto if impl == "auto" else IMPLEMENTATIONS[impl]
   return fn(q, k, v, rel_h, rel_w, kernel_size=kernel_size, num_heads=num_heads)

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from sasa_jax.ops.platform_only import platform_only
+
 _MASKED = -1e30  # finite: padded queries that see no key stay NaN-free (they are cropped)
 _TINY = 1e-30
 _TARGET = None   # set by `target(...)`: (flavour, interpret) instead of the backend's
@@ -415,11 +417,17 @@ class _Launch:
                            bytes_accessed=int(bytes_accessed))
 
   def call(self, kernel, out_shape, in_specs, out_specs, cost):
-    return pl.pallas_call(
+    """The pallas_call of `kernel`; compiled kernels are lowered only for their platform, so
+    a function holding both flavours exports for TPU and GPU at once (`platform_only`)."""
+    call = pl.pallas_call(
         functools.partial(kernel, t=self.tiling), out_shape=out_shape, grid=self.grid,
         in_specs=in_specs, out_specs=out_specs, compiler_params=self.compiler_params(),
         interpret=self.interpret_mode(), cost_estimate=cost,
         name=f"sasa_{kernel.__name__.strip('_')}")
+    if self.interpret:
+      return call
+    platforms = ("tpu",) if self.tiling.flavour == "tpu" else ("cuda", "rocm")
+    return lambda *args: platform_only(call, platforms, *args)
 
 
 def _nbytes(*xs):
@@ -506,15 +514,18 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
-                           num_heads: int, max_block: int | None = None):
+                           num_heads: int, max_block: int | None = None,
+                           platform: str | None = None):
   """The fused kernels behind `local_attention`'s contract (arguments checked there).
 
   k=None (positional logits only) runs the kernels with zero keys; rel_h = rel_w = None
   with zero tables. The kernel flavour is chosen per lowering platform
   (`jax.lax.platform_dependent`): Mosaic on TPU, Triton on CUDA/ROCm, and the TPU flavour's
   kernel bodies in interpret mode anywhere else (the CPU). So one jitted function exports
-  for ["tpu"] and for ["cuda"] from any host (one export for both fails on jax 0.10.2). `target(...)` forces one flavour (and
-  interpret mode, for tests). max_block: see `plan_tiling`.
+  for ["tpu"], ["cuda"] or both at once from any host (`platform_only`). platform="tpu" or
+  "gpu": that flavour's compiled kernels alone, with no dispatch (for a caller that already
+  dispatches per platform). `target(...)` forces one flavour (and interpret mode, for tests).
+  max_block: see `plan_tiling`.
   """
   d = q.shape[-1] // num_heads
   if k is None:
@@ -542,6 +553,8 @@ def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
   args = (q, k, v, rel_h, rel_w)
   if _TARGET is not None:
     return flavoured(*_TARGET)(*args)
+  if platform is not None:
+    return or_blocked(platform, False)(*args)
   return jax.lax.platform_dependent(
       *args, tpu=or_blocked("tpu", False), cuda=or_blocked("gpu", False),
       rocm=or_blocked("gpu", False), default=or_blocked("tpu", True, tpu_interpreter=False))
