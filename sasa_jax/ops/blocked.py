@@ -464,7 +464,7 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
 
 # Logits per sequential chunk (float32): one chunk's logits and probabilities stay in a
 # core's cache; at 56 x 56 x 64 strips of 2 block rows ran the op ~1.5x faster on XLA:CPU
-# than chunks of whole images. On GPU/TPU (where impl="auto" takes the Pallas kernels)
-# small sequential chunks would starve the device: there chunks only bound memory.
+# than chunks of whole images. On GPU/TPU small sequential chunks would starve the device:
+# there chunks only bound memory.
 CHUNK_LOGITS = 1 << 20
 ACCELERATOR_CHUNK_LOGITS = 1 << 26

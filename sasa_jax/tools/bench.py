@@ -89,7 +89,9 @@ def matmul_gflops(n=2048, dtype=jnp.float32):
   return 2 * n ** 3 / sec / 1e9
 
 
-def op_case(size, width, batch, kernel_size, heads, impl, dtype, repeats):
+def op_programs(size, width, batch, kernel_size, heads, impl, dtype):
+  """((attention fwd+bwd, its args), (3x3 conv fwd+bwd, its args)) at one stage shape, on
+  random operands: each program returns the gradients of a sum of squares."""
   rng = np.random.default_rng(0)
   shape = (batch, size, size, width)
   q, k, v = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
@@ -105,16 +107,20 @@ def op_case(size, width, batch, kernel_size, heads, impl, dtype, repeats):
     y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return jnp.sum(y.astype(jnp.float32) ** 2)
+  return ((jax.grad(attn_loss, argnums=range(5)), (q, k, v, rel, rel)),
+          (jax.grad(conv_loss, argnums=(0, 1)), (x, w)))
 
-  attn = jax.grad(attn_loss, argnums=range(5))
-  conv = jax.grad(conv_loss, argnums=(0, 1))
-  run_attn, m_attn, grads = compiled(attn, q, k, v, rel, rel)
-  run_conv, m_conv, _ = compiled(conv, x, w)
+
+def op_case(size, width, batch, kernel_size, heads, impl, dtype, repeats):
+  (attn, attn_args), (conv, conv_args) = op_programs(size, width, batch, kernel_size, heads,
+                                                     impl, dtype)
+  run_attn, m_attn, grads = compiled(attn, *attn_args)
+  run_conv, m_conv, _ = compiled(conv, *conv_args)
   t_attn, t_conv = medians([run_attn, run_conv], repeats)
   # Algorithmic fwd FLOPS of the op (reference count), x3 for fwd+bwd.
   flops = 3 * count_flops(lambda *a: local_attention(*a, kernel_size=kernel_size,
                                                       num_heads=heads, impl="reference"),
-                          q, k, v, rel, rel)
+                          *attn_args)
   return dict(t_attn=t_attn, m_attn=m_attn, t_conv=t_conv, m_conv=m_conv, grads=grads,
               attn_gflops_per_s=flops / t_attn / 1e9,
               conv_gflops_per_s=3 * 2 * batch * size * size * 9 * width * width / t_conv / 1e9)

@@ -20,6 +20,7 @@ result comes:
    and XLA's planned device memory;
 6. tune (with --tune): the Triton kernels' candidate tilings and launch settings (warps,
    pipeline stages) at the stage shapes, fwd+bwd time and gradient error against impl=xla.
+Each section compiles all its programs first, --jobs at a time, then runs its rows one by one.
 A row that raises is recorded with its error and the check goes on; past --budget-s seconds
 the remaining rows are recorded as skipped. Writes results.json (after every row) and
 results.md in --out. Exit status 1 if a correctness row fails or errs.
@@ -31,8 +32,10 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 import traceback
+from concurrent import futures
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +43,7 @@ import numpy as np
 
 from sasa_jax.ops import default_impl, local_attention
 from sasa_jax.ops import pallas_attention as pa
-from sasa_jax.tools.bench import (STAGES, compiled, medians, model_step_case, op_case,
+from sasa_jax.tools.bench import (STAGES, compiled, medians, model_step_case, op_programs,
                                   resnet)
 
 TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}  # max |a - b| / max |b|
@@ -65,18 +68,29 @@ def _operands(shape, heads, k, dtype, seed=0):
   return (q, kk, v, rh, rw), cot
 
 
-def _fwd_bwd(op, args, cot):
-  """jit of (output, five gradients) of op at args for the output cotangent cot."""
-  def f():
+def _medians(runs, repeats):
+  """`medians` after one untimed call of each program (other programs ran since its first)."""
+  for run in runs:
+    run()
+  return medians(runs, repeats)
+
+
+def _compiled_fwd_bwd(op, args, cot):
+  """A call computing (output, five gradients) of op at args for the output cotangent cot,
+  compiled now."""
+  def f(args, cot):
     out, vjp = jax.vjp(op, *args)
     return (out, *vjp(cot))
-  return jax.jit(f)()
+  exe = jax.jit(f).lower(args, cot).compile()
+  return lambda: exe(args, cot)
 
 
-# Each section yields (labels, thunk): the thunk computes the rest of one row.
+# Each section yields (labels, prepare) per row: prepare() compiles the row's programs (on
+# several threads at once) and returns run(), which times or checks them (one at a time)
+# and returns the rest of the row.
 
 def env_rows(smoke):
-  def run():
+  def row():
     versions = {}
     for name in ("jaxlib", "flax", "optax", "numpy", "torch", "triton", "timm"):
       try:
@@ -95,7 +109,7 @@ def env_rows(smoke):
       except (OSError, subprocess.SubprocessError) as e:
         row["nvidia_smi"] = f"unavailable: {e}"
     return row
-  yield {}, run
+  yield {}, lambda: row
 
 
 def correctness_rows(shapes, dtype):
@@ -103,35 +117,43 @@ def correctness_rows(shapes, dtype):
     labels = {"shape": f"{b}x{h}x{w}x{c}", "heads": heads, "k": k,
               "dtype": jnp.dtype(dtype).name}
 
-    def run(b=b, h=h, w=w, c=c, heads=heads, k=k):
+    def prepare(b=b, h=h, w=w, c=c, heads=heads, k=k):
       args, cot = _operands((b, h, w, c), heads, k, dtype)
+      got, want = (_compiled_fwd_bwd(
+          lambda *a, impl=impl: local_attention(*a, kernel_size=k, num_heads=heads, impl=impl),
+          args, cot) for impl in ("pallas", "reference"))
 
-      def op(impl):
-        return lambda *a: local_attention(*a, kernel_size=k, num_heads=heads, impl=impl)
-      got, want = _fwd_bwd(op("pallas"), args, cot), _fwd_bwd(op("reference"), args, cot)
-      errors = dict(zip(("out", "dq", "dk", "dv", "drel_h", "drel_w"),
-                        (_rel_error(g, r) for g, r in zip(got, want))))
-      worst = max(errors.values())
-      return {**errors, "worst": worst, "ok": worst <= TOLERANCE[jnp.dtype(dtype).name]}
-    yield labels, run
+      def run():
+        errors = dict(zip(("out", "dq", "dk", "dv", "drel_h", "drel_w"),
+                          (_rel_error(g, r) for g, r in zip(got(), want()))))
+        worst = max(errors.values())
+        return {**errors, "worst": worst, "ok": worst <= TOLERANCE[jnp.dtype(dtype).name]}
+      return run
+    yield labels, prepare
 
 
 def op_rows(stages, batch, dtype, repeats):
   for size, width in stages:
     labels = {"shape": f"{batch}x{size}x{size}x{width}", "dtype": jnp.dtype(dtype).name}
 
-    def run(size=size, width=width):
-      row = {}
+    def prepare(size=size, width=width):
+      programs = {}
       for impl in ("pallas", "xla"):
-        case = op_case(size, width, batch, 7, 8, impl, dtype, repeats)
-        row[f"{impl}_ms"] = 1e3 * case["t_attn"]
-        row[f"{impl}_temp_mb"] = case["m_attn"] / 2**20
-        row["conv_ms"], row["conv_temp_mb"] = 1e3 * case["t_conv"], case["m_conv"] / 2**20
-      row["pallas_vs_conv"] = row["pallas_ms"] / row["conv_ms"]
-      row["xla_vs_conv"] = row["xla_ms"] / row["conv_ms"]
-      row["pallas_vs_xla"] = row["pallas_ms"] / row["xla_ms"]
-      return row
-    yield labels, run
+        (attn, attn_args), conv = op_programs(size, width, batch, 7, 8, impl, dtype)
+        programs[impl] = compiled(attn, *attn_args)[:2]
+      programs["conv"] = compiled(conv[0], *conv[1])[:2]
+
+      def run():
+        secs = _medians([go for go, _ in programs.values()], repeats)
+        row = {}
+        for (name, (_, temp)), sec in zip(programs.items(), secs):
+          row[f"{name}_ms"], row[f"{name}_temp_mb"] = 1e3 * sec, temp / 2**20
+        row["pallas_vs_conv"] = row["pallas_ms"] / row["conv_ms"]
+        row["xla_vs_conv"] = row["xla_ms"] / row["conv_ms"]
+        row["pallas_vs_xla"] = row["pallas_ms"] / row["xla_ms"]
+        return row
+      return run
+    yield labels, prepare
 
 
 def torch_rows(stages, batch, dtype_name, repeats):
@@ -141,7 +163,7 @@ def torch_rows(stages, batch, dtype_name, repeats):
     import torch  # noqa: PLC0415
     import torch.nn.functional as F  # noqa: PLC0415, N812
   except ImportError:
-    yield {}, lambda: {"skipped": "PyTorch is not installed"}
+    yield {}, lambda: lambda: {"skipped": "PyTorch is not installed"}
     return
   device = "cuda" if torch.cuda.is_available() else "cpu"
   dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
@@ -184,7 +206,7 @@ def torch_rows(stages, batch, dtype_name, repeats):
         y.float().square().sum().backward()
       row = {"unfold_sasa_ms": timeit(unfold_sasa)}
       try:
-        from timm.layers import HaloAttn  # noqa: PLC0415
+        from timm.layers.halo_attn import HaloAttn  # noqa: PLC0415 (not in timm.layers' names)
         block = 8 if size % 8 == 0 else size
         halo = HaloAttn(width, width, num_heads=heads, block_size=block, halo_size=3).to(
             device, dtype)
@@ -192,7 +214,7 @@ def torch_rows(stages, batch, dtype_name, repeats):
       except Exception as e:  # noqa: BLE001 - timm missing, or a shape it refuses
         row["timm_halo"] = f"skipped: {type(e).__name__}: {e}"[:200]
       return row
-    yield labels, run
+    yield labels, lambda run=run: run
 
 
 def export_rows():
@@ -213,7 +235,7 @@ def export_rows():
           params, x).mlir_module()
       return {"ok": True, "tpu_custom_calls": text.count("tpu_custom_call"),
               "triton_calls": text.count("__gpu$xla.gpu.triton")}
-    yield {"platforms": "+".join(platforms)}, run
+    yield {"platforms": "+".join(platforms)}, lambda run=run: run
 
 
 def train_step_rows(depth, batch, image_size, dtype, repeats, cases=None, **model_kw):
@@ -225,20 +247,23 @@ def train_step_rows(depth, batch, image_size, dtype, repeats, cases=None, **mode
     labels = {"model": f"ResNet-{depth} {variant}", "impl": impl, "batch": batch,
               "image_size": image_size, "dtype": jnp.dtype(dtype).name}
 
-    def run(variant=variant, impl=impl):
+    def prepare(variant=variant, impl=impl):
       case = model_step_case(resnet(variant, depth, impl, dtype, **model_kw), batch,
                              image_size)
-      sec = medians([case.run], repeats)[0]
-      row = {"ms": 1e3 * sec, "images_per_s": batch / sec,
-             "memory_gb": case.footprint / 2**30, "temp_gb": case.temp / 2**30,
-             "compile_s": case.compile_s}
-      if variant == "baseline":
-        baseline.update(row)
-      elif baseline:
-        row["vs_baseline"] = sec * 1e3 / baseline["ms"]
-        row["memory_vs_baseline"] = row["memory_gb"] / baseline["memory_gb"]
-      return row
-    yield labels, run
+
+      def run():
+        sec = _medians([case.run], repeats)[0]
+        row = {"ms": 1e3 * sec, "images_per_s": batch / sec,
+               "memory_gb": case.footprint / 2**30, "temp_gb": case.temp / 2**30,
+               "compile_s": case.compile_s}
+        if variant == "baseline":
+          baseline.update(row)
+        elif baseline:
+          row["vs_baseline"] = sec * 1e3 / baseline["ms"]
+          row["memory_vs_baseline"] = row["memory_gb"] / baseline["memory_gb"]
+        return row
+      return run
+    yield labels, prepare
 
 
 def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
@@ -250,7 +275,7 @@ def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
     d = width // heads
     shape = (batch, size, size, width)
     args, cot = _operands(shape, heads, k, dtype, seed=1)
-    want = []
+    want, want_lock = [], threading.Lock()
 
     def grads(op):
       return jax.grad(lambda *a: jnp.sum(op(*a).astype(jnp.float32) * cot), argnums=range(5))
@@ -266,18 +291,20 @@ def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
                 "num_warps": nw, "num_stages": ns,
                 "planned": t == planned and nw == 4 and ns == 1}
 
-      def run(t=t, nw=nw, ns=ns):
-        if not want:
-          xla = grads(lambda *a: local_attention(*a, kernel_size=k, num_heads=heads,
-                                                 impl="xla"))
-          want.extend(jax.jit(xla)(*args))
+      def prepare(t=t, nw=nw, ns=ns):
+        with want_lock:
+          if not want:
+            xla = grads(lambda *a: local_attention(*a, kernel_size=k, num_heads=heads,
+                                                   impl="xla"))
+            want.extend(jax.jit(xla)(*args))
         fn = grads(lambda *a: pa.fused_attention(*a, num_heads=heads, tiling=t,
                                                  num_warps=nw, num_stages=ns,
                                                  interpret=interpret))
         go, temp, got = compiled(fn, *args)
-        return {"ms": 1e3 * medians([go], repeats)[0], "temp_mb": temp / 2**20,
-                "grad_error": max(_rel_error(g, w) for g, w in zip(got, want))}
-      yield labels, run
+        error = max(_rel_error(g, w) for g, w in zip(got, want))
+        return lambda: {"ms": 1e3 * _medians([go], repeats)[0], "temp_mb": temp / 2**20,
+                        "grad_error": error}
+      yield labels, prepare
 
 
 def to_markdown(report) -> str:
@@ -298,29 +325,39 @@ def to_markdown(report) -> str:
   return "\n".join(lines)
 
 
-def _run_row(kind, labels, thunk):
-  row = {"kind": kind, **labels}
-  try:
-    row.update(thunk())
-  except Exception as e:  # noqa: BLE001 - record it and go on to the next row
-    row["error"] = f"{type(e).__name__}: {e}"[:1500]
-    row["traceback"] = traceback.format_exc()[-4000:]
-    if kind == "correctness":
-      row["ok"] = False
+def _error(row, kind):
+  """Record the exception being handled in row (and go on to the next row)."""
+  row["error"] = f"{sys.exc_info()[0].__name__}: {sys.exc_info()[1]}"[:1500]
+  row["traceback"] = traceback.format_exc()[-4000:]
+  if kind == "correctness":
+    row["ok"] = False
   return row
 
 
-def _guarded(kind, make_rows):
-  """The (labels, thunk) pairs of a section; a section that fails to set up gives one row
-  that raises its error."""
+def _section_rows(kind, make_rows, jobs, over_budget):
+  """The section's rows: every row's programs compiled first, `jobs` at a time, then each
+  row run in order (so that no compilation competes with a timing)."""
   try:
-    yield from make_rows()
-  except Exception as e:  # noqa: BLE001
-    error = e
-
-    def fail():
-      raise error
-    yield {"setup": kind}, fail
+    pairs = list(make_rows())
+  except Exception:  # noqa: BLE001 - a section that cannot set up is one error row
+    yield _error({"kind": kind}, kind)
+    return
+  if over_budget():
+    yield from ({"kind": kind, **labels, "skipped": "time budget"} for labels, _ in pairs)
+    return
+  with futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+    prepared = [pool.submit(prepare) for _, prepare in pairs]
+    futures.wait(prepared)
+  for (labels, _), future in zip(pairs, prepared):
+    row = {"kind": kind, **labels}
+    if over_budget():
+      yield {**row, "skipped": "time budget"}
+      continue
+    try:
+      row.update(future.result()())
+    except Exception:  # noqa: BLE001
+      _error(row, kind)
+    yield row
 
 
 def main(argv=None):
@@ -332,6 +369,8 @@ def main(argv=None):
                  help=f"comma-separated, from {','.join(SECTIONS)}")
   p.add_argument("--budget-s", type=float, default=0,
                  help="after this many seconds, record the remaining rows as skipped")
+  p.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                 help="programs compiled at once (train steps: at most 2)")
   args = p.parse_args(argv)
   sections = [s for s in args.sections.split(",") if s] + (["tune"] if args.tune else [])
   unknown = sorted(set(sections) - set(SECTIONS))
@@ -365,13 +404,12 @@ def main(argv=None):
                        tune_rows(STAGES, op_batch, jnp.bfloat16, repeats, 4, (4, 8))),
   }
   os.makedirs(args.out, exist_ok=True)
+
+  def over_budget():
+    return bool(args.budget_s) and time.perf_counter() - start > args.budget_s
   for section in sections:
-    for labels, thunk in _guarded(section, makers[section]):
-      elapsed = time.perf_counter() - start
-      if args.budget_s and elapsed > args.budget_s:
-        row = {"kind": section, **labels, "skipped": f"time budget ({args.budget_s:.0f} s)"}
-      else:
-        row = _run_row(section, labels, thunk)
+    jobs = min(args.jobs, 2) if section == "train_step" else args.jobs  # device memory
+    for row in _section_rows(section, makers[section], jobs, over_budget):
       row["at_s"] = round(time.perf_counter() - start, 1)
       print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
       if "traceback" in row:
