@@ -300,6 +300,16 @@ def _detection_options(task, config) -> DetectionOptions | None:
   return DetectionOptions(max_boxes=c.max_boxes, scale_min=c.scale_min, scale_max=c.scale_max)
 
 
+def _under_mesh(mesh, fn):
+  """fn, traced and run with `mesh` as jax's context mesh: the attention op maps its kernel
+  calls over the batch shards it finds there (`ops.local_attention`), which XLA's
+  partitioner cannot split."""
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return fn(*args)
+  return call
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains config's model on config's dataset in workdir, resuming from its checkpoints.
 
@@ -359,14 +369,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if isinstance(v, (int, float, str, bool))})
 
-  p_train = jax.jit(
+  p_train = _under_mesh(mesh, jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
                         task=task),
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,))
-  p_eval = jax.jit(functools.partial(eval_step, model=model, dataset_name=config.dataset.name,
-                                     task=task),
-                   in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
+      donate_argnums=(0,)))
+  p_eval = _under_mesh(mesh, jax.jit(
+      functools.partial(eval_step, model=model, dataset_name=config.dataset.name, task=task),
+      in_shardings=(state_sharding, batch_sharding), out_shardings=replicated))
 
   def evaluate(step):
     n = data_lib.eval_steps(builder, config.dataset.eval_split, config.batch_size)

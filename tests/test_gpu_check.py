@@ -19,7 +19,7 @@ sys.exit(gpu_check.main(sys.argv[1:]))
 
 
 def test_cpu_smoke_writes_results(tmp_path):
-  proc = subprocess.run([sys.executable, "-c", BLOCK, "--cpu-smoke", "--tune",
+  proc = subprocess.run([sys.executable, "-c", BLOCK, "--cpu-smoke", "--tune", "--jobs=2",
                          f"--out={tmp_path}"],
                         cwd=helpers.ROOT, env=helpers.env(), capture_output=True, text=True,
                         timeout=900)

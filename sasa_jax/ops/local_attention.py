@@ -3,6 +3,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from sasa_jax.ops.blocked import local_attention_blocked
 from sasa_jax.ops.pallas_attention import local_attention_pallas
@@ -96,5 +97,34 @@ def local_attention(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int, num_he
     [B, H, W, C] in q's dtype (float32 softmax and accumulation inside).
   """
   _check(q, k, v, rel_h, rel_w, kernel_size, num_heads, impl)
-  fn = _auto if impl == "auto" else IMPLEMENTATIONS[impl]
-  return fn(q, k, v, rel_h, rel_w, kernel_size=kernel_size, num_heads=num_heads)
+  fn = functools.partial(_auto if impl == "auto" else IMPLEMENTATIONS[impl],
+                         kernel_size=kernel_size, num_heads=num_heads)
+  if impl in ("auto", "pallas"):
+    return _per_batch_shard(fn, q, k, v, rel_h, rel_w)
+  return fn(q, k, v, rel_h, rel_w)
+
+
+def _per_batch_shard(fn, q, k, v, rel_h, rel_w):
+  """fn on each device's share of the batch, under the mesh in context (`jax.set_mesh`).
+
+  XLA's SPMD partitioner cannot split a kernel call (a Mosaic or Triton custom call): left
+  to it, a batch-sharded jit gathers the whole batch onto every device and runs the kernel
+  there. Every image attends only within itself, so the op maps over batch shards with no
+  communication; the relative embeddings are replicated and their gradient is summed over
+  the shards by shard_map's transpose. Without a mesh, inside a manual (shard_map) region,
+  or for a batch the mesh does not divide (model.init's batch of 1), fn runs as it is.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh._any_axis_manual or q.shape[0] % mesh.size:  # noqa: SLF001
+    return fn(q, k, v, rel_h, rel_w)
+  axes = tuple(mesh.axis_names)
+  arrays = {name: x for name, x in zip("q k v rel_h rel_w".split(), (q, k, v, rel_h, rel_w))
+            if x is not None}
+  specs = {name: P() if name.startswith("rel") else P(axes) for name in arrays}
+
+  def per_shard(arrays):
+    return fn(*(arrays.get(name) for name in "q k v rel_h rel_w".split()))
+  # check_vma=False: kernel calls carry no varying-axes types; the transpose then sums the
+  # replicated inputs' cotangents over the shards itself.
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=(specs,), out_specs=P(axes),
+                       check_vma=False)(arrays)
