@@ -83,11 +83,12 @@ bench: install
 	$(WITH_JEMALLOC) $(PY) -m sasa_jax.tools.bench
 
 # On an accelerator machine, from a checkout, with that machine's own jax (no install):
-# correctness and speed of the Pallas kernels (sasa_jax/tools/gpu_check.py). Results in
-# $(GPU_CHECK_OUT); CPU_SMOKE=1 runs tiny shapes anywhere.
+# correctness and speed of the Pallas kernels (sasa_jax/tools/gpu_check.py, docs/gpu.md).
+# Results in $(GPU_CHECK_OUT); CPU_SMOKE=1 runs tiny shapes anywhere; more options in
+# GPU_CHECK_ARGS (e.g. "--tune --budget-s 400").
 GPU_CHECK_OUT ?= runs/gpu_check
 gpu-check:
-	PYTHONPATH=. $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m sasa_jax.tools.gpu_check --out=$(GPU_CHECK_OUT) $(if $(CPU_SMOKE),--cpu-smoke,)
+	PYTHONPATH=. $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m sasa_jax.tools.gpu_check --out=$(GPU_CHECK_OUT) $(if $(CPU_SMOKE),--cpu-smoke,) $(GPU_CHECK_ARGS)
 
 model-table: install
 	$(PY) -m sasa_jax.tools.model_table

@@ -370,7 +370,7 @@ def main(argv=None):
   p.add_argument("--budget-s", type=float, default=0,
                  help="after this many seconds, record the remaining rows as skipped")
   p.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
-                 help="programs compiled at once (train steps: at most 2)")
+                 help="programs compiled at once (train steps: at most 3)")
   args = p.parse_args(argv)
   sections = [s for s in args.sections.split(",") if s] + (["tune"] if args.tune else [])
   unknown = sorted(set(sections) - set(SECTIONS))
@@ -408,7 +408,7 @@ def main(argv=None):
   def over_budget():
     return bool(args.budget_s) and time.perf_counter() - start > args.budget_s
   for section in sections:
-    jobs = min(args.jobs, 2) if section == "train_step" else args.jobs  # device memory
+    jobs = min(args.jobs, 3) if section == "train_step" else args.jobs  # device memory
     for row in _section_rows(section, makers[section], jobs, over_budget):
       row["at_s"] = round(time.perf_counter() - start, 1)
       print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
