@@ -10,8 +10,8 @@ result comes:
 1. correctness: impl="pallas" (compiled kernels; interpret mode only on the CPU) against
    impl="reference", the output and all five gradients, float32 and bfloat16, at the four
    ResNet-50 stage shapes and at odd shapes (window larger than the map, non-square, 1 head);
-2. op: the op's fwd+bwd time and compiled temporary memory, pallas vs xla vs a 3x3 conv of
-   the same width (batch 32), bfloat16 and float32;
+2. op: the op's fwd+bwd time (and its forward's alone) and compiled temporary memory, pallas
+   vs xla vs a 3x3 conv of the same width (batch 32), bfloat16 and float32;
 3. torch: where PyTorch is installed, the same op shapes as an exact SASA by unfold and
    timm's HaloAttn (block 8, halo 3), fwd+bwd;
 4. export: one jitted layer training step exported for ["tpu"], ["cuda"] and both at once;
@@ -141,13 +141,18 @@ def op_rows(stages, batch, dtype, repeats):
       for impl in ("pallas", "xla"):
         (attn, attn_args), conv = op_programs(size, width, batch, 7, 8, impl, dtype)
         programs[impl] = compiled(attn, *attn_args)[:2]
+        programs[f"{impl}_fwd"] = compiled(  # the forward alone: how fwd and bwd split
+            lambda *a, impl=impl: local_attention(*a, kernel_size=7, num_heads=8, impl=impl),
+            *attn_args)[:2]
       programs["conv"] = compiled(conv[0], *conv[1])[:2]
 
       def run():
         secs = _medians([go for go, _ in programs.values()], repeats)
         row = {}
         for (name, (_, temp)), sec in zip(programs.items(), secs):
-          row[f"{name}_ms"], row[f"{name}_temp_mb"] = 1e3 * sec, temp / 2**20
+          row[f"{name}_ms"] = 1e3 * sec
+          if not name.endswith("_fwd"):
+            row[f"{name}_temp_mb"] = temp / 2**20
         row["pallas_vs_conv"] = row["pallas_ms"] / row["conv_ms"]
         row["xla_vs_conv"] = row["xla_ms"] / row["conv_ms"]
         row["pallas_vs_xla"] = row["pallas_ms"] / row["xla_ms"]
