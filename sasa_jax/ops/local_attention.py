@@ -115,7 +115,7 @@ def _per_batch_shard(fn, q, k, v, rel_h, rel_w):
   or for a batch the mesh does not divide (model.init's batch of 1), fn runs as it is.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh._any_axis_manual or q.shape[0] % mesh.size:  # noqa: SLF001
+  if mesh.empty or mesh.manual_axes or q.shape[0] % mesh.size:
     return fn(q, k, v, rel_h, rel_w)
   axes = tuple(mesh.axis_names)
   arrays = {name: x for name, x in zip("q k v rel_h rel_w".split(), (q, k, v, rel_h, rel_w))
