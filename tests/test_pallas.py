@@ -283,3 +283,15 @@ def test_kernels_map_over_batch_shards_under_a_mesh():
   assert "cannot be automatically partitioned" in out["unsharded"]
   assert out["sharded_kernel_batches"] == [4, 4, 4]  # 2 images x 2 heads per device
   assert out["pallas"] < 1e-4 and out["auto"] < 1e-4
+
+
+def test_vmap_of_the_kernels_lowers_for_each_platform():
+  """vmap over a batch of op calls maps the wrapped kernel calls (platform_only's batching
+  rule): it lowers for TPU and CUDA, and runs here (interpret mode) like the reference."""
+  args, kw = _inputs((1, 6, 5, 16, 2, 3))
+  stacked = [jnp.stack([a, 2 * a]) for a in args]
+  op = lambda impl: jax.jit(jax.vmap(lambda *a: local_attention(*a, impl=impl, **kw)))
+  for platforms in (["tpu"], ["cuda"]):
+    text = _exported(op("pallas"), stacked, platforms).mlir_module()
+    assert text.count("tpu_custom_call" if platforms == ["tpu"] else "__gpu$xla.gpu.triton") == 1
+  _assert_close(op("pallas")(*stacked), op("reference")(*stacked), 1e-4)

@@ -8,13 +8,13 @@ call in `platform_only(fn, platforms, *args)` makes it one primitive whose lower
 call on `platforms` and zeros of the right shapes elsewhere: the zeros are never computed,
 because `platform_dependent` runs the kernel's branch on its platform only.
 
-Only for code that is not differentiated or batched itself (the Pallas calls inside a
-custom_vjp's forward and backward).
+Not differentiable itself (it wraps the Pallas calls inside a custom_vjp's forward and
+backward); vmap maps the wrapped function.
 """
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive, jaxpr_as_fun
-from jax.interpreters import mlir
+from jax.interpreters import batching, mlir
 
 _platform_only_p = Primitive("sasa_platform_only")
 _platform_only_p.multiple_results = True
@@ -53,3 +53,12 @@ def _lowering(platform):
 
 for _platform in ("cpu", "tpu", "cuda", "rocm"):
   mlir.register_lowering(_platform_only_p, _lowering(_platform), platform=_platform)
+
+
+def _batched(args, dims, *, jaxpr, platforms):
+  mapped = jax.vmap(jaxpr_as_fun(jaxpr), in_axes=tuple(dims), out_axes=0)
+  outs = platform_only(lambda *a: tuple(mapped(*a)), platforms, *args)
+  return outs, [0] * len(outs)
+
+
+batching.primitive_batchers[_platform_only_p] = _batched
