@@ -107,9 +107,10 @@ def local_attention(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int, num_he
 def _per_batch_shard(fn, q, k, v, rel_h, rel_w):
   """fn on each device's share of the batch, under the mesh in context (`jax.set_mesh`).
 
-  XLA's SPMD partitioner cannot split a kernel call (a Mosaic or Triton custom call): left
-  to it, a batch-sharded jit gathers the whole batch onto every device and runs the kernel
-  there. Every image attends only within itself, so the op maps over batch shards with no
+  XLA's SPMD partitioner cannot split a kernel call (a Mosaic or Triton custom call): jax
+  refuses to lower a Mosaic kernel with batch-sharded operands, and a kernel call left to
+  the partitioner would run on the whole batch gathered onto every device. Every image
+  attends only within itself, so the op maps over batch shards with no
   communication; the relative embeddings are replicated and their gradient is summed over
   the shards by shard_map's transpose. Without a mesh, inside a manual (shard_map) region,
   or for a batch the mesh does not divide (model.init's batch of 1), fn runs as it is.
