@@ -117,6 +117,37 @@ def test_stem_block_attention_fused_equals_einsum(batch, block_size, heads, chan
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("batch,height,width,cin,channels,heads,block_size", [
+    (2, 8, 12, 3, 64, 4, 4),  # the 224 px stem's shape: d = 16, attention by matmuls
+    (2, 8, 8, 3, 16, 4, 4),   # d = 4: fused products
+    (1, 6, 4, 1, 8, 4, 2),    # one input channel (Fashion-MNIST), s = 2
+])
+def test_stem_projections_folded_into_the_logits_equal_the_plain_form(
+    batch, height, width, cin, channels, heads, block_size):
+  # q.k = x A x and q.r = x (W_q r) with the projections folded: one function with the plain
+  # form on explicit q = x W_q, k = x W_k, jitted and op by op, and the same gradients.
+  from sasa_jax.layers.stem import block_attention_einsum, block_attention_factorized
+  s, d = block_size, channels // heads
+  keys = jax.random.split(jax.random.key(7), 5)
+  x = jax.random.normal(keys[0], (batch, height, width, cin))
+  w_q, w_k = (jax.random.normal(k, (cin, channels)) for k in keys[1:3])
+  v = jax.random.normal(keys[3], (batch, height, width, channels))
+  rel = jax.random.normal(keys[4], (s, s, s, s, d))
+  kw = dict(block_size=s, num_heads=heads)
+
+  def plain(x, w_q, w_k, v, rel):
+    return block_attention_einsum(x @ w_q, x @ w_k, v, rel, **kw)
+  folded = functools.partial(block_attention_factorized, **kw)
+  args = (x, w_q, w_k, v, rel)
+  grad = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=range(5))
+  want, g_want = plain(*args), grad(plain)(*args)
+  for f in (folded, jax.jit(folded)):
+    np.testing.assert_allclose(f(*args), want, rtol=1e-5, atol=1e-5)
+  for f in (grad(folded), jax.jit(grad(folded))):
+    for a, b in zip(g_want, f(*args)):
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(a))))
+
+
 @pytest.mark.parametrize("stem_type", ["spatially_aware", "conv_values"])
 def test_attention_stem_in_chunks_equals_one_pass(monkeypatch, stem_type):
   from sasa_jax.layers import stem as stem_lib

@@ -30,7 +30,9 @@ class AttentionStem(nn.Module):
   impl: "reference" computes the M value maps, mixes them per pixel and attends with
   batched matmuls (the paper's form, which the FLOPS counter traces); any other value folds
   the mixture into one value matrix per block position first (the same function with 1/M
-  of the value memory and work) and, for tiny blocks, attends with fused products.
+  of the value memory and work), folds the query and key projections into the logits when
+  the input has fewer channels than a head (`block_attention_factorized`), and, for tiny
+  blocks, attends with fused products.
   num_mixtures (m): not given in the paper. We use 4 by default: with 4 mixtures the
   stem adds ~0.1 GFLOPS over the plain value projection, which is what Table 7's
   7.1 -> 7.2 GFLOPS step implies.
@@ -97,11 +99,15 @@ class AttentionStem(nn.Module):
     rel = rel.astype(jnp.float32)  # [a, c, e, f, d]
     fused = self.impl != "reference" and s * s * d <= MAX_FUSED_BLOCK_WORK
     attention = block_attention_fused if fused else block_attention_einsum
+    factorized = self.impl != "reference" and cin < d
 
     def attend(xc, vc):  # one chunk of images [b, H, W, C_in] -> [b, H, W, C]
       vc = value_of(xc) if vc is None else vc
-      y = attention(xc @ w_q.astype(self.dtype), xc @ w_k.astype(self.dtype), vc, rel,
-                    block_size=s, num_heads=n)
+      if factorized:
+        y = block_attention_factorized(xc, w_q, w_k, vc, rel, block_size=s, num_heads=n)
+      else:
+        y = attention(xc @ w_q.astype(self.dtype), xc @ w_k.astype(self.dtype), vc, rel,
+                      block_size=s, num_heads=n)
       return y.astype(vc.dtype)
 
     # At 224 px the stem's q, k, v and logits have 4x the pixels of any later layer: run the
@@ -166,4 +172,39 @@ def block_attention_fused(q, k, v, rel, *, block_size, num_heads):
   logits = jnp.sum(q * (block_keys(k) + r), axis=-1)  # [B, Y, a, X, c, N, e, f]
   probs = jax.nn.softmax(logits.reshape(grid[:-1] + (s * s,)), axis=-1)
   y = jnp.sum(probs.reshape(grid[:-1] + (s, s, 1)) * block_keys(v), axis=(-3, -2))
+  return y.reshape(b, h, w, c)
+
+
+def block_attention_factorized(x, w_q, w_k, v, rel, *, block_size, num_heads):
+  """The stem's attention with the query and key projections folded into the logits.
+
+  The same function as block_attention_fused(x W_q, x W_k, v, rel): per head n (columns
+  [n d, (n + 1) d) of W_q, W_k), q_i.k_j = x_i A_n x_j with A_n = W_q^n W_k^n^T
+  ([C_in, C_in]) and q_i.r_ij = x_i . (W_q^n r_ij), so each logit costs C_in products
+  instead of d, and q and k are never formed: less work and memory whenever C_in < d (the
+  stem's 3 colours against d = 16).
+
+  x: [B, H, W, C_in]; w_q, w_k: [C_in, C]; v: [B, H, W, C]; rel: [s, s, s, s, d];
+  returns [B, H, W, C] (float32).
+  """
+  b, h, w, cin = x.shape
+  s, n = block_size, num_heads
+  c = w_q.shape[1]
+  d = c // n
+  wq = w_q.astype(jnp.float32).reshape(cin, n, d)
+  wk = w_k.astype(jnp.float32).reshape(cin, n, d)
+  a_n = jnp.einsum("ind,jnd->nij", wq, wk)                # [N, C_in, C_in]
+  u = jnp.einsum("ind,acefd->acnefi", wq, rel)            # [a, c, N, e, f, C_in]
+  xq = x.astype(jnp.float32).reshape(b, h // s, s, w // s, s, cin)  # [B, Y, a, X, c, C_in]
+  xa = jnp.einsum("byaxci,nij->byaxcnj", xq, a_n)         # [B, Y, a, X, c, N, C_in]
+  keys = xq.transpose(0, 1, 3, 2, 4, 5)[:, :, None, :, None, None]  # [B,Y,1,X,1,1,e,f,C_in]
+  logits = (jnp.sum(xa[..., None, None, :] * keys, axis=-1)
+            + jnp.sum(xq[..., None, None, None, :] * u[None, None, :, None], axis=-1))
+  probs = jax.nn.softmax(logits.reshape(b, h // s, s, w // s, s, n, s * s), axis=-1)
+  vb = v.astype(jnp.float32).reshape(b, h // s, s, w // s, s, n, d).transpose(
+      0, 1, 3, 5, 2, 4, 6).reshape(b, h // s, w // s, n, s * s, d)  # [B, Y, X, N, e f, d]
+  if s * s * d <= MAX_FUSED_BLOCK_WORK:
+    y = jnp.sum(probs[..., None] * vb[:, :, None, :, None], axis=-2)  # [B, Y, a, X, c, N, d]
+  else:
+    y = jnp.einsum("byaxcnk,byxnkd->byaxcnd", probs, vb)
   return y.reshape(b, h, w, c)
