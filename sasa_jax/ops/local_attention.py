@@ -17,24 +17,33 @@ IMPLEMENTATIONS = {
 IMPLS = ("auto",) + tuple(IMPLEMENTATIONS)
 
 
-def default_impl(backend: str | None = None) -> str:
-  """The implementation `impl="auto"` uses on `backend` (default: jax's default backend).
+# impl="auto" per lowering platform (jax's names: "cpu", "cuda", "rocm", "tpu"); every other
+# platform gets "xla". TPU: the fused Pallas kernels
+# (no window ever reaches HBM). GPU: the blocked XLA form, which beat the Triton kernels
+# 1.7-13x in fwd+bwd time on an H200 (docs/gpu.md). CPU: the blocked XLA form (Pallas runs
+# only in interpret mode there, for tests).
+AUTO_IMPL = {"tpu": "pallas"}
 
-  TPU: the fused Pallas kernels (no window ever reaches HBM). GPU: the blocked XLA form,
-  which beat the Triton kernels 1.7-13x in fwd+bwd time on an H200 (docs/gpu.md). CPU: the
-  blocked XLA form (Pallas runs only in interpret mode there, for tests).
-  """
+
+def default_impl(backend: str | None = None) -> str:
+  """The implementation `impl="auto"` uses on `backend` (default: jax's default backend;
+  "gpu" is read as CUDA)."""
   backend = backend or jax.default_backend()
-  return "pallas" if backend == "tpu" else "xla"
+  return AUTO_IMPL.get("cuda" if backend == "gpu" else backend, "xla")
 
 
 def _auto(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
   """impl="auto", chosen per lowering platform (so one jitted function exports for each)."""
   kw = dict(kernel_size=kernel_size, num_heads=num_heads)
+
+  def branch(platform, impl):
+    if impl == "pallas":  # that platform's compiled kernels, with no second dispatch
+      flavour = "tpu" if platform == "tpu" else "gpu"
+      return functools.partial(local_attention_pallas, platform=flavour, **kw)
+    return functools.partial(IMPLEMENTATIONS[impl], **kw)
   return jax.lax.platform_dependent(
-      q, k, v, rel_h, rel_w,
-      tpu=functools.partial(local_attention_pallas, platform="tpu", **kw),
-      default=functools.partial(local_attention_blocked, **kw))
+      q, k, v, rel_h, rel_w, **{p: branch(p, impl) for p, impl in AUTO_IMPL.items()},
+      default=branch(None, "xla"))
 
 
 def _check(q, k, v, rel_h, rel_w, kernel_size, num_heads, impl):
