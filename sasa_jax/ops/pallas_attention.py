@@ -113,6 +113,10 @@ class Tiling:
     return (nbh - 1) * self.bh + self.kh, (nbw - 1) * self.bw + self.kw
 
 
+# Triton launch settings of every GPU kernel (tools/gpu_check.py --tune times others).
+NUM_WARPS = 4
+NUM_STAGES = 1
+
 # Per-program fixed cost, in logits: grid-step / block-launch overhead and slab loads.
 _PROGRAM_OVERHEAD = 2048
 
@@ -333,8 +337,8 @@ class _Launch:
   # with the generic interpreter (plain jax ops, no effects: fit for a platform_dependent
   # branch beside compiled ones).
   tpu_interpreter: bool = True
-  num_warps: int = 4   # Triton only
-  num_stages: int = 1
+  num_warps: int = NUM_WARPS   # Triton only
+  num_stages: int = NUM_STAGES
 
   @property
   def grid(self):
@@ -561,7 +565,8 @@ def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
 
 
 def fused_attention(q, k, v, rel_h, rel_w, *, num_heads: int, tiling: Tiling,
-                    num_warps: int = 4, num_stages: int = 1, interpret: bool = False):
+                    num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
+                    interpret: bool = False):
   """The kernels in one given tiling and launch configuration, with no platform dispatch:
   for timing candidates against each other on one device (`tools/gpu_check --tune`).
   Arguments as `local_attention`'s, all five arrays given; tiling from `candidate_tilings`.

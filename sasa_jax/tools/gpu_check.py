@@ -44,19 +44,12 @@ import numpy as np
 from sasa_jax.ops import default_impl, local_attention
 from sasa_jax.ops import pallas_attention as pa
 from sasa_jax.tools.bench import (STAGES, compiled, medians, model_step_case, op_programs,
-                                  resnet)
+                                  relative_error, resnet)
 
 TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}  # max |a - b| / max |b|
 ODD_SHAPES = [  # (batch, H, W, C, heads, k): window > map, non-square, 1 head
     (2, 5, 5, 32, 4, 7), (2, 9, 20, 64, 8, 7), (2, 13, 11, 16, 1, 5)]
 SECTIONS = ("env", "correctness", "op", "torch", "export", "train_step", "tune")
-
-
-def _rel_error(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  if not np.all(np.isfinite(a)):
-    return float("inf")
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
 def _operands(shape, heads, k, dtype, seed=0):
@@ -125,7 +118,7 @@ def correctness_rows(shapes, dtype):
 
       def run():
         errors = dict(zip(("out", "dq", "dk", "dv", "drel_h", "drel_w"),
-                          (_rel_error(g, r) for g, r in zip(got(), want()))))
+                          (relative_error(g, r) for g, r in zip(got(), want()))))
         worst = max(errors.values())
         return {**errors, "worst": worst, "ok": worst <= TOLERANCE[jnp.dtype(dtype).name]}
       return run
@@ -286,15 +279,16 @@ def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
       return jax.grad(lambda *a: jnp.sum(op(*a).astype(jnp.float32) * cot), argnums=range(5))
     planned = pa.plan_tiling(size, size, d, k, dtype, "gpu")
     candidates = pa.candidate_tilings(size, size, d, k, dtype, "gpu", max_logits=1 << 15)
-    launches = [(t, nw, 1) for t in candidates[:tilings] for nw in warps]
-    launches.append((planned, warps[0], 2))
-    if all(t != planned for t, _, _ in launches):
-      launches.insert(0, (planned, warps[0], 1))
+    launches = [(t, nw, pa.NUM_STAGES) for t in candidates[:tilings] for nw in warps]
+    default = (planned, pa.NUM_WARPS, pa.NUM_STAGES)
+    launches.append((planned, pa.NUM_WARPS, pa.NUM_STAGES + 1))
+    if default not in launches:
+      launches.insert(0, default)
     for t, nw, ns in launches:
       labels = {"shape": "x".join(map(str, shape)), "dtype": jnp.dtype(dtype).name,
                 "block": f"{t.bh}x{t.bw}", "slab": f"{t.kh}x{t.kw}", "logits": t.nq * t.nk,
                 "num_warps": nw, "num_stages": ns,
-                "planned": t == planned and nw == 4 and ns == 1}
+                "planned": (t, nw, ns) == default}
 
       def prepare(t=t, nw=nw, ns=ns):
         with want_lock:
@@ -306,7 +300,7 @@ def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
                                                  num_warps=nw, num_stages=ns,
                                                  interpret=interpret))
         go, temp, got = compiled(fn, *args)
-        error = max(_rel_error(g, w) for g, w in zip(got, want))
+        error = max(relative_error(g, w) for g, w in zip(got, want))
         return lambda: {"ms": 1e3 * _medians([go], repeats)[0], "temp_mb": temp / 2**20,
                         "grad_error": error}
       yield labels, prepare
