@@ -18,6 +18,17 @@ from sasa_jax.detection import anchors as anchors_lib
 from sasa_jax.detection import coco_eval, losses, postprocess, targets
 from sasa_jax.models import OVERRIDES, create_resnet
 from sasa_jax.models.factory import RETINANET_OVERRIDES, create_retinanet
+from sasa_jax.ops import default_impl
+
+
+def _create_model(factory, config):
+  """config.model's network, with impl="auto" resolved for this process's backend: the
+  loop compiles for that backend alone, and an unresolved "auto" would trace every
+  platform's kernels (jax.lax.platform_dependent traces each branch) at each start."""
+  model = dict(config.model)
+  if model.get("impl", "auto") == "auto":
+    model["impl"] = default_impl()
+  return factory(**model, dtype=config.dtype, bn_momentum=config.bn_momentum)
 
 
 class Classification:
@@ -30,8 +41,7 @@ class Classification:
     self.config = config
 
   def create_model(self):
-    return self.factory(**self.config.model, dtype=self.config.dtype,
-                        bn_momentum=self.config.bn_momentum)
+    return _create_model(self.factory, self.config)
 
   def check(self, model, variables, image_shape):
     del model, variables, image_shape
@@ -94,8 +104,7 @@ class Detection:
     return anchors_lib.generate_anchors(self.anchor_spec, self.config.dataset.image_size)
 
   def create_model(self):
-    return self.factory(**self.config.model, dtype=self.config.dtype,
-                        bn_momentum=self.config.bn_momentum)
+    return _create_model(self.factory, self.config)
 
   def check(self, model, variables, image_shape):
     """The model's anchors per image must be the anchor generator's."""
