@@ -84,6 +84,11 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
                           f"{spec.how_to_prepare}")
 
 
+# The pipeline's functions have no tensor-dependent Python control flow: traced as they are,
+# without AutoGraph's source conversion (about a second of every process's start-up).
+_graph = tf.autograph.experimental.do_not_convert
+
+
 def _host_split(split: str, process_index: int, process_count: int, drop_remainder: bool):
   """This process's even slice of `split` (tfds.split_for_jax_process, process given)."""
   return tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)[process_index]
@@ -111,13 +116,13 @@ def _epoch_records(builder, host_split, *, seed, epoch, shuffle_buffer):
   order = tf.data.Dataset.from_tensor_slices(files).shuffle(
       len(instructions), seed=2 * (seed + epoch) + 1, reshuffle_each_iteration=False)
   serialized = order.interleave(
-      lambda f: tf.data.TFRecordDataset(f["path"]).skip(f["skip"]).take(f["take"]),
+      _graph(lambda f: tf.data.TFRecordDataset(f["path"]).skip(f["skip"]).take(f["take"])),
       cycle_length=min(16, len(instructions)), block_length=1, deterministic=True,
       num_parallel_calls=tf.data.AUTOTUNE)
   serialized = serialized.shuffle(min(shuffle_buffer, n_host), seed=2 * (seed + epoch),
                                   reshuffle_each_iteration=False)
-  return serialized.map(functools.partial(builder.info.features.deserialize_example,
-                                          decoders={"image": tfds.decode.SkipDecoding()}))
+  return serialized.map(_graph(functools.partial(builder.info.features.deserialize_example,
+                                                 decoders={"image": tfds.decode.SkipDecoding()})))
 
 
 def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, seed: int,
@@ -140,7 +145,7 @@ def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, 
   def epoch(e):
     records = _epoch_records(builder, host_split, seed=seed, epoch=e,
                              shuffle_buffer=shuffle_buffer)
-    return records.enumerate().map(lambda i, ex: (e * n_host + i, ex))
+    return records.enumerate().map(_graph(lambda i, ex: (e * n_host + i, ex)))
 
   def preprocess(index, ex):
     example_seed = augmentation_seed(seed, process_index, index)
@@ -152,8 +157,8 @@ def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, 
                                            channels=len(spec.mean), pad=crop_padding)
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
-  ds = tf.data.Dataset.range(epoch0, 2**40).flat_map(epoch).skip(offset)
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = tf.data.Dataset.range(epoch0, 2**40).flat_map(_graph(epoch)).skip(offset)
+  ds = ds.map(_graph(preprocess), num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(per_host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
@@ -182,7 +187,7 @@ def eval_dataset(builder, *, split: str, per_host_batch: int, image_size: int,
   n_host = builder.info.splits[host_split].num_examples
   ds = builder.as_dataset(host_split, shuffle_files=False,
                           decoders={"image": tfds.decode.SkipDecoding()})
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(_graph(preprocess), num_parallel_calls=tf.data.AUTOTUNE)
   pad = num_steps * per_host_batch - n_host
   padding = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(pad))
@@ -195,7 +200,7 @@ def ground_truth(builder, split: str):
   spec = spec_of(builder)
   ds = builder.as_dataset(split, shuffle_files=False,
                           decoders={"image": tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: detection.ground_truth_example(ex, channels=len(spec.mean)),
+  ds = ds.map(_graph(lambda ex: detection.ground_truth_example(ex, channels=len(spec.mean))),
               num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
