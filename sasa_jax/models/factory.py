@@ -36,7 +36,8 @@ def create_resnet(depth: int = 50, variant: str = "full_attention", *,
                   impl: str = "auto") -> SASAResNet:
   """Builds a ResNet of the SASA paper.
 
-  depth: 26, 38 or 50 (blocks per group [1,2,4,1], [2,3,5,2], [3,4,6,3]).
+  depth: 26, 38 or 50 (blocks per group [1,2,4,1], [2,3,5,2], [3,4,6,3]: the paper's), or 14
+    ([1,1,1,1]: quick experiments and tests).
   variant: "baseline" (convolutions everywhere: attention_groups and stem_type do not
     apply), "conv_stem_attention" (attention in attention_groups, default all four, conv
     stem) or "full_attention" (the same with an attention stem, default spatially aware).

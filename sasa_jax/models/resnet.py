@@ -8,7 +8,8 @@ import jax.numpy as jnp
 from sasa_jax.layers import AttentionSettings, AttentionStem, SelfAttention2D
 from sasa_jax.layers.pointwise import pointwise_conv
 
-STAGE_BLOCKS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
+# 26/38/50: the paper's (Table 1); 14: one block per group, for quick experiments and tests.
+STAGE_BLOCKS = {14: (1, 1, 1, 1), 26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck widths; block outputs are 4x these
 STEM_WIDTH = 64
 
