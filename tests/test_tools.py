@@ -21,7 +21,8 @@ def demo_run(fmnist_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("demo") / "run"
   flags = [f"--workdir={workdir}", f"--config.dataset.data_dir={fmnist_dir}",
            "--config.dataset.train_split=train[:384]", "--config.dataset.eval_split=test[:200]",
-           "--config.num_train_steps=4", "--config.batch_size=32", "--config.log_every_steps=2"]
+           "--config.num_train_steps=4", "--config.batch_size=32", "--config.log_every_steps=2",
+           "--config.model.depth=14"]
   first = _run("sasa_jax.tools.demo", *flags)
   return workdir, flags, first
 
@@ -95,11 +96,12 @@ def test_bench_quick_prints_ratios():
   # The breakdowns found every attention layer (one per block of an attention group of
   # ResNet-26: the demo's groups, all 8 blocks in full attention); the parts add up to the step.
   from sasa_jax.models.resnet import STAGE_BLOCKS
+  from sasa_jax.tools.bench import QUICK_DEPTH
   from sasa_jax.tools.tables import load_config
   demo_groups = load_config(None).model.attention_groups
   demo, full = rows[4], rows[8]
   assert demo["attention_layers"] == sum(STAGE_BLOCKS[26][g - 1] for g in demo_groups)
-  assert full["attention_layers"] == sum(STAGE_BLOCKS[26])
+  assert full["attention_layers"] == sum(STAGE_BLOCKS[QUICK_DEPTH])
   for r in (demo, full):
     parts = [r[k + "_ms"] for k in ("op", "projections", "stem", "rest")]
     assert r["op_ms"] > 0 and r["stem_ms"] > 0

@@ -33,11 +33,12 @@ import optax
 
 from sasa_jax.layers import SelfAttention2D
 from sasa_jax.models import create_resnet
-from sasa_jax.ops import local_attention
+from sasa_jax.ops import default_impl, local_attention
 from sasa_jax.tools.flops import count_flops
 
 # Largest relative gradient difference from the reference that counts as agreement.
 GRAD_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
+QUICK_DEPTH = 14  # --quick's ResNet
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]  # ResNet-50 groups 1-4: (H = W, width)
 
 
@@ -369,7 +370,9 @@ def main(argv=None):
   args.stages = STAGES
   if args.quick:
     args.stages, args.batch, args.repeats = [(14, 16), (7, 32)], 1, 1
-    args.depth, args.model_batch, args.image_size, args.model_repeats = 26, 1, 32, 1
+    args.depth, args.model_batch, args.image_size, args.model_repeats = QUICK_DEPTH, 1, 32, 1
+  if args.impl == "auto":  # what it resolves to here, without tracing other platforms' kernels
+    args.impl = default_impl()
   args.dtype = jnp.dtype(args.dtype)
 
   def emit(row):

@@ -7,9 +7,10 @@ Trains, with identical budgets and seeds, ResNet-26 baseline / conv-stem + atten
 full attention (Table 1), conv-stem + attention with k = 3, 5, 7 (Table 4) and with
 positional encoding none / absolute / relative (Table 5); shared rows are trained
 once. Writes OUTDIR/report.md (our accuracy, parameters and FLOPS at 28 px next to the
-paper's ImageNet numbers) and PNG plots. --quick: a few steps on a few hundred images,
-for tests. Runs already finished in OUTDIR are reused (each run resumes by itself);
---fresh deletes them first (after a change to the code they were trained with).
+paper's ImageNet numbers) and PNG plots. --quick: a few steps of ResNet-14 at 1/8 width
+on a few hundred images, for tests. Runs already finished in OUTDIR are reused (each run
+resumes by itself); --fresh deletes them first (after a change to the code they were
+trained with).
 """
 import argparse
 import os
@@ -28,6 +29,8 @@ from sasa_jax.tools.runs import final, read_metrics, series  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPTH = 26
+QUICK_DEPTH = 14  # --quick: a smoke test's model, ResNet-14 at 1/8 width
+QUICK_MODEL = f",depth={QUICK_DEPTH},width_multiplier=0.125,num_heads=2"
 # name: (config-string arguments, {table: paper row label})
 RUNS = {
     "baseline": ("variant=baseline", {1: f"ResNet-{DEPTH} baseline"}),
@@ -58,7 +61,7 @@ def load_config(arg: str):
 def run_config(name, seed, args):
   arg = RUNS[name][0] + f",seed={seed}"
   if args.quick:
-    arg += ",width_multiplier=0.125,num_heads=2"
+    arg += QUICK_MODEL
   config = load_config(arg)
   if args.data_dir:
     config.dataset.data_dir = args.data_dir
@@ -119,7 +122,7 @@ ORDERING = {  # the paper's claim per table, checked on our means
 
 def write_report(results, args) -> str:
   lines = ["# SASA tables at small scale (Fashion-MNIST, 28 px)", "",
-           f"ResNet-{DEPTH}, small-image stems, {args.seeds} seed(s), "
+           f"ResNet-{QUICK_DEPTH if args.quick else DEPTH}, small-image stems, {args.seeds} seed(s), "
            f"{'--quick' if args.quick else f'{args.epochs} epoch(s)'} per run, identical "
            "budgets. Accuracy: mean ± half-range over seeds on the full test split"
            f"{' (200 images in --quick)' if args.quick else ''}. MFLOPS and parameters: "
