@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as inet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = "width_multiplier=0.125,num_heads=2,kernel_size=3"
+TINY_MODEL = "depth=14,width_multiplier=0.125,num_heads=2,kernel_size=3"
 
 
 def tiny_flags(data_dir, steps, *, batch=16, ckpt_every=1000, log_every=1, eval_every=1000,

@@ -95,14 +95,16 @@ def _conf(root, host, cpus, memory_mb):
   # parallel test workers number their jobs apart.
   first_job = 1 + ctld_port % 3000
   # cred_expire also sets how long a requeued job waits before it may start again (SLURM's
-  # default, 120 s, was most of the time-limit test); 30 s still covers a step's launch.
+  # default, 120 s, was most of the time-limit test); 15 s still covers a step's launch.
+  # The scheduler's loops run every second or two (defaults: backfill 30 s, main 60 s),
+  # so a job starts once it may rather than at the next pass.
   return f"""ClusterName=sasa
 FirstJobId={first_job}
 SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={munge_socket},cred_expire=30
+AuthInfo=socket={munge_socket},cred_expire=15
 CredType=cred/munge
 SlurmctldPort={ctld_port}
 SlurmdPort={_free_port()}
@@ -124,7 +126,7 @@ MpiDefault=none
 SchedulerType=sched/backfill
 KillWait=30
 MinJobAge=600
-SchedulerParameters=defer_batch
+SchedulerParameters=bf_interval=1,sched_interval=2
 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} Gres=gpu:{GPUS} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """, munge_socket

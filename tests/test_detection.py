@@ -155,13 +155,13 @@ def test_coco_eval_path_on_hand_made_predictions():
 
 def test_retinanet_outputs_match_the_anchors():
   for heads in ("conv", "attention"):
-    model = create_retinanet("conv_stem_attention", heads, depth=26, num_classes=10,
+    model = create_retinanet("conv_stem_attention", heads, depth=14, num_classes=10,
                              width_multiplier=0.125, num_heads=2, kernel_size=3,
                              attention_groups=(3, 4), min_level=3, max_level=5,
                              anchor_scale=3.0, fpn_width=32, head_layers=1,
                              head_kernel_size=3, head_num_heads=2, impl="reference")
     x = jnp.zeros((2, 96, 96, 1))
-    variables = model.init(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
     out = jax.jit(lambda v, i: model.apply(v, i))(variables, x)
     n = anchors_lib.generate_anchors(SPEC, 96).shape[0]
     assert out["logits"].shape == (2, n, 10) and out["boxes"].shape == (2, n, 4)
@@ -214,8 +214,8 @@ def test_detection_pipeline_boxes_follow_the_image(detection_dir):
     assert outside.max() < 40  # and nothing but resampling fringes outside the boxes
 
 
-DETECT = ("configs/fashion_mnist_detection.py:width_multiplier=0.125,num_heads=2,kernel_size=3,"
-          "head_kernel_size=3,head_num_heads=2,fpn_width=32,head_layers=1")
+DETECT = ("configs/fashion_mnist_detection.py:depth=14,width_multiplier=0.125,num_heads=2,"
+          "kernel_size=3,head_kernel_size=3,head_num_heads=2,fpn_width=32,head_layers=1")
 
 
 def test_detection_end_to_end_two_processes_then_one_resumes(detection_dir, tmp_path):
@@ -306,7 +306,7 @@ def test_coco_2017_through_the_same_path(tmp_path):
   flags = helpers.tiny_flags(data_dir, 2, batch=4, eval_every=1, train_split="train",
                              eval_split="validation")
   flags += ["--config.dataset.image_size=64", "--config.dtype=float32"]
-  helpers.run_main("configs/coco_retinanet.py:depth=26,width_multiplier=0.125,num_heads=2,"
+  helpers.run_main("configs/coco_retinanet.py:depth=14,width_multiplier=0.125,num_heads=2,"
                    "kernel_size=3,head_kernel_size=3,head_num_heads=2,fpn_width=32,"
                    "head_layers=1", workdir, flags, devices=2)
   rows = helpers.read_metrics(workdir)

@@ -15,7 +15,7 @@ from sasa_jax.tools.model_table import measure
 
 @pytest.mark.parametrize("variant", ["baseline", "conv_stem_attention", "full_attention"])
 def test_small_model_trains_one_step(variant):
-  model = create_resnet(26, variant, num_classes=10, width_multiplier=0.25, num_heads=2,
+  model = create_resnet(14, variant, num_classes=10, width_multiplier=0.25, num_heads=2,
                         kernel_size=3, small_images=True)
   x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
   variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(x)
@@ -47,7 +47,7 @@ def test_attention_groups_override():
 
 
 def test_bfloat16_model():
-  model = create_resnet(26, "full_attention", dtype="bfloat16", num_classes=10,
+  model = create_resnet(14, "full_attention", dtype="bfloat16", num_classes=10,
                         width_multiplier=0.25, num_heads=2, small_images=True)
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 28, 28, 1)))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))

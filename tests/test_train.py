@@ -53,7 +53,7 @@ def test_fake_imagenet_end_to_end(tmp_path):
   flags = helpers.tiny_flags(data_dir, 2, batch=4, train_split="train", eval_split="validation")
   flags += ["--config.dataset.image_size=64", "--config.dtype=float32",
             "--config.model.num_classes=1000"]
-  helpers.run_main("configs/imagenet.py:depth=26,variant=full_attention,width_multiplier=0.125,"
+  helpers.run_main("configs/imagenet.py:depth=14,variant=full_attention,width_multiplier=0.125,"
                    "num_heads=2,kernel_size=3", workdir, flags)
   rows = helpers.read_metrics(workdir)
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
