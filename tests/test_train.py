@@ -178,3 +178,13 @@ def test_config_strings():
   from sasa_jax.models import create_resnet
   create_resnet(**config.model)  # config.model is exactly create_resnet's keywords
   assert isinstance(config, ml_collections.ConfigDict)
+
+
+def test_the_loop_builds_impl_auto_as_its_backends_implementation():
+  from sasa_jax import tasks
+  from sasa_jax.ops import default_impl
+  config = _config()
+  assert config.model.get("impl", "auto") == "auto"
+  model = tasks.get(config).create_model()
+  impls = {s.impl for s in model.group_attention if s is not None}
+  assert impls == {default_impl()} == {"xla"} and model.stem_impl == "xla"
