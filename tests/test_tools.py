@@ -93,14 +93,14 @@ def test_bench_quick_prints_ratios():
     assert r["grad_error_vs_reference"] < 1e-3
   assert rows[3]["vs_baseline"] > 0 and rows[3]["baseline_ms"] > 0
   assert rows[5]["vs_baseline"] == 1.0 and rows[6]["vs_baseline"] > 0
-  # The breakdowns found every attention layer (one per block of an attention group of
-  # ResNet-26: the demo's groups, all 8 blocks in full attention); the parts add up to the step.
+  # The breakdowns found every attention layer (one per block of an attention group of the
+  # quick ResNet: the demo's groups, every block in full attention); the parts add up to the step.
   from sasa_jax.models.resnet import STAGE_BLOCKS
   from sasa_jax.tools.bench import QUICK_DEPTH
   from sasa_jax.tools.tables import load_config
   demo_groups = load_config(None).model.attention_groups
   demo, full = rows[4], rows[8]
-  assert demo["attention_layers"] == sum(STAGE_BLOCKS[26][g - 1] for g in demo_groups)
+  assert demo["attention_layers"] == sum(STAGE_BLOCKS[QUICK_DEPTH][g - 1] for g in demo_groups)
   assert full["attention_layers"] == sum(STAGE_BLOCKS[QUICK_DEPTH])
   for r in (demo, full):
     parts = [r[k + "_ms"] for k in ("op", "projections", "stem", "rest")]

@@ -83,31 +83,32 @@ def _wait_for(predicate, proc, timeout=300):
   raise AssertionError("timed out")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_interrupted_run_resumes_to_the_same_parameters(fmnist_dir, tmp_path, sig):
+def test_killed_and_preempted_runs_resume_to_the_same_parameters(fmnist_dir, tmp_path):
   steps = 40
   flags = helpers.tiny_flags(fmnist_dir, steps, ckpt_every=4)
   helpers.run_main(FMNIST, tmp_path / "straight", flags)
   reference = helpers.restore_params(tmp_path / "straight")
 
-  workdir = tmp_path / "interrupted"
-  proc = subprocess.Popen(helpers.main_cmd(FMNIST, workdir, flags), cwd=helpers.ROOT,
-                          env=helpers.env(), stderr=subprocess.PIPE, text=True)
-  ckpts = workdir / "checkpoints"
-  _wait_for(lambda: ckpts.exists() and "4" in os.listdir(ckpts), proc)
-  proc.send_signal(sig)
-  proc.wait(timeout=120)
-  stderr = proc.stderr.read()
-  if sig == signal.SIGTERM:
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "preempted: checkpoint at step" in stderr
-  interrupted_at = helpers.restore_params(workdir)[0]
-  assert 4 <= interrupted_at < steps
-  helpers.run_main(FMNIST, workdir, flags)
-  resumed = helpers.restore_params(workdir)
-  assert resumed[0] == reference[0] == steps
-  for k, v in reference[1].items():
-    np.testing.assert_allclose(resumed[1][k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+  for sig in (signal.SIGKILL, signal.SIGTERM):
+    workdir = tmp_path / f"interrupted_{sig.name}"
+    proc = subprocess.Popen(helpers.main_cmd(FMNIST, workdir, flags), cwd=helpers.ROOT,
+                            env=helpers.env(), stderr=subprocess.PIPE, text=True)
+    ckpts = workdir / "checkpoints"
+    _wait_for(lambda: ckpts.exists() and "4" in os.listdir(ckpts), proc)  # noqa: B023
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    stderr = proc.stderr.read()
+    if sig == signal.SIGTERM:
+      assert proc.returncode == 0, stderr[-3000:]
+      assert "preempted: checkpoint at step" in stderr
+    interrupted_at = helpers.restore_params(workdir)[0]
+    assert 4 <= interrupted_at < steps, sig.name
+    helpers.run_main(FMNIST, workdir, flags)
+    resumed = helpers.restore_params(workdir)
+    assert resumed[0] == reference[0] == steps
+    for k, v in reference[1].items():
+      np.testing.assert_allclose(resumed[1][k], v, rtol=1e-6, atol=1e-7,
+                                 err_msg=f"{sig.name}: {k}")
 
 
 def test_partial_checkpoint_is_never_picked(fmnist_dir, tmp_path):

@@ -290,18 +290,20 @@ def breakdown_row(name, model, batch, image_size, channels, repeats, step_run=No
           **step_breakdown(model, batch, image_size, channels, repeats, step_run)}
 
 
-def demo_models(impl="auto"):
-  """(attention model, baseline model, batch, image size, channels) of configs/fashion_mnist.py."""
+def demo_models(impl="auto", depth=None):
+  """(attention model, baseline model, batch, image size, channels) of configs/fashion_mnist.py
+  (depth: its ResNet's, None = the config's)."""
   from sasa_jax.data import DATASETS  # noqa: PLC0415 (TensorFlow: only for this part)
   from sasa_jax.tools.tables import load_config  # noqa: PLC0415 (configs/ is not a package)
   config = load_config(None)
-  kw = dict(config.model, impl=impl)
+  kw = dict(config.model, impl=impl, depth=depth or config.model.depth)
   return (create_resnet(**kw), create_resnet(**dict(kw, variant="baseline")),
           config.batch_size, config.dataset.image_size, len(DATASETS[config.dataset.name].mean))
 
 
 def bench_demo(args):
-  attention, baseline, batch, size, channels = demo_models(args.impl)
+  attention, baseline, batch, size, channels = demo_models(
+      args.impl, depth=QUICK_DEPTH if args.quick else None)
   if args.quick:
     batch = 8
   cases = [model_step_case(m, batch, size, channels) for m in (baseline, attention)]
