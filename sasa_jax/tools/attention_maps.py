@@ -65,8 +65,9 @@ def draw(workdir, image_index, layer=None, queries=None, out=None):
   if layer not in layers:
     raise ValueError(f"--layer={layer!r} is not an attention layer; choose one of {layers}")
   image, pixels, label = load_test_image(config, image_index)
-  _, state = model.apply(variables, image, train=False, capture_intermediates=True,
-                         mutable=["intermediates"])
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
+                                           mutable=["intermediates"]))
+  _, state = apply(variables, image)
   inter = state["intermediates"][layer]["attention"]
   p = variables["params"][layer]["attention"]
   q = np.asarray(inter["query"]["__call__"][0])[0]
