@@ -221,7 +221,7 @@ def attention_layers(model, batch, image_size, channels=3):
 def layer_case(layer: SelfAttention2D, shape):
   """(run of the layer's fwd+bwd, run of its op's fwd+bwd) at input `shape`."""
   x = jnp.ones(shape, layer.dtype)
-  params = layer.init(jax.random.key(0), x)
+  params = jax.jit(layer.init)(jax.random.key(0), x)
   layer_grad = jax.grad(lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2),
                         argnums=(0, 1))
   b, h, w, _ = shape
