@@ -95,8 +95,7 @@ def test_bench_quick_prints_ratios():
   assert rows[5]["vs_baseline"] == 1.0 and rows[6]["vs_baseline"] > 0
   # The breakdowns found every attention layer (one per block of an attention group of the
   # quick ResNet: the demo's groups, every block in full attention); the parts add up to the step.
-  from sasa_jax.models.resnet import STAGE_BLOCKS
-  from sasa_jax.tools.bench import QUICK_DEPTH
+  from sasa_jax.models import QUICK_DEPTH, STAGE_BLOCKS
   from sasa_jax.tools.tables import load_config
   demo_groups = load_config(None).model.attention_groups
   demo, full = rows[4], rows[8]

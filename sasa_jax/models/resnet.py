@@ -10,6 +10,7 @@ from sasa_jax.layers.pointwise import pointwise_conv
 
 # 26/38/50: the paper's (Table 1); 14: one block per group, for quick experiments and tests.
 STAGE_BLOCKS = {14: (1, 1, 1, 1), 26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
+QUICK_DEPTH = 14  # the tools' --quick modes (smoke tests, not measurements)
 STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck widths; block outputs are 4x these
 STEM_WIDTH = 64
 

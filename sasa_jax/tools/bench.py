@@ -32,13 +32,12 @@ import numpy as np
 import optax
 
 from sasa_jax.layers import SelfAttention2D
-from sasa_jax.models import create_resnet
+from sasa_jax.models import QUICK_DEPTH, create_resnet
 from sasa_jax.ops import default_impl, local_attention
 from sasa_jax.tools.flops import count_flops
 
 # Largest relative gradient difference from the reference that counts as agreement.
 GRAD_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
-QUICK_DEPTH = 14  # --quick's ResNet
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]  # ResNet-50 groups 1-4: (H = W, width)
 
 

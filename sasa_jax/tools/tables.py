@@ -24,13 +24,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sasa_jax.models import QUICK_DEPTH  # noqa: E402
 from sasa_jax.tools import paper  # noqa: E402
 from sasa_jax.tools.runs import final, read_metrics, series  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPTH = 26
-QUICK_DEPTH = 14  # --quick: a smoke test's model, ResNet-14 at 1/8 width
-QUICK_MODEL = f",depth={QUICK_DEPTH},width_multiplier=0.125,num_heads=2"
+QUICK_MODEL = f",depth={QUICK_DEPTH},width_multiplier=0.125,num_heads=2"  # --quick's model
 # name: (config-string arguments, {table: paper row label})
 RUNS = {
     "baseline": ("variant=baseline", {1: f"ResNet-{DEPTH} baseline"}),
@@ -122,7 +122,8 @@ ORDERING = {  # the paper's claim per table, checked on our means
 
 def write_report(results, args) -> str:
   lines = ["# SASA tables at small scale (Fashion-MNIST, 28 px)", "",
-           f"ResNet-{QUICK_DEPTH if args.quick else DEPTH}, small-image stems, {args.seeds} seed(s), "
+           f"ResNet-{QUICK_DEPTH if args.quick else DEPTH}, small-image stems, "
+           f"{args.seeds} seed(s), "
            f"{'--quick' if args.quick else f'{args.epochs} epoch(s)'} per run, identical "
            "budgets. Accuracy: mean ± half-range over seeds on the full test split"
            f"{' (200 images in --quick)' if args.quick else ''}. MFLOPS and parameters: "
