@@ -214,3 +214,21 @@ def test_pointwise_conv_equals_the_convolution(stride, size):
   with pytest.raises(ValueError, match="padding"):
     nn.Conv(5, (1, 1), padding=((1, 1), (1, 1)),
             conv_general_dilated=pointwise_conv).init(jax.random.key(0), xs)
+
+
+@pytest.mark.parametrize("block", [2, 4])
+def test_stem_block_max_equals_max_pool(block):
+  """The stem's pooling: values and gradient of nn.max_pool with window = stride, jitted
+  (random inputs: no ties); a tie shares the gradient."""
+  from flax import linen as nn
+
+  from sasa_jax.layers.stem import block_max
+  x = jax.random.normal(jax.random.key(3), (2, 8, 12, 5))
+  pools = (block_max, lambda x, s: nn.max_pool(x, (s, s), strides=(s, s)))
+  (got, g_got), (want, g_want) = (jax.jit(jax.value_and_grad(
+      lambda x, pool=pool: jnp.sum(jnp.sin(pool(x, block))))) (x) for pool in pools)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_array_equal(g_got, g_want)
+  assert block_max(x, block).shape == (2, 8 // block, 12 // block, 5)
+  tie = jax.grad(lambda x: block_max(x, block).sum())(jnp.zeros((1, block, block, 1)))
+  np.testing.assert_allclose(tie, 1 / block ** 2)
