@@ -226,6 +226,30 @@ def test_auto_resolves_per_lowering_platform():
     _assert_close(got, want, 1e-4)
 
 
+def test_auto_sizes_the_blocked_ops_chunks_for_the_lowering_platform():
+  """impl="auto" lowered for the CPU runs a ResNet-50 stage in a loop over strips (a chunk's
+  logits stay in cache); the same jitted function lowered for CUDA runs it in one chunk
+  (small sequential chunks would starve a GPU). Where both cut alike, one branch serves."""
+  from sasa_jax.ops.blocked import same_chunks_everywhere
+
+  def op(*a):
+    return local_attention(*a, kernel_size=7, num_heads=8, impl="auto")
+  def branches(a):  # of the platform dispatch
+    (cond,) = [e for e in jax.make_jaxpr(op)(*a).eqns if e.primitive.name == "cond"]
+    return len(cond.params["branches"])
+  args, _ = _inputs((1, 56, 56, 64, 8, 7))
+  small, _ = _inputs((1, 9, 7, 64, 8, 7))
+  assert not same_chunks_everywhere((1, 56, 56, 64), 7, 8)
+  assert same_chunks_everywhere((1, 9, 7, 64), 7, 8)
+  assert (branches(small), branches(args)) == (2, 3)  # TPU, default (+ CPU of its own)
+  step = jax.jit(op)
+  cpu = _exported(step, args, ["cpu"]).mlir_module()
+  cuda = _exported(step, args, ["cuda"]).mlir_module()
+  assert "stablehlo.while" in cpu and "stablehlo.while" not in cuda
+  _assert_close(step(*args), local_attention(*args, kernel_size=7, num_heads=8,
+                                            impl="reference"), 1e-4)
+
+
 SHARDED = """
 import json
 import jax, jax.numpy as jnp, numpy as np

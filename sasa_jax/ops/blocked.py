@@ -425,7 +425,8 @@ def strip_rows(plan_h: AxisPlan, per_block_row: int, limit: int) -> int:
 
 
 def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
-                            plan_h: AxisPlan | None = None, plan_w: AxisPlan | None = None):
+                            plan_h: AxisPlan | None = None, plan_w: AxisPlan | None = None,
+                            chunk_logits: int | None = None):
   """See `sasa_jax.ops.local_attention`. Inputs already validated.
 
   Matrix multiplies run in the input dtype with float32 accumulation; the softmax is
@@ -436,30 +437,48 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
   CHUNK_LOGITS, of horizontal strips of query-block rows whose keys and values carry a
   halo of r rows: each chunk is sliced from the (once padded) inputs, attended and, in the
   backward, its gradients written (dk, dv: added) in place while it is in cache, which
-  bounds the op's temporary memory too.
+  bounds the op's temporary memory too. chunk_logits: the most logits per chunk; default
+  `chunk_logits_for` jax's default backend (`impl="auto"` passes the lowering platform's).
   """
   bsz, h, w, c = q.shape
-  r = kernel_size // 2
   if plan_h is None or plan_w is None:
-    plan_h, plan_w = plan_blocks(h, w, r, c, num_heads)
-  per_block_row = (num_heads * plan_w.num_blocks * plan_h.block * plan_w.block
-                   * plan_h.window * plan_w.window)
-  limit = CHUNK_LOGITS if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK_LOGITS
-  rows = strip_rows(plan_h, per_block_row, limit)
-  if rows == plan_h.num_blocks:  # whole images, as many per chunk as fit
-    groups = fewest_chunks(bsz, plan_h.num_blocks * per_block_row, limit)
-    ch = _Chunks(bsz // groups, groups, 1, h, 0)
+    plan_h, plan_w = plan_blocks(h, w, kernel_size // 2, c, num_heads)
+  limit = chunk_logits or chunk_logits_for(jax.default_backend())
+  ch = plan_chunks(q.shape, num_heads, plan_h, plan_w, limit)
+  if ch.strips == 1:  # whole images
     inner_h, keys_padded = plan_h, False
     masks = _axis_mask(plan_h)[None]
-  else:  # one strip of one image per chunk
-    height = rows * plan_h.block
-    ch = _Chunks(1, bsz, -(-plan_h.num_blocks // rows), height, r)
-    inner_h = AxisPlan(height, r, plan_h.block, rows, plan_h.window, plan_h.offset)
+  else:  # strips of `ch.height` query rows
+    inner_h = AxisPlan(ch.height, plan_h.radius, plan_h.block, ch.height // plan_h.block,
+                       plan_h.window, plan_h.offset)
     keys_padded = True
-    masks = np.stack([_axis_mask(inner_h, start=s * height, size=h) for s in range(ch.strips)])
+    masks = np.stack([_axis_mask(inner_h, start=s * ch.height, size=h)
+                      for s in range(ch.strips)])
   lay = _Layout(ch.images, inner_h.size, w, num_heads, c // num_heads, inner_h, plan_w,
                 keys_padded)
   return _attention(q, k, v, rel_h, rel_w, jnp.asarray(masks), lay, ch)
+
+
+def plan_chunks(shape, num_heads: int, plan_h: AxisPlan, plan_w: AxisPlan,
+                limit: int) -> _Chunks:
+  """The sequential chunks of a [B, H, W, C] input with at most `limit` logits each:
+  groups of whole images, or one image's strips of block rows when an image exceeds it."""
+  bsz, h = shape[:2]
+  per_block_row = (num_heads * plan_w.num_blocks * plan_h.block * plan_w.block
+                   * plan_h.window * plan_w.window)
+  rows = strip_rows(plan_h, per_block_row, limit)
+  if rows == plan_h.num_blocks:
+    groups = fewest_chunks(bsz, plan_h.num_blocks * per_block_row, limit)
+    return _Chunks(bsz // groups, groups, 1, h, 0)
+  return _Chunks(1, bsz, -(-plan_h.num_blocks // rows), rows * plan_h.block, plan_h.radius)
+
+
+def same_chunks_everywhere(shape, kernel_size: int, num_heads: int) -> bool:
+  """Whether the CPU and accelerators cut an input of this shape into the same chunks (so
+  one traced op serves both)."""
+  plans = plan_blocks(shape[1], shape[2], kernel_size // 2, shape[3], num_heads)
+  return (plan_chunks(shape, num_heads, *plans, CHUNK_LOGITS)
+          == plan_chunks(shape, num_heads, *plans, ACCELERATOR_CHUNK_LOGITS))
 
 
 # Logits per sequential chunk (float32): one chunk's logits and probabilities stay in a
@@ -468,3 +487,9 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
 # there chunks only bound memory.
 CHUNK_LOGITS = 1 << 20
 ACCELERATOR_CHUNK_LOGITS = 1 << 26
+
+
+def chunk_logits_for(platform: str) -> int:
+  """Logits per sequential chunk on `platform` (a jax backend or lowering platform name:
+  "cpu", "gpu", "cuda", "rocm", "tpu")."""
+  return CHUNK_LOGITS if platform == "cpu" else ACCELERATOR_CHUNK_LOGITS

@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sasa_jax.ops.blocked import local_attention_blocked
+from sasa_jax.ops.blocked import (chunk_logits_for, local_attention_blocked,
+                                  same_chunks_everywhere)
 from sasa_jax.ops.pallas_attention import local_attention_pallas
 from sasa_jax.ops.reference import local_attention_reference
 
@@ -33,17 +34,23 @@ def default_impl(backend: str | None = None) -> str:
 
 
 def _auto(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
-  """impl="auto", chosen per lowering platform (so one jitted function exports for each)."""
+  """impl="auto", chosen per lowering platform (so one jitted function exports for each):
+  the blocked op's chunks too are sized for the platform, not for the tracing host."""
   kw = dict(kernel_size=kernel_size, num_heads=num_heads)
 
   def branch(platform, impl):
     if impl == "pallas":  # that platform's compiled kernels, with no second dispatch
       flavour = "tpu" if platform == "tpu" else "gpu"
       return functools.partial(local_attention_pallas, platform=flavour, **kw)
+    if impl == "xla":
+      return functools.partial(local_attention_blocked,
+                               chunk_logits=chunk_logits_for(platform or "gpu"), **kw)
     return functools.partial(IMPLEMENTATIONS[impl], **kw)
-  return jax.lax.platform_dependent(
-      q, k, v, rel_h, rel_w, **{p: branch(p, impl) for p, impl in AUTO_IMPL.items()},
-      default=branch(None, "xla"))
+  branches = {p: branch(p, impl) for p, impl in AUTO_IMPL.items()}
+  if "cpu" not in branches and not same_chunks_everywhere(q.shape, kernel_size, num_heads):
+    branches["cpu"] = branch("cpu", "xla")  # else the default branch serves the CPU too
+  return jax.lax.platform_dependent(q, k, v, rel_h, rel_w, **branches,
+                                    default=branch(None, "xla"))
 
 
 def _check(q, k, v, rel_h, rel_w, kernel_size, num_heads, impl):
