@@ -232,3 +232,58 @@ def test_stem_block_max_equals_max_pool(block):
   assert block_max(x, block).shape == (2, 8 // block, 12 // block, 5)
   tie = jax.grad(lambda x: block_max(x, block).sum())(jnp.zeros((1, block, block, 1)))
   np.testing.assert_allclose(tie, 1 / block ** 2)
+
+
+@pytest.mark.parametrize("block,dtype", [(4, jnp.float32), (2, jnp.float32), (2, jnp.bfloat16)])
+def test_stem_batch_norm_relu_pool_equals_flax_batch_norm_relu_pool(block, dtype):
+  """The stem's fused BatchNorm + ReLU + pool, jitted: the same variables, values, running
+  statistics and gradients (input, scale, bias) as nn.BatchNorm, nn.relu and block_max,
+  in training and evaluation; blocks whose maximum ties or is clipped at 0 by ReLU
+  included."""
+  from flax import linen as nn
+
+  from sasa_jax.layers.stem import BatchNormReluBlockMax, block_max
+
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      bn = nn.BatchNorm(use_running_average=not train, momentum=0.8, dtype=dtype, name="bn")
+      return block_max(nn.relu(bn(x)), block)
+
+  class Fused(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return BatchNormReluBlockMax(block, momentum=0.8, dtype=dtype, name="bn")(x, train=train)
+
+  x = (jax.random.normal(jax.random.key(1), (3, 8, 12, 5)) * 2 + 0.3).astype(dtype)
+  x = x.at[0, :block, :block, 0].set(3.0)  # a tie: one block all equal (and positive)
+  x = x.at[1, :block, :block, 1].set(-9.0)  # a block that ReLU makes all zero
+  variables = Plain().init(jax.random.key(0), x)
+  assert (jax.tree.map(jnp.shape, Fused().init(jax.random.key(0), x))
+          == jax.tree.map(jnp.shape, variables))
+  params = {"bn": {"scale": jnp.linspace(0.5, 1.5, 5), "bias": jnp.linspace(-0.3, 0.2, 5)}}
+  stats = {"bn": {"mean": jnp.linspace(-0.1, 0.1, 5), "var": jnp.linspace(0.9, 1.2, 5)}}
+  weights = jax.random.normal(jax.random.key(2), (3, 8 // block, 12 // block, 5))
+
+  def loss(model, params, x):
+    out, new = model.apply({"params": params, "batch_stats": stats}, x, train=True,
+                           mutable=["batch_stats"])
+    out = out.astype(jnp.float32)
+    return jnp.sum(out * weights) + jnp.sum(jnp.sin(out)), (out, new["batch_stats"])
+
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  # Op by op: XLA:CPU at the tests' -O0 miscompiles the gradient of nn.BatchNorm + ReLU +
+  # block_max jitted (the fused module is right jitted and op by op).
+  (want, (out_want, stats_want)), g_want = jax.value_and_grad(
+      functools.partial(loss, Plain()), argnums=(0, 1), has_aux=True)(params, x)
+  (got, (out_got, stats_got)), g_got = jax.jit(jax.value_and_grad(
+      functools.partial(loss, Fused()), argnums=(0, 1), has_aux=True))(params, x)
+  np.testing.assert_allclose(out_got, out_want, **tol)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), stats_got, stats_want)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32),
+                                                       np.asarray(b, np.float32), **tol),
+               g_got, g_want)
+  evals = [apply({"params": params, "batch_stats": stats}, x)
+           for apply in (Plain().apply, jax.jit(Fused().apply))]
+  np.testing.assert_allclose(np.asarray(evals[1], np.float32), np.asarray(evals[0], np.float32),
+                             **tol)

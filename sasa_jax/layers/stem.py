@@ -1,9 +1,11 @@
 """The attention stem (SASA §3.2, App. A.1) and its Table 7 alternatives."""
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sasa_jax.layers.attention import check_choice
 from sasa_jax.ops.chunks import fewest_chunks, map_batch_chunks
@@ -115,9 +117,108 @@ class AttentionStem(nn.Module):
     # only the chunk's inputs are stored (the batch-norm below still sees the whole batch).
     y = map_batch_chunks(attend, (x, v_full), fewest_chunks(bsz, h * w, MAX_CHUNK_PIXELS),
                          remat=True)
-    y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, dtype=self.dtype,
-                     name="bn")(y)
-    return block_max(nn.relu(y), s)
+    return BatchNormReluBlockMax(s, momentum=self.bn_momentum, dtype=self.dtype, name="bn")(
+        y, train=train)
+
+
+class BatchNormReluBlockMax(nn.Module):
+  """block_max(relu(nn.BatchNorm()(x)), block): the same function and variables (scale,
+  bias; batch_stats mean, var) as Flax's BatchNorm followed by ReLU and the pool, with a
+  gradient that stores only the input x for the backward pass.
+
+  [B, H, W, C] -> [B, H / block, W / block, C]. Autodiff of the three ops stores x, the
+  centred x and the pool's mask, three tensors the size of the stem's full-resolution
+  output (3 x 49 MB at 224 px, batch 4), all live at the start of the backward pass where a
+  training step's memory peaks; here the backward pass needs only x, the output and one
+  bit per input pixel for the block's maxima (a uint32 per output).
+  """
+  block: int
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    if train:  # as nn.BatchNorm's fast variance: E[x^2] - E[x]^2, at least float32
+      xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+      mean = xf.mean(axis=(0, 1, 2))
+      var = jnp.maximum(0.0, jnp.square(xf).mean(axis=(0, 1, 2)) - jnp.square(mean))
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    return normalize_relu_block_max(x, mean, var, scale, bias, self.block, self.epsilon,
+                                    self.dtype)
+
+
+def _normalize(x, mean, var, scale, bias, epsilon, dtype):
+  """(x - mean) * rsqrt(var + epsilon) * scale + bias in dtype, as nn.BatchNorm orders it;
+  also returns the multiplier rsqrt(var + epsilon) * scale."""
+  mul = jax.lax.rsqrt(var + epsilon) * scale
+  return ((x - mean) * mul + bias).astype(dtype), mul
+
+
+def normalize_relu_block_max(x, mean, var, scale, bias, block, epsilon, dtype):
+  """block_max(relu(normalised x), block) with per-channel mean, var, scale, bias ([C]);
+  x: [B, H, W, C] -> [B, H / block, W / block, C] in dtype. Its gradient is autodiff's
+  (ties in a block share it, ReLU's is 0 at 0), for blocks up to 32 pixels from x and one
+  bit per block pixel: see BatchNormReluBlockMax."""
+  if block * block > 32:  # the bits of a block's maxima fill a uint32
+    return block_max(nn.relu(_normalize(x, mean, var, scale, bias, epsilon, dtype)[0]), block)
+  return _pooled(x, mean, var, scale, bias, block, epsilon, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _pooled(x, mean, var, scale, bias, block, epsilon, dtype):
+  return _pooled_fwd(x, mean, var, scale, bias, block, epsilon, dtype)[0]
+
+
+def _block_bits(block):
+  """[block, block] uint32: the bit of each pixel of a block. (uint8 for 2 x 2 blocks would
+  save 2.4 MB at 224 px, batch 4, but XLA:CPU at -O0, the tests' setting, miscompiles its
+  gradient.)"""
+  return (np.uint32(1) << np.arange(block * block, dtype=np.uint32)).reshape(block, block)
+
+
+def _pooled_fwd(x, mean, var, scale, bias, block, epsilon, dtype):
+  b, h, w, c = x.shape
+  s = block
+  z = nn.relu(_normalize(x, mean, var, scale, bias, epsilon, dtype)[0])
+  zb = z.reshape(b, h // s, s, w // s, s, c)
+  out = zb.max(axis=(2, 4))
+  maxima = zb == out[:, :, None, :, None]  # where each block's maximum is, ties included
+  pixel_bits = _block_bits(s)
+  bits = jnp.where(maxima, pixel_bits[:, None, :, None], 0).sum(
+      axis=(2, 4), dtype=pixel_bits.dtype)  # distinct powers of two: their sum is their OR
+  return out, (x, mean, var, scale, bias, out, bits)
+
+
+def _pooled_bwd(block, epsilon, dtype, residuals, g):
+  x, mean, var, scale, bias, out, bits = residuals
+  b, h, w, c = x.shape
+  s = block
+  # The maxima share g; ReLU passes it where the maximum is positive.
+  share = jnp.where(out > 0, g.astype(jnp.float32) / jax.lax.population_count(bits), 0.0)
+  maxima = (bits[:, :, None, :, None] & _block_bits(s)[:, None, :, None]) != 0
+  dz = jnp.where(maxima, share[:, :, None, :, None], 0.0).reshape(x.shape)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  mul = rstd * scale
+  d_bias = dz.sum(axis=(0, 1, 2))
+  # Uncentred, like the fast variance: XLA:CPU would compute a centred x - mean as soon as
+  # the forward pass ends (CSE'd with the forward's), live where memory peaks.
+  d_mul = (dz * x).sum(axis=(0, 1, 2)) - mean * d_bias
+  return ((dz * mul).astype(x.dtype), (-d_bias * mul).astype(mean.dtype),
+          (d_mul * scale * -0.5 * rstd ** 3).astype(var.dtype),
+          (d_mul * rstd).astype(scale.dtype), d_bias.astype(bias.dtype))
+
+
+_pooled.defvjp(_pooled_fwd, _pooled_bwd)
 
 
 def block_max(x, s: int):
