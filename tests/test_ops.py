@@ -127,8 +127,8 @@ def test_gradients_match_finite_differences(impl):
   with jax.enable_x64(True):
     args, kw = inputs((1, 4, 5, 4, 2, 3), seed=4, dtype=np.float64)
     cot = np.random.default_rng(5).normal(size=args[0].shape)
-    jax.test_util.check_grads(_loss(IMPLS[impl], kw, cot), args, order=1, modes=["rev"],
-                              atol=1e-6, rtol=1e-6)
+    jax.test_util.check_grads(jax.jit(_loss(IMPLS[impl], kw, cot)), args, order=1,
+                              modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
@@ -139,8 +139,8 @@ def test_bfloat16(impl):
   got = jax.jit(lambda *a: local_attention(*a, impl=impl, **kw))(*bf)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.1, rtol=0.05)
-  grads = jax.grad(lambda *a: jnp.sum(local_attention(*a, impl=impl, **kw).astype(jnp.float32)),
-                   argnums=range(5))(*bf)
+  loss = lambda *a: jnp.sum(local_attention(*a, impl=impl, **kw).astype(jnp.float32))
+  grads = jax.jit(jax.grad(loss, argnums=range(5)))(*bf)
   assert all(g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all()
              for g in grads)
 
