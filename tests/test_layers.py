@@ -155,10 +155,10 @@ def test_attention_stem_in_chunks_equals_one_pass(monkeypatch, stem_type):
   stem = AttentionStem(8, stem_type=stem_type, block_size=4)
   variables = stem.init(jax.random.key(1), img)
 
-  def run():
-    y, _ = stem.apply(variables, img, train=True, mutable=["batch_stats"])
-    g = jax.grad(lambda p: jnp.sum(jnp.sin(stem.apply({**variables, "params": p}, img,
-                                                      train=True, mutable=["batch_stats"])[0])))
+  def run():  # traced anew each call: MAX_CHUNK_PIXELS is read at trace time
+    y, _ = jax.jit(lambda v: stem.apply(v, img, train=True, mutable=["batch_stats"]))(variables)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(stem.apply(
+        {**variables, "params": p}, img, train=True, mutable=["batch_stats"])[0]))))
     return y, g(variables["params"])
   y1, g1 = run()
   monkeypatch.setattr(stem_lib, "MAX_CHUNK_PIXELS", 64)  # one 8x8 image per chunk
