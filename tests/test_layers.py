@@ -234,7 +234,8 @@ def test_stem_block_max_equals_max_pool(block):
   np.testing.assert_allclose(tie, 1 / block ** 2)
 
 
-@pytest.mark.parametrize("block,dtype", [(4, jnp.float32), (2, jnp.float32), (2, jnp.bfloat16)])
+@pytest.mark.parametrize("block,dtype", [(4, jnp.float32), (2, jnp.float32), (2, jnp.bfloat16),
+                                         (6, jnp.float32)])  # 6 x 6 > 32 bits: autodiff
 def test_stem_batch_norm_relu_pool_equals_flax_batch_norm_relu_pool(block, dtype):
   """The stem's fused BatchNorm + ReLU + pool, jitted: the same variables, values, running
   statistics and gradients (input, scale, bias) as nn.BatchNorm, nn.relu and block_max,
@@ -255,7 +256,7 @@ def test_stem_batch_norm_relu_pool_equals_flax_batch_norm_relu_pool(block, dtype
     def __call__(self, x, train=False):
       return BatchNormReluBlockMax(block, momentum=0.8, dtype=dtype, name="bn")(x, train=train)
 
-  x = (jax.random.normal(jax.random.key(1), (3, 8, 12, 5)) * 2 + 0.3).astype(dtype)
+  x = (jax.random.normal(jax.random.key(1), (3, 2 * block, 3 * block, 5)) * 2 + 0.3).astype(dtype)
   x = x.at[0, :block, :block, 0].set(3.0)  # a tie: one block all equal (and positive)
   x = x.at[1, :block, :block, 1].set(-9.0)  # a block that ReLU makes all zero
   variables = Plain().init(jax.random.key(0), x)
@@ -263,7 +264,7 @@ def test_stem_batch_norm_relu_pool_equals_flax_batch_norm_relu_pool(block, dtype
           == jax.tree.map(jnp.shape, variables))
   params = {"bn": {"scale": jnp.linspace(0.5, 1.5, 5), "bias": jnp.linspace(-0.3, 0.2, 5)}}
   stats = {"bn": {"mean": jnp.linspace(-0.1, 0.1, 5), "var": jnp.linspace(0.9, 1.2, 5)}}
-  weights = jax.random.normal(jax.random.key(2), (3, 8 // block, 12 // block, 5))
+  weights = jax.random.normal(jax.random.key(2), (3, 2, 3, 5))
 
   def loss(model, params, x):
     out, new = model.apply({"params": params, "batch_stats": stats}, x, train=True,

@@ -130,7 +130,8 @@ class BatchNormReluBlockMax(nn.Module):
   centred x and the pool's mask, three tensors the size of the stem's full-resolution
   output (3 x 49 MB at 224 px, batch 4), all live at the start of the backward pass where a
   training step's memory peaks; here the backward pass needs only x, the output and one
-  bit per input pixel for the block's maxima (a uint32 per output).
+  bit per input pixel for the block's maxima (a uint32 per output; blocks of more than 32
+  pixels keep a bool mask).
   """
   block: int
   momentum: float = 0.9
@@ -167,10 +168,9 @@ def _normalize(x, mean, var, scale, bias, epsilon, dtype):
 def normalize_relu_block_max(x, mean, var, scale, bias, block, epsilon, dtype):
   """block_max(relu(normalised x), block) with per-channel mean, var, scale, bias ([C]);
   x: [B, H, W, C] -> [B, H / block, W / block, C] in dtype. Its gradient is autodiff's
-  (ties in a block share it, ReLU's is 0 at 0), for blocks up to 32 pixels from x and one
-  bit per block pixel: see BatchNormReluBlockMax."""
-  if block * block > 32:  # the bits of a block's maxima fill a uint32
-    return block_max(nn.relu(_normalize(x, mean, var, scale, bias, epsilon, dtype)[0]), block)
+  (ties in a block share it, ReLU's is 0 at 0), from x, the output and where each block's
+  maxima are (one bit per pixel, packed in a uint32 per output for blocks of up to 32
+  pixels): see BatchNormReluBlockMax."""
   return _pooled(x, mean, var, scale, bias, block, epsilon, dtype)
 
 
@@ -193,6 +193,8 @@ def _pooled_fwd(x, mean, var, scale, bias, block, epsilon, dtype):
   zb = z.reshape(b, h // s, s, w // s, s, c)
   out = zb.max(axis=(2, 4))
   maxima = zb == out[:, :, None, :, None]  # where each block's maximum is, ties included
+  if s * s > 32:  # more bits than a uint32 holds: keep the mask
+    return out, (x, mean, var, scale, bias, out, maxima)
   pixel_bits = _block_bits(s)
   bits = jnp.where(maxima, pixel_bits[:, None, :, None], 0).sum(
       axis=(2, 4), dtype=pixel_bits.dtype)  # distinct powers of two: their sum is their OR
@@ -200,12 +202,16 @@ def _pooled_fwd(x, mean, var, scale, bias, block, epsilon, dtype):
 
 
 def _pooled_bwd(block, epsilon, dtype, residuals, g):
-  x, mean, var, scale, bias, out, bits = residuals
-  b, h, w, c = x.shape
+  x, mean, var, scale, bias, out, maxima = residuals
   s = block
+  if maxima.dtype != jnp.bool_:  # packed: one bit per pixel of each block
+    bits = maxima
+    maxima = (bits[:, :, None, :, None] & _block_bits(s)[:, None, :, None]) != 0
+    count = jax.lax.population_count(bits)
+  else:
+    count = maxima.sum(axis=(2, 4), dtype=jnp.int32)
   # The maxima share g; ReLU passes it where the maximum is positive.
-  share = jnp.where(out > 0, g.astype(jnp.float32) / jax.lax.population_count(bits), 0.0)
-  maxima = (bits[:, :, None, :, None] & _block_bits(s)[:, None, :, None]) != 0
+  share = jnp.where(out > 0, g.astype(jnp.float32) / count, 0.0)
   dz = jnp.where(maxima, share[:, :, None, :, None], 0.0).reshape(x.shape)
   rstd = jax.lax.rsqrt(var + epsilon)
   mul = rstd * scale
