@@ -235,7 +235,7 @@ def test_stem_block_max_equals_max_pool(block):
 
 
 @pytest.mark.parametrize("block,dtype", [(4, jnp.float32), (2, jnp.float32), (2, jnp.bfloat16),
-                                         (6, jnp.float32)])  # 6 x 6 > 32 bits: autodiff
+                                         (6, jnp.float32)])  # 6 x 6 > 32 bits: a bool mask
 def test_stem_batch_norm_relu_pool_equals_flax_batch_norm_relu_pool(block, dtype):
   """The stem's fused BatchNorm + ReLU + pool, jitted: the same variables, values, running
   statistics and gradients (input, scale, bias) as nn.BatchNorm, nn.relu and block_max,
@@ -256,7 +256,8 @@ def test_stem_batch_norm_relu_pool_equals_flax_batch_norm_relu_pool(block, dtype
     def __call__(self, x, train=False):
       return BatchNormReluBlockMax(block, momentum=0.8, dtype=dtype, name="bn")(x, train=train)
 
-  x = (jax.random.normal(jax.random.key(1), (3, 2 * block, 3 * block, 5)) * 2 + 0.3).astype(dtype)
+  x = jax.random.normal(jax.random.key(1), (3, 2 * block, 3 * block, 5)) * 2 + 0.3
+  x = x.astype(dtype)
   x = x.at[0, :block, :block, 0].set(3.0)  # a tie: one block all equal (and positive)
   x = x.at[1, :block, :block, 1].set(-9.0)  # a block that ReLU makes all zero
   variables = Plain().init(jax.random.key(0), x)

@@ -124,7 +124,7 @@ class AttentionStem(nn.Module):
 class BatchNormReluBlockMax(nn.Module):
   """block_max(relu(nn.BatchNorm()(x)), block): the same function and variables (scale,
   bias; batch_stats mean, var) as Flax's BatchNorm followed by ReLU and the pool, with a
-  gradient that stores only the input x for the backward pass.
+  gradient that stores less for the backward pass.
 
   [B, H, W, C] -> [B, H / block, W / block, C]. Autodiff of the three ops stores x, the
   centred x and the pool's mask, three tensors the size of the stem's full-resolution
@@ -158,25 +158,20 @@ class BatchNormReluBlockMax(nn.Module):
                                     self.dtype)
 
 
-def _normalize(x, mean, var, scale, bias, epsilon, dtype):
-  """(x - mean) * rsqrt(var + epsilon) * scale + bias in dtype, as nn.BatchNorm orders it;
-  also returns the multiplier rsqrt(var + epsilon) * scale."""
-  mul = jax.lax.rsqrt(var + epsilon) * scale
-  return ((x - mean) * mul + bias).astype(dtype), mul
+def _relu_normalized(x, mean, var, scale, bias, epsilon, dtype):
+  """relu((x - mean) * rsqrt(var + epsilon) * scale + bias) in dtype, as nn.BatchNorm
+  orders it."""
+  return nn.relu(((x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias).astype(dtype))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def normalize_relu_block_max(x, mean, var, scale, bias, block, epsilon, dtype):
   """block_max(relu(normalised x), block) with per-channel mean, var, scale, bias ([C]);
   x: [B, H, W, C] -> [B, H / block, W / block, C] in dtype. Its gradient is autodiff's
   (ties in a block share it, ReLU's is 0 at 0), from x, the output and where each block's
   maxima are (one bit per pixel, packed in a uint32 per output for blocks of up to 32
   pixels): see BatchNormReluBlockMax."""
-  return _pooled(x, mean, var, scale, bias, block, epsilon, dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _pooled(x, mean, var, scale, bias, block, epsilon, dtype):
-  return _pooled_fwd(x, mean, var, scale, bias, block, epsilon, dtype)[0]
+  return block_max(_relu_normalized(x, mean, var, scale, bias, epsilon, dtype), block)
 
 
 def _block_bits(block):
@@ -186,12 +181,12 @@ def _block_bits(block):
   return (np.uint32(1) << np.arange(block * block, dtype=np.uint32)).reshape(block, block)
 
 
-def _pooled_fwd(x, mean, var, scale, bias, block, epsilon, dtype):
+def _forward(x, mean, var, scale, bias, block, epsilon, dtype):
   b, h, w, c = x.shape
   s = block
-  z = nn.relu(_normalize(x, mean, var, scale, bias, epsilon, dtype)[0])
+  z = _relu_normalized(x, mean, var, scale, bias, epsilon, dtype)
+  out = block_max(z, s)
   zb = z.reshape(b, h // s, s, w // s, s, c)
-  out = zb.max(axis=(2, 4))
   maxima = zb == out[:, :, None, :, None]  # where each block's maximum is, ties included
   if s * s > 32:  # more bits than a uint32 holds: keep the mask
     return out, (x, mean, var, scale, bias, out, maxima)
@@ -201,7 +196,7 @@ def _pooled_fwd(x, mean, var, scale, bias, block, epsilon, dtype):
   return out, (x, mean, var, scale, bias, out, bits)
 
 
-def _pooled_bwd(block, epsilon, dtype, residuals, g):
+def _backward(block, epsilon, dtype, residuals, g):
   x, mean, var, scale, bias, out, maxima = residuals
   s = block
   if maxima.dtype != jnp.bool_:  # packed: one bit per pixel of each block
@@ -224,7 +219,7 @@ def _pooled_bwd(block, epsilon, dtype, residuals, g):
           (d_mul * rstd).astype(scale.dtype), d_bias.astype(bias.dtype))
 
 
-_pooled.defvjp(_pooled_fwd, _pooled_bwd)
+normalize_relu_block_max.defvjp(_forward, _backward)
 
 
 def block_max(x, s: int):
