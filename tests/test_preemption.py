@@ -17,7 +17,7 @@ EXIT_BOUND_S = 90  # from the last SIGTERM to every process having exited (state
 def _launch(n, workdir, flags):
   cmd = [os.path.join(helpers.ROOT, "launch", "local.sh"), str(n),
          *helpers.main_cmd(FMNIST, workdir, flags)[3:]]
-  return subprocess.Popen(cmd, cwd=helpers.ROOT, env=helpers.env(SASA_HEARTBEAT_TIMEOUT="20"),
+  return subprocess.Popen(cmd, cwd=helpers.ROOT, env=helpers.env(SASA_HEARTBEAT_TIMEOUT="20", LOCAL_DEVICES="1"),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
