@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sasa_jax.models import QUICK_DEPTH
 from sasa_jax.ops import default_impl, local_attention
 from sasa_jax.ops import pallas_attention as pa
 from sasa_jax.tools.bench import (STAGES, compiled, medians, model_step_case, op_programs,
@@ -395,7 +396,8 @@ def main(argv=None):
                                   repeats),
       "export": export_rows,
       "train_step": lambda: (
-          train_step_rows(26, 2, 32, jnp.float32, 2, width_multiplier=0.125, num_heads=2,
+          train_step_rows(QUICK_DEPTH, 2, 32, jnp.float32, 2, width_multiplier=0.125,
+                          num_heads=2,
                           cases=[("baseline", "xla"), ("full_attention", "pallas")])
           if smoke else train_step_rows(50, 128, 224, jnp.bfloat16, 5)),
       "tune": lambda: (tune_rows(stages[:1], op_batch, jnp.float32, 2, 1, (4,), interpret=True)
