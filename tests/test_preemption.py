@@ -17,8 +17,11 @@ EXIT_BOUND_S = 90  # from the last SIGTERM to every process having exited (state
 def _launch(n, workdir, flags):
   cmd = [os.path.join(helpers.ROOT, "launch", "local.sh"), str(n),
          *helpers.main_cmd(FMNIST, workdir, flags)[3:]]
-  return subprocess.Popen(cmd, cwd=helpers.ROOT, env=helpers.env(SASA_HEARTBEAT_TIMEOUT="20", LOCAL_DEVICES="1"),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  # One device per process: preemption is agreed between processes, and 2 x 2 simulated
+  # devices on 2 cores step 3x slower (docs/scaling_out.md); test_launch.py runs 2 x 2.
+  env = helpers.env(SASA_HEARTBEAT_TIMEOUT="20", LOCAL_DEVICES="1")
+  return subprocess.Popen(cmd, cwd=helpers.ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
 
 
 def _pids(launcher):
