@@ -1,12 +1,12 @@
 """Shared test helpers: tiny training runs through the real command line."""
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as inet
+
+from tests import preloaded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = "depth=14,width_multiplier=0.125,num_heads=2,kernel_size=3"
@@ -37,17 +37,24 @@ def env(devices=1, **extra):
   return e
 
 
+def run_module(module, args, *, environ=None, check=True, timeout=600):
+  """`python -m module *args` in ROOT with `environ` (default: env()), in a process forked
+  with the heavy imports done (tests/preloaded.py); a subprocess.CompletedProcess."""
+  proc = preloaded.run_module(module, args, env=env() if environ is None else environ,
+                              cwd=ROOT, timeout=timeout)
+  if check and proc.returncode:
+    raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
+  return proc
+
+
 def run_main(config_arg, workdir, flags, devices=1, check=True, timeout=600,
              env_overrides=None):
   """Runs sasa_jax.main; env_overrides: variables to set (None: remove)."""
   e = env(devices)
   for k, v in (env_overrides or {}).items():
     e.pop(k, None) if v is None else e.__setitem__(k, v)
-  proc = subprocess.run(main_cmd(config_arg, workdir, flags), cwd=ROOT, env=e,
-                        capture_output=True, text=True, timeout=timeout)
-  if check and proc.returncode:
-    raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
-  return proc
+  return run_module("sasa_jax.main", main_cmd(config_arg, workdir, flags)[3:], environ=e,
+                    check=check, timeout=timeout)
 
 
 def read_metrics(workdir):

@@ -64,6 +64,13 @@ def via_flags(name, *flag_args):
   return values.config
 
 
+def _same(a, b):
+  """Whether two config.model blocks hold the same values of the same types (8 and 8.0, or a
+  tuple and a list, compare equal as values): then they are one factory call, so one model
+  built from them proves both build."""
+  return repr(sorted(dict(a).items())) == repr(sorted(dict(b).items()))
+
+
 def _param_count(model_config):
   model = create_resnet(**model_config)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
@@ -85,8 +92,8 @@ def test_config_string_and_flag_build_the_same_model(name, field):
     text, flag = ALTERNATES[field]  # the value was this config's default
   from_string = _load(name).get_config(f"{field}={text}").model
   from_flag = via_flags(name, f"--config.model.{field}={flag}").model
-  assert dict(from_string) == dict(from_flag) != default
-  assert _param_count(from_string) == _param_count(from_flag)
+  assert _same(from_string, from_flag) and dict(from_flag) != default
+  assert _param_count(from_flag) > 0
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -97,7 +104,7 @@ def test_sequences_and_variants_by_both_routes(name, case):
   flag_args = [f"--config.model.{field}={flag}"] + (
       [f"--config.model.{field2}={flag2}"] if field2 else [])
   a, b = _load(name).get_config(arg).model, via_flags(name, *flag_args).model
-  assert dict(a) == dict(b) and _param_count(a) == _param_count(b)
+  assert _same(a, b) and _param_count(b) > 0
 
 
 def test_baseline_variant_is_the_conv_model_by_either_route():
@@ -105,7 +112,7 @@ def test_baseline_variant_is_the_conv_model_by_either_route():
   b = via_flags("fashion_mnist", "--config.model.variant=baseline").model
   conv = create_resnet(26, "baseline", num_classes=10, width_multiplier=0.125,
                        small_images=True)
-  assert _param_count(a) == _param_count(b) == _param_count(
+  assert _same(a, b) and _param_count(b) == _param_count(
       {"depth": 26, "variant": "baseline", "num_classes": 10, "width_multiplier": 0.125,
        "small_images": True})
   assert all(g is None for g in conv.group_attention)
@@ -232,9 +239,9 @@ def test_detection_config_string_and_flag_build_the_same_model(field):
   flags = ["--config.model.attention_groups=2,3,4"] if extra else []
   from_string = _load("coco_retinanet").get_config(f"{field}={text}{extra}").model
   from_flag = via_flags("coco_retinanet", f"--config.model.{field}={flag}", *flags).model
-  assert dict(from_string) == dict(from_flag) != default
+  assert _same(from_string, from_flag) and dict(from_flag) != default
   if field in ("heads", "p6_input", "aspect_ratios"):
-    assert _retinanet_params(from_string) == _retinanet_params(from_flag)
+    assert _retinanet_params(from_flag) > 0
 
 
 def test_coco_config_rows_and_recipe():

@@ -180,11 +180,7 @@ def test_create_retinanet_names_bad_keywords():
 
 def test_model_table_detection_matches_table_2():
   import json
-  import subprocess
-  import sys
-  out = subprocess.run([sys.executable, "-m", "sasa_jax.tools.model_table", "--detection",
-                        "--format", "json"], cwd=helpers.ROOT, env=helpers.env(),
-                       capture_output=True, text=True, check=True, timeout=600)
+  out = helpers.run_module("sasa_jax.tools.model_table", ["--detection", "--format", "json"])
   rows = [json.loads(line) for line in out.stdout.splitlines()]
   assert [(r["heads"], r["backbone"]) for r in rows] == [
       ("conv", "baseline"), ("conv", "conv_stem_attention"), ("conv", "full_attention"),
@@ -234,10 +230,8 @@ def test_detection_end_to_end_two_processes_then_one_resumes(detection_dir, tmp_
   assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
   # the detection demo's command resumes it: 1 process x 4 devices
   cmd = helpers.main_cmd(DETECT, workdir, helpers.tiny_flags(detection_dir, 4, **common))
-  cmd[2] = "sasa_jax.tools.detect_demo"
-  proc = subprocess.run(cmd + ["--images=3"], cwd=helpers.ROOT, env=helpers.env(4),
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  proc = helpers.run_module("sasa_jax.tools.detect_demo", cmd[3:] + ["--images=3"],
+                            environ=helpers.env(4))
   assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
   assert "COCO mAP" in proc.stdout and "on 37 held-out images at step 4" in proc.stdout
   assert (workdir / "detections.png").stat().st_size > 10_000

@@ -1,7 +1,5 @@
 """create_resnet: variants, overrides, errors and the paper's Table 1 FLOPS/params."""
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +9,7 @@ import pytest
 from sasa_jax.models import create_resnet
 from sasa_jax.tools import paper
 from sasa_jax.tools.model_table import measure
+from tests import helpers
 
 
 @pytest.mark.parametrize("variant", ["baseline", "conv_stem_attention", "full_attention"])
@@ -79,14 +78,13 @@ def test_table1_flops_and_params(row):
 
 
 def test_model_table_cli_json_and_breakdown():
-  out = subprocess.run([sys.executable, "-m", "sasa_jax.tools.model_table", "--tables", "6",
-                        "--format", "json"], capture_output=True, text=True, check=True).stdout
+  out = helpers.run_module("sasa_jax.tools.model_table", ["--tables", "6", "--format",
+                                                          "json"]).stdout
   rows = [json.loads(line) for line in out.splitlines()]
   assert [r["attention_type"] for r in rows] == ["qr", "qk+qr"]
   assert all(r["table"] == 6 and r["depth"] == 50 and r["variant"] == "conv_stem_attention"
              and r["gflops"] > 0 and r["params_m"] > 0 for r in rows)
   assert rows[0]["params_m"] < rows[1]["params_m"]  # no key projection
-  out = subprocess.run([sys.executable, "-m", "sasa_jax.tools.model_table", "--breakdown",
-                        "--depth", "26", "--variant", "full_attention"],
-                       capture_output=True, text=True, check=True).stdout
+  out = helpers.run_module("sasa_jax.tools.model_table", ["--breakdown", "--depth", "26",
+                                                          "--variant", "full_attention"]).stdout
   assert "stem/mixture" in out and "group4_block1/attention/rel_h" in out and "Total" in out

@@ -1,6 +1,4 @@
 """The demo, the small-scale tables, run plots and attention maps on real Fashion-MNIST."""
-import subprocess
-import sys
 
 import matplotlib.image
 import numpy as np
@@ -10,10 +8,7 @@ from tests import helpers
 
 
 def _run(module, *args, timeout=900):
-  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=helpers.ROOT,
-                        env=helpers.env(), capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return proc
+  return helpers.run_module(module, args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
