@@ -56,9 +56,7 @@ def test_train_kill_resume_on_object_storage(emulator, fmnist_dir, tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
 
-  resumed = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  resumed = helpers.run_module("sasa_jax.main", cmd[3:], environ=env)
   assert "resumed from gs://sasa/run/checkpoints at step" in resumed.stderr
 
   names = emulator.list_objects("sasa", "run/")
