@@ -20,6 +20,7 @@ import runpy
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 
 PRELOAD = ["tensorflow", "tensorflow_datasets", "jax", "jax.numpy", "flax.linen", "optax",
@@ -74,7 +75,9 @@ def _child(module, argv, env, cwd, out_path, err_path):
   except BaseException:  # pylint: disable=broad-except
     traceback.print_exc()
     code = 1
-  atexit._run_exitfuncs()  # pylint: disable=protected-access  # what interpreter exit runs
+  # What interpreter exit does, in its order: wait for non-daemon threads, then exit handlers.
+  threading._shutdown()  # pylint: disable=protected-access
+  atexit._run_exitfuncs()  # pylint: disable=protected-access
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(code)  # pylint: disable=protected-access
