@@ -75,10 +75,46 @@ def test_tables_quick(fmnist_dir, tmp_path):
   assert "total wall time" in proc.stdout
 
 
+def test_hlo_profile_counts_loop_iterations_and_skips_the_loop():
+  import jax
+  import jax.numpy as jnp
+  from sasa_jax.ops.blocked import local_attention_blocked, plan_axis
+  from sasa_jax.tools.hlo_profile import hlo_profile
+  # 2 images of 4 x 4 blocks, at most one image's logits per chunk: a loop of 2 chunks.
+  plan = plan_axis(8, 1, min_block=4)
+  x = jnp.ones((2, 8, 8, 8), jnp.float32)
+  rel = jnp.ones((3, 2), jnp.float32)
+
+  def loss(q, k, v):
+    return jnp.sum(local_attention_blocked(q, k, v, rel, rel, kernel_size=3, num_heads=2,
+                                           plan_h=plan, plan_w=plan, chunk_logits=2 * 4 * 16 * 36))
+  exe = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
+  assert "while" in exe.as_text()
+  rows = hlo_profile(exe, x, x, x, runs=2)
+  assert rows and all(r.ms > 0 and r.calls >= 1 for r in rows)
+  assert not any(r.contents.split()[0] in ("while", "call", "conditional") for r in rows)
+  assert abs(sum(r.share for r in rows) - 1) < 1e-6
+  assert [r.ms for r in rows] == sorted((r.ms for r in rows), reverse=True)
+  # The q.k product runs once per chunk in the forward loop and again in the backward's.
+  logit_products = [r for r in rows if "dot" in r.contents and r.shape.endswith(",16,36]")]
+  assert logit_products and all(r.calls == 2 for r in logit_products)
+  assert len(hlo_profile(exe, x, x, x, runs=1, top=3)) == 3
+
+
 def test_bench_quick_prints_ratios():
   import json
-  out = _run("sasa_jax.tools.bench", "--quick", "--format=json").stdout
+  out = _run("sasa_jax.tools.bench", "--quick", "--format=json", "--hlo-profile=3").stdout
   rows = [json.loads(line) for line in out.splitlines()]
+  from sasa_jax.models import QUICK_DEPTH
+  profiles = [r for r in rows if r["kind"] == "hlo_profile"]
+  assert [p["program"] for p in profiles] == [
+      "op 1x14x14x16 xla fwd+bwd", "op 1x7x7x32 xla fwd+bwd",
+      "train step configs/fashion_mnist.py",
+      f"train step ResNet-{QUICK_DEPTH} conv_stem_attention",
+      f"train step ResNet-{QUICK_DEPTH} full_attention"]
+  for p in profiles:
+    assert len(p["ops"]) == 3 and all(op["ms"] > 0 and op["contents"] for op in p["ops"])
+  rows = [r for r in rows if r["kind"] != "hlo_profile"]
   kinds = [r["kind"] for r in rows]
   assert kinds == ["matmul", "op", "op", "demo_step", "breakdown", "train_step", "train_step",
                    "train_step", "breakdown"]
@@ -90,7 +126,7 @@ def test_bench_quick_prints_ratios():
   assert rows[5]["vs_baseline"] == 1.0 and rows[6]["vs_baseline"] > 0
   # The breakdowns found every attention layer (one per block of an attention group of the
   # quick ResNet: the demo's groups, every block in full attention); the parts add up to the step.
-  from sasa_jax.models import QUICK_DEPTH, STAGE_BLOCKS
+  from sasa_jax.models import STAGE_BLOCKS
   from sasa_jax.tools.tables import load_config
   demo_groups = load_config(None).model.attention_groups
   demo, full = rows[4], rows[8]

@@ -12,7 +12,9 @@
 (d) where an attention step's time goes, per layer kind: the op, the rest of the attention
     layers (q/k/v projections, pooling), the stem (with the head, loss and update) and the
     rest of the network;
-(e) achieved GFLOP/s next to a measured dense-matmul GFLOP/s of this machine.
+(e) achieved GFLOP/s next to a measured dense-matmul GFLOP/s of this machine;
+(f) with --hlo-profile N, the N XLA operations each op program and each attention step
+    spends most time in (`sasa_jax.tools.hlo_profile`).
 Times are medians of --repeats runs after compilation; memory is XLA's compiled
 temporary allocation (memory_analysis().temp_size_in_bytes). All ratios come from one run.
 The benchmarked programs' gradients are checked against the reference implementation's;
@@ -35,6 +37,7 @@ from sasa_jax.layers import SelfAttention2D
 from sasa_jax.models import QUICK_DEPTH, create_resnet
 from sasa_jax.ops import default_impl, local_attention
 from sasa_jax.tools.flops import count_flops
+from sasa_jax.tools.hlo_profile import HloOpTime, format_rows, hlo_profile
 
 # Largest relative gradient difference from the reference that counts as agreement.
 GRAD_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
@@ -58,7 +61,8 @@ def compiled(fn, *args):
 
 def compiled_with_memory(fn, *args):
   """(run, memory, output) as `compiled`; memory: XLA's plan in bytes, {"temp": temporaries,
-  "footprint": arguments + outputs - donated + temporaries}."""
+  "footprint": arguments + outputs - donated + temporaries}. run.profile(top) lists the
+  program's `top` most expensive XLA operations (`hlo_profile`)."""
   exe = jax.jit(fn).lower(*args).compile()
   mem = exe.memory_analysis()
 
@@ -72,6 +76,7 @@ def compiled_with_memory(fn, *args):
     t = time.perf_counter()
     jax.block_until_ready(exe(*args))
     return time.perf_counter() - t
+  run.profile = lambda top: hlo_profile(exe, *args, top=top)
   return run, memory, out
 
 
@@ -130,6 +135,7 @@ def op_case(size, width, batch, kernel_size, heads, impl, dtype, repeats):
                                                       num_heads=heads, impl="reference"),
                           *attn_args)
   return dict(t_attn=t_attn, m_attn=m_attn, t_conv=t_conv, m_conv=m_conv, grads=grads,
+              profile=run_attn.profile,
               attn_gflops_per_s=flops / t_attn / 1e9,
               conv_gflops_per_s=3 * 2 * batch * size * size * 9 * width * width / t_conv / 1e9)
 
@@ -157,6 +163,15 @@ def bench_ops(args):
           relative_error(a, b) for a, b in zip(fast["grads"], ref["grads"]))
     rows.append(row)
     yield row
+    if args.hlo_profile:
+      yield profile_row(f"op {row['shape']} {args.impl} fwd+bwd", fast["profile"],
+                        args.hlo_profile)
+
+
+def profile_row(program, profile, top):
+  """A row of `profile(top)`: a compiled run's `.profile`."""
+  return {"kind": "hlo_profile", "program": program,
+          "ops": [r._asdict() for r in profile(top)]}
 
 
 def train_step_case(variant, depth, batch, image_size, impl, dtype="float32", **model_kw):
@@ -277,6 +292,10 @@ def bench_models(args):
            "dtype": str(args.dtype),
            "ms": 1e3 * sec, "temp_mb": mem / 2**20, "vs_baseline": sec / base_sec,
            "temp_vs_baseline": mem / max(base_mem, 1), "compile_s": compile_s}
+  if args.hlo_profile:
+    for variant, case in zip(variants[1:], cases[1:]):
+      yield profile_row(f"train step ResNet-{args.depth} {variant}", case.run.profile,
+                        args.hlo_profile)
   if not args.skip_breakdown:
     yield breakdown_row(f"ResNet-{args.depth} full_attention",
                         resnet("full_attention", args.depth, args.impl, args.dtype),
@@ -311,6 +330,9 @@ def bench_demo(args):
          "image_size": size, "impl": args.impl, "ms": 1e3 * attn_s,
          "baseline_ms": 1e3 * base_s, "vs_baseline": attn_s / base_s,
          "temp_mb": cases[1].temp / 2**20, "baseline_temp_mb": cases[0].temp / 2**20}
+  if args.hlo_profile:
+    yield profile_row("train step configs/fashion_mnist.py", cases[1].run.profile,
+                      args.hlo_profile)
   if not args.skip_breakdown:
     yield breakdown_row("configs/fashion_mnist.py", attention, batch, size, channels,
                         args.model_repeats, step_run=cases[1].run)
@@ -343,6 +365,10 @@ def fmt(row):
                       for k in ("op", "projections", "stem", "rest"))
     return (f"where a step of {row['model']} (batch {row['batch']}, {row['step_ms']:.0f} ms, "
             f"{row['attention_layers']} attention layers) goes: {parts}")
+  if row["kind"] == "hlo_profile":
+    return (f"where {row['program']} spends its time, by XLA operation (ms per run under the "
+            f"profiler, share, executions):\n"
+            + format_rows([HloOpTime(**r) for r in row["ops"]]))
   return f"dense matmul 2048^2 {row['dtype']}: {row['gflops_per_s']:.1f} GFLOP/s on {row['backend']}"
 
 
@@ -364,6 +390,8 @@ def main(argv=None):
   p.add_argument("--skip-demo", action="store_true")
   p.add_argument("--skip-breakdown", action="store_true",
                  help="no per-layer-kind breakdown of the attention steps")
+  p.add_argument("--hlo-profile", type=int, default=0, metavar="N",
+                 help="after each op and attention step, its N most expensive XLA operations")
   p.add_argument("--format", choices=("text", "json"), default="text")
   p.add_argument("--quick", action="store_true",
                  help="tiny shapes (a smoke test of the benchmark itself, not a measurement)")
@@ -385,7 +413,8 @@ def main(argv=None):
   if not args.skip_ops:
     for row in bench_ops(args):
       emit(row)
-      if row.get("grad_error_vs_reference", 0) > GRAD_TOLERANCE[row["dtype"]]:
+      if row["kind"] == "op" and row.get("grad_error_vs_reference", 0) > GRAD_TOLERANCE[
+          row["dtype"]]:
         wrong.append(row["shape"])
   if not args.skip_demo:
     for row in bench_demo(args):
