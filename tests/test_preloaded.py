@@ -17,7 +17,8 @@ sys.exit(int(sys.argv[1]) if sys.argv[1].isdigit() else sys.argv[1])
 '''
 
 
-def test_forked_run_matches_a_fresh_interpreter(tmp_path):
+def test_forked_run_matches_a_fresh_interpreter(tmp_path, monkeypatch):
+  monkeypatch.delenv("SASA_TEST_FRESH_PROCESSES", raising=False)  # this test is of the fork
   (tmp_path / "probe_module.py").write_text(MODULE)
   env = helpers.env(PROBE="seen")
   env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
