@@ -23,6 +23,8 @@ from etils import epath
 _CONTAINERS = ("while", "conditional", "call", "async-start", "async-done")
 # Opcodes that say nothing about the work inside a fused computation.
 _PLUMBING = ("parameter", "bitcast", "constant", "tuple", "get-tuple-element")
+# (shape, opcode, called computation) of an event's instruction missing from the HLO text.
+_UNKNOWN = ("?", "?", None)
 
 
 class HloOpTime(NamedTuple):
@@ -76,14 +78,14 @@ def hlo_profile(executable, *args, runs: int = 3, top: int | None = None) -> lis
         op = stats.get("hlo_op")
         if op is None or stats.get("hlo_module") != module:
           continue
-        if instructions.get(op, ("", ""))[1] in _CONTAINERS:
+        if instructions.get(op, _UNKNOWN)[1] in _CONTAINERS:
           continue
         total_ns[op] += event.duration_ns
         calls[op] += 1
   summed = sum(total_ns.values()) or 1
   rows = []
   for op, ns in total_ns.most_common(top):
-    shape, opcode, called = instructions.get(op, ("?", "?", None))
+    shape, opcode, called = instructions.get(op, _UNKNOWN)
     contents = " ".join(_computation_opcodes(hlo_text, called)) if called else opcode
     rows.append(HloOpTime(op, ns / runs / 1e6, calls[op] // runs, ns / summed, shape,
                           contents))
