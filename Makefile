@@ -13,9 +13,9 @@ export TF_CPP_MIN_LOG_LEVEL ?= 3
 apt_install = (apt-get install -y -qq $(1) >/dev/null 2>&1 || \
   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq $(1) >/dev/null 2>&1))
 
-.PHONY: install test test-deps demo detect-demo tables bench model-table gpu-check data allocator clean
+.PHONY: install kernel test test-deps demo detect-demo tables bench model-table gpu-check data allocator clean
 
-install: $(STAMP) data allocator
+install: $(STAMP) data allocator kernel
 
 # Re-runs only when setup.py changes; `make install` is a no-op afterwards.
 $(STAMP): setup.py
@@ -23,6 +23,12 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
+
+# The CPU attention kernel (sasa_jax/ops/local_attention_cpu.cc), compiled once per machine
+# into ~/.cache/sasa_jax (a few seconds; impl="auto" would otherwise build it on first use).
+kernel: | $(STAMP)
+	@$(PY) -c "from sasa_jax.ops import local_attention_cpu as k; k.build()" || \
+	  echo "warning: the CPU attention kernel did not build; the CPU uses the blocked XLA form"
 
 # Real Fashion-MNIST from Debian's dataset-fashion-mnist (where missing and apt works),
 # prepared once in TFDS format (about 35 s; TFDS downloads it where the Debian files are absent),

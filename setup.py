@@ -25,6 +25,7 @@ setup(
     version="0.1.0",
     description=__doc__,
     packages=find_packages(include=["sasa_jax", "sasa_jax.*"]),
+    package_data={"sasa_jax.ops": ["*.cc"]},  # the CPU kernel's source, compiled on first use
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -33,7 +33,7 @@ def test_cpu_smoke_writes_results(tmp_path):
   ops = [r for r in report["rows"] if r["kind"] == "op"]
   assert all(r["pallas_ms"] > 0 and r["xla_ms"] > 0 and r["conv_ms"] > 0 for r in ops)
   env, = [r for r in report["rows"] if r["kind"] == "env"]
-  assert env["backend"] == "cpu" and env["auto_impl"] == "xla"
+  assert env["backend"] == "cpu" and env["auto_impl"] == "cpu"
   exports = {r["platforms"]: r for r in report["rows"] if r["kind"] == "export"}
   assert exports["tpu"]["tpu_custom_calls"] == 3 and exports["cuda"]["triton_calls"] == 3
   assert exports["tpu+cuda"]["tpu_custom_calls"] == exports["tpu+cuda"]["triton_calls"] == 3

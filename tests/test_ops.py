@@ -49,6 +49,7 @@ IMPLS = {
     "reference": lambda *a, **kw: local_attention(*a, impl="reference", **kw),
     "xla": lambda *a, **kw: local_attention(*a, impl="xla", **kw),
     "xla_small_blocks": small_blocks,
+    "cpu": lambda *a, **kw: local_attention(*a, impl="cpu", **kw),
 }
 
 # (B, H, W, C, heads, kernel): non-square, windows larger than the image, 1 and many heads.
@@ -112,7 +113,7 @@ def _loss(fn, kw, cot):
   return lambda q, k, v, rh, rw: jnp.sum(fn(q, k, v, rh, rw, **kw) * cot)
 
 
-@pytest.mark.parametrize("impl", ["xla", "xla_small_blocks"])
+@pytest.mark.parametrize("impl", ["xla", "xla_small_blocks", "cpu"])
 def test_gradients_match_reference(impl):
   args, kw = inputs((2, 7, 9, 8, 2, 5), seed=2)
   cot = np.random.default_rng(3).normal(size=args[0].shape).astype(np.float32)
@@ -124,14 +125,17 @@ def test_gradients_match_reference(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gradients_match_finite_differences(impl):
+  # The compiled CPU kernel computes in float32 whatever the input dtype: its finite
+  # differences are float32's (central differences, eps 1e-2: error ~1e-4 relative).
+  dtype, eps, tol = (np.float32, 1e-2, 2e-3) if impl == "cpu" else (np.float64, None, 1e-6)
   with jax.enable_x64(True):
-    args, kw = inputs((1, 4, 5, 4, 2, 3), seed=4, dtype=np.float64)
-    cot = np.random.default_rng(5).normal(size=args[0].shape)
+    args, kw = inputs((1, 4, 5, 4, 2, 3), seed=4, dtype=dtype)
+    cot = np.random.default_rng(5).normal(size=args[0].shape).astype(dtype)
     jax.test_util.check_grads(jax.jit(_loss(IMPLS[impl], kw, cot)), args, order=1,
-                              modes=["rev"], atol=1e-6, rtol=1e-6)
+                              modes=["rev"], atol=tol, rtol=tol, eps=eps)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "cpu"])
 def test_bfloat16(impl):
   args, kw = inputs((2, 8, 8, 16, 2, 5), seed=6)
   want = oracle(*args, **kw)
@@ -205,3 +209,17 @@ def test_chunks_keep_values_and_gradients(monkeypatch, chunking, with_k, with_re
     np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-5)
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # chunks there only bound memory
   assert "scan" not in jaxpr()
+
+
+def test_cpu_kernel_builds_once_into_its_cache(monkeypatch, tmp_path):
+  from sasa_jax.ops import local_attention_cpu
+  monkeypatch.setenv("SASA_KERNEL_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", "false")  # a compiler that always fails
+  with pytest.raises(RuntimeError, match="compiling the CPU attention kernel failed: false"):
+    local_attention_cpu.build()
+  assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+  monkeypatch.delenv("CXX")
+  path = local_attention_cpu.build()
+  assert path.parent == tmp_path and path.stat().st_size > 0
+  monkeypatch.setenv("CXX", "false")
+  assert local_attention_cpu.build() == path  # from the cache: no compiler run

@@ -118,7 +118,8 @@ def test_tiling_satisfies_each_backends_layout_rules(flavour, hw, d, k, dtype):
 
 
 def test_auto_picks_pallas_on_tpu_and_model_impl_selects_it():
-  assert default_impl("tpu") == "pallas" and default_impl("gpu") == default_impl("cpu") == "xla"
+  assert default_impl("tpu") == "pallas" and default_impl("gpu") == "xla"
+  assert default_impl("cpu") == "cpu"  # the compiled kernel (tests/test_ops.py checks it)
   from sasa_jax.models import create_resnet
   model = create_resnet(26, "full_attention", width_multiplier=0.125, num_heads=2,
                         small_images=True, num_classes=10, impl="pallas")
@@ -209,22 +210,32 @@ def test_an_export_for_cpu_tpu_and_cuda_runs_the_cpu_branch_here():
 
 def test_auto_resolves_per_lowering_platform():
   """impl="auto": Pallas kernels when lowered for TPU, the blocked XLA op for CUDA (it beat
-  the Triton kernels on an H200) and for the CPU, all from one jitted function."""
+  the Triton kernels on an H200), the compiled C++ kernel for the CPU, all from one jitted
+  function."""
   args, _ = _inputs((1, 9, 7, 16, 2, 5))
   step = _op_grads("auto")
   tpu = _exported(step, args, ["tpu"]).mlir_module()
   cuda = _exported(step, args, ["cuda"]).mlir_module()
-  assert tpu.count("tpu_custom_call") == 3
+  cpu = export.export(step, platforms=["cpu"], disabled_checks=[
+      export.DisabledSafetyCheck.custom_call(f"sasa_local_attention_{p}")
+      for p in ("fwd", "bwd")])(*args).mlir_module()
+  assert tpu.count("tpu_custom_call") == 3 and "sasa_local_attention" not in tpu
   assert "tpu_custom_call" not in cuda and "__gpu$xla.gpu.triton" not in cuda
+  assert "sasa_local_attention" not in cuda
+  assert cpu.count("sasa_local_attention_fwd") == 1 and cpu.count("sasa_local_attention_bwd") == 1
   for got, want in zip(step(*args), _op_grads("reference")(*args)):
     _assert_close(got, want, 1e-4)
 
 
-def test_auto_sizes_the_blocked_ops_chunks_for_the_lowering_platform():
-  """impl="auto" lowered for the CPU runs a ResNet-50 stage in a loop over strips (a chunk's
-  logits stay in cache); the same jitted function lowered for CUDA runs it in one chunk
-  (small sequential chunks would starve a GPU). Where both cut alike, one branch serves."""
+def test_auto_sizes_the_blocked_ops_chunks_for_the_lowering_platform(monkeypatch):
+  """Where the CPU kernel cannot be built, impl="auto" lowered for the CPU runs the blocked
+  op, a ResNet-50 stage in a loop over strips (a chunk's logits stay in cache); the same
+  jitted function lowered for CUDA runs it in one chunk (small sequential chunks would
+  starve a GPU). Where both cut alike, one branch serves."""
+  from sasa_jax.ops import local_attention_cpu
   from sasa_jax.ops.blocked import same_chunks_everywhere
+  monkeypatch.setattr(local_attention_cpu, "available", lambda: False)
+  assert default_impl("cpu") == "xla"
 
   def op(*a):
     return local_attention(*a, kernel_size=7, num_heads=8, impl="auto")
@@ -240,6 +251,7 @@ def test_auto_sizes_the_blocked_ops_chunks_for_the_lowering_platform():
   cpu = _exported(step, args, ["cpu"]).mlir_module()
   cuda = _exported(step, args, ["cuda"]).mlir_module()
   assert "stablehlo.while" in cpu and "stablehlo.while" not in cuda
+  assert "sasa_local_attention" not in cpu
   _assert_close(step(*args), local_attention(*args, kernel_size=7, num_heads=8,
                                             impl="reference"), 1e-4)
 

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from sasa_jax.ops import local_attention_cpu as cpu_kernel
 from sasa_jax.ops.blocked import (chunk_logits_for, local_attention_blocked,
                                   same_chunks_everywhere)
 from sasa_jax.ops.pallas_attention import local_attention_pallas
@@ -14,6 +15,7 @@ IMPLEMENTATIONS = {
     "reference": local_attention_reference,
     "xla": local_attention_blocked,
     "pallas": local_attention_pallas,
+    "cpu": cpu_kernel.local_attention_cpu,
 }
 IMPLS = ("auto",) + tuple(IMPLEMENTATIONS)
 
@@ -21,16 +23,24 @@ IMPLS = ("auto",) + tuple(IMPLEMENTATIONS)
 # impl="auto" per lowering platform (jax's names: "cpu", "cuda", "rocm", "tpu"); every other
 # platform gets "xla". TPU: the fused Pallas kernels
 # (no window ever reaches HBM). GPU: the blocked XLA form, which beat the Triton kernels
-# 1.7-13x in fwd+bwd time on an H200 (docs/gpu.md). CPU: the blocked XLA form (Pallas runs
-# only in interpret mode there, for tests).
-AUTO_IMPL = {"tpu": "pallas"}
+# 1.7-13x in fwd+bwd time on an H200 (docs/gpu.md). CPU: the compiled C++ kernel
+# (local_attention_cpu.cc) where it builds, else the blocked XLA form (Pallas runs only in
+# interpret mode there, for tests).
+ACCELERATOR_IMPL = {"tpu": "pallas"}
+
+
+def cpu_impl() -> str:
+  """What `impl="auto"` runs on the CPU: "cpu" where the kernel builds, else "xla"."""
+  return "cpu" if cpu_kernel.available() else "xla"
 
 
 def default_impl(backend: str | None = None) -> str:
   """The implementation `impl="auto"` uses on `backend` (default: jax's default backend;
   "gpu" is read as CUDA)."""
   backend = backend or jax.default_backend()
-  return AUTO_IMPL.get("cuda" if backend == "gpu" else backend, "xla")
+  if backend == "cpu":
+    return cpu_impl()
+  return ACCELERATOR_IMPL.get("cuda" if backend == "gpu" else backend, "xla")
 
 
 def _auto(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
@@ -46,7 +56,8 @@ def _auto(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
       return functools.partial(local_attention_blocked,
                                chunk_logits=chunk_logits_for(platform or "gpu"), **kw)
     return functools.partial(IMPLEMENTATIONS[impl], **kw)
-  branches = {p: branch(p, impl) for p, impl in AUTO_IMPL.items()}
+  branches = {p: branch(p, impl) for p, impl in {**ACCELERATOR_IMPL, "cpu": cpu_impl()}.items()
+              if impl != "xla"}
   if "cpu" not in branches and not same_chunks_everywhere(q.shape, kernel_size, num_heads):
     branches["cpu"] = branch("cpu", "xla")  # else the default branch serves the CPU too
   return jax.lax.platform_dependent(q, k, v, rel_h, rel_w, **branches,
@@ -108,14 +119,15 @@ def local_attention(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int, num_he
     kernel_size: odd window size k.
     num_heads: number of heads N; must divide C.
     impl: "reference" (oracle), "xla" (blocked matmuls), "pallas" (fused kernels; interpret
-      mode on CPU), or "auto" (`default_impl` of the platform the function is lowered for).
+      mode on CPU), "cpu" (the compiled C++ kernel; CPU only), or "auto" (`default_impl` of
+      the platform the function is lowered for).
   Returns:
     [B, H, W, C] in q's dtype (float32 softmax and accumulation inside).
   """
   _check(q, k, v, rel_h, rel_w, kernel_size, num_heads, impl)
   fn = functools.partial(_auto if impl == "auto" else IMPLEMENTATIONS[impl],
                          kernel_size=kernel_size, num_heads=num_heads)
-  if impl in ("auto", "pallas"):
+  if impl in ("auto", "pallas", "cpu"):
     return _per_batch_shard(fn, q, k, v, rel_h, rel_w)
   return fn(q, k, v, rel_h, rel_w)
 
@@ -123,7 +135,7 @@ def local_attention(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int, num_he
 def _per_batch_shard(fn, q, k, v, rel_h, rel_w):
   """fn on each device's share of the batch, under the mesh in context (`jax.set_mesh`).
 
-  XLA's SPMD partitioner cannot split a kernel call (a Mosaic or Triton custom call): jax
+  XLA's SPMD partitioner cannot split a kernel call (a Mosaic, Triton or FFI custom call): jax
   refuses to lower a Mosaic kernel with batch-sharded operands, and a kernel call left to
   the partitioner would run on the whole batch gathered onto every device. Every image
   attends only within itself, so the op maps over batch shards with no
