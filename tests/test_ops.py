@@ -223,3 +223,13 @@ def test_cpu_kernel_builds_once_into_its_cache(monkeypatch, tmp_path):
   assert path.parent == tmp_path and path.stat().st_size > 0
   monkeypatch.setenv("CXX", "false")
   assert local_attention_cpu.build() == path  # from the cache: no compiler run
+
+
+def test_cpu_impl_runs_the_kernel_unless_the_window_covers_the_map():
+  def calls(shape):
+    args, kw = inputs(shape)
+    jaxpr = str(jax.make_jaxpr(lambda *a: local_attention(*a, impl="cpu", **kw))(*args))
+    return jaxpr.count("sasa_local_attention_fwd")
+  assert calls((1, 7, 7, 8, 2, 7)) == 1  # r = 3 < 6: a window sees part of the map
+  assert calls((1, 4, 4, 8, 2, 7)) == 0  # r = 3 >= 3: dense attention, the blocked form
+  assert calls((1, 4, 9, 8, 2, 7)) == 1

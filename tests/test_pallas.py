@@ -275,9 +275,13 @@ def grads(impl):
     return jnp.sum(jnp.sin(local_attention(*a, kernel_size=K, num_heads=N, impl=impl)))
   return jax.jit(jax.value_and_grad(loss, argnums=range(5)))
 
-def kernel_batches():  # leading dim (images x heads) of each TPU kernel call's output
-  text = export.export(grads("pallas"), platforms=["tpu"])(*args).mlir_module()
-  calls = [line for line in text.splitlines() if "tpu_custom_call" in line]
+def kernel_batches(impl="pallas", platform="tpu", call="tpu_custom_call"):
+  # leading dim of each kernel call's first output (TPU: images x heads; CPU: images)
+  checks = [export.DisabledSafetyCheck.custom_call(f"sasa_local_attention_{p}")
+            for p in ("fwd", "bwd")]
+  text = export.export(grads(impl), platforms=[platform], disabled_checks=checks)(
+      *args).mlir_module()
+  calls = [line for line in text.splitlines() if call in line and "custom_call" in line]
   return [int(line.split(") -> ")[-1].split("tensor<")[1].split("x")[0]) for line in calls]
 
 want = grads("reference")(*args)
@@ -287,7 +291,8 @@ except NotImplementedError as e:
   out = {"unsharded": str(e)}
 with jax.set_mesh(mesh):
   out["sharded_kernel_batches"] = kernel_batches()
-  for impl in ("pallas", "auto"):
+  out["sharded_cpu_kernel_batches"] = kernel_batches("cpu", "cpu", "sasa_local_attention")
+  for impl in ("pallas", "auto", "cpu"):
     got = grads(impl)(*args)
     out[impl] = max(float(np.max(np.abs(np.asarray(g) - np.asarray(w))) / np.max(np.abs(w)))
                     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
@@ -298,8 +303,8 @@ print(json.dumps(out))
 def test_kernels_map_over_batch_shards_under_a_mesh():
   """A kernel call cannot be partitioned automatically: with batch-sharded inputs and no
   mesh in context, the TPU lowering refuses. Under the training loop's mesh
-  (`jax.set_mesh`) the op maps over the devices' batch shards, so each TPU kernel call sees
-  2 of the 8 images on 4 devices, and the value and all five gradients still match the
+  (`jax.set_mesh`) the op maps over the devices' batch shards, so each TPU kernel call (and
+  the CPU kernel's) sees 2 of the 8 images on 4 devices, and the value and all five gradients still match the
   reference (the relative embeddings' summed over shards)."""
   import json
   import subprocess
@@ -312,7 +317,8 @@ def test_kernels_map_over_batch_shards_under_a_mesh():
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert "cannot be automatically partitioned" in out["unsharded"]
   assert out["sharded_kernel_batches"] == [4, 4, 4]  # 2 images x 2 heads per device
-  assert out["pallas"] < 1e-4 and out["auto"] < 1e-4
+  assert out["sharded_cpu_kernel_batches"] == [2, 2]  # the CPU kernel's forward, backward
+  assert out["pallas"] < 1e-4 and out["auto"] < 1e-4 and out["cpu"] < 1e-4
 
 
 def test_vmap_of_the_kernels_lowers_for_each_platform():

@@ -11,11 +11,23 @@ from sasa_jax.ops.blocked import (chunk_logits_for, local_attention_blocked,
 from sasa_jax.ops.pallas_attention import local_attention_pallas
 from sasa_jax.ops.reference import local_attention_reference
 
+def _cpu(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
+  """impl="cpu": the compiled kernel, except where every window covers the whole map (the
+  last stages of small-image models): that is dense attention, which the blocked form runs as
+  one block of batched matmuls, faster there (docs/performance.md)."""
+  _, h, w, _ = q.shape
+  if kernel_size // 2 >= max(h, w) - 1:
+    return local_attention_blocked(q, k, v, rel_h, rel_w, kernel_size=kernel_size,
+                                   num_heads=num_heads, chunk_logits=chunk_logits_for("cpu"))
+  return cpu_kernel.local_attention_cpu(q, k, v, rel_h, rel_w, kernel_size=kernel_size,
+                                        num_heads=num_heads)
+
+
 IMPLEMENTATIONS = {
     "reference": local_attention_reference,
     "xla": local_attention_blocked,
     "pallas": local_attention_pallas,
-    "cpu": cpu_kernel.local_attention_cpu,
+    "cpu": _cpu,
 }
 IMPLS = ("auto",) + tuple(IMPLEMENTATIONS)
 
