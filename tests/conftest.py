@@ -12,6 +12,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 
 import pytest  # noqa: E402
 
+from sasa_jax.ops import local_attention_cpu  # noqa: E402
+
+# One compiled CPU kernel for every process the tests start, the fake TPU hosts with their
+# own HOME included (each real host builds its own).
+os.environ.setdefault("SASA_KERNEL_CACHE", str(local_attention_cpu.cache_dir().absolute()))
+
 
 # Files whose tests run for minutes (multi-process runs, clusters): collected first, so
 # that the two pytest workers do not end the suite waiting on one of them.

@@ -108,7 +108,7 @@ def test_bench_quick_prints_ratios():
   from sasa_jax.models import QUICK_DEPTH
   profiles = [r for r in rows if r["kind"] == "hlo_profile"]
   assert [p["program"] for p in profiles] == [
-      "op 1x14x14x16 xla fwd+bwd", "op 1x7x7x32 xla fwd+bwd",
+      "op 1x14x14x16 cpu fwd+bwd", "op 1x7x7x32 cpu fwd+bwd",
       "train step configs/fashion_mnist.py",
       f"train step ResNet-{QUICK_DEPTH} conv_stem_attention",
       f"train step ResNet-{QUICK_DEPTH} full_attention"]

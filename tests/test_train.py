@@ -188,4 +188,4 @@ def test_the_loop_builds_impl_auto_as_its_backends_implementation():
   assert config.model.get("impl", "auto") == "auto"
   model = tasks.get(config).create_model()
   impls = {s.impl for s in model.group_attention if s is not None}
-  assert impls == {default_impl()} == {"xla"} and model.stem_impl == "xla"
+  assert impls == {default_impl()} == {"cpu"} and model.stem_impl == "cpu"
