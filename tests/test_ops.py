@@ -233,3 +233,18 @@ def test_cpu_impl_runs_the_kernel_unless_the_window_covers_the_map():
   assert calls((1, 7, 7, 8, 2, 7)) == 1  # r = 3 < 6: a window sees part of the map
   assert calls((1, 4, 4, 8, 2, 7)) == 0  # r = 3 >= 3: dense attention, the blocked form
   assert calls((1, 4, 9, 8, 2, 7)) == 1
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 9, 32, 2, 3), (2, 5, 10, 64, 2, 5),
+                                   (1, 4, 9, 64, 1, 3), (1, 5, 6, 48, 2, 3)], ids=str)
+def test_cpu_kernel_at_each_compiled_head_dim(shape):
+  """The kernel is compiled for d = 8, 16, 32, 64 (and any d at run time): d = 16, 32, 64
+  and 24 here (8 in SHAPES), values and all five gradients against the oracle/reference."""
+  args, kw = inputs(shape, seed=8)
+  got = jax.jit(functools.partial(IMPLS["cpu"], **kw))(*args)
+  np.testing.assert_allclose(np.asarray(got), oracle(*args, **kw), atol=2e-5, rtol=2e-5)
+  cot = np.random.default_rng(9).normal(size=args[0].shape).astype(np.float32)
+  want = jax.grad(_loss(IMPLS["reference"], kw, cot), argnums=range(5))(*args)
+  grads = jax.jit(jax.grad(_loss(IMPLS["cpu"], kw, cot), argnums=range(5)))(*args)
+  for name, g, w in zip(["q", "k", "v", "rel_h", "rel_w"], grads, want):
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=name)

@@ -176,33 +176,189 @@ struct Planes {
   }
 };
 
-// Positional logit terms of row y for lanes xv..xv+8: th[i] = q[:dh].rel_h[i] plus the
-// column mask goes in tw[j] = q[dh:].rel_w[j] + mask[j].
+// Positional logit terms of row y for lanes x..x+8: th[i] = q[:dh].rel_h[i], and
+// tw[j] = q[dh:].rel_w[j] plus the column mask. D: the head dimension when fixed at compile
+// time (0: s.d), so that the loops over it unroll.
+template <int D>
 inline void positional(const Shape& s, const Planes& p, const float* rel_h, const float* rel_w,
                        const float* cmask, int64_t y, int64_t x, vf* th, vf* tw) {
+  const int64_t dh = (D ? D : s.d) / 2;
   for (int64_t i = 0; i < s.k; ++i) th[i] = splat(0.0f);
   for (int64_t j = 0; j < s.k; ++j) tw[j] = load(cmask + j * s.wq + x);
   if (!s.rel) return;
-  for (int64_t dd = 0; dd < s.dh; ++dd) {
+  for (int64_t dd = 0; dd < dh; ++dd) {
     const vf qd = load(&p.q[(dd * s.h + y) * s.wq + x]);
-    const vf qw = load(&p.q[((dd + s.dh) * s.h + y) * s.wq + x]);
-    for (int64_t i = 0; i < s.k; ++i) th[i] += qd * rel_h[i * s.dh + dd];
-    for (int64_t j = 0; j < s.k; ++j) tw[j] += qw * rel_w[j * s.dh + dd];
+    const vf qw = load(&p.q[((dd + dh) * s.h + y) * s.wq + x]);
+    for (int64_t i = 0; i < s.k; ++i) th[i] += qd * rel_h[i * dh + dd];
+    for (int64_t j = 0; j < s.k; ++j) tw[j] += qw * rel_w[j * dh + dd];
   }
 }
 
-// Logits of row y, lanes x.., for window rows [i0, i1): logit[i * k + j].
+// Logits of row y, lanes x.., for window rows [i0, i1): logit[i * k + j]; qv: q's d vectors.
+template <int D>
 inline void logits(const Shape& s, const Planes& p, int64_t y, int64_t x, int64_t i0, int64_t i1,
-                   const vf* th, const vf* tw, vf* out) {
+                   const vf* qv, const vf* th, const vf* tw, vf* out) {
+  const int64_t d = D ? D : s.d, plane = s.hp * s.wp;
   for (int64_t i = i0; i < i1; ++i)
     for (int64_t j = 0; j < s.k; ++j) {
+      const float* key = &p.k[(y + i) * s.wp + x + j];
       vf acc = th[i] + tw[j];
-      for (int64_t dd = 0; dd < s.d; ++dd)
-        acc += load(&p.q[(dd * s.h + y) * s.wq + x]) *
-               load(&p.k[(dd * s.hp + y + i) * s.wp + x + j]);
+      for (int64_t dd = 0; dd < d; ++dd) acc += qv[dd] * load(key + dd * plane);
       out[i * s.k + j] = acc;
     }
 }
+
+// d vectors of a planar [d][rows][wq] buffer at row y, lanes x...
+template <int D>
+inline void gather(const Shape& s, const float* planar, int64_t y, int64_t x, vf* out) {
+  const int64_t d = D ? D : s.d;
+  for (int64_t dd = 0; dd < d; ++dd) out[dd] = load(&planar[(dd * s.h + y) * s.wq + x]);
+}
+
+struct ForwardArgs {
+  const float *q, *k, *v, *rel_h, *rel_w;
+  float *out, *lse;
+};
+
+template <int D>
+void forward_item(const Shape& s, const std::vector<float>& cmask, const ForwardArgs& a,
+                  int64_t item) {
+  const int64_t d = D ? D : s.d, plane = s.hp * s.wp;
+  const int64_t b = item / s.n, n = item % s.n;
+  const Planes p(s, a.q, a.k, a.v, b, n);
+  std::vector<float> o(d * s.h * s.wq);
+  std::vector<vf> th(s.k), tw(s.k), lg(s.k * s.k), qv(d);
+  for (int64_t y = 0; y < s.h; ++y) {
+    const int64_t i0 = std::max<int64_t>(0, s.r - y), i1 = std::min(s.k, s.h + s.r - y);
+    for (int64_t x = 0; x < s.wq; x += kLanes) {
+      gather<D>(s, p.q.data(), y, x, qv.data());
+      positional<D>(s, p, a.rel_h, a.rel_w, cmask.data(), y, x, th.data(), tw.data());
+      logits<D>(s, p, y, x, i0, i1, qv.data(), th.data(), tw.data(), lg.data());
+      vf m = splat(kMasked);
+      for (int64_t o_ = i0 * s.k; o_ < i1 * s.k; ++o_) m = vmax(m, lg[o_]);
+      vf sum = splat(0.0f);
+      for (int64_t o_ = i0 * s.k; o_ < i1 * s.k; ++o_) {
+        lg[o_] = vexp(lg[o_] - m);
+        sum += lg[o_];
+      }
+      const vf inv = 1.0f / sum;
+      for (int64_t dd = 0; dd < d; ++dd) {
+        vf acc = splat(0.0f);
+        for (int64_t i = i0; i < i1; ++i) {
+          const float* row = &p.v[dd * plane + (y + i) * s.wp + x];
+          for (int64_t j = 0; j < s.k; ++j) acc += lg[i * s.k + j] * load(row + j);
+        }
+        store(&o[(dd * s.h + y) * s.wq + x], acc * inv);
+      }
+      const vf l = m + vlog(sum);
+      for (int64_t lane = 0; lane < kLanes && x + lane < s.w; ++lane)
+        a.lse[((b * s.n + n) * s.h + y) * s.w + x + lane] = l[lane];
+    }
+  }
+  from_planar(o.data(), s, b, n, a.out, s.h, s.wq, 0, 0);
+}
+
+struct BackwardArgs {
+  const float *q, *k, *v, *rel_h, *rel_w, *out, *lse, *g;
+  float *dq, *dk, *dv, *drel_h, *drel_w;
+};
+
+template <int D>
+void backward_item(const Shape& s, const std::vector<float>& cmask, const BackwardArgs& a,
+                   int64_t item) {
+  const int64_t d = D ? D : s.d, dh = d / 2, plane = s.hp * s.wp;
+  const int64_t b = item / s.n, n = item % s.n;
+  const Planes p(s, a.q, a.k, a.v, b, n);
+  std::vector<float> go(2 * d * s.h * s.wq);  // g and out, [2][d][H][wq]
+  to_planar(a.g, s, b, n, go.data(), s.h, s.wq, 0, 0);
+  to_planar(a.out, s, b, n, go.data() + d * s.h * s.wq, s.h, s.wq, 0, 0);
+  const float* gpl = go.data();
+  const float* opl = go.data() + d * s.h * s.wq;
+  std::vector<float> dqpl(d * s.h * s.wq), dkpl(d * plane), dvpl(d * plane);
+  std::vector<vf> th(s.k), tw(s.k), lg(s.k * s.k), rows(s.k), cols(s.k);
+  std::vector<vf> qv(d), gv(d), ov(d), dqa(d);
+  std::vector<vf> drh(s.k * dh, splat(0.0f)), drw(s.k * dh, splat(0.0f));
+  std::vector<float> lrow(s.wq, 0.0f);
+  for (int64_t y = 0; y < s.h; ++y) {
+    const int64_t i0 = std::max<int64_t>(0, s.r - y), i1 = std::min(s.k, s.h + s.r - y);
+    for (int64_t x = 0; x < s.w; ++x) lrow[x] = a.lse[((b * s.n + n) * s.h + y) * s.w + x];
+    for (int64_t x = 0; x < s.wq; x += kLanes) {
+      gather<D>(s, p.q.data(), y, x, qv.data());
+      gather<D>(s, gpl, y, x, gv.data());
+      gather<D>(s, opl, y, x, ov.data());
+      positional<D>(s, p, a.rel_h, a.rel_w, cmask.data(), y, x, th.data(), tw.data());
+      logits<D>(s, p, y, x, i0, i1, qv.data(), th.data(), tw.data(), lg.data());
+      const vf l = load(&lrow[x]);
+      vf delta = splat(0.0f);
+      for (int64_t dd = 0; dd < d; ++dd) delta += gv[dd] * ov[dd];
+      for (int64_t dd = 0; dd < d; ++dd) dqa[dd] = splat(0.0f);
+      for (int64_t i = 0; i < s.k; ++i) rows[i] = cols[i] = splat(0.0f);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = 0; j < s.k; ++j) {
+          const vf pr = vexp(lg[i * s.k + j] - l);
+          const int64_t at = (y + i) * s.wp + x + j;
+          vf dp = splat(0.0f);
+          for (int64_t dd = 0; dd < d; ++dd) dp += gv[dd] * load(&p.v[dd * plane + at]);
+          const vf dl = pr * (dp - delta);
+          rows[i] += dl;
+          cols[j] += dl;
+          for (int64_t dd = 0; dd < d; ++dd) {
+            const int64_t kv = dd * plane + at;
+            store(&dvpl[kv], load(&dvpl[kv]) + pr * gv[dd]);
+            store(&dkpl[kv], load(&dkpl[kv]) + dl * qv[dd]);
+            dqa[dd] += dl * load(&p.k[kv]);
+          }
+        }
+      if (s.rel)
+        for (int64_t dd = 0; dd < dh; ++dd) {
+          for (int64_t i = 0; i < s.k; ++i) {
+            dqa[dd] += rows[i] * a.rel_h[i * dh + dd];
+            drh[i * dh + dd] += rows[i] * qv[dd];
+          }
+          for (int64_t j = 0; j < s.k; ++j) {
+            dqa[dd + dh] += cols[j] * a.rel_w[j * dh + dd];
+            drw[j * dh + dd] += cols[j] * qv[dd + dh];
+          }
+        }
+      for (int64_t dd = 0; dd < d; ++dd) store(&dqpl[(dd * s.h + y) * s.wq + x], dqa[dd]);
+    }
+  }
+  from_planar(dqpl.data(), s, b, n, a.dq, s.h, s.wq, 0, 0);
+  from_planar(dkpl.data(), s, b, n, a.dk, s.hp, s.wp, s.r, s.r);
+  from_planar(dvpl.data(), s, b, n, a.dv, s.hp, s.wp, s.r, s.r);
+  for (int64_t t = 0; t < s.k * dh; ++t) {
+    a.drel_h[item * s.k * dh + t] = hsum(drh[t]);
+    a.drel_w[item * s.k * dh + t] = hsum(drw[t]);
+  }
+}
+
+// fn<D>(item) with D fixed at compile time for the usual head dimensions.
+template <template <int> class Fn, typename... Args>
+void with_head_dim(int64_t d, Args&&... args) {
+  switch (d) {
+    case 8: return Fn<8>::run(std::forward<Args>(args)...);
+    case 16: return Fn<16>::run(std::forward<Args>(args)...);
+    case 32: return Fn<32>::run(std::forward<Args>(args)...);
+    case 64: return Fn<64>::run(std::forward<Args>(args)...);
+    default: return Fn<0>::run(std::forward<Args>(args)...);
+  }
+}
+
+template <int D>
+struct Forward {
+  static void run(ffi::ThreadPool& pool, const Shape& s, const std::vector<float>& cmask,
+                  const ForwardArgs& a) {
+    parallel_for(pool, s.b * s.n, [&](int64_t item) { forward_item<D>(s, cmask, a, item); });
+  }
+};
+
+template <int D>
+struct Backward {
+  static void run(ffi::ThreadPool& pool, const Shape& s, const std::vector<float>& cmask,
+                  const BackwardArgs& a) {
+    parallel_for(pool, s.b * s.n, [&](int64_t item) { backward_item<D>(s, cmask, a, item); });
+  }
+};
 
 ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> rel_h,
@@ -210,43 +366,10 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::ResultBuffer<ffi::F32> lse, int64_t num_heads, int64_t kernel_size,
                    bool rel) {
   const Shape s = make_shape(q, num_heads, kernel_size, rel);
-  const std::vector<float> cmask = column_mask(s);
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
-  const float *rh = rel_h.typed_data(), *rw = rel_w.typed_data();
-  float *op = out->typed_data(), *lp = lse->typed_data();
-  parallel_for(pool, s.b * s.n, [&](int64_t item) {
-    const int64_t b = item / s.n, n = item % s.n;
-    const Planes p(s, qp, kp, vp, b, n);
-    std::vector<float> o(s.d * s.h * s.wq);
-    std::vector<vf> th(s.k), tw(s.k), lg(s.k * s.k);
-    for (int64_t y = 0; y < s.h; ++y) {
-      const int64_t i0 = std::max<int64_t>(0, s.r - y), i1 = std::min(s.k, s.h + s.r - y);
-      for (int64_t x = 0; x < s.wq; x += kLanes) {
-        positional(s, p, rh, rw, cmask.data(), y, x, th.data(), tw.data());
-        logits(s, p, y, x, i0, i1, th.data(), tw.data(), lg.data());
-        vf m = splat(kMasked);
-        for (int64_t o_ = i0 * s.k; o_ < i1 * s.k; ++o_) m = vmax(m, lg[o_]);
-        vf sum = splat(0.0f);
-        for (int64_t o_ = i0 * s.k; o_ < i1 * s.k; ++o_) {
-          lg[o_] = vexp(lg[o_] - m);
-          sum += lg[o_];
-        }
-        const vf inv = 1.0f / sum;
-        for (int64_t dd = 0; dd < s.d; ++dd) {
-          vf acc = splat(0.0f);
-          for (int64_t i = i0; i < i1; ++i) {
-            const float* row = &p.v[(dd * s.hp + y + i) * s.wp + x];
-            for (int64_t j = 0; j < s.k; ++j) acc += lg[i * s.k + j] * load(row + j);
-          }
-          store(&o[(dd * s.h + y) * s.wq + x], acc * inv);
-        }
-        const vf l = m + vlog(sum);
-        for (int64_t lane = 0; lane < kLanes && x + lane < s.w; ++lane)
-          lp[((b * s.n + n) * s.h + y) * s.w + x + lane] = l[lane];
-      }
-    }
-    from_planar(o.data(), s, b, n, op, s.h, s.wq, 0, 0);
-  });
+  const ForwardArgs a{q.typed_data(),     k.typed_data(),     v.typed_data(),
+                      rel_h.typed_data(), rel_w.typed_data(), out->typed_data(),
+                      lse->typed_data()};
+  with_head_dim<Forward>(s.d, pool, s, column_mask(s), a);
   return ffi::Error::Success();
 }
 
@@ -259,79 +382,13 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> drel_w, int64_t num_heads,
                     int64_t kernel_size, bool rel) {
   const Shape s = make_shape(q, num_heads, kernel_size, rel);
-  const std::vector<float> cmask = column_mask(s);
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
-  const float *rh = rel_h.typed_data(), *rw = rel_w.typed_data();
-  const float *outp = out.typed_data(), *lp = lse.typed_data(), *gp = g.typed_data();
-  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
-  float *drhp = drel_h->typed_data(), *drwp = drel_w->typed_data();  // [B * N, k, dh]
-  parallel_for(pool, s.b * s.n, [&](int64_t item) {
-    const int64_t b = item / s.n, n = item % s.n;
-    const Planes p(s, qp, kp, vp, b, n);
-    std::vector<float> go(2 * s.d * s.h * s.wq);  // g and out, [2][d][H][wq]
-    to_planar(gp, s, b, n, go.data(), s.h, s.wq, 0, 0);
-    to_planar(outp, s, b, n, go.data() + s.d * s.h * s.wq, s.h, s.wq, 0, 0);
-    const float* gpl = go.data();
-    const float* opl = go.data() + s.d * s.h * s.wq;
-    std::vector<float> dqpl(s.d * s.h * s.wq), dkpl(s.d * s.hp * s.wp), dvpl(s.d * s.hp * s.wp);
-    std::vector<vf> th(s.k), tw(s.k), lg(s.k * s.k), dqa(s.d), rows(s.k), cols(s.k);
-    std::vector<vf> drh(s.k * s.dh, splat(0.0f)), drw(s.k * s.dh, splat(0.0f));
-    std::vector<float> lrow(s.wq, 0.0f);
-    for (int64_t y = 0; y < s.h; ++y) {
-      const int64_t i0 = std::max<int64_t>(0, s.r - y), i1 = std::min(s.k, s.h + s.r - y);
-      for (int64_t x = 0; x < s.w; ++x) lrow[x] = lp[((b * s.n + n) * s.h + y) * s.w + x];
-      for (int64_t x = 0; x < s.wq; x += kLanes) {
-        positional(s, p, rh, rw, cmask.data(), y, x, th.data(), tw.data());
-        logits(s, p, y, x, i0, i1, th.data(), tw.data(), lg.data());
-        const vf l = load(&lrow[x]);
-        vf delta = splat(0.0f);
-        for (int64_t dd = 0; dd < s.d; ++dd)
-          delta += load(&gpl[(dd * s.h + y) * s.wq + x]) * load(&opl[(dd * s.h + y) * s.wq + x]);
-        for (int64_t dd = 0; dd < s.d; ++dd) dqa[dd] = splat(0.0f);
-        for (int64_t i = 0; i < s.k; ++i) rows[i] = cols[i] = splat(0.0f);
-        for (int64_t i = i0; i < i1; ++i)
-          for (int64_t j = 0; j < s.k; ++j) {
-            const vf pr = vexp(lg[i * s.k + j] - l);
-            const int64_t at = (y + i) * s.wp + x + j;
-            vf dp = splat(0.0f);
-            for (int64_t dd = 0; dd < s.d; ++dd)
-              dp += load(&gpl[(dd * s.h + y) * s.wq + x]) * load(&p.v[dd * s.hp * s.wp + at]);
-            const vf dl = pr * (dp - delta);
-            rows[i] += dl;
-            cols[j] += dl;
-            for (int64_t dd = 0; dd < s.d; ++dd) {
-              const int64_t kv = dd * s.hp * s.wp + at;
-              const vf qd = load(&p.q[(dd * s.h + y) * s.wq + x]);
-              const vf gd = load(&gpl[(dd * s.h + y) * s.wq + x]);
-              store(&dvpl[kv], load(&dvpl[kv]) + pr * gd);
-              store(&dkpl[kv], load(&dkpl[kv]) + dl * qd);
-              dqa[dd] += dl * load(&p.k[kv]);
-            }
-          }
-        if (s.rel)
-          for (int64_t dd = 0; dd < s.dh; ++dd) {
-            const vf qd = load(&p.q[(dd * s.h + y) * s.wq + x]);
-            const vf qw = load(&p.q[((dd + s.dh) * s.h + y) * s.wq + x]);
-            for (int64_t i = 0; i < s.k; ++i) {
-              dqa[dd] += rows[i] * rh[i * s.dh + dd];
-              drh[i * s.dh + dd] += rows[i] * qd;
-            }
-            for (int64_t j = 0; j < s.k; ++j) {
-              dqa[dd + s.dh] += cols[j] * rw[j * s.dh + dd];
-              drw[j * s.dh + dd] += cols[j] * qw;
-            }
-          }
-        for (int64_t dd = 0; dd < s.d; ++dd) store(&dqpl[(dd * s.h + y) * s.wq + x], dqa[dd]);
-      }
-    }
-    from_planar(dqpl.data(), s, b, n, dqp, s.h, s.wq, 0, 0);
-    from_planar(dkpl.data(), s, b, n, dkp, s.hp, s.wp, s.r, s.r);
-    from_planar(dvpl.data(), s, b, n, dvp, s.hp, s.wp, s.r, s.r);
-    for (int64_t t = 0; t < s.k * s.dh; ++t) {
-      drhp[item * s.k * s.dh + t] = hsum(drh[t]);
-      drwp[item * s.k * s.dh + t] = hsum(drw[t]);
-    }
-  });
+  // drel_h, drel_w: per (image, head) partial sums [B * N, k, dh], summed by the caller.
+  const BackwardArgs a{q.typed_data(),      k.typed_data(),      v.typed_data(),
+                       rel_h.typed_data(),  rel_w.typed_data(),  out.typed_data(),
+                       lse.typed_data(),    g.typed_data(),      dq->typed_data(),
+                       dk->typed_data(),    dv->typed_data(),    drel_h->typed_data(),
+                       drel_w->typed_data()};
+  with_head_dim<Backward>(s.d, pool, s, column_mask(s), a);
   return ffi::Error::Success();
 }
 
