@@ -50,10 +50,11 @@ inline float hsum(vf v) {
 // exp(x) for x <= 0 (softmax arguments), relative error ~1e-7; exactly 0 below -87.
 inline vf vexp(vf x) {
   const vf xc = vmax(x, splat(-87.0f));
+  // fn: x log2(e) rounded to an integer (truncating a non-positive value less 0.5), so that
+  // exp(x) = 2^fn exp(r) with |r| <= ln(2) / 2; ln(2) split in two for an exact r; exp(r) by
+  // Cephes' single-precision minimax polynomial.
   const vf fn = __builtin_convertvector(
       __builtin_convertvector(xc * 1.44269504088896341f + splat(-0.5f), vi), vf);
-  // fn = floor(x * log2(e)) via truncation of a non-positive value shifted by -0.5: round
-  // to nearest is enough for the reduction below.
   vf r = xc - fn * 0.693359375f;
   r = r + fn * 2.12194440e-4f;
   vf p = splat(1.9875691500e-4f);
