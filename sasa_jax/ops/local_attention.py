@@ -11,6 +11,7 @@ from sasa_jax.ops.blocked import (chunk_logits_for, local_attention_blocked,
 from sasa_jax.ops.pallas_attention import local_attention_pallas
 from sasa_jax.ops.reference import local_attention_reference
 
+
 def _cpu(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
   """impl="cpu": the compiled kernel, except where every window covers the whole map (the
   last stages of small-image models): that is dense attention, which the blocked form runs as

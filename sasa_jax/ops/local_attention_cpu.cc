@@ -143,7 +143,8 @@ void to_planar(const float* x, const Shape& s, int64_t b, int64_t n, float* out,
   }
 }
 
-// The inverse of to_planar for an unpadded [d][H][wq] buffer (adds when `add`).
+// The inverse of to_planar: the image part of planar [d][rows][cols] at (row0, col0) into
+// head n of image b of x [B, H, W, C].
 void from_planar(const float* in, const Shape& s, int64_t b, int64_t n, float* x,
                  int64_t rows, int64_t cols, int64_t row0, int64_t col0) {
   for (int64_t y = 0; y < s.h; ++y) {
@@ -395,6 +396,8 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 
 }  // namespace
 
+// Bindings (a Binding can only be built in one chained expression): q, k, v, rel_h, rel_w ->
+// out, lse; and q, k, v, rel_h, rel_w, out, lse, g -> dq, dk, dv, drel_h, drel_w.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SasaLocalAttentionFwd, forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
