@@ -68,8 +68,8 @@ test-deps:
 	  echo "warning: could not apt-get install $(TEST_DEBS); the SLURM tests will skip"; \
 	fi
 
-# One pytest worker more than a 2-core machine has cores: the multi-process tests wait on
-# gloo round trips and process start-up, and a third worker fills those waits (docs/testing.md).
+# Three pytest workers on the 2-core machines measured: the multi-process tests wait on gloo
+# round trips and process start-up, and a third worker fills those waits (docs/testing.md).
 TEST_WORKERS ?= 3
 test: install test-deps
 	$(WITH_JEMALLOC) SASA_TEST_TFDS_DIR=$(TFDS_DIR) JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=20 tests

@@ -65,14 +65,9 @@ for ((i = 0; i < N; i++)); do
 done
 echo "local.sh: started $N processes (pids ${PIDS[*]}), coordinator 127.0.0.1:$PORT, logs in $LOGDIR"
 STATUS=0
-LEFT=("${PIDS[@]}")
-while ((${#LEFT[@]})); do
-  DONE=""
-  set +e; wait -n -p DONE "${LEFT[@]}"; rc=$?; set -e
-  [[ -n "$DONE" ]] || break  # nothing left to wait for
-  NEXT=()
-  for p in "${LEFT[@]}"; do [[ $p == "$DONE" ]] || NEXT+=("$p"); done
-  LEFT=("${NEXT[@]}")
+for ((left = N; left > 0; left--)); do
+  # Any of this script's jobs (the N processes alone): naming their pids would name reaped ones.
+  set +e; wait -n; rc=$?; set -e
   if [[ $rc -ne 0 ]]; then
     echo "local.sh: a process exited with status $rc; stopping the others (see $LOGDIR)" >&2
     STATUS=$rc
