@@ -274,8 +274,8 @@ def test_stem_batch_norm_relu_pool_equals_flax_batch_norm_relu_pool(block, dtype
     return jnp.sum(out * weights) + jnp.sum(jnp.sin(out)), (out, new["batch_stats"])
 
   tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
-  # Op by op: XLA:CPU at the tests' -O0 miscompiles the gradient of nn.BatchNorm + ReLU +
-  # block_max jitted (the fused module is right jitted and op by op).
+  # The reference runs op by op: XLA:CPU at LLVM -O0 miscompiles the gradient of
+  # nn.BatchNorm + ReLU + block_max jitted (docs/performance.md).
   (want, (out_want, stats_want)), g_want = jax.value_and_grad(
       functools.partial(loss, Plain()), argnums=(0, 1), has_aux=True)(params, x)
   (got, (out_got, stats_got)), g_got = jax.jit(jax.value_and_grad(

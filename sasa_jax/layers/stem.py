@@ -176,7 +176,7 @@ def normalize_relu_block_max(x, mean, var, scale, bias, block, epsilon, dtype):
 
 def _block_bits(block):
   """[block, block] uint32: the bit of each pixel of a block. (uint8 for 2 x 2 blocks would
-  save 2.4 MB at 224 px, batch 4, but XLA:CPU at -O0, the tests' setting, miscompiles its
+  save 2.4 MB at 224 px, batch 4, but XLA:CPU at LLVM -O0 miscompiles its
   gradient.)"""
   return (np.uint32(1) << np.arange(block * block, dtype=np.uint32)).reshape(block, block)
 
