@@ -4,7 +4,6 @@ reads the TFDS dataset from (TensorFlow's GCS file system)."""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -32,10 +31,7 @@ def _flags(data_dir):
 
 def _restore_in_subprocess(workdir, env, out):
   """The checkpoint's parameters, read by a process that talks to the emulator."""
-  code = ("import sys, numpy as np; from tests.helpers import restore_params; "
-          "step, p = restore_params(sys.argv[1]); np.savez(sys.argv[2], step=step, **p)")
-  subprocess.run([sys.executable, "-c", code, str(workdir), str(out)], cwd=helpers.ROOT,
-                 env=env, check=True, capture_output=True, timeout=300)
+  helpers.run_module("tests.restore_to_npz", [str(workdir), str(out)], environ=env, timeout=300)
   with np.load(out) as f:
     return int(f["step"]), {k: f[k] for k in f.files if k != "step"}
 

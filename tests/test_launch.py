@@ -110,30 +110,7 @@ def _fingerprints(logdir):
   return found
 
 
-def test_two_processes_train_and_hand_over_to_one(fmnist_dir, tmp_path):
-  workdir = tmp_path / "run"
-  flags = helpers.tiny_flags(fmnist_dir, 4, ckpt_every=2, eval_every=4)
-  proc = subprocess.run([os.path.join(LAUNCH, "local.sh"), "2",
-                         *helpers.main_cmd(f"configs/fashion_mnist.py:{helpers.TINY_MODEL}",
-                                           workdir, flags)[3:]],
-                        cwd=helpers.ROOT, env=helpers.env(), capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == 0, proc.stderr + proc.stdout
-  prints = _fingerprints(workdir / "logs")
-  assert set(prints) == {0, 1} and prints[0] == prints[1] and prints[0][0] == 4
-  rows = helpers.read_metrics(workdir)  # written by process 0 alone: one row per step
-  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
-  (final,) = [r for r in rows if "eval/accuracy" in r]
-  assert final["eval/num_examples"] == 100
-  assert len([f for f in os.listdir(workdir) if f.startswith("events.out")]) == 1
-  # One process takes over the pair's checkpoint.
-  single = helpers.run_main(f"configs/fashion_mnist.py:{helpers.TINY_MODEL}", workdir,
-                            helpers.tiny_flags(fmnist_dir, 6, ckpt_every=2, eval_every=100))
-  assert "resumed from" in single.stderr and "at step 4" in single.stderr
-  assert helpers.restore_params(workdir)[0] == 6
-
-
-def test_killing_one_process_fails_the_other_then_relaunch_resumes(fmnist_dir, tmp_path):
+def test_killed_peer_fails_the_other_then_the_pair_and_one_process_resume(fmnist_dir, tmp_path):
   workdir = tmp_path / "run"
   flags = helpers.tiny_flags(fmnist_dir, 400, ckpt_every=2, eval_every=1000)
   cmd = helpers.main_cmd(f"configs/fashion_mnist.py:{helpers.TINY_MODEL}", workdir, flags)
@@ -156,11 +133,28 @@ def test_killing_one_process_fails_the_other_then_relaunch_resumes(fmnist_dir, t
   rc = procs[0].wait(timeout=120)  # bounded: the heartbeat timeout plus shutdown
   assert rc != 0, "the surviving process must fail, not hang or pretend success"
   assert time.time() - t0 < 120
+  # local.sh relaunches the pair, which resumes from the last checkpoint both processes wrote.
+  resumed_at = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
+  rows_before = len(helpers.read_metrics(workdir))
+  events = lambda: [f for f in os.listdir(workdir) if f.startswith("events.out")]  # noqa: E731
+  events_before = len(events())
   relaunch = subprocess.run(
       [os.path.join(LAUNCH, "local.sh"), "2", *cmd[3:-len(flags)],
-       *helpers.tiny_flags(fmnist_dir, 2 + int(max(int(s) for s in os.listdir(ckpts)
-                                                    if s.isdigit())), ckpt_every=2)],
+       *helpers.tiny_flags(fmnist_dir, resumed_at + 2, ckpt_every=2)],
       cwd=helpers.ROOT, env=helpers.env(), capture_output=True, text=True, timeout=600)
-  assert relaunch.returncode == 0, relaunch.stderr
+  assert relaunch.returncode == 0, relaunch.stderr + relaunch.stdout
   log0 = (workdir / "logs" / "process_0.log").read_text()
-  assert "resumed from" in log0
+  assert f"resumed from {ckpts} at step {resumed_at}" in log0
+  prints = _fingerprints(workdir / "logs")
+  assert set(prints) == {0, 1} and prints[0] == prints[1] and prints[0][0] == resumed_at + 2
+  rows = helpers.read_metrics(workdir)[rows_before:]  # by process 0 alone: one row per step
+  assert [r["step"] for r in rows if "train/loss" in r] == [resumed_at + 1, resumed_at + 2]
+  (final,) = [r for r in rows if "eval/accuracy" in r]
+  assert final["step"] == resumed_at + 2 and final["eval/num_examples"] == 100
+  assert len(events()) == events_before + 1  # process 0's alone
+  # One process takes over the pair's checkpoint.
+  single = helpers.run_main(f"configs/fashion_mnist.py:{helpers.TINY_MODEL}", workdir,
+                            helpers.tiny_flags(fmnist_dir, resumed_at + 4, ckpt_every=2,
+                                               eval_every=100))
+  assert "resumed from" in single.stderr and f"at step {resumed_at + 2}" in single.stderr
+  assert helpers.restore_params(workdir)[0] == resumed_at + 4

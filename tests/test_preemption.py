@@ -80,10 +80,9 @@ def test_sigterm_saves_one_step_everywhere_and_resumes(fmnist_dir, tmp_path, n, 
   if who != "all":
     return
   # Starting again resumes to the same parameters as an uninterrupted run.
-  resumed = _launch(n, workdir, flags)
-  assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
   straight_dir = tmp_path / "straight"
-  straight = _launch(n, straight_dir, flags)
+  resumed, straight = _launch(n, workdir, flags), _launch(n, straight_dir, flags)  # side by side
+  assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
   assert straight.wait(timeout=600) == 0, straight.stderr.read()
   assert _fingerprint(logdir, 0) == _fingerprint(logdir, 1)  # replicas agree
   (step, got), (_, want) = helpers.restore_params(workdir), helpers.restore_params(straight_dir)

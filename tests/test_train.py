@@ -14,7 +14,7 @@ from tests import helpers
 FMNIST = f"configs/fashion_mnist.py:{helpers.TINY_MODEL}"
 
 
-def test_fashion_mnist_end_to_end(fmnist_dir, tmp_path):
+def test_fashion_mnist_end_to_end_then_rerun(fmnist_dir, tmp_path):
   workdir = tmp_path / "run"
   flags = helpers.tiny_flags(fmnist_dir, 6, ckpt_every=3, log_every=2, eval_every=3)
   proc = helpers.run_main(FMNIST, workdir, flags)
@@ -32,18 +32,18 @@ def test_fashion_mnist_end_to_end(fmnist_dir, tmp_path):
   assert {"3", "6"} <= set(os.listdir(workdir / "checkpoints"))
   assert "ETA" in proc.stderr or "steps/s" in proc.stderr  # clu ReportProgress
 
-
-def test_rerun_of_finished_run_resumes_without_training(fmnist_dir, tmp_path):
-  workdir = tmp_path / "run"
-  flags = helpers.tiny_flags(fmnist_dir, 2)
-  helpers.run_main(FMNIST, workdir, flags)
-  first = helpers.restore_params(workdir)
-  proc = helpers.run_main(FMNIST, workdir, flags)
-  assert "resumed from" in proc.stderr
-  second = helpers.restore_params(workdir)
-  assert first[0] == second[0] == 2
-  for k in first[1]:
-    np.testing.assert_array_equal(first[1][k], second[1][k])
+  # Run again: a save that died half-way (a temporary directory, at a later step) is never
+  # picked, and a finished run resumes from its last step without training.
+  params = helpers.restore_params(workdir)
+  (workdir / "checkpoints" / "9.orbax-checkpoint-tmp-1234").mkdir()
+  (workdir / "checkpoints" / "9.orbax-checkpoint-tmp-1234" / "garbage").write_text("x")
+  again = helpers.run_main(FMNIST, workdir, flags)
+  assert "resumed from" in again.stderr and "at step 6" in again.stderr
+  assert [r["step"] for r in helpers.read_metrics(workdir) if "train/loss" in r] == [2, 4, 6]
+  resumed = helpers.restore_params(workdir)
+  assert resumed[0] == params[0] == 6
+  for k in params[1]:
+    np.testing.assert_array_equal(resumed[1][k], params[1][k])
 
 
 def test_fake_imagenet_end_to_end(tmp_path):
@@ -72,30 +72,30 @@ def test_one_and_four_devices_follow_the_same_trajectory(fmnist_dir, tmp_path):
   np.testing.assert_allclose(losses[4], losses[1], rtol=2e-4, atol=2e-5)
 
 
-def _wait_for(predicate, proc, timeout=300):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if predicate():
-      return
-    if proc.poll() is not None:
-      raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-    time.sleep(0.05)
-  raise AssertionError("timed out")
-
-
 def test_killed_and_preempted_runs_resume_to_the_same_parameters(fmnist_dir, tmp_path):
   steps = 40
   flags = helpers.tiny_flags(fmnist_dir, steps, ckpt_every=4)
   helpers.run_main(FMNIST, tmp_path / "straight", flags)
   reference = helpers.restore_params(tmp_path / "straight")
 
-  for sig in (signal.SIGKILL, signal.SIGTERM):
-    workdir = tmp_path / f"interrupted_{sig.name}"
-    proc = subprocess.Popen(helpers.main_cmd(FMNIST, workdir, flags), cwd=helpers.ROOT,
-                            env=helpers.env(), stderr=subprocess.PIPE, text=True)
-    ckpts = workdir / "checkpoints"
-    _wait_for(lambda: ckpts.exists() and "4" in os.listdir(ckpts), proc)  # noqa: B023
-    proc.send_signal(sig)
+  signals = (signal.SIGKILL, signal.SIGTERM)
+  procs = {sig: subprocess.Popen(  # side by side, from scratch as a user's run
+      helpers.main_cmd(FMNIST, tmp_path / f"interrupted_{sig.name}", flags), cwd=helpers.ROOT,
+      env=helpers.env(), stderr=subprocess.PIPE, text=True) for sig in signals}
+  waiting = list(signals)
+  deadline = time.time() + 300
+  while waiting:  # each signalled as soon as its step-4 checkpoint is written
+    for sig in list(waiting):
+      ckpts = tmp_path / f"interrupted_{sig.name}" / "checkpoints"
+      if ckpts.exists() and "4" in os.listdir(ckpts):
+        procs[sig].send_signal(sig)
+        waiting.remove(sig)
+      elif procs[sig].poll() is not None:
+        raise AssertionError(f"run ended early: {procs[sig].stderr.read()[-3000:]}")
+    assert time.time() < deadline, "timed out"
+    time.sleep(0.05)
+  for sig in signals:
+    workdir, proc = tmp_path / f"interrupted_{sig.name}", procs[sig]
     proc.wait(timeout=120)
     stderr = proc.stderr.read()
     if sig == signal.SIGTERM:
@@ -103,24 +103,14 @@ def test_killed_and_preempted_runs_resume_to_the_same_parameters(fmnist_dir, tmp
       assert "preempted: checkpoint at step" in stderr
     interrupted_at = helpers.restore_params(workdir)[0]
     assert 4 <= interrupted_at < steps, sig.name
+  for sig in signals:
+    workdir = tmp_path / f"interrupted_{sig.name}"
     helpers.run_main(FMNIST, workdir, flags)
     resumed = helpers.restore_params(workdir)
     assert resumed[0] == reference[0] == steps
     for k, v in reference[1].items():
       np.testing.assert_allclose(resumed[1][k], v, rtol=1e-6, atol=1e-7,
                                  err_msg=f"{sig.name}: {k}")
-
-
-def test_partial_checkpoint_is_never_picked(fmnist_dir, tmp_path):
-  workdir = tmp_path / "run"
-  flags = helpers.tiny_flags(fmnist_dir, 2)
-  helpers.run_main(FMNIST, workdir, flags)
-  # A save that died half-way leaves a temporary directory behind.
-  (workdir / "checkpoints" / "7.orbax-checkpoint-tmp-1234").mkdir()
-  (workdir / "checkpoints" / "7.orbax-checkpoint-tmp-1234" / "garbage").write_text("x")
-  proc = helpers.run_main(FMNIST, workdir, helpers.tiny_flags(fmnist_dir, 3))
-  assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
-  assert helpers.restore_params(workdir)[0] == 3
 
 
 def _config(**changes):
