@@ -79,14 +79,15 @@ def test_killed_and_preempted_runs_resume_to_the_same_parameters(fmnist_dir, tmp
   reference = helpers.restore_params(tmp_path / "straight")
 
   signals = (signal.SIGKILL, signal.SIGTERM)
+  workdirs = {sig: tmp_path / f"interrupted_{sig.name}" for sig in signals}
   procs = {sig: subprocess.Popen(  # side by side, from scratch as a user's run
-      helpers.main_cmd(FMNIST, tmp_path / f"interrupted_{sig.name}", flags), cwd=helpers.ROOT,
-      env=helpers.env(), stderr=subprocess.PIPE, text=True) for sig in signals}
+      helpers.main_cmd(FMNIST, workdirs[sig], flags), cwd=helpers.ROOT, env=helpers.env(),
+      stderr=subprocess.PIPE, text=True) for sig in signals}
   waiting = list(signals)
   deadline = time.time() + 300
   while waiting:  # each signalled as soon as its step-4 checkpoint is written
     for sig in list(waiting):
-      ckpts = tmp_path / f"interrupted_{sig.name}" / "checkpoints"
+      ckpts = workdirs[sig] / "checkpoints"
       if ckpts.exists() and "4" in os.listdir(ckpts):
         procs[sig].send_signal(sig)
         waiting.remove(sig)
@@ -95,7 +96,7 @@ def test_killed_and_preempted_runs_resume_to_the_same_parameters(fmnist_dir, tmp
     assert time.time() < deadline, "timed out"
     time.sleep(0.05)
   for sig in signals:
-    workdir, proc = tmp_path / f"interrupted_{sig.name}", procs[sig]
+    workdir, proc = workdirs[sig], procs[sig]
     proc.wait(timeout=120)
     stderr = proc.stderr.read()
     if sig == signal.SIGTERM:
@@ -104,9 +105,8 @@ def test_killed_and_preempted_runs_resume_to_the_same_parameters(fmnist_dir, tmp
     interrupted_at = helpers.restore_params(workdir)[0]
     assert 4 <= interrupted_at < steps, sig.name
   for sig in signals:
-    workdir = tmp_path / f"interrupted_{sig.name}"
-    helpers.run_main(FMNIST, workdir, flags)
-    resumed = helpers.restore_params(workdir)
+    helpers.run_main(FMNIST, workdirs[sig], flags)
+    resumed = helpers.restore_params(workdirs[sig])
     assert resumed[0] == reference[0] == steps
     for k, v in reference[1].items():
       np.testing.assert_allclose(resumed[1][k], v, rtol=1e-6, atol=1e-7,
