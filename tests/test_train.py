@@ -86,14 +86,13 @@ def test_killed_on_object_storage_and_preempted_runs_resume_to_the_same_paramete
   is killed with SIGKILL, a local run gets SIGTERM, each after its step-4 checkpoint; both
   resume to an uninterrupted run's parameters."""
   steps = 40
-  flags = helpers.tiny_flags(fmnist_dir, steps, ckpt_every=4)
-  helpers.run_main(FMNIST, tmp_path / "straight", flags)
+  flags = lambda data_dir: helpers.tiny_flags(data_dir, steps, ckpt_every=4)  # noqa: E731
+  helpers.run_main(FMNIST, tmp_path / "straight", flags(fmnist_dir))
   reference = helpers.restore_params(tmp_path / "straight")
 
   runs = {  # signal: (workdir, flags, environment variables added)
-      signal.SIGKILL: ("gs://sasa/run", helpers.tiny_flags("gs://sasa/tfds", steps, ckpt_every=4),
-                       gcs.env),
-      signal.SIGTERM: (tmp_path / "preempted", flags, {})}
+      signal.SIGKILL: ("gs://sasa/run", flags("gs://sasa/tfds"), gcs.env),
+      signal.SIGTERM: (tmp_path / "preempted", flags(fmnist_dir), {})}
 
   def checkpoint_4_written(sig):
     if sig == signal.SIGKILL:  # on object storage a finished step has commit_success.txt
