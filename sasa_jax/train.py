@@ -36,6 +36,7 @@ from sasa_jax import tasks
 from sasa_jax.base_config import LOOP_SET_MODEL_FIELDS
 from sasa_jax.data.detection import DetectionOptions
 from sasa_jax.metric_writers import create_writer
+from sasa_jax.run_once import run_once
 
 # Fields the loop reads (base_config.get_config declares them all).
 REQUIRED_FIELDS = (
@@ -287,7 +288,7 @@ def init_backbone(state: TrainState, source: str, tx, shardings) -> TrainState:
         t.shape, sharding, lambda index: np.asarray(x, t.dtype)[index]), target, loaded)
     replaced[collection] = {**getattr(state, collection), "backbone": placed}
   params = replaced["params"]
-  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  opt_state = run_once(jax.jit(tx.init, out_shardings=shardings.opt_state), params)
   logging.info("initialised the backbone from %s (step %d)", source, step)
   return state.replace(params=params, batch_stats=replaced["batch_stats"], opt_state=opt_state,
                        ema_params=params if state.ema_params is not None else None)
@@ -355,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     state = ckpt.restore(latest, args=ocp.args.StandardRestore(target))
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
   else:
-    state = jax.jit(init, out_shardings=state_sharding)()
+    state = run_once(jax.jit(init, out_shardings=state_sharding))
     if config.get("init_backbone_from"):
       state = init_backbone(state, config.init_backbone_from, tx, state_sharding)
   start_step = int(jax.device_get(state.step))

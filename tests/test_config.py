@@ -218,8 +218,10 @@ DETECTION_VALUES = {
 
 
 def _retinanet_params(model_config):
+  """Parameters of the model built from model_config, at the zoo's smallest depth."""
+  from sasa_jax.models import QUICK_DEPTH
   from sasa_jax.models.factory import create_retinanet
-  model = create_retinanet(**model_config)
+  model = create_retinanet(**{**model_config, "depth": QUICK_DEPTH})
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
 

@@ -10,6 +10,7 @@ import pytest
 from sasa_jax.detection import anchors as anchors_lib
 from sasa_jax.detection import coco_eval, losses, postprocess, targets
 from sasa_jax.models.factory import create_retinanet
+from sasa_jax.run_once import run_once
 from tests import helpers
 
 SPEC = anchors_lib.AnchorSpec(min_level=3, max_level=5, num_scales=3,
@@ -161,7 +162,7 @@ def test_retinanet_outputs_match_the_anchors():
                              anchor_scale=3.0, fpn_width=32, head_layers=1,
                              head_kernel_size=3, head_num_heads=2, impl="reference")
     x = jnp.zeros((2, 96, 96, 1))
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = run_once(jax.jit(model.init), jax.random.key(0), x)
     out = jax.jit(lambda v, i: model.apply(v, i))(variables, x)
     n = anchors_lib.generate_anchors(SPEC, 96).shape[0]
     assert out["logits"].shape == (2, n, 10) and out["boxes"].shape == (2, n, 4)
@@ -255,7 +256,7 @@ def _state(config, image_shape):
   tx = optax.sgd(0.1, momentum=0.9)
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   init, _, shardings = train._initial_state(config, model, tx, mesh, image_shape)
-  return jax.jit(init, out_shardings=shardings)(), tx, shardings
+  return run_once(jax.jit(init, out_shardings=shardings)), tx, shardings
 
 
 def test_init_backbone_from_a_classification_checkpoint(tmp_path):
@@ -263,13 +264,13 @@ def test_init_backbone_from_a_classification_checkpoint(tmp_path):
   from tests.test_config import _load
   from sasa_jax import train
   classify = _load("fashion_mnist").get_config(
-      "width_multiplier=0.125,num_heads=2,kernel_size=3,small_images=false")
+      "depth=14,width_multiplier=0.125,num_heads=2,kernel_size=3,small_images=false")
   source, _, _ = _state(classify, (28, 28, 1))
   source = source.replace(params=jax.tree.map(lambda x: x + 1.0, source.params))
   with ocp.CheckpointManager(tmp_path / "cls" / "checkpoints") as mngr:
     mngr.save(7, args=ocp.args.StandardSave(source))
   detect = _load("fashion_mnist_detection").get_config(
-      "width_multiplier=0.125,num_heads=2,kernel_size=3,fpn_width=32,head_layers=1,"
+      "depth=14,width_multiplier=0.125,num_heads=2,kernel_size=3,fpn_width=32,head_layers=1,"
       "head_num_heads=2")
   state, tx, shardings = _state(detect, (96, 96, 1))
   loaded = train.init_backbone(state, str(tmp_path / "cls"), tx, shardings)
@@ -281,7 +282,7 @@ def test_init_backbone_from_a_classification_checkpoint(tmp_path):
   momentum = jax.tree.leaves(loaded.opt_state)
   assert all(float(jnp.abs(m).max()) == 0 for m in momentum if m.ndim)  # started afresh
   other = _load("fashion_mnist").get_config(
-      "width_multiplier=0.125,num_heads=2,kernel_size=3,small_images=true")
+      "depth=14,width_multiplier=0.125,num_heads=2,kernel_size=3,small_images=true")
   wrong, _, _ = _state(other, (28, 28, 1))
   with ocp.CheckpointManager(tmp_path / "small" / "checkpoints") as mngr:
     mngr.save(1, args=ocp.args.StandardSave(wrong))

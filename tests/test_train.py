@@ -1,4 +1,5 @@
 """The training framework end to end, on real Fashion-MNIST and fake imagenet2012."""
+import functools
 import os
 import re
 import signal
@@ -6,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -207,3 +210,19 @@ def test_the_loop_builds_impl_auto_as_its_backends_implementation():
   model = tasks.get(config).create_model()
   impls = {s.impl for s in model.group_attention if s is not None}
   assert impls == {default_impl()} == {"cpu"} and model.stem_impl == "cpu"
+
+
+def test_run_once_compiles_initialisation_with_the_cpu_options(monkeypatch):
+  from sasa_jax import run_once as run_once_lib
+  from sasa_jax.models import create_resnet
+  model = create_resnet(14, "full_attention", num_classes=10, width_multiplier=0.125,
+                        num_heads=2, kernel_size=3, small_images=True)
+  init = jax.jit(functools.partial(model.init, train=False))
+  args = (jax.random.key(3), jnp.zeros((1, 28, 28, 1)))
+  once, default = run_once_lib.run_once(init, *args), init(*args)
+  assert jax.tree.structure(once) == jax.tree.structure(default)
+  for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(default)):  # equal up to contraction
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  monkeypatch.setattr(run_once_lib, "CPU_OPTIONS", {"xla_no_such_option": 1})
+  with pytest.raises(Exception, match="xla_no_such_option"):  # the options reach XLA
+    run_once_lib.run_once(jax.jit(lambda: jnp.ones(3) * 2))

@@ -36,6 +36,7 @@ import optax
 from sasa_jax.layers import SelfAttention2D
 from sasa_jax.models import QUICK_DEPTH, create_resnet
 from sasa_jax.ops import default_impl, local_attention
+from sasa_jax.run_once import run_once
 from sasa_jax.tools.flops import count_flops
 from sasa_jax.tools.hlo_profile import HloOpTime, format_rows, hlo_profile
 
@@ -195,7 +196,8 @@ def model_step_case(model, batch, image_size, channels=3) -> StepCase:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, image_size, image_size, channels)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, model.num_classes, size=(batch,)), jnp.int32)
-  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x[:1])
+  variables = run_once(jax.jit(functools.partial(model.init, train=False)), jax.random.key(0),
+                       x[:1])
   tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
   opt_state = tx.init(variables["params"])
 
@@ -235,7 +237,7 @@ def attention_layers(model, batch, image_size, channels=3):
 def layer_case(layer: SelfAttention2D, shape):
   """(run of the layer's fwd+bwd, run of its op's fwd+bwd) at input `shape`."""
   x = jnp.ones(shape, layer.dtype)
-  params = jax.jit(layer.init)(jax.random.key(0), x)
+  params = run_once(jax.jit(layer.init), jax.random.key(0), x)
   layer_grad = jax.grad(lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2),
                         argnums=(0, 1))
   b, h, w, _ = shape
