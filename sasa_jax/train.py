@@ -212,7 +212,9 @@ def set_compilation_cache(config, workdir: epath.Path) -> str | None:
   path = config.compilation_cache_dir
   if path is None:
     path = jax.config.jax_compilation_cache_dir or str(workdir / "compilation_cache")
-  if not path:
+  if not path:  # off, even where JAX_COMPILATION_CACHE_DIR names a directory
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     return None
   if path != jax.config.jax_compilation_cache_dir:
     compilation_cache.reset_cache()

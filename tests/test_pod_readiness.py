@@ -172,6 +172,10 @@ def test_compilation_cache_defaults_to_the_workdir(fmnist_dir, tmp_path):
       "JAX_COMPILATION_CACHE_DIR": None})
   assert proc.returncode == 0
   assert any((tmp_path / "run" / "compilation_cache").iterdir())
+  # "" turns it off, also where the environment names a cache
+  env_cache = tmp_path / "env_cache"
   off = helpers.run_main(FMNIST, tmp_path / "off", env_flags + [
-      "--config.compilation_cache_dir="], env_overrides={"JAX_COMPILATION_CACHE_DIR": None})
+      "--config.compilation_cache_dir="], env_overrides={"JAX_COMPILATION_CACHE_DIR":
+                                                         str(env_cache)})
   assert off.returncode == 0 and not (tmp_path / "off" / "compilation_cache").exists()
+  assert not env_cache.exists() or not any(env_cache.iterdir())
