@@ -45,6 +45,10 @@ REQUIRED_FIELDS = (
     "checkpoint_every_steps", "keep_checkpoints", "seed", "dtype", "profile",
     "compilation_cache_dir")
 DATASET_FIELDS = ("name", "data_dir", "image_size", "train_split", "eval_split", "shuffle_buffer")
+# jax's own switch for its compilation cache as this process started
+# (JAX_ENABLE_COMPILATION_CACHE): a run with config.compilation_cache_dir="" turns the cache
+# off for itself, and a later run in the same process turns it back on.
+_CACHE_ENABLED_AT_START = jax.config.jax_enable_compilation_cache
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -207,14 +211,17 @@ def set_compilation_cache(config, workdir: epath.Path) -> str | None:
   """Persistent XLA compilation cache, so that a restarted run skips compiling.
 
   config.compilation_cache_dir: None = JAX_COMPILATION_CACHE_DIR if set, else
-  WORKDIR/compilation_cache; "" = off; else that directory (local or gs://)."""
+  WORKDIR/compilation_cache; "" = off (JAX_COMPILATION_CACHE_DIR or not); else that
+  directory (local or gs://). Always off where JAX_ENABLE_COMPILATION_CACHE=false."""
   from jax.experimental.compilation_cache import compilation_cache  # noqa: PLC0415
   path = config.compilation_cache_dir
   if path is None:
     path = jax.config.jax_compilation_cache_dir or str(workdir / "compilation_cache")
-  if not path:  # off, even where JAX_COMPILATION_CACHE_DIR names a directory
-    jax.config.update("jax_enable_compilation_cache", False)
+  enabled = bool(path) and _CACHE_ENABLED_AT_START  # "": off, JAX_COMPILATION_CACHE_DIR or not
+  if enabled != jax.config.jax_enable_compilation_cache:
+    jax.config.update("jax_enable_compilation_cache", enabled)
     compilation_cache.reset_cache()
+  if not enabled:
     return None
   if path != jax.config.jax_compilation_cache_dir:
     compilation_cache.reset_cache()

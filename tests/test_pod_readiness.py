@@ -166,6 +166,23 @@ def test_divergence_stops_at_the_next_check_and_keeps_finite_checkpoints(fmnist_
     assert all(np.isfinite(v).all() for v in helpers.restore_params(tmp_path, step)[1].values())
 
 
+def test_an_empty_cache_dir_turns_the_cache_off_for_its_own_run_only(tmp_path):
+  import jax
+  import ml_collections
+  from sasa_jax import train
+  env_dir = jax.config.jax_compilation_cache_dir  # JAX_COMPILATION_CACHE_DIR (conftest.py)
+  min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+  configs = lambda d: ml_collections.ConfigDict({"compilation_cache_dir": d})  # noqa: E731
+  try:
+    assert train.set_compilation_cache(configs(""), tmp_path) is None
+    assert not jax.config.jax_enable_compilation_cache
+    assert train.set_compilation_cache(configs(None), tmp_path) == env_dir
+    assert jax.config.jax_enable_compilation_cache
+  finally:
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+
+
 def test_compilation_cache_defaults_to_the_workdir(fmnist_dir, tmp_path):
   env_flags = helpers.tiny_flags(fmnist_dir, 1)
   proc = helpers.run_main(FMNIST, tmp_path / "run", env_flags, env_overrides={
