@@ -109,8 +109,12 @@ def test_whole_flow_on_a_fake_slice(fmnist_dir, tmp_path):
   (bindir / "gcloud").write_text(
       f"#!/bin/sh\nexec {sys.executable} {helpers.ROOT}/tests/fake_gcloud.py \"$@\"\n")
   (bindir / "gcloud").chmod(0o755)
+  # The fake workers (each with its own HOME) share the test runner's uv cache, at uv's own
+  # default place, as `make install` shares pip's: clones on one machine reuse it.
+  uv_cache = os.environ.get("UV_CACHE_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser(os.path.join("~", ".cache")), "uv")
   env = helpers.env(FAKE_GCLOUD_ROOT=str(root), FAKE_GCLOUD_WORKERS="2", PIP_EXTRAS="",
-                    UV_CACHE_DIR=os.path.join(helpers.ROOT, ".cache", "uv"),
+                    UV_CACHE_DIR=uv_cache,
                     TPU_NAME="pod", ZONE="z", WORKDIR=str(tmp_path / "run"),
                     TFDS_DATA_DIR=fmnist_dir, SASA_HEARTBEAT_TIMEOUT="30")
   env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
