@@ -169,8 +169,10 @@ def test_divergence_stops_at_the_next_check_and_keeps_finite_checkpoints(fmnist_
 def test_an_empty_cache_dir_turns_the_cache_off_for_its_own_run_only(tmp_path):
   import jax
   import ml_collections
+  from jax.experimental.compilation_cache import compilation_cache
   from sasa_jax import train
   env_dir = jax.config.jax_compilation_cache_dir  # JAX_COMPILATION_CACHE_DIR (conftest.py)
+  enabled = jax.config.jax_enable_compilation_cache
   min_time = jax.config.jax_persistent_cache_min_compile_time_secs
   configs = lambda d: ml_collections.ConfigDict({"compilation_cache_dir": d})  # noqa: E731
   try:
@@ -178,9 +180,10 @@ def test_an_empty_cache_dir_turns_the_cache_off_for_its_own_run_only(tmp_path):
     assert not jax.config.jax_enable_compilation_cache
     assert train.set_compilation_cache(configs(None), tmp_path) == env_dir
     assert jax.config.jax_enable_compilation_cache
-  finally:
-    jax.config.update("jax_enable_compilation_cache", True)
+  finally:  # this pytest worker's cache as it was, also if an assertion failed midway
+    jax.config.update("jax_enable_compilation_cache", enabled)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+    compilation_cache.reset_cache()
 
 
 def test_compilation_cache_defaults_to_the_workdir(fmnist_dir, tmp_path):
