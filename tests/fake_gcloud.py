@@ -66,6 +66,9 @@ def main(argv):
       env = dict(os.environ, HOME=home, SASA_COORDINATOR_ADDRESS=f"127.0.0.1:{_port(root, name)}",
                  SASA_NUM_PROCESSES=str(len(_workers(root, name, "all"))),
                  SASA_PROCESS_ID=str(i))
+      # A login on a TPU VM does not carry the caller's PYTHONDONTWRITEBYTECODE: its Python
+      # writes bytecode, so a worker's second start imports its venv from .pyc files.
+      env.pop("PYTHONDONTWRITEBYTECODE", None)
       procs.append(subprocess.Popen(["bash", "-c", command], cwd=home, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     status = 0
