@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import time
 
 import numpy as np
 from clu import metric_writers
@@ -9,16 +10,28 @@ from etils import epath
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-  """Appends one JSON object per write_scalars call: {"step": s, "name": value, ...}."""
+  """Appends one JSON object per write_scalars call: {"step": s, "name": value, ...}.
 
-  def __init__(self, path: epath.PathLike):
+  In a local file each row reaches the operating system as it is written: a reader (a
+  plot, a test, `tail -f`) sees every logged step, and a killed process loses none. On
+  object storage a flush uploads the whole object, so rows are uploaded at most every
+  `upload_every_secs` seconds, and at flush() and close()."""
+
+  def __init__(self, path: epath.PathLike, upload_every_secs: float = 30.0):
     # epath's gs:// open is a context manager around a GFile: keep it entered until close().
     self._files = contextlib.ExitStack()
     self._file = self._files.enter_context(epath.Path(path).open("a"))
+    self._local = hasattr(self._file, "fileno")
+    self._upload_every_secs = upload_every_secs
+    self._uploaded_at = time.monotonic()
 
   def write_scalars(self, step, scalars):
     row = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
     self._file.write(json.dumps(row) + "\n")
+    if self._local:
+      self._file.flush()
+    elif time.monotonic() - self._uploaded_at >= self._upload_every_secs:
+      self.flush()
 
   def write_images(self, step, images): pass
   def write_videos(self, step, videos): pass
@@ -30,7 +43,8 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def flush(self):
     self._file.flush()  # on object storage: uploads the file so far
-    if hasattr(self._file, "fileno"):
+    self._uploaded_at = time.monotonic()
+    if self._local:
       os.fsync(self._file.fileno())
 
   def close(self):

@@ -1,5 +1,6 @@
 """The training framework end to end, on real Fashion-MNIST and fake imagenet2012."""
 import functools
+import json
 import os
 import re
 import signal
@@ -142,6 +143,24 @@ def test_killed_on_object_storage_and_preempted_runs_resume_to_the_same_paramete
     assert step == reference[0] == steps
     for k, v in reference[1].items():
       np.testing.assert_allclose(params[k], v, rtol=1e-6, atol=1e-7, err_msg=f"{sig.name}: {k}")
+
+
+def test_metrics_rows_reach_a_local_file_as_they_are_written(tmp_path):
+  from sasa_jax.metric_writers import JsonlWriter
+  path = tmp_path / "metrics.jsonl"
+  writer = JsonlWriter(path)
+  writer.write_scalars(1, {"train/loss": np.float32(2.5)})
+  assert path.read_text() == '{"step": 1, "train/loss": 2.5}\n'  # not held in a buffer
+  writer.write_scalars(2, {"train/loss": 2.0})
+  assert len(path.read_text().splitlines()) == 2
+  writer.close()
+
+
+def test_metrics_rows_are_uploaded_to_object_storage_when_due(gcs):
+  out = helpers.run_module("tests.jsonl_on_storage", ["gs://sasa/metrics.jsonl"],
+                           environ=helpers.env(**gcs.env), timeout=300)
+  seen = json.loads(out.stdout.strip().splitlines()[-1])
+  assert seen == {"before_upload": 0, "after_flush": 2, "due_at_once": 3, "steps": [1, 2, 3]}
 
 
 def _config(**changes):
