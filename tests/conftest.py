@@ -1,5 +1,12 @@
 """Tests run on the CPU only. Real Fashion-MNIST is prepared once per session."""
+import gc
 import os
+
+# Python's garbage collector stays off while the tests' modules import jax, TensorFlow and
+# flax, and their heap is frozen out of its reach once collection is done
+# (pytest_collection), as sasa_jax/main.py does: otherwise every full collection in a
+# pytest worker walks that heap again.
+gc.disable()
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -31,6 +38,17 @@ os.environ.setdefault("SASA_KERNEL_CACHE", str(local_attention_cpu.cache_dir().a
 SLOW_FIRST = ("test_train.py", "test_preemption.py", "test_tpu_launcher.py", "test_detection.py",
               "test_tools.py", "test_launch.py", "test_gpu_check.py", "test_slurm.py",
               "test_pod_readiness.py")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session):
+  """After collection (in pytest-xdist's controller too, which collects nothing)."""
+  del session
+  try:
+    return (yield)
+  finally:
+    gc.freeze()
+    gc.enable()
 
 
 def pytest_collection_modifyitems(items):
@@ -80,3 +98,14 @@ def gcs(fmnist_dir, tmp_path):
       "sasa": {"tfds/fashion_mnist": os.path.join(fmnist_dir, "fashion_mnist")}})
   yield emu
   emu.stop()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+  """What a test leaves alive (jax's caches of traced and compiled programs, mostly) is frozen
+  too, after one collection of what that test made: the collector's full passes otherwise
+  walk every earlier test's leftovers again (18 of 273 CPU seconds in the in-process tests'
+  workers, against 4 with this)."""
+  del item
+  gc.collect()
+  gc.freeze()

@@ -13,6 +13,7 @@ the fork server's: a run whose environment sets them differently starts a fresh 
 instead, as does any run when SASA_TEST_FRESH_PROCESSES=1.
 """
 import atexit
+import gc
 import multiprocessing
 from multiprocessing import forkserver
 import os
@@ -50,6 +51,7 @@ def _import_time_env(env):
 
 def _child(module, argv, env, cwd, out_path, err_path):
   """Runs in the forked process: `python -m module *argv` with env in cwd."""
+  gc.freeze()  # the preloaded heap, out of the garbage collector's reach (tests/conftest.py)
   os.chdir(cwd)
   os.environ.clear()
   os.environ.update(env)

@@ -193,9 +193,13 @@ def test_bad_config_fails_before_compiling(changes, match, tmp_path):
 
 
 def test_batch_not_divisible_by_devices_names_the_field(tmp_path):
-  proc = helpers.run_main(FMNIST, tmp_path, ["--config.batch_size=6"], devices=4, check=False)
+  # Through tests/gc_probe.py: the garbage collector that sasa_jax.main turns off while it
+  # imports is on again when training starts (the batch is checked there).
+  args = helpers.main_cmd(FMNIST, tmp_path, ["--config.batch_size=6"])[2:]
+  proc = helpers.run_module("tests.gc_probe", args, environ=helpers.env(4), check=False)
   assert proc.returncode != 0
   assert "config.batch_size=6 must be a positive multiple of the device count 4" in proc.stderr
+  assert "garbage collector on at exit: True" in proc.stdout
 
 
 def test_missing_imagenet_says_how_to_prepare(tmp_path):
