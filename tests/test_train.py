@@ -75,6 +75,14 @@ def test_one_and_four_devices_follow_the_same_trajectory(fmnist_dir, tmp_path):
   assert len(losses[1]) == 4
   assert losses[1][-1] != losses[1][0]
   np.testing.assert_allclose(losses[4], losses[1], rtol=2e-4, atol=2e-5)
+  # The 4 replicas' arrays (each under MIN_REPLICA_SLICE_BYTES) were written whole by one
+  # replica, not cut into 4 slices by programs compiled at the first save.
+  import orbax.checkpoint as ocp
+  from etils import epath
+  step, = [p for p in (tmp_path / "d4" / "checkpoints").iterdir() if p.name.isdigit()]
+  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(step / "default")).tree
+  arrays = [a for a in jax.tree.leaves(tree) if a.shape]
+  assert arrays and all(a.storage.chunk_shape == a.shape for a in arrays), arrays[0]
 
 
 def _restore_in_subprocess(workdir, env, out):
