@@ -232,7 +232,7 @@ def set_compilation_cache(config, workdir: epath.Path) -> str | None:
 
 # Orbax saves a replicated array "replica-parallel": each replica writes a slice of it, cut on
 # the device by a program compiled for that array's shape and that device, at the first save of
-# every process (56 programs, 1-2 CPU seconds, for the tests' ResNet-14 on 2 CPU devices).
+# every process (52 programs, about 1 CPU second, for the tests' ResNet-14 on 2 CPU devices).
 # Splitting pays only for large arrays; smaller ones are written whole by one replica.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
