@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+from sasa_jax.ops import pallas_attention as pa
 from tests import helpers
 
 BLOCK = """
@@ -31,14 +32,17 @@ def test_cpu_smoke_writes_results(tmp_path):
   assert kinds.count("op") == 4 and kinds.count("train_step") == 2 and "torch" in kinds
   assert not [r for r in report["rows"] if "error" in r]
   ops = [r for r in report["rows"] if r["kind"] == "op"]
-  assert all(r["pallas_ms"] > 0 and r["xla_ms"] > 0 and r["conv_ms"] > 0 for r in ops)
+  other = next(f for f in pa.FORMS if f != pa.GPU_FORM)  # the GPU kernels' other form
+  assert all(r["pallas_ms"] > 0 and r["xla_ms"] > 0 and r["conv_ms"] > 0
+             and r[f"pallas_{other}_ms"] > 0 for r in ops)
   env, = [r for r in report["rows"] if r["kind"] == "env"]
   assert env["backend"] == "cpu" and env["auto_impl"] == "cpu"
   exports = {r["platforms"]: r for r in report["rows"] if r["kind"] == "export"}
   assert exports["tpu"]["tpu_custom_calls"] == 3 and exports["cuda"]["triton_calls"] == 3
   assert exports["tpu+cuda"]["tpu_custom_calls"] == exports["tpu+cuda"]["triton_calls"] == 3
   tune = [r for r in report["rows"] if r["kind"] == "tune"]
-  assert len(tune) == 2 and sum(r["planned"] for r in tune) == 1
+  assert len(tune) == 4 and sum(r["planned"] for r in tune) == 1  # 2 launches x 2 forms
+  assert sorted(r["form"] for r in tune) == sorted(2 * pa.FORMS)
   assert all(r["ms"] > 0 and r["grad_error"] < 1e-4 for r in tune)
   markdown = (tmp_path / "results.md").read_text()
   assert "## correctness" in markdown and "## train_step" in markdown and "## tune" in markdown

@@ -48,18 +48,30 @@ def _reference_output_and_grads(args, kw):
       lambda *b: local_attention(*b, impl="reference", **kw), a))(*args)
 
 
+# Kernel flavours in interpret mode; "gpu-factored": the GPU kernels with in-kernel, factored
+# offsets (pallas_attention.FORMS) instead of the offset tables.
+FLAVOURS = ["tpu", "gpu", "gpu-factored"]
+
+
+def _use_flavour(flavour, monkeypatch):
+  """pa.target(...) for one of FLAVOURS, with the GPU form that it names."""
+  platform, _, form = flavour.partition("-")
+  monkeypatch.setattr(pa, "GPU_FORM", form or "tables")
+  return pa.target(platform, interpret=True)
+
+
 def _assert_close(got, want, rtol):
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   scale = np.abs(want).max() + 1e-12
   assert np.abs(got - want).max() <= rtol * scale, np.abs(got - want).max() / scale
 
 
-@pytest.mark.parametrize("flavour", ["tpu", "gpu"])
+@pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_forward_and_all_gradients_match_reference(flavour, shape):
+def test_forward_and_all_gradients_match_reference(flavour, shape, monkeypatch):
   args, kw = _inputs(shape)
   want, want_grads = _reference_output_and_grads(args, kw)
-  with pa.target(flavour, interpret=True):
+  with _use_flavour(flavour, monkeypatch):
     got, got_grads = _output_and_grads(lambda *a: local_attention(*a, impl="pallas", **kw), args)
   _assert_close(got, want, 1e-4)
   for name, g, w in zip(["q", "k", "v", "rel_h", "rel_w"], got_grads, want_grads):
@@ -71,14 +83,14 @@ def test_forward_and_all_gradients_match_reference(flavour, shape):
 HALO_SHAPES = [(2, 20, 13, 8, 2, 5), (1, 11, 17, 16, 8, 3), (1, 9, 10, 4, 1, 7)]
 
 
-@pytest.mark.parametrize("flavour", ["tpu", "gpu"])
+@pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("shape", HALO_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_many_blocks_with_halos_match_reference(flavour, shape):
+def test_many_blocks_with_halos_match_reference(flavour, shape, monkeypatch):
   args, kw = _inputs(shape, seed=3)
   b, h, w, c, n, k = shape
-  tiling = pa.plan_tiling(h, w, c // n, k, jnp.float32, flavour, max_block=8)
+  tiling = pa.plan_tiling(h, w, c // n, k, jnp.float32, flavour.split("-")[0], max_block=8)
   assert tiling.grid_hw[0] > 1 and tiling.grid_hw[1] > 1 and min(tiling.pt, tiling.pl) > 0
-  with pa.target(flavour, interpret=True):
+  with _use_flavour(flavour, monkeypatch):
     got, got_grads = _output_and_grads(
         lambda *a: pa.local_attention_pallas(*a, max_block=8, **kw), args)
   want, want_grads = _reference_output_and_grads(args, kw)
@@ -156,8 +168,10 @@ def _layer_train_step(hw, channels):
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]  # ResNet-50 stage shapes (batch 8)
 
 
-@pytest.mark.parametrize("platform", ["tpu", "cuda"])
-def test_training_step_exports_for_accelerators_at_every_resnet50_stage(platform):
+@pytest.mark.parametrize("platform", ["tpu", "cuda", "cuda-factored"])
+def test_training_step_exports_for_accelerators_at_every_resnet50_stage(platform, monkeypatch):
+  platform, _, form = platform.partition("-")
+  monkeypatch.setattr(pa, "GPU_FORM", form or "tables")
   checks = ([export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
             if platform == "cuda" else [])
   for hw, channels in STAGES:
@@ -168,6 +182,9 @@ def test_training_step_exports_for_accelerators_at_every_resnet50_stage(platform
     call = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
     calls = [line for line in text.splitlines() if call in line and "custom_call" in line]
     assert len(calls) == 3, (hw, len(calls))  # forward, dq and dk/dv kernels
+    if platform == "cuda":  # the factored form reads no offset tables: 4 operands fewer
+      operands = [len(re.search(r"triton\((.*?)\)", c).group(1).split(",")) for c in calls]
+      assert operands == ([5, 8, 8] if form else [9, 12, 12]), operands
     for kernel in ("sasa_fwd_kernel", "sasa_dq_kernel", "sasa_dkv_kernel"):
       assert re.search(kernel, text), kernel
 

@@ -221,21 +221,106 @@ def _dot(a, b, contract, dtype):
                              preferred_element_type=jnp.float32, precision=precision)
 
 
-def _relative_logits(x, th, tw, rh_ref, rw_ref, k: int):
-  """q.r for every pair: rel[i, j] = x[i].rel_h[th[i, j]] + x[i].rel_w[tw[i, j]].
+class _TableOffsets:
+  """Where each (row item, column item) pair lies, read from static [n, m] tables.
 
-  x: the queries [n, dp], indexing the first axis of the [n, m] offset tables (a block's
-  queries against its key slab, or a slab's queries against a key block). The tables
-  hold full-width [kp, dp] rows, so no lane slicing at d/2 is needed in the kernel.
+  The rows are a block's queries against its slab's keys (`keys_in_slab`), or a slab's
+  queries against a block's keys; th, tw hold the relative offset index (dy + r, dx + r),
+  -1 outside the window, and srow, scol the slab pixels' positions relative to the block.
   """
-  rel = jnp.zeros(th.shape, jnp.float32)
-  xf = x.astype(jnp.float32)
-  for i in range(k):
-    qh = jnp.sum(xf * rh_ref[pl.ds(i, 1), :].astype(jnp.float32), axis=1, keepdims=True)
-    qw = jnp.sum(xf * rw_ref[pl.ds(i, 1), :].astype(jnp.float32), axis=1, keepdims=True)
-    rel = jnp.where(th == i, rel + qh, rel)
-    rel = jnp.where(tw == i, rel + qw, rel)
-  return rel
+
+  def __init__(self, t: Tiling, th_ref, tw_ref, srow_ref, scol_ref):
+    by, bx = pl.program_id(1), pl.program_id(2)
+    self.t, self.th, self.tw = t, th_ref[...], tw_ref[...]
+    rows, cols = by * t.bh + srow_ref[...], bx * t.bw + scol_ref[...]
+    self.valid = ((self.th >= 0) & (rows >= 0) & (rows < t.height) & (cols >= 0)
+                  & (cols < t.width))
+
+  def logit_terms(self, x, rh_ref, rw_ref):
+    """q.r of every pair, rel[i, j] = x[i].rel_h[th[i, j]] + x[i].rel_w[tw[i, j]], and which
+    pairs are valid: [n, m] each. x: the row items' vectors [n, dp]. The tables hold
+    full-width [kp, dp] rows, so no lane slicing at d/2 is needed in the kernel."""
+    rel = jnp.zeros(self.th.shape, jnp.float32)
+    xf = x.astype(jnp.float32)
+    for i in range(self.t.kernel_size):
+      qh = jnp.sum(xf * rh_ref[pl.ds(i, 1), :].astype(jnp.float32), axis=1, keepdims=True)
+      qw = jnp.sum(xf * rw_ref[pl.ds(i, 1), :].astype(jnp.float32), axis=1, keepdims=True)
+      rel = jnp.where(self.th == i, rel + qh, rel)
+      rel = jnp.where(self.tw == i, rel + qw, rel)
+    return rel, self.valid
+
+  def offset_sums(self, ds, i: int):
+    """sum_j ds[i', j] over the pairs at row offset i and at column offset i: [n, 1] each."""
+    return (jnp.sum(jnp.where(self.th == i, ds, 0.0), axis=1, keepdims=True),
+            jnp.sum(jnp.where(self.tw == i, ds, 0.0), axis=1, keepdims=True))
+
+
+class _FactoredOffsets:
+  """The same as `_TableOffsets`, computed in the kernel and factored by axis (GPU only).
+
+  A pair's row offset depends only on the query's row and the key's row, so the row terms
+  are an [n, A] array over the column items' A rows and the column terms an [n, B] array
+  over their B columns; the [n, A * B] logit terms are one broadcast sum of the two. The
+  per-offset work runs on [n, A] and [n, B] instead of [n, A * B], and no table is read.
+  """
+
+  def __init__(self, t: Tiling, *, keys_in_slab: bool):
+    by, bx = pl.program_id(1), pl.program_id(2)
+    iota = jax.lax.broadcasted_iota
+    if keys_in_slab:   # a block's queries [nq, 1] against slab rows [1, kh] / columns [1, kw]
+      i = iota(jnp.int32, (t.nq, 1), 0)
+      a, c = i // t.bw, i % t.bw
+      u = iota(jnp.int32, (1, t.kh), 1) - t.pt
+      e = iota(jnp.int32, (1, t.kw), 1) - t.pl
+      self.dy, self.dx, qy, qx = u - a, e - c, u, e      # key - query
+    else:              # a slab's queries [nk, 1] against block rows [1, bh] / columns [1, bw]
+      j = iota(jnp.int32, (t.nk, 1), 0)
+      u, e = j // t.kw - t.pt, j % t.kw - t.pl
+      a, c = iota(jnp.int32, (1, t.bh), 1), iota(jnp.int32, (1, t.bw), 1)
+      self.dy, self.dx, qy, qx = a - u, c - e, u, e
+    rows, cols = by * t.bh + qy, bx * t.bw + qx          # the slab items' image positions
+    r = t.radius
+    self.ok_h = (jnp.abs(self.dy) <= r) & (rows >= 0) & (rows < t.height)
+    self.ok_w = (jnp.abs(self.dx) <= r) & (cols >= 0) & (cols < t.width)
+    self.t, self.keys_in_slab = t, keys_in_slab
+
+  def _pairs(self, row_terms, col_terms):
+    n, a = row_terms.shape
+    b = col_terms.shape[1]
+    return (row_terms[:, :, None] + col_terms[:, None, :]).reshape(n, a * b)
+
+  def logit_terms(self, x, rh_ref, rw_ref):
+    r = self.t.radius
+    xf = x.astype(jnp.float32)
+    gh, gw = jnp.zeros(self.dy.shape, jnp.float32), jnp.zeros(self.dx.shape, jnp.float32)
+    for i in range(self.t.kernel_size):
+      qh = jnp.sum(xf * rh_ref[pl.ds(i, 1), :].astype(jnp.float32), axis=1, keepdims=True)
+      qw = jnp.sum(xf * rw_ref[pl.ds(i, 1), :].astype(jnp.float32), axis=1, keepdims=True)
+      gh = jnp.where(self.dy == i - r, gh + qh, gh)
+      gw = jnp.where(self.dx == i - r, gw + qw, gw)
+    valid = self._pairs(self.ok_h.astype(jnp.float32), self.ok_w.astype(jnp.float32)) > 1.5
+    return self._pairs(gh, gw), valid
+
+  def offset_sums(self, ds, i: int):
+    assert self.keys_in_slab, "the gradients of the tables come from the query blocks"
+    t, r = self.t, self.t.radius
+    ds3 = ds.reshape(t.nq, t.kh, t.kw)
+    by_row, by_col = jnp.sum(ds3, axis=2), jnp.sum(ds3, axis=1)      # [nq, kh], [nq, kw]
+    return (jnp.sum(jnp.where(self.dy == i - r, by_row, 0.0), axis=1, keepdims=True),
+            jnp.sum(jnp.where(self.dx == i - r, by_col, 0.0), axis=1, keepdims=True))
+
+
+FORMS = ("tables", "factored")
+# What `impl="pallas"` runs on GPUs (tools/gpu_check.py --tune times both).
+GPU_FORM = "tables"
+
+
+def _offsets(refs, t: Tiling, form: str, *, keys_in_slab: bool):
+  """(the kernel's offsets, its remaining refs): the "tables" form takes four table refs
+  first (`_offset_inputs`), the "factored" form none."""
+  if form == "tables":
+    return _TableOffsets(t, *refs[:4]), refs[4:]
+  return _FactoredOffsets(t, keys_in_slab=keys_in_slab), refs
 
 
 def _slab(ref, t: Tiling, flavour: str):
@@ -253,22 +338,18 @@ def _block(ref, t: Tiling):
   return x.reshape(t.nq, x.shape[-1])
 
 
-def _query_logits(t, q, kk, th, tw, srow, scol, rh_ref, rw_ref, dtype):
+def _query_logits(offsets, q, kk, rh_ref, rw_ref):
   """Masked logits [nq, nk] of a query block against its key slab, and the mask."""
-  by, bx = pl.program_id(1), pl.program_id(2)
-  s = _dot(q, kk, (1, 1), dtype) + _relative_logits(q, th, tw, rh_ref, rw_ref,
-                                                     t.kernel_size)
-  rows, cols = by * t.bh + srow, bx * t.bw + scol
-  valid = ((th >= 0) & (rows >= 0) & (rows < t.height) & (cols >= 0) & (cols < t.width))
-  return jnp.where(valid, s, _MASKED), valid
+  rel, valid = offsets.logit_terms(q, rh_ref, rw_ref)
+  return jnp.where(valid, _dot(q, kk, (1, 1), q.dtype) + rel, _MASKED), valid
 
 
-def _fwd_kernel(th_ref, tw_ref, srow_ref, scol_ref, q_ref, k_ref, v_ref, rh_ref, rw_ref,
-                o_ref, lse_ref, *, t: Tiling):
+def _fwd_kernel(*refs, t: Tiling, form: str):
+  offsets, (q_ref, k_ref, v_ref, rh_ref, rw_ref, o_ref, lse_ref) = _offsets(
+      refs, t, form, keys_in_slab=True)
   q = _block(q_ref, t)
   kk, vv = _slab(k_ref, t, t.flavour), _slab(v_ref, t, t.flavour)
-  s, valid = _query_logits(t, q, kk, th_ref[...], tw_ref[...], srow_ref[...], scol_ref[...],
-                           rh_ref, rw_ref, q.dtype)
+  s, valid = _query_logits(offsets, q, kk, rh_ref, rw_ref)
   m = jnp.max(s, axis=1, keepdims=True)
   p = jnp.where(valid, jnp.exp(s - m), 0.0)
   denom = jnp.maximum(jnp.sum(p, axis=1, keepdims=True), _TINY)
@@ -277,13 +358,12 @@ def _fwd_kernel(th_ref, tw_ref, srow_ref, scol_ref, q_ref, k_ref, v_ref, rh_ref,
   lse_ref[...] = (m + jnp.log(denom)).reshape(lse_ref.shape)
 
 
-def _dq_kernel(th_ref, tw_ref, srow_ref, scol_ref, q_ref, k_ref, v_ref, rh_ref, rw_ref,
-               do_ref, lse_ref, dd_ref, dq_ref, drh_ref, drw_ref, *, t: Tiling):
+def _dq_kernel(*refs, t: Tiling, form: str):
+  offsets, (q_ref, k_ref, v_ref, rh_ref, rw_ref, do_ref, lse_ref, dd_ref, dq_ref, drh_ref,
+            drw_ref) = _offsets(refs, t, form, keys_in_slab=True)
   q = _block(q_ref, t)
   kk, vv = _slab(k_ref, t, t.flavour), _slab(v_ref, t, t.flavour)
-  th, tw = th_ref[...], tw_ref[...]
-  s, valid = _query_logits(t, q, kk, th, tw, srow_ref[...], scol_ref[...], rh_ref, rw_ref,
-                           q.dtype)
+  s, valid = _query_logits(offsets, q, kk, rh_ref, rw_ref)
   lse, dd = _block(lse_ref, t), _block(dd_ref, t)
   p = jnp.where(valid, jnp.exp(s - lse), 0.0)
   do = _block(do_ref, t)
@@ -292,8 +372,7 @@ def _dq_kernel(th_ref, tw_ref, srow_ref, scol_ref, q_ref, k_ref, v_ref, rh_ref, 
   qf = q.astype(jnp.float32)
   for i in range(t.kp):
     if i < t.kernel_size:
-      gh = jnp.sum(jnp.where(th == i, ds, 0.0), axis=1, keepdims=True)  # [nq, 1]
-      gw = jnp.sum(jnp.where(tw == i, ds, 0.0), axis=1, keepdims=True)
+      gh, gw = offsets.offset_sums(ds, i)                           # [nq, 1] each
       rh_i = rh_ref[pl.ds(i, 1), :].astype(jnp.float32)
       rw_i = rw_ref[pl.ds(i, 1), :].astype(jnp.float32)
       dq = dq + gh * rh_i + gw * rw_i
@@ -305,18 +384,15 @@ def _dq_kernel(th_ref, tw_ref, srow_ref, scol_ref, q_ref, k_ref, v_ref, rh_ref, 
   dq_ref[...] = dq.reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(th_ref, tw_ref, srow_ref, scol_ref, q_ref, do_ref, lse_ref, dd_ref,
-                k_ref, v_ref, rh_ref, rw_ref, dk_ref, dv_ref, *, t: Tiling):
+def _dkv_kernel(*refs, t: Tiling, form: str):
   """dk, dv of one key block from the slab of queries whose windows can reach it."""
-  by, bx = pl.program_id(1), pl.program_id(2)
+  offsets, (q_ref, do_ref, lse_ref, dd_ref, k_ref, v_ref, rh_ref, rw_ref, dk_ref,
+            dv_ref) = _offsets(refs, t, form, keys_in_slab=False)
   qs, dos = _slab(q_ref, t, t.flavour), _slab(do_ref, t, t.flavour)   # [nk, dp]
   lse, dd = _slab(lse_ref, t, t.flavour), _slab(dd_ref, t, t.flavour)  # [nk, 1]
   kb, vb = _block(k_ref, t), _block(v_ref, t)                          # [nq, dp]
-  th, tw = th_ref[...], tw_ref[...]                                    # [nk, nq]
-  s = _dot(qs, kb, (1, 1), qs.dtype) + _relative_logits(qs, th, tw, rh_ref, rw_ref,
-                                                         t.kernel_size)
-  rows, cols = by * t.bh + srow_ref[...], bx * t.bw + scol_ref[...]   # queries, [nk, 1]
-  valid = ((th >= 0) & (rows >= 0) & (rows < t.height) & (cols >= 0) & (cols < t.width))
+  rel, valid = offsets.logit_terms(qs, rh_ref, rw_ref)                 # [nk, nq]
+  s = _dot(qs, kb, (1, 1), qs.dtype) + rel
   p = jnp.where(valid, jnp.exp(jnp.where(valid, s, 0.0) - lse), 0.0)  # [nk, nq]
   ds = p * (_dot(dos, vb, (1, 1), dos.dtype) - dd)
   dk_ref[...] = _dot(ds.astype(qs.dtype), qs, (0, 0), qs.dtype).reshape(
@@ -339,6 +415,13 @@ class _Launch:
   tpu_interpreter: bool = True
   num_warps: int = NUM_WARPS   # Triton only
   num_stages: int = NUM_STAGES
+  form: str = "tables"         # how the kernels find each pair's offsets: FORMS
+
+  def __post_init__(self):
+    if self.form not in FORMS:
+      raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+    if self.form == "factored" and self.tiling.flavour != "gpu":
+      raise ValueError("form='factored' is written for the GPU (Triton) flavour only")
 
   @property
   def grid(self):
@@ -409,6 +492,13 @@ class _Launch:
   def const_spec(shape):
     return pl.BlockSpec(shape, lambda i, y, x: (0,) * len(shape))
 
+  def offset_inputs(self, *, keys_in_slab: bool):
+    """The static tables the kernels' offsets read (`_TableOffsets`), none if factored."""
+    if self.form == "factored":
+      return []
+    return [*_offset_tables(self.tiling, keys_in_slab=keys_in_slab),
+            *_slab_positions(self.tiling, column=not keys_in_slab)]
+
   def table_specs(self, tables):
     return [self.const_spec(a.shape) for a in tables]
 
@@ -424,7 +514,7 @@ class _Launch:
     """The pallas_call of `kernel`; compiled kernels are lowered only for their platform, so
     a function holding both flavours exports for TPU and GPU at once (`platform_only`)."""
     call = pl.pallas_call(
-        functools.partial(kernel, t=self.tiling), out_shape=out_shape, grid=self.grid,
+        functools.partial(kernel, t=self.tiling, form=self.form), out_shape=out_shape, grid=self.grid,
         in_specs=in_specs, out_specs=out_specs, compiler_params=self.compiler_params(),
         interpret=self.interpret_mode(), cost_estimate=cost,
         name=f"sasa_{kernel.__name__.strip('_')}")
@@ -441,7 +531,7 @@ def _nbytes(*xs):
 def _forward(cfg: _Launch, qb, ks, vs, rh, rw):
   """qb [BN, hq, wq, dp] blocks; ks, vs [BN, hs, ws, dp] slab maps -> out, lse (blocks)."""
   t = cfg.tiling
-  tables = [*_offset_tables(t, keys_in_slab=True), *_slab_positions(t, column=False)]
+  tables = cfg.offset_inputs(keys_in_slab=True)
   hq, wq = t.block_map
   out_shape = (jax.ShapeDtypeStruct(qb.shape, qb.dtype),
                jax.ShapeDtypeStruct((qb.shape[0], hq, wq, 1), jnp.float32))
@@ -479,7 +569,7 @@ def _attention_bwd(cfg: _Launch, res, g):
   rel_shape = (cfg.grid[0], *t.grid_hw, t.kp, t.dp)
   rel_spec = pl.BlockSpec((None, None, None, t.kp, t.dp), lambda i, y, x: (i, y, x, 0, 0))
 
-  tables = [*_offset_tables(t, keys_in_slab=True), *_slab_positions(t, column=False)]
+  tables = cfg.offset_inputs(keys_in_slab=True)
   dq, drh, drw = cfg.call(
       _dq_kernel,
       (jax.ShapeDtypeStruct(qb.shape, q.dtype), jax.ShapeDtypeStruct(rel_shape, jnp.float32),
@@ -494,7 +584,7 @@ def _attention_bwd(cfg: _Launch, res, g):
   def slabs_of_blocks(x):  # a [BN, hq, wq, c] block-layout array as a slab map
     return cfg.to_slabs(x[:, :t.height, :t.width], pad_channels=False)
 
-  tables = [*_offset_tables(t, keys_in_slab=False), *_slab_positions(t, column=True)]
+  tables = cfg.offset_inputs(keys_in_slab=False)
   qs, gs = cfg.to_slabs(qh), slabs_of_blocks(gb)
   lses, dds = slabs_of_blocks(lse), slabs_of_blocks(dd)
   kb, vb = cfg.to_blocks(kh_), cfg.to_blocks(vh)
@@ -541,8 +631,9 @@ def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
 
   def flavoured(flavour, interpret, tpu_interpreter=True):
     tiling = plan_tiling(h, w, d, kernel_size, q.dtype, flavour, max_block)
-    return functools.partial(_attention,
-                             _Launch(b, num_heads, d, tiling, interpret, tpu_interpreter))
+    form = GPU_FORM if flavour == "gpu" else "tables"
+    return functools.partial(_attention, _Launch(b, num_heads, d, tiling, interpret,
+                                                 tpu_interpreter, form=form))
 
   def or_blocked(flavour, interpret, **kw):
     """Every branch is traced whatever the platform: a shape that a flavour's tiling cannot
@@ -568,11 +659,12 @@ def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
 
 def fused_attention(q, k, v, rel_h, rel_w, *, num_heads: int, tiling: Tiling,
                     num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
-                    interpret: bool = False):
+                    form: str = "tables", interpret: bool = False):
   """The kernels in one given tiling and launch configuration, with no platform dispatch:
   for timing candidates against each other on one device (`tools/gpu_check --tune`).
-  Arguments as `local_attention`'s, all five arrays given; tiling from `candidate_tilings`.
+  Arguments as `local_attention`'s, all five arrays given; tiling from `candidate_tilings`;
+  form: one of FORMS ("factored" on the GPU flavour only).
   """
   launch = _Launch(q.shape[0], num_heads, q.shape[-1] // num_heads, tiling, interpret,
-                   num_warps=num_warps, num_stages=num_stages)
+                   num_warps=num_warps, num_stages=num_stages, form=form)
   return _attention(launch, q, k, v, rel_h, rel_w)

@@ -11,15 +11,18 @@ result comes:
    impl="reference", the output and all five gradients, float32 and bfloat16, at the four
    ResNet-50 stage shapes and at odd shapes (window larger than the map, non-square, 1 head);
 2. op: the op's fwd+bwd time (and its forward's alone) and compiled temporary memory, pallas
-   vs xla vs a 3x3 conv of the same width (batch 32), bfloat16 and float32;
+   vs xla vs a 3x3 conv of the same width (batch 32), bfloat16 and float32, and the GPU
+   kernels in the form impl="pallas" does not run (pallas_attention.FORMS: offset tables
+   read, or offsets computed in the kernel and factored by axis);
 3. torch: where PyTorch is installed, the same op shapes as an exact SASA by unfold and
    timm's HaloAttn (block 8, halo 3), fwd+bwd;
 4. export: one jitted layer training step exported for ["tpu"], ["cuda"] and both at once;
 5. train_step: ResNet-50 training steps (batch 128, bfloat16, 224 px, random data):
    baseline, conv-stem + attention and full attention with impl pallas and xla: images/s
    and XLA's planned device memory;
-6. tune (with --tune): the Triton kernels' candidate tilings and launch settings (warps,
-   pipeline stages) at the stage shapes, fwd+bwd time and gradient error against impl=xla.
+6. tune (with --tune): the Triton kernels' candidate tilings, launch settings (warps,
+   pipeline stages) and forms at the stage shapes, fwd+bwd time and gradient error against
+   impl=xla.
 Each section compiles all its programs first, --jobs at a time, then runs its rows one by one.
 A row that raises is recorded with its error and the check goes on; past --budget-s seconds
 the remaining rows are recorded as skipped. Writes results.json (after every row) and
@@ -127,6 +130,20 @@ def correctness_rows(shapes, dtype):
     yield labels, prepare
 
 
+def _other_form_program(size, width, batch, dtype):
+  """The fwd+bwd program of `op_programs` with the GPU kernels in the form impl="pallas" does
+  not run (pallas_attention.FORMS), at the tiling it plans; interpreted off a GPU."""
+  other = next(f for f in pa.FORMS if f != pa.GPU_FORM)
+  (_, args), _ = op_programs(size, width, batch, 7, 8, "pallas", dtype)
+  tiling = pa.plan_tiling(size, size, width // 8, 7, dtype, "gpu")
+
+  def loss(*a):
+    y = pa.fused_attention(*a, num_heads=8, tiling=tiling, form=other,
+                           interpret=jax.default_backend() != "gpu")
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+  return f"pallas_{other}", compiled(jax.grad(loss, argnums=range(5)), *args)[:2]
+
+
 def op_rows(stages, batch, dtype, repeats):
   for size, width in stages:
     labels = {"shape": f"{batch}x{size}x{size}x{width}", "dtype": jnp.dtype(dtype).name}
@@ -140,6 +157,7 @@ def op_rows(stages, batch, dtype, repeats):
             lambda *a, impl=impl: local_attention(*a, kernel_size=7, num_heads=8, impl=impl),
             *attn_args)[:2]
       programs["conv"] = compiled(conv[0], *conv[1])[:2]
+      name, programs[name] = _other_form_program(size, width, batch, dtype)
 
       def run():
         secs = _medians([go for go, _ in programs.values()], repeats)
@@ -151,6 +169,7 @@ def op_rows(stages, batch, dtype, repeats):
         row["pallas_vs_conv"] = row["pallas_ms"] / row["conv_ms"]
         row["xla_vs_conv"] = row["xla_ms"] / row["conv_ms"]
         row["pallas_vs_xla"] = row["pallas_ms"] / row["xla_ms"]
+        row[f"{name}_vs_xla"] = row[f"{name}_ms"] / row["xla_ms"]
         return row
       return run
     yield labels, prepare
@@ -267,9 +286,10 @@ def train_step_rows(depth, batch, image_size, dtype, repeats, cases=None, **mode
 
 
 def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
-  """Candidate Triton launches at each shape (k = 7, 8 heads): the `tilings` cheapest by the
-  cost model (up to 32K logits a program) x `warps` warp counts, plus the planned tiling
-  with two pipeline stages. Gradient error against impl=xla, so a fast wrong launch shows."""
+  """Candidate Triton launches at each shape (k = 7, 8 heads), in both kernel forms
+  (pallas_attention.FORMS): the `tilings` cheapest by the cost model (up to 32K logits a
+  program) x `warps` warp counts, plus the planned tiling with two pipeline stages.
+  Gradient error against impl=xla, so a fast wrong launch shows."""
   for size, width in stages:
     heads, k = 8, 7
     d = width // heads
@@ -281,25 +301,25 @@ def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
       return jax.grad(lambda *a: jnp.sum(op(*a).astype(jnp.float32) * cot), argnums=range(5))
     planned = pa.plan_tiling(size, size, d, k, dtype, "gpu")
     candidates = pa.candidate_tilings(size, size, d, k, dtype, "gpu", max_logits=1 << 15)
-    launches = [(t, nw, pa.NUM_STAGES) for t in candidates[:tilings] for nw in warps]
-    default = (planned, pa.NUM_WARPS, pa.NUM_STAGES)
-    launches.append((planned, pa.NUM_WARPS, pa.NUM_STAGES + 1))
-    if default not in launches:
-      launches.insert(0, default)
-    for t, nw, ns in launches:
+    default = (planned, pa.NUM_WARPS, pa.NUM_STAGES, pa.GPU_FORM)
+    launches = [default]
+    for form in pa.FORMS:
+      launches += [(t, nw, pa.NUM_STAGES, form) for t in candidates[:tilings] for nw in warps]
+      launches.append((planned, pa.NUM_WARPS, pa.NUM_STAGES + 1, form))
+    for t, nw, ns, form in dict.fromkeys(launches):
       labels = {"shape": "x".join(map(str, shape)), "dtype": jnp.dtype(dtype).name,
-                "block": f"{t.bh}x{t.bw}", "slab": f"{t.kh}x{t.kw}", "logits": t.nq * t.nk,
-                "num_warps": nw, "num_stages": ns,
-                "planned": (t, nw, ns) == default}
+                "form": form, "block": f"{t.bh}x{t.bw}", "slab": f"{t.kh}x{t.kw}",
+                "logits": t.nq * t.nk, "num_warps": nw, "num_stages": ns,
+                "planned": (t, nw, ns, form) == default}
 
-      def prepare(t=t, nw=nw, ns=ns):
+      def prepare(t=t, nw=nw, ns=ns, form=form):
         with want_lock:
           if not want:
             xla = grads(lambda *a: local_attention(*a, kernel_size=k, num_heads=heads,
                                                    impl="xla"))
             want.extend(jax.jit(xla)(*args))
         fn = grads(lambda *a: pa.fused_attention(*a, num_heads=heads, tiling=t,
-                                                 num_warps=nw, num_stages=ns,
+                                                 num_warps=nw, num_stages=ns, form=form,
                                                  interpret=interpret))
         go, temp, got = compiled(fn, *args)
         error = max(relative_error(g, w) for g, w in zip(got, want))
