@@ -61,7 +61,8 @@ WITH_JEMALLOC = lib=$$(ls /usr/lib/*/libjemalloc.so.2 2>/dev/null | head -n 1); 
 # the GCS emulator's certificate. Installed where apt works (as root); elsewhere those tests
 # skip, saying why (CI, through .ci/run, fails them instead).
 TEST_DEBS := slurm-wlm munge openssl
-test-deps:
+test-deps: | $(STAMP)
+	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q -e ".[census]"
 	@missing=""; for c in slurmctld slurmd munged openssl; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  $(call apt_install,$(TEST_DEBS)) || \

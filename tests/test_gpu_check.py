@@ -59,3 +59,15 @@ def test_a_row_that_raises_is_recorded_and_the_check_goes_on(tmp_path, monkeypat
   assert status == 1 and [r["kind"] for r in rows] == ["env"] + ["correctness"] * 4
   assert all("kernel exploded" in r["error"] and r["ok"] is False for r in rows[1:])
   assert "kernel exploded" in (tmp_path / "results.md").read_text()
+
+
+def test_sections_run_in_the_order_given_and_tune_once(tmp_path):
+  """--sections sets the order (the tuning rows before the training steps, for a short
+  device budget); --tune adds "tune" only where --sections does not place it. A budget
+  already spent records every row as skipped without compiling it."""
+  from sasa_jax.tools import gpu_check  # noqa: PLC0415
+  gpu_check.main(["--cpu-smoke", "--tune", "--sections=tune,env", "--budget-s=1e-9",
+                  f"--out={tmp_path}"])
+  rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+  assert [r["kind"] for r in rows] == ["tune"] * 4 + ["env"]
+  assert all(r["skipped"] == "time budget" for r in rows)

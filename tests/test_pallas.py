@@ -20,6 +20,7 @@ SHAPES = [
     (2, 9, 6, 16, 8, 5),     # 8 heads of d = 2
     (1, 12, 10, 4, 1, 9),
     (1, 7, 13, 8, 2, 11),
+    (2, 2, 9, 8, 2, 3),      # 2 rows: too few for the factored form's row matmul on GPU
 ]
 ARGNUMS = (0, 1, 2, 3, 4)
 
@@ -107,12 +108,20 @@ def test_cpu_default_runs_kernels_in_interpret_mode_without_positions_or_keys():
     _assert_close(local_attention(q, keys, v, *rel, impl="pallas", **kw), want, 1e-4)
 
 
-def test_bfloat16_inputs_float32_softmax():
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_bfloat16_inputs_float32_softmax(flavour, monkeypatch):
+  """bfloat16 operands (the kernels' matmuls take them as they are) against the float32
+  reference: the output and all five gradients."""
   args, kw = _inputs((1, 8, 9, 16, 2, 5), seed=2)
-  want = local_attention(*args, impl="reference", **kw)
-  got = local_attention(*[a.astype(jnp.bfloat16) for a in args], impl="pallas", **kw)
+  want, want_grads = _reference_output_and_grads(args, kw)
+  with _use_flavour(flavour, monkeypatch):
+    got, got_grads = _output_and_grads(
+        lambda *a: local_attention(*a, impl="pallas", **kw),
+        [a.astype(jnp.bfloat16) for a in args])
   assert got.dtype == jnp.bfloat16
   _assert_close(got, want, 3e-2)
+  for g, w in zip(got_grads, want_grads):
+    _assert_close(g, w, 3e-2)
 
 
 @pytest.mark.parametrize("flavour", ["tpu", "gpu"])
@@ -182,9 +191,9 @@ def test_training_step_exports_for_accelerators_at_every_resnet50_stage(platform
     call = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
     calls = [line for line in text.splitlines() if call in line and "custom_call" in line]
     assert len(calls) == 3, (hw, len(calls))  # forward, dq and dk/dv kernels
-    if platform == "cuda":  # the factored form reads no offset tables: 4 operands fewer
+    if platform == "cuda":  # factored: two shifted relative tables instead of four offset tables
       operands = [len(re.search(r"triton\((.*?)\)", c).group(1).split(",")) for c in calls]
-      assert operands == ([5, 8, 8] if form else [9, 12, 12]), operands
+      assert operands == ([7, 10, 10] if form else [9, 12, 12]), operands
     for kernel in ("sasa_fwd_kernel", "sasa_dq_kernel", "sasa_dkv_kernel"):
       assert re.search(kernel, text), kernel
 

@@ -249,10 +249,50 @@ class _TableOffsets:
       rel = jnp.where(self.tw == i, rel + qw, rel)
     return rel, self.valid
 
-  def offset_sums(self, ds, i: int):
-    """sum_j ds[i', j] over the pairs at row offset i and at column offset i: [n, 1] each."""
-    return (jnp.sum(jnp.where(self.th == i, ds, 0.0), axis=1, keepdims=True),
-            jnp.sum(jnp.where(self.tw == i, ds, 0.0), axis=1, keepdims=True))
+  def relative_grads(self, ds, x, rel_refs, out_refs):
+    """The gradients through the relative logits of a query block: writes this program's
+    d rel_h, d rel_w rows to out_refs ([rows, dp] each; rows past k zero) and returns dq's
+    share [n, dp]. ds: d logits [n, m]; x: the queries [n, dp]; rel_refs: [kp, dp] tables."""
+    xf, dq = x.astype(jnp.float32), 0.0
+    for table, rel_ref, out_ref in zip((self.th, self.tw), rel_refs, out_refs):
+      for i in range(out_ref.shape[0]):
+        if i < self.t.kernel_size:
+          g = jnp.sum(jnp.where(table == i, ds, 0.0), axis=1, keepdims=True)   # [n, 1]
+          dq = dq + g * rel_ref[pl.ds(i, 1), :].astype(jnp.float32)
+          out_ref[pl.ds(i, 1), :] = jnp.sum(g * xf, axis=0, keepdims=True)
+        else:  # padding rows of the tables (GPU)
+          out_ref[pl.ds(i, 1), :] = jnp.zeros((1, out_ref.shape[1]), jnp.float32)
+    return dq
+
+
+def _shift_index(t: Tiling, *, keys_in_slab: bool):
+  """Offset index (key - query + r, -1 outside the window) per (row item's own position p,
+  column item's position q) on each axis, as [P * Q] vectors, rows then columns.
+
+  keys_in_slab: p is the query's row in its block (bh of them), q the key's row in the slab
+  (kh); otherwise p is the query's row in the slab (kh), q the key's row in the block (bh).
+  Columns alike with bw, kw.
+  """
+  r, k = t.radius, t.kernel_size
+
+  def axis(block, slab, pad):
+    if keys_in_slab:
+      p, q = np.arange(block)[:, None], np.arange(slab)[None, :] - pad
+    else:
+      p, q = np.arange(slab)[:, None] - pad, np.arange(block)[None, :]
+    idx = (q - p + r).reshape(-1)
+    return np.where((idx >= 0) & (idx < k), idx, -1).astype(np.int32)
+  return axis(t.bh, t.kh, t.pt), axis(t.bw, t.kw, t.pl)
+
+
+def _shifted_tables(t: Tiling, rht, rwt, *, keys_in_slab: bool):
+  """The relative tables [kp, dp] gathered per (p, q) of `_shift_index` (zero outside the
+  window): [P_h * Q_h, dp] and [P_w * Q_w, dp], so that one matmul gives every row item's
+  q.r against each position it can meet (`_FactoredOffsets.logit_terms`)."""
+  def gather(table, idx):
+    return jnp.where(idx[:, None] >= 0, table[np.maximum(idx, 0)], 0).astype(table.dtype)
+  ih, iw = _shift_index(t, keys_in_slab=keys_in_slab)
+  return gather(rht, ih), gather(rwt, iw)
 
 
 class _FactoredOffsets:
@@ -260,11 +300,13 @@ class _FactoredOffsets:
 
   A pair's row offset depends only on the query's row and the key's row, so the row terms
   are an [n, A] array over the column items' A rows and the column terms an [n, B] array
-  over their B columns; the [n, A * B] logit terms are one broadcast sum of the two. The
-  per-offset work runs on [n, A] and [n, B] instead of [n, A * B], and no table is read.
+  over their B columns; the [n, A * B] logit terms are one broadcast sum of the two. Each
+  axis's terms come from one matmul of the row items against that axis's shifted table
+  (`_shifted_tables`: every row they can meet at every own position), keeping each row
+  item's own position; the backward's per-offset sums run on [n, A] and [n, B].
   """
 
-  def __init__(self, t: Tiling, *, keys_in_slab: bool):
+  def __init__(self, t: Tiling, sh_ref, sw_ref, *, keys_in_slab: bool):
     by, bx = pl.program_id(1), pl.program_id(2)
     iota = jax.lax.broadcasted_iota
     if keys_in_slab:   # a block's queries [nq, 1] against slab rows [1, kh] / columns [1, kw]
@@ -273,16 +315,18 @@ class _FactoredOffsets:
       u = iota(jnp.int32, (1, t.kh), 1) - t.pt
       e = iota(jnp.int32, (1, t.kw), 1) - t.pl
       self.dy, self.dx, qy, qx = u - a, e - c, u, e      # key - query
+      self.own = (a, c)                                  # p of `_shift_index`, per row item
     else:              # a slab's queries [nk, 1] against block rows [1, bh] / columns [1, bw]
       j = iota(jnp.int32, (t.nk, 1), 0)
       u, e = j // t.kw - t.pt, j % t.kw - t.pl
       a, c = iota(jnp.int32, (1, t.bh), 1), iota(jnp.int32, (1, t.bw), 1)
       self.dy, self.dx, qy, qx = a - u, c - e, u, e
+      self.own = (u + t.pt, e + t.pl)
     rows, cols = by * t.bh + qy, bx * t.bw + qx          # the slab items' image positions
     r = t.radius
     self.ok_h = (jnp.abs(self.dy) <= r) & (rows >= 0) & (rows < t.height)
     self.ok_w = (jnp.abs(self.dx) <= r) & (cols >= 0) & (cols < t.width)
-    self.t, self.keys_in_slab = t, keys_in_slab
+    self.t, self.keys_in_slab, self.tables = t, keys_in_slab, (sh_ref, sw_ref)
 
   def _pairs(self, row_terms, col_terms):
     n, a = row_terms.shape
@@ -290,37 +334,73 @@ class _FactoredOffsets:
     return (row_terms[:, :, None] + col_terms[:, None, :]).reshape(n, a * b)
 
   def logit_terms(self, x, rh_ref, rw_ref):
-    r = self.t.radius
-    xf = x.astype(jnp.float32)
-    gh, gw = jnp.zeros(self.dy.shape, jnp.float32), jnp.zeros(self.dx.shape, jnp.float32)
-    for i in range(self.t.kernel_size):
-      qh = jnp.sum(xf * rh_ref[pl.ds(i, 1), :].astype(jnp.float32), axis=1, keepdims=True)
-      qw = jnp.sum(xf * rw_ref[pl.ds(i, 1), :].astype(jnp.float32), axis=1, keepdims=True)
-      gh = jnp.where(self.dy == i - r, gh + qh, gh)
-      gw = jnp.where(self.dx == i - r, gw + qw, gw)
+    terms = []
+    for table_ref, rel_ref, own, offset in zip(self.tables, (rh_ref, rw_ref), self.own,
+                                               (self.dy, self.dx)):
+      n, width = offset.shape                            # [n, Q]: the positions met
+      if table_ref.shape[0] >= _MIN_DOT:
+        g = _dot(x, table_ref[...], (1, 1), x.dtype)     # [n, P * Q]
+        g = g.reshape(n, g.shape[1] // width, width)
+        p = jax.lax.broadcasted_iota(jnp.int32, (1, g.shape[1], 1), 1)
+        terms.append(jnp.sum(jnp.where(p == own[:, :, None], g, 0.0), axis=1))
+      else:  # too few (p, q) for a Triton matmul (maps of 1-2 rows): offset by offset
+        xf, term = x.astype(jnp.float32), jnp.zeros(offset.shape, jnp.float32)
+        for i in range(self.t.kernel_size):
+          xr = jnp.sum(xf * rel_ref[pl.ds(i, 1), :].astype(jnp.float32), axis=1, keepdims=True)
+          term = jnp.where(offset == i - self.t.radius, term + xr, term)
+        terms.append(term)
     valid = self._pairs(self.ok_h.astype(jnp.float32), self.ok_w.astype(jnp.float32)) > 1.5
-    return self._pairs(gh, gw), valid
+    return self._pairs(*terms), valid
 
-  def offset_sums(self, ds, i: int):
+  def relative_grads(self, ds, x, rel_refs, out_refs):
+    """As `_TableOffsets.relative_grads`. ds's row and column sums ([n, A], [n, B]) are
+    placed at each query's own position ([n, P * Q], P * Q = the shifted table's rows), so
+    that dq's share is a matmul with the shifted table, and the tables' gradients a matmul
+    with the 0/1 matrix S [rows, P * Q] that sums each offset's (p, q) (then one with x)."""
     assert self.keys_in_slab, "the gradients of the tables come from the query blocks"
     t, r = self.t, self.t.radius
     ds3 = ds.reshape(t.nq, t.kh, t.kw)
-    by_row, by_col = jnp.sum(ds3, axis=2), jnp.sum(ds3, axis=1)      # [nq, kh], [nq, kw]
-    return (jnp.sum(jnp.where(self.dy == i - r, by_row, 0.0), axis=1, keepdims=True),
-            jnp.sum(jnp.where(self.dx == i - r, by_col, 0.0), axis=1, keepdims=True))
+    per_axis = (jnp.sum(ds3, axis=2), jnp.sum(ds3, axis=1))        # [nq, kh], [nq, kw]
+    dq = 0.0
+    for by, offset, own, pad, table_ref, rel_ref, out_ref in zip(
+        per_axis, (self.dy, self.dx), self.own, (t.pt, t.pl), self.tables, rel_refs,
+        out_refs):
+      n, width = offset.shape
+      rows, pq = out_ref.shape[0], table_ref.shape[0]
+      if pq >= _MIN_DOT:
+        p = jax.lax.broadcasted_iota(jnp.int32, (1, pq // width, 1), 1)
+        placed = jnp.where(p == own[:, :, None], by[:, None, :], 0.0).reshape(n, pq)
+        placed = placed.astype(x.dtype)
+        dq = dq + _dot(placed, table_ref[...], (1, 0), x.dtype)   # [n, dp]
+        col = jax.lax.broadcasted_iota(jnp.int32, (rows, pq), 1)
+        offset_of = (col % width - pad) - col // width + r          # `_shift_index`'s, unmasked
+        sums = (jax.lax.broadcasted_iota(jnp.int32, (rows, pq), 0) == offset_of)
+        per_offset = _dot(sums.astype(x.dtype), placed, (1, 1), x.dtype)   # [rows, n]
+        out_ref[...] = _dot(per_offset.astype(x.dtype), x, (1, 0), x.dtype)
+      else:  # too few (p, q) for a Triton matmul: offset by offset
+        xf = x.astype(jnp.float32)
+        for i in range(rows):
+          if i < t.kernel_size:
+            g = jnp.sum(jnp.where(offset == i - r, by, 0.0), axis=1, keepdims=True)
+            dq = dq + g * rel_ref[pl.ds(i, 1), :].astype(jnp.float32)
+            out_ref[pl.ds(i, 1), :] = jnp.sum(g * xf, axis=0, keepdims=True)
+          else:
+            out_ref[pl.ds(i, 1), :] = jnp.zeros((1, out_ref.shape[1]), jnp.float32)
+    return dq
 
 
 FORMS = ("tables", "factored")
+_MIN_DOT = 16  # Triton's smallest matmul dimension
 # What `impl="pallas"` runs on GPUs (tools/gpu_check.py --tune times both).
 GPU_FORM = "tables"
 
 
 def _offsets(refs, t: Tiling, form: str, *, keys_in_slab: bool):
-  """(the kernel's offsets, its remaining refs): the "tables" form takes four table refs
-  first (`_offset_inputs`), the "factored" form none."""
+  """(the kernel's offsets, its remaining refs): the "tables" form takes four offset-table
+  refs first, the "factored" form two shifted relative tables (`_Launch.offset_inputs`)."""
   if form == "tables":
     return _TableOffsets(t, *refs[:4]), refs[4:]
-  return _FactoredOffsets(t, keys_in_slab=keys_in_slab), refs
+  return _FactoredOffsets(t, *refs[:2], keys_in_slab=keys_in_slab), refs[2:]
 
 
 def _slab(ref, t: Tiling, flavour: str):
@@ -369,18 +449,7 @@ def _dq_kernel(*refs, t: Tiling, form: str):
   do = _block(do_ref, t)
   ds = p * (_dot(do, vv, (1, 1), do.dtype) - dd)                    # [nq, nk]
   dq = _dot(ds.astype(kk.dtype), kk, (1, 0), kk.dtype)              # [nq, dp]
-  qf = q.astype(jnp.float32)
-  for i in range(t.kp):
-    if i < t.kernel_size:
-      gh, gw = offsets.offset_sums(ds, i)                           # [nq, 1] each
-      rh_i = rh_ref[pl.ds(i, 1), :].astype(jnp.float32)
-      rw_i = rw_ref[pl.ds(i, 1), :].astype(jnp.float32)
-      dq = dq + gh * rh_i + gw * rw_i
-      drh_ref[pl.ds(i, 1), :] = jnp.sum(gh * qf, axis=0, keepdims=True)
-      drw_ref[pl.ds(i, 1), :] = jnp.sum(gw * qf, axis=0, keepdims=True)
-    else:  # padding rows of the tables (GPU)
-      drh_ref[pl.ds(i, 1), :] = jnp.zeros((1, t.dp), jnp.float32)
-      drw_ref[pl.ds(i, 1), :] = jnp.zeros((1, t.dp), jnp.float32)
+  dq = dq + offsets.relative_grads(ds, q, (rh_ref, rw_ref), (drh_ref, drw_ref))
   dq_ref[...] = dq.reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
@@ -492,10 +561,11 @@ class _Launch:
   def const_spec(shape):
     return pl.BlockSpec(shape, lambda i, y, x: (0,) * len(shape))
 
-  def offset_inputs(self, *, keys_in_slab: bool):
-    """The static tables the kernels' offsets read (`_TableOffsets`), none if factored."""
+  def offset_inputs(self, rht, rwt, *, keys_in_slab: bool):
+    """What the kernels' offsets read first: the static tables of `_TableOffsets`, or the
+    shifted relative tables of `_FactoredOffsets` (from rht, rwt: `rel_table`'s)."""
     if self.form == "factored":
-      return []
+      return list(_shifted_tables(self.tiling, rht, rwt, keys_in_slab=keys_in_slab))
     return [*_offset_tables(self.tiling, keys_in_slab=keys_in_slab),
             *_slab_positions(self.tiling, column=not keys_in_slab)]
 
@@ -531,7 +601,7 @@ def _nbytes(*xs):
 def _forward(cfg: _Launch, qb, ks, vs, rh, rw):
   """qb [BN, hq, wq, dp] blocks; ks, vs [BN, hs, ws, dp] slab maps -> out, lse (blocks)."""
   t = cfg.tiling
-  tables = cfg.offset_inputs(keys_in_slab=True)
+  tables = cfg.offset_inputs(rh, rw, keys_in_slab=True)
   hq, wq = t.block_map
   out_shape = (jax.ShapeDtypeStruct(qb.shape, qb.dtype),
                jax.ShapeDtypeStruct((qb.shape[0], hq, wq, 1), jnp.float32))
@@ -566,10 +636,11 @@ def _attention_bwd(cfg: _Launch, res, g):
   qb = cfg.to_blocks(qh)
   ks, vs = cfg.to_slabs(kh_), cfg.to_slabs(vh)
   nblocks = math.prod(cfg.grid)
-  rel_shape = (cfg.grid[0], *t.grid_hw, t.kp, t.dp)
-  rel_spec = pl.BlockSpec((None, None, None, t.kp, t.dp), lambda i, y, x: (i, y, x, 0, 0))
+  rows = t.kp if cfg.form == "tables" else max(t.kp, _MIN_DOT)  # a matmul's in "factored"
+  rel_shape = (cfg.grid[0], *t.grid_hw, rows, t.dp)
+  rel_spec = pl.BlockSpec((None, None, None, rows, t.dp), lambda i, y, x: (i, y, x, 0, 0))
 
-  tables = cfg.offset_inputs(keys_in_slab=True)
+  tables = cfg.offset_inputs(rht, rwt, keys_in_slab=True)
   dq, drh, drw = cfg.call(
       _dq_kernel,
       (jax.ShapeDtypeStruct(qb.shape, q.dtype), jax.ShapeDtypeStruct(rel_shape, jnp.float32),
@@ -584,7 +655,7 @@ def _attention_bwd(cfg: _Launch, res, g):
   def slabs_of_blocks(x):  # a [BN, hq, wq, c] block-layout array as a slab map
     return cfg.to_slabs(x[:, :t.height, :t.width], pad_channels=False)
 
-  tables = cfg.offset_inputs(keys_in_slab=False)
+  tables = cfg.offset_inputs(rht, rwt, keys_in_slab=False)
   qs, gs = cfg.to_slabs(qh), slabs_of_blocks(gb)
   lses, dds = slabs_of_blocks(lse), slabs_of_blocks(dd)
   kb, vb = cfg.to_blocks(kh_), cfg.to_blocks(vh)

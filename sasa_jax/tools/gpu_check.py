@@ -393,7 +393,9 @@ def main(argv=None):
   p.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                  help="programs compiled at once (train steps: at most 3)")
   args = p.parse_args(argv)
-  sections = [s for s in args.sections.split(",") if s] + (["tune"] if args.tune else [])
+  # In the order given; --tune adds "tune" at the end unless --sections places it.
+  sections = list(dict.fromkeys([s for s in args.sections.split(",") if s]
+                                + (["tune"] if args.tune else [])))
   unknown = sorted(set(sections) - set(SECTIONS))
   if unknown:
     p.error(f"--sections: unknown {unknown}; choose from {list(SECTIONS)}")

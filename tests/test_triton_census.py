@@ -1,0 +1,27 @@
+"""tools/triton_census: the GPU kernels compiled by Triton's own compiler for an H100
+(sm_90), on this CPU-only machine, and read back from the machine code."""
+import importlib.util
+
+from tests.conftest import require
+
+
+def test_both_forms_compile_for_sm90_with_tensor_core_matmuls():
+  require(None if importlib.util.find_spec("triton") else
+          "triton is not installed (`make test` installs the [census] extra)")
+  from sasa_jax.ops import pallas_attention as pa  # noqa: PLC0415
+  from sasa_jax.tools import triton_census  # noqa: PLC0415
+  rows = triton_census.census(stages=[(7, 512)], batch=2)
+  kernels = [r for r in rows if r["kernel"] != "op"]
+  assert sorted((r["form"], r["kernel"]) for r in kernels) == sorted(
+      (f, k) for f in pa.FORMS for k in ("fwd", "dq", "dkv"))
+  for r in kernels:
+    assert r["instructions"] > 100 and 0 < r["registers"] <= 255, r
+    assert r["tensor_core_ops"] > 0, r  # the kernels' matmuls run on tensor cores
+    assert r["programs"] == 2 * 8 and r["planned"], r  # one 8 x 8 block per image and head
+  ops = {r["form"]: r for r in rows if r["kernel"] == "op"}
+  for form, op in ops.items():
+    assert op["warp_instructions"] == sum(r["warp_instructions"] for r in kernels
+                                          if r["form"] == form)
+    assert op["per_logit"] > 0
+  markdown = triton_census.to_markdown(rows)
+  assert markdown.count("\n") == len(rows) + 1 and "| factored | dq |" in markdown
