@@ -194,6 +194,11 @@ def test_training_step_exports_for_accelerators_at_every_resnet50_stage(platform
     if platform == "cuda":  # factored: two shifted relative tables instead of four offset tables
       operands = [len(re.search(r"triton\((.*?)\)", c).group(1).split(",")) for c in calls]
       assert operands == ([7, 10, 10] if form else [9, 12, 12]), operands
+      # Warps per kernel (pa.kernel_warps): the factored form's one per 16 rows of a block.
+      t = pa.plan_tiling(hw, hw, channels // 8, 7, jnp.bfloat16, "gpu")
+      warps = [int(re.search(r"num_warps = (\d+)", c).group(1)) for c in calls]
+      assert warps == ([min(4, t.nq // 16)] * 2 + [min(4, t.nk // 16)] if form
+                       else [pa.NUM_WARPS] * 3), (hw, warps)
     for kernel in ("sasa_fwd_kernel", "sasa_dq_kernel", "sasa_dkv_kernel"):
       assert re.search(kernel, text), kernel
 

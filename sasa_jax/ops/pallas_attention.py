@@ -113,9 +113,24 @@ class Tiling:
     return (nbh - 1) * self.bh + self.kh, (nbw - 1) * self.bw + self.kw
 
 
-# Triton launch settings of every GPU kernel (tools/gpu_check.py --tune times others).
+# Triton launch settings of the GPU kernels (tools/gpu_check.py --tune times others): the
+# tables form's warps (as timed on an H200) and every kernel's pipeline stages.
 NUM_WARPS = 4
 NUM_STAGES = 1
+
+
+def kernel_warps(tiling: Tiling, form: str, kernel: str, num_warps: int | None = None) -> int:
+  """Triton warps of one GPU kernel ("fwd", "dq" or "dkv"): num_warps where given; else
+  NUM_WARPS in the tables form, and in the factored form one warp per 16 rows of the
+  kernel's logit block (a block's queries for fwd and dq, a slab's for dkv), 1 to 4: with
+  fewer rows per warp Triton repeats the block's elementwise work in every warp (the
+  instructions per thread hardly change with the warps: `tools/triton_census.py`)."""
+  if num_warps is not None:
+    return num_warps
+  if form == "tables":
+    return NUM_WARPS
+  rows = tiling.nk if kernel == "dkv" else tiling.nq
+  return min(4, max(1, rows // 16))
 
 # Per-program fixed cost, in logits: grid-step / block-launch overhead and slab loads.
 _PROGRAM_OVERHEAD = 2048
@@ -482,7 +497,7 @@ class _Launch:
   # with the generic interpreter (plain jax ops, no effects: fit for a platform_dependent
   # branch beside compiled ones).
   tpu_interpreter: bool = True
-  num_warps: int = NUM_WARPS   # Triton only
+  num_warps: int | None = None  # Triton only; None: `kernel_warps`' choice per kernel
   num_stages: int = NUM_STAGES
   form: str = "tables"         # how the kernels find each pair's offsets: FORMS
 
@@ -496,14 +511,16 @@ class _Launch:
   def grid(self):
     return (self.batch * self.heads, *self.tiling.grid_hw)
 
-  def compiler_params(self):
+  def compiler_params(self, kernel: str):
     if self.interpret:
       return None
     if self.tiling.flavour == "tpu":
       from jax.experimental.pallas import tpu as pltpu
       return pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
     from jax.experimental.pallas import triton as pltriton
-    return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+    return pltriton.CompilerParams(
+        num_warps=kernel_warps(self.tiling, self.form, kernel, self.num_warps),
+        num_stages=self.num_stages)
 
   def interpret_mode(self):
     if not self.interpret:
@@ -585,7 +602,8 @@ class _Launch:
     a function holding both flavours exports for TPU and GPU at once (`platform_only`)."""
     call = pl.pallas_call(
         functools.partial(kernel, t=self.tiling, form=self.form), out_shape=out_shape, grid=self.grid,
-        in_specs=in_specs, out_specs=out_specs, compiler_params=self.compiler_params(),
+        in_specs=in_specs, out_specs=out_specs,
+        compiler_params=self.compiler_params(kernel.__name__[1:].removesuffix("_kernel")),
         interpret=self.interpret_mode(), cost_estimate=cost,
         name=f"sasa_{kernel.__name__.strip('_')}")
     if self.interpret:
@@ -729,12 +747,13 @@ def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
 
 
 def fused_attention(q, k, v, rel_h, rel_w, *, num_heads: int, tiling: Tiling,
-                    num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
+                    num_warps: int | None = None, num_stages: int = NUM_STAGES,
                     form: str = "tables", interpret: bool = False):
   """The kernels in one given tiling and launch configuration, with no platform dispatch:
   for timing candidates against each other on one device (`tools/gpu_check --tune`).
   Arguments as `local_attention`'s, all five arrays given; tiling from `candidate_tilings`;
-  form: one of FORMS ("factored" on the GPU flavour only).
+  form: one of FORMS ("factored" on the GPU flavour only); num_warps: every kernel's, or
+  None for `kernel_warps`' choice per kernel.
   """
   launch = _Launch(q.shape[0], num_heads, q.shape[-1] // num_heads, tiling, interpret,
                    num_warps=num_warps, num_stages=num_stages, form=form)

@@ -55,6 +55,7 @@ TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}  # max |a - b| / max |b|
 ODD_SHAPES = [  # (batch, H, W, C, heads, k): window > map, non-square, 1 head
     (2, 5, 5, 32, 4, 7), (2, 9, 20, 64, 8, 7), (2, 13, 11, 16, 1, 5)]
 SECTIONS = ("env", "correctness", "op", "torch", "export", "train_step", "tune")
+KERNELS = ("fwd", "dq", "dkv")  # the three Triton kernels of a fwd+bwd
 
 
 def _operands(shape, heads, k, dtype, seed=0):
@@ -288,8 +289,9 @@ def train_step_rows(depth, batch, image_size, dtype, repeats, cases=None, **mode
 def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
   """Candidate Triton launches at each shape (k = 7, 8 heads), in both kernel forms
   (pallas_attention.FORMS): the `tilings` cheapest by the cost model (up to 32K logits a
-  program) x `warps` warp counts, plus the planned tiling with two pipeline stages.
-  Gradient error against impl=xla, so a fast wrong launch shows."""
+  program) x `warps` warp counts (None: `kernel_warps`' choice per kernel), plus the planned
+  tiling with two pipeline stages; launches that run alike are timed once. Gradient error
+  against impl=xla, so a fast wrong launch shows."""
   for size, width in stages:
     heads, k = 8, 7
     d = width // heads
@@ -301,16 +303,23 @@ def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
       return jax.grad(lambda *a: jnp.sum(op(*a).astype(jnp.float32) * cot), argnums=range(5))
     planned = pa.plan_tiling(size, size, d, k, dtype, "gpu")
     candidates = pa.candidate_tilings(size, size, d, k, dtype, "gpu", max_logits=1 << 15)
-    default = (planned, pa.NUM_WARPS, pa.NUM_STAGES, pa.GPU_FORM)
+    default = (planned, None, pa.NUM_STAGES, pa.GPU_FORM)
     launches = [default]
     for form in pa.FORMS:
       launches += [(t, nw, pa.NUM_STAGES, form) for t in candidates[:tilings] for nw in warps]
-      launches.append((planned, pa.NUM_WARPS, pa.NUM_STAGES + 1, form))
-    for t, nw, ns, form in dict.fromkeys(launches):
+      launches.append((planned, None, pa.NUM_STAGES + 1, form))
+
+    def warps_of(t, nw, form):  # the three kernels' warps, e.g. "1/1/4"
+      return "/".join(str(pa.kernel_warps(t, form, kernel, nw)) for kernel in KERNELS)
+    unique = {(t, warps_of(t, nw, form), ns, form): (t, nw, ns, form) for t, nw, ns, form
+              in reversed(launches)}  # the first of launches that run alike
+    for (t, warps_label, ns, form), (_, nw, _, _) in reversed(unique.items()):
       labels = {"shape": "x".join(map(str, shape)), "dtype": jnp.dtype(dtype).name,
                 "form": form, "block": f"{t.bh}x{t.bw}", "slab": f"{t.kh}x{t.kw}",
-                "logits": t.nq * t.nk, "num_warps": nw, "num_stages": ns,
-                "planned": (t, nw, ns, form) == default}
+                "logits": t.nq * t.nk, "num_warps": warps_label, "num_stages": ns,
+                "planned": (t, warps_label, ns, form) == (
+                    planned, warps_of(planned, None, pa.GPU_FORM), pa.NUM_STAGES,
+                    pa.GPU_FORM)}
 
       def prepare(t=t, nw=nw, ns=ns, form=form):
         with want_lock:
@@ -423,9 +432,9 @@ def main(argv=None):
                           num_heads=2,
                           cases=[("baseline", "xla"), ("full_attention", "pallas")])
           if smoke else train_step_rows(50, 128, 224, jnp.bfloat16, 5)),
-      "tune": lambda: (tune_rows(stages[:1], op_batch, jnp.float32, 2, 1, (4,), interpret=True)
-                       if smoke else
-                       tune_rows(STAGES, op_batch, jnp.bfloat16, repeats, 4, (4, 8))),
+      "tune": lambda: (tune_rows(stages[:1], op_batch, jnp.float32, 2, 1, (None,),
+                                 interpret=True) if smoke else
+                       tune_rows(STAGES, op_batch, jnp.bfloat16, repeats, 4, (None, 4, 8))),
   }
   os.makedirs(args.out, exist_ok=True)
 

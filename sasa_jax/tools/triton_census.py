@@ -59,10 +59,11 @@ def _capturing_triton_modules():
 
 
 def kernel_modules(size: int, width: int, batch: int, dtype, form: str,
-                   tiling: pa.Tiling | None = None, num_warps: int = pa.NUM_WARPS,
+                   tiling: pa.Tiling | None = None, num_warps: int | None = None,
                    num_stages: int = pa.NUM_STAGES):
   """The op's fwd+bwd at one stage shape lowered for CUDA: [(name, Triton IR, grid)] for the
-  forward, dq and dk/dv kernels, at `tiling` (default: the planned one)."""
+  forward, dq and dk/dv kernels, at `tiling` (default: the planned one); num_warps as
+  `pa.fused_attention`'s."""
   d = width // HEADS
   tiling = tiling or pa.plan_tiling(size, size, d, KERNEL_SIZE, dtype, "gpu")
   x = jax.ShapeDtypeStruct((batch, size, size, width), dtype)
@@ -108,11 +109,12 @@ def compile_module(text: str, arch: int, num_warps: int, num_stages: int) -> dic
 
 
 def census(stages=STAGES, batch: int = 32, dtype=jnp.bfloat16, forms=pa.FORMS,
-           arch: int = 90, warps=(pa.NUM_WARPS,), num_stages: int = pa.NUM_STAGES,
+           arch: int = 90, warps=(None,), num_stages: int = pa.NUM_STAGES,
            tilings: int = 1):
   """One row per (stage, tiling, warps, form, kernel) and one per (stage, tiling, warps,
   form) with kernel "op", at the `tilings` cheapest tilings by the planner's cost model (the
-  first is the planned one; up to 32K logits a program, as gpu_check --tune)."""
+  first is the planned one; up to 32K logits a program, as gpu_check --tune). warps: every
+  kernel's warp count, or None for `pa.kernel_warps`' choice per kernel."""
   rows = []
   for size, width in stages:
     planned = pa.plan_tiling(size, size, width // HEADS, KERNEL_SIZE, dtype, "gpu")
@@ -122,19 +124,21 @@ def census(stages=STAGES, batch: int = 32, dtype=jnp.bfloat16, forms=pa.FORMS,
     for tiling, num_warps, form in ((t, w, f) for t in chosen for w in warps for f in forms):
       labels = {"shape": f"{batch}x{size}x{size}x{width}", "dtype": jnp.dtype(dtype).name,
                 "form": form, "block": f"{tiling.bh}x{tiling.bw}",
-                "slab": f"{tiling.kh}x{tiling.kw}", "num_warps": num_warps,
-                "planned": tiling == planned}
+                "slab": f"{tiling.kh}x{tiling.kw}", "planned": tiling == planned}
       total = 0
       for name, text, grid in kernel_modules(size, width, batch, dtype, form, tiling,
                                              num_warps, num_stages):
-        row = {**labels, "kernel": name.removeprefix("sasa_").removesuffix("_kernel"),
+        kernel = name.removeprefix("sasa_").removesuffix("_kernel")
+        kernel_warps = pa.kernel_warps(tiling, form, kernel, num_warps)
+        row = {**labels, "kernel": kernel, "num_warps": kernel_warps,
                "programs": math.prod(grid),
-               **compile_module(text, arch, num_warps, num_stages)}
-        row["warp_instructions"] = row["instructions"] * num_warps * row["programs"]
+               **compile_module(text, arch, kernel_warps, num_stages)}
+        row["warp_instructions"] = row["instructions"] * kernel_warps * row["programs"]
         total += row["warp_instructions"]
         rows.append(row)
       logits = batch * HEADS * math.prod(tiling.block_map) * tiling.nk
-      rows.append({**labels, "kernel": "op", "warp_instructions": total,
+      rows.append({**labels, "kernel": "op", "num_warps": "auto" if num_warps is None
+                   else num_warps, "warp_instructions": total,
                    "per_logit": total / logits, "per_query": total / (batch * HEADS * size**2)})
   return rows
 
@@ -155,7 +159,8 @@ def main(argv=None):
   p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (H100: 90)")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--warps", default=str(pa.NUM_WARPS), help="comma-separated, e.g. 4,8")
+  p.add_argument("--warps", default="auto",
+                 help="comma-separated warp counts, e.g. auto,4,8 (auto: pa.kernel_warps)")
   p.add_argument("--tilings", type=int, default=1,
                  help="the planned tiling and the cost model's next cheapest, this many")
   p.add_argument("--stages", default=",".join(str(s) for s, _ in STAGES),
@@ -167,7 +172,8 @@ def main(argv=None):
   if unknown:
     p.error(f"--stages: {sorted(unknown)} is not a ResNet-50 stage; choose from 56,28,14,7")
   rows = census([s for s in STAGES if s[0] in sizes], args.batch, jnp.dtype(args.dtype),
-                arch=args.arch, warps=[int(w) for w in args.warps.split(",")],
+                arch=args.arch,
+                warps=[None if w == "auto" else int(w) for w in args.warps.split(",")],
                 tilings=args.tilings)
   print(json.dumps(rows, indent=1) if args.format == "json" else to_markdown(rows))
 
