@@ -11,7 +11,9 @@ Tiling (shared by every backend, sizes chosen per backend in `plan_tiling`):
   * Window membership of a (query, key) pair inside a block does not depend on where the
     block is, so it is one static int32 table per tiling ([bh*bw, kh*kw], the relative
     row / column offset index, -1 outside the window); image borders are checked per block
-    from the block origin.
+    from the block origin. On GPU a second form (FORMS, `_FactoredOffsets`) reads no such
+    table: it computes offsets per axis in the kernel and gets the relative logits and
+    their gradients from small matmuls with per-axis shifted tables.
   * Backward (flash-attention style, nothing of size k^2 per channel is stored): one
     kernel per query block recomputes the probabilities from the saved log-sum-exp and
     writes dq and this block's share of d rel_h / d rel_w; one kernel per key block reads
@@ -318,7 +320,7 @@ class _FactoredOffsets:
   over their B columns; the [n, A * B] logit terms are one broadcast sum of the two. Each
   axis's terms come from one matmul of the row items against that axis's shifted table
   (`_shifted_tables`: every row they can meet at every own position), keeping each row
-  item's own position; the backward's per-offset sums run on [n, A] and [n, B].
+  item's own position; the backward's are matmuls too (`relative_grads`).
   """
 
   def __init__(self, t: Tiling, sh_ref, sw_ref, *, keys_in_slab: bool):
@@ -371,7 +373,8 @@ class _FactoredOffsets:
     """As `_TableOffsets.relative_grads`. ds's row and column sums ([n, A], [n, B]) are
     placed at each query's own position ([n, P * Q], P * Q = the shifted table's rows), so
     that dq's share is a matmul with the shifted table, and the tables' gradients a matmul
-    with the 0/1 matrix S [rows, P * Q] that sums each offset's (p, q) (then one with x)."""
+    with the 0/1 matrix S [rows, P * Q] that sums each offset's (p, q) (then one with x).
+    The matmuls take the input dtype, as dq's ds @ k does; rows >= 16 (a matmul's)."""
     assert self.keys_in_slab, "the gradients of the tables come from the query blocks"
     t, r = self.t, self.t.radius
     ds3 = ds.reshape(t.nq, t.kh, t.kw)
@@ -601,8 +604,8 @@ class _Launch:
     """The pallas_call of `kernel`; compiled kernels are lowered only for their platform, so
     a function holding both flavours exports for TPU and GPU at once (`platform_only`)."""
     call = pl.pallas_call(
-        functools.partial(kernel, t=self.tiling, form=self.form), out_shape=out_shape, grid=self.grid,
-        in_specs=in_specs, out_specs=out_specs,
+        functools.partial(kernel, t=self.tiling, form=self.form), out_shape=out_shape,
+        grid=self.grid, in_specs=in_specs, out_specs=out_specs,
         compiler_params=self.compiler_params(kernel.__name__[1:].removesuffix("_kernel")),
         interpret=self.interpret_mode(), cost_estimate=cost,
         name=f"sasa_{kernel.__name__.strip('_')}")
@@ -654,7 +657,8 @@ def _attention_bwd(cfg: _Launch, res, g):
   qb = cfg.to_blocks(qh)
   ks, vs = cfg.to_slabs(kh_), cfg.to_slabs(vh)
   nblocks = math.prod(cfg.grid)
-  rows = t.kp if cfg.form == "tables" else max(t.kp, _MIN_DOT)  # a matmul's in "factored"
+  # d rel rows per program: the factored form writes them as one matmul's result.
+  rows = t.kp if cfg.form == "tables" else max(t.kp, _MIN_DOT)
   rel_shape = (cfg.grid[0], *t.grid_hw, rows, t.dp)
   rel_spec = pl.BlockSpec((None, None, None, rows, t.dp), lambda i, y, x: (i, y, x, 0, 0))
 
