@@ -121,8 +121,11 @@ NUM_WARPS = 4
 NUM_STAGES = 1
 
 
+KERNELS = ("fwd", "dq", "dkv")  # the kernels of a fwd+bwd: `_fwd_kernel`, `_dq_kernel`, ...
+
+
 def kernel_warps(tiling: Tiling, form: str, kernel: str, num_warps: int | None = None) -> int:
-  """Triton warps of one GPU kernel ("fwd", "dq" or "dkv"): num_warps where given; else
+  """Triton warps of one GPU kernel (one of KERNELS): num_warps where given; else
   NUM_WARPS in the tables form, and in the factored form one warp per 16 rows of the
   kernel's logit block (a block's queries for fwd and dq, a slab's for dkv), 1 to 4: with
   fewer rows per warp Triton repeats the block's elementwise work in every warp (the
@@ -238,6 +241,32 @@ def _dot(a, b, contract, dtype):
                              preferred_element_type=jnp.float32, precision=precision)
 
 
+def _terms_by_offset(x, rel_ref, k: int, at_offset, terms):
+  """terms + x[n].rel[i] wherever at_offset(i) holds, for i < k: the relative logits one
+  offset at a time. x [n, dp]; rel_ref [kp, dp]; at_offset(i) and terms broadcast to one
+  [n, m] shape."""
+  xf = x.astype(jnp.float32)
+  for i in range(k):
+    xr = jnp.sum(xf * rel_ref[pl.ds(i, 1), :].astype(jnp.float32), axis=1, keepdims=True)
+    terms = jnp.where(at_offset(i), terms + xr, terms)
+  return terms
+
+
+def _grads_by_offset(values, x, rel_ref, out_ref, k: int, at_offset):
+  """Their gradients one offset at a time: g_i = sum over m of values where at_offset(i),
+  out_ref's row i = sum over n of g_i x (zero past k); returns dq's share sum_i g_i rel[i].
+  values [n, m] (d logits, or their sums along the other axis); x [n, dp]."""
+  xf, dq = x.astype(jnp.float32), 0.0
+  for i in range(out_ref.shape[0]):
+    if i < k:
+      g = jnp.sum(jnp.where(at_offset(i), values, 0.0), axis=1, keepdims=True)   # [n, 1]
+      dq = dq + g * rel_ref[pl.ds(i, 1), :].astype(jnp.float32)
+      out_ref[pl.ds(i, 1), :] = jnp.sum(g * xf, axis=0, keepdims=True)
+    else:  # padding rows of the tables (GPU)
+      out_ref[pl.ds(i, 1), :] = jnp.zeros((1, out_ref.shape[1]), jnp.float32)
+  return dq
+
+
 class _TableOffsets:
   """Where each (row item, column item) pair lies, read from static [n, m] tables.
 
@@ -257,29 +286,18 @@ class _TableOffsets:
     """q.r of every pair, rel[i, j] = x[i].rel_h[th[i, j]] + x[i].rel_w[tw[i, j]], and which
     pairs are valid: [n, m] each. x: the row items' vectors [n, dp]. The tables hold
     full-width [kp, dp] rows, so no lane slicing at d/2 is needed in the kernel."""
-    rel = jnp.zeros(self.th.shape, jnp.float32)
-    xf = x.astype(jnp.float32)
-    for i in range(self.t.kernel_size):
-      qh = jnp.sum(xf * rh_ref[pl.ds(i, 1), :].astype(jnp.float32), axis=1, keepdims=True)
-      qw = jnp.sum(xf * rw_ref[pl.ds(i, 1), :].astype(jnp.float32), axis=1, keepdims=True)
-      rel = jnp.where(self.th == i, rel + qh, rel)
-      rel = jnp.where(self.tw == i, rel + qw, rel)
-    return rel, self.valid
+    k = self.t.kernel_size
+    rel = _terms_by_offset(x, rh_ref, k, lambda i: self.th == i,
+                           jnp.zeros(self.th.shape, jnp.float32))
+    return _terms_by_offset(x, rw_ref, k, lambda i: self.tw == i, rel), self.valid
 
   def relative_grads(self, ds, x, rel_refs, out_refs):
     """The gradients through the relative logits of a query block: writes this program's
     d rel_h, d rel_w rows to out_refs ([rows, dp] each; rows past k zero) and returns dq's
     share [n, dp]. ds: d logits [n, m]; x: the queries [n, dp]; rel_refs: [kp, dp] tables."""
-    xf, dq = x.astype(jnp.float32), 0.0
-    for table, rel_ref, out_ref in zip((self.th, self.tw), rel_refs, out_refs):
-      for i in range(out_ref.shape[0]):
-        if i < self.t.kernel_size:
-          g = jnp.sum(jnp.where(table == i, ds, 0.0), axis=1, keepdims=True)   # [n, 1]
-          dq = dq + g * rel_ref[pl.ds(i, 1), :].astype(jnp.float32)
-          out_ref[pl.ds(i, 1), :] = jnp.sum(g * xf, axis=0, keepdims=True)
-        else:  # padding rows of the tables (GPU)
-          out_ref[pl.ds(i, 1), :] = jnp.zeros((1, out_ref.shape[1]), jnp.float32)
-    return dq
+    return sum(_grads_by_offset(ds, x, rel_ref, out_ref, self.t.kernel_size,
+                                lambda i, table=table: table == i)
+               for table, rel_ref, out_ref in zip((self.th, self.tw), rel_refs, out_refs))
 
 
 def _shift_index(t: Tiling, *, keys_in_slab: bool):
@@ -361,11 +379,10 @@ class _FactoredOffsets:
         p = jax.lax.broadcasted_iota(jnp.int32, (1, g.shape[1], 1), 1)
         terms.append(jnp.sum(jnp.where(p == own[:, :, None], g, 0.0), axis=1))
       else:  # too few (p, q) for a Triton matmul (maps of 1-2 rows): offset by offset
-        xf, term = x.astype(jnp.float32), jnp.zeros(offset.shape, jnp.float32)
-        for i in range(self.t.kernel_size):
-          xr = jnp.sum(xf * rel_ref[pl.ds(i, 1), :].astype(jnp.float32), axis=1, keepdims=True)
-          term = jnp.where(offset == i - self.t.radius, term + xr, term)
-        terms.append(term)
+        terms.append(_terms_by_offset(
+            x, rel_ref, self.t.kernel_size,
+            lambda i, offset=offset: offset == i - self.t.radius,
+            jnp.zeros(offset.shape, jnp.float32)))
     valid = self._pairs(self.ok_h.astype(jnp.float32), self.ok_w.astype(jnp.float32)) > 1.5
     return self._pairs(*terms), valid
 
@@ -396,14 +413,8 @@ class _FactoredOffsets:
         per_offset = _dot(sums.astype(x.dtype), placed, (1, 1), x.dtype)   # [rows, n]
         out_ref[...] = _dot(per_offset.astype(x.dtype), x, (1, 0), x.dtype)
       else:  # too few (p, q) for a Triton matmul: offset by offset
-        xf = x.astype(jnp.float32)
-        for i in range(rows):
-          if i < t.kernel_size:
-            g = jnp.sum(jnp.where(offset == i - r, by, 0.0), axis=1, keepdims=True)
-            dq = dq + g * rel_ref[pl.ds(i, 1), :].astype(jnp.float32)
-            out_ref[pl.ds(i, 1), :] = jnp.sum(g * xf, axis=0, keepdims=True)
-          else:
-            out_ref[pl.ds(i, 1), :] = jnp.zeros((1, out_ref.shape[1]), jnp.float32)
+        dq = dq + _grads_by_offset(by, x, rel_ref, out_ref, t.kernel_size,
+                                   lambda i, offset=offset: offset == i - r)
     return dq
 
 

@@ -55,7 +55,6 @@ TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}  # max |a - b| / max |b|
 ODD_SHAPES = [  # (batch, H, W, C, heads, k): window > map, non-square, 1 head
     (2, 5, 5, 32, 4, 7), (2, 9, 20, 64, 8, 7), (2, 13, 11, 16, 1, 5)]
 SECTIONS = ("env", "correctness", "op", "torch", "export", "train_step", "tune")
-KERNELS = ("fwd", "dq", "dkv")  # the three Triton kernels of a fwd+bwd
 
 
 def _operands(shape, heads, k, dtype, seed=0):
@@ -309,17 +308,19 @@ def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
       launches += [(t, nw, pa.NUM_STAGES, form) for t in candidates[:tilings] for nw in warps]
       launches.append((planned, None, pa.NUM_STAGES + 1, form))
 
-    def warps_of(t, nw, form):  # the three kernels' warps, e.g. "1/1/4"
-      return "/".join(str(pa.kernel_warps(t, form, kernel, nw)) for kernel in KERNELS)
-    unique = {(t, warps_of(t, nw, form), ns, form): (t, nw, ns, form) for t, nw, ns, form
-              in reversed(launches)}  # the first of launches that run alike
-    for (t, warps_label, ns, form), (_, nw, _, _) in reversed(unique.items()):
+    def runs_as(t, nw, ns, form):  # with the three kernels' warps, e.g. "1/1/4"
+      return (t, "/".join(str(pa.kernel_warps(t, form, kernel, nw)) for kernel in pa.KERNELS),
+              ns, form)
+    seen = set()
+    for t, nw, ns, form in launches:
+      key = runs_as(t, nw, ns, form)
+      if key in seen:  # runs as an earlier launch does
+        continue
+      seen.add(key)
       labels = {"shape": "x".join(map(str, shape)), "dtype": jnp.dtype(dtype).name,
                 "form": form, "block": f"{t.bh}x{t.bw}", "slab": f"{t.kh}x{t.kw}",
-                "logits": t.nq * t.nk, "num_warps": warps_label, "num_stages": ns,
-                "planned": (t, warps_label, ns, form) == (
-                    planned, warps_of(planned, None, pa.GPU_FORM), pa.NUM_STAGES,
-                    pa.GPU_FORM)}
+                "logits": t.nq * t.nk, "num_warps": key[1], "num_stages": ns,
+                "planned": key == runs_as(*default)}
 
       def prepare(t=t, nw=nw, ns=ns, form=form):
         with want_lock:
