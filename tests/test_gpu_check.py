@@ -35,6 +35,14 @@ def test_cpu_smoke_writes_results(tmp_path):
   other = next(f for f in pa.FORMS if f != pa.GPU_FORM)  # the GPU kernels' other form
   assert all(r["pallas_ms"] > 0 and r["xla_ms"] > 0 and r["conv_ms"] > 0
              and r[f"pallas_{other}_ms"] > 0 for r in ops)
+  # float32 rows: both forms with the other float32 matmuls too; bfloat16 rows: no such rows
+  other_dot = next(m for m in pa.F32_DOTS if m != pa.GPU_F32_DOT)
+  assert sorted(r["dtype"] for r in ops) == ["bfloat16"] * 2 + ["float32"] * 2
+  for r in ops:
+    timed = sorted(name for name in r if name.endswith(f"_{other_dot}_ms"))
+    assert timed == ([f"pallas_{f}_{other_dot}_ms" for f in sorted(pa.FORMS)]
+                     if r["dtype"] == "float32" else []), (r["dtype"], timed)
+    assert all(r[name] > 0 for name in timed)
   env, = [r for r in report["rows"] if r["kind"] == "env"]
   assert env["backend"] == "cpu" and env["auto_impl"] == "cpu"
   exports = {r["platforms"]: r for r in report["rows"] if r["kind"] == "export"}

@@ -50,14 +50,17 @@ def _reference_output_and_grads(args, kw):
 
 
 # Kernel flavours in interpret mode; "gpu-factored": the GPU kernels with in-kernel, factored
-# offsets (pallas_attention.FORMS) instead of the offset tables.
-FLAVOURS = ["tpu", "gpu", "gpu-factored"]
+# offsets (pallas_attention.FORMS) instead of the offset tables; "...-bf16x3": with float32
+# matmuls as three bfloat16 products (pallas_attention.F32_DOTS).
+FORM_FLAVOURS = ["tpu", "gpu", "gpu-factored"]
+FLAVOURS = FORM_FLAVOURS + ["gpu-bf16x3", "gpu-factored-bf16x3"]
 
 
 def _use_flavour(flavour, monkeypatch):
-  """pa.target(...) for one of FLAVOURS, with the GPU form that it names."""
-  platform, _, form = flavour.partition("-")
-  monkeypatch.setattr(pa, "GPU_FORM", form or "tables")
+  """pa.target(...) for one of FLAVOURS, with the GPU form and float32 matmuls it names."""
+  platform, *options = flavour.split("-")
+  monkeypatch.setattr(pa, "GPU_FORM", "factored" if "factored" in options else "tables")
+  monkeypatch.setattr(pa, "GPU_F32_DOT", "bf16x3" if "bf16x3" in options else "ieee")
   return pa.target(platform, interpret=True)
 
 
@@ -108,7 +111,7 @@ def test_cpu_default_runs_kernels_in_interpret_mode_without_positions_or_keys():
     _assert_close(local_attention(q, keys, v, *rel, impl="pallas", **kw), want, 1e-4)
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("flavour", FORM_FLAVOURS)
 def test_bfloat16_inputs_float32_softmax(flavour, monkeypatch):
   """bfloat16 operands (the kernels' matmuls take them as they are) against the float32
   reference: the output and all five gradients."""

@@ -25,3 +25,18 @@ def test_both_forms_compile_for_sm90_with_tensor_core_matmuls():
     assert op["per_logit"] > 0
   markdown = triton_census.to_markdown(rows)
   assert markdown.count("\n") == len(rows) + 1 and "| factored | dq |" in markdown
+
+
+def test_float32_matmuls_reach_the_tensor_cores_only_as_bfloat16_products():
+  """pa.F32_DOTS: "ieee" float32 matmuls are Triton's FMA loop, "bf16x3" three bfloat16
+  tensor-core products."""
+  require(None if importlib.util.find_spec("triton") else
+          "triton is not installed (`make test` installs the [census] extra)")
+  import jax.numpy as jnp  # noqa: PLC0415
+  from sasa_jax.tools import triton_census  # noqa: PLC0415
+  rows = triton_census.census(stages=[(8, 64)], batch=1, dtype=jnp.float32,
+                              forms=("factored",), f32_dots=("ieee", "bf16x3"))
+  kernels = [r for r in rows if r["kernel"] != "op"]
+  assert sorted(r["f32_dot"] for r in kernels) == ["bf16x3"] * 3 + ["ieee"] * 3
+  for r in kernels:
+    assert (r["tensor_core_ops"] > 0) == (r["f32_dot"] == "bf16x3"), r

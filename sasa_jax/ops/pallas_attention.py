@@ -234,11 +234,36 @@ def _slab_positions(t: Tiling, column: bool):
   return (b - t.pt).astype(np.int32).reshape(shape), (e - t.pl).astype(np.int32).reshape(shape)
 
 
-def _dot(a, b, contract, dtype):
-  """a, b 2-D; contract = (dim of a, dim of b); float32 accumulation."""
-  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-  return jax.lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())),
-                             preferred_element_type=jnp.float32, precision=precision)
+# How the kernels multiply float32 operands: "ieee", exactly (on a GPU Triton's FMA loop:
+# no tensor cores, and operand layouts that spill registers at the larger blocks), or
+# "bf16x3" (GPU only): each operand split into a bfloat16 part and a bfloat16 remainder, and
+# three tensor-core products of them, hi.hi + hi.lo + lo.hi (what
+# `jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3` names: about 16 significant bits per
+# operand). bfloat16 operands go to the tensor cores either way.
+F32_DOTS = ("ieee", "bf16x3")
+# What `impl="pallas"` runs on GPUs (tools/gpu_check.py times the other).
+GPU_F32_DOT = "ieee"
+
+
+def _dot(a, b, contract, f32_dot: str = "ieee"):
+  """a, b 2-D, one dtype; contract = (dim of a, dim of b); float32 accumulation; float32
+  operands multiplied as f32_dot (one of F32_DOTS) says. The bf16x3 split is written out
+  rather than asked of the preset, which XLA:CPU ignores: interpret mode rounds as a GPU."""
+  dims = ((contract[:1], contract[1:]), ((), ()))
+
+  def dot(x, y, precision=None):
+    return jax.lax.dot_general(x, y, dims, preferred_element_type=jnp.float32,
+                               precision=precision)
+  if a.dtype != jnp.float32:
+    return dot(a, b)
+  if f32_dot == "ieee":
+    return dot(a, b, jax.lax.Precision.HIGHEST)
+
+  def split(x):  # x = hi + lo, both bfloat16
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+  (a_hi, a_lo), (b_hi, b_lo) = split(a), split(b)
+  return (dot(a_hi, b_lo) + dot(a_lo, b_hi)) + dot(a_hi, b_hi)
 
 
 def _terms_by_offset(x, rel_ref, k: int, at_offset, terms):
@@ -341,7 +366,7 @@ class _FactoredOffsets:
   item's own position; the backward's are matmuls too (`relative_grads`).
   """
 
-  def __init__(self, t: Tiling, sh_ref, sw_ref, *, keys_in_slab: bool):
+  def __init__(self, t: Tiling, sh_ref, sw_ref, *, keys_in_slab: bool, dot=_dot):
     by, bx = pl.program_id(1), pl.program_id(2)
     iota = jax.lax.broadcasted_iota
     if keys_in_slab:   # a block's queries [nq, 1] against slab rows [1, kh] / columns [1, kw]
@@ -361,7 +386,7 @@ class _FactoredOffsets:
     r = t.radius
     self.ok_h = (jnp.abs(self.dy) <= r) & (rows >= 0) & (rows < t.height)
     self.ok_w = (jnp.abs(self.dx) <= r) & (cols >= 0) & (cols < t.width)
-    self.t, self.keys_in_slab, self.tables = t, keys_in_slab, (sh_ref, sw_ref)
+    self.t, self.keys_in_slab, self.tables, self.dot = t, keys_in_slab, (sh_ref, sw_ref), dot
 
   def _pairs(self, row_terms, col_terms):
     n, a = row_terms.shape
@@ -374,7 +399,7 @@ class _FactoredOffsets:
                                                (self.dy, self.dx)):
       n, width = offset.shape                            # [n, Q]: the positions met
       if table_ref.shape[0] >= _MIN_DOT:
-        g = _dot(x, table_ref[...], (1, 1), x.dtype)     # [n, P * Q]
+        g = self.dot(x, table_ref[...], (1, 1))          # [n, P * Q]
         g = g.reshape(n, g.shape[1] // width, width)
         p = jax.lax.broadcasted_iota(jnp.int32, (1, g.shape[1], 1), 1)
         terms.append(jnp.sum(jnp.where(p == own[:, :, None], g, 0.0), axis=1))
@@ -406,12 +431,12 @@ class _FactoredOffsets:
         p = jax.lax.broadcasted_iota(jnp.int32, (1, pq // width, 1), 1)
         placed = jnp.where(p == own[:, :, None], by[:, None, :], 0.0).reshape(n, pq)
         placed = placed.astype(x.dtype)
-        dq = dq + _dot(placed, table_ref[...], (1, 0), x.dtype)   # [n, dp]
+        dq = dq + self.dot(placed, table_ref[...], (1, 0))        # [n, dp]
         col = jax.lax.broadcasted_iota(jnp.int32, (rows, pq), 1)
         offset_of = (col % width - pad) - col // width + r          # `_shift_index`'s, unmasked
         sums = (jax.lax.broadcasted_iota(jnp.int32, (rows, pq), 0) == offset_of)
-        per_offset = _dot(sums.astype(x.dtype), placed, (1, 1), x.dtype)   # [rows, n]
-        out_ref[...] = _dot(per_offset.astype(x.dtype), x, (1, 0), x.dtype)
+        per_offset = self.dot(sums.astype(x.dtype), placed, (1, 1))    # [rows, n]
+        out_ref[...] = self.dot(per_offset.astype(x.dtype), x, (1, 0))
       else:  # too few (p, q) for a Triton matmul: offset by offset
         dq = dq + _grads_by_offset(by, x, rel_ref, out_ref, t.kernel_size,
                                    lambda i, offset=offset: offset == i - r)
@@ -424,12 +449,12 @@ _MIN_DOT = 16  # Triton's smallest matmul dimension
 GPU_FORM = "tables"
 
 
-def _offsets(refs, t: Tiling, form: str, *, keys_in_slab: bool):
+def _offsets(refs, t: Tiling, form: str, dot, *, keys_in_slab: bool):
   """(the kernel's offsets, its remaining refs): the "tables" form takes four offset-table
   refs first, the "factored" form two shifted relative tables (`_Launch.offset_inputs`)."""
   if form == "tables":
     return _TableOffsets(t, *refs[:4]), refs[4:]
-  return _FactoredOffsets(t, *refs[:2], keys_in_slab=keys_in_slab), refs[2:]
+  return _FactoredOffsets(t, *refs[:2], keys_in_slab=keys_in_slab, dot=dot), refs[2:]
 
 
 def _slab(ref, t: Tiling, flavour: str):
@@ -447,55 +472,58 @@ def _block(ref, t: Tiling):
   return x.reshape(t.nq, x.shape[-1])
 
 
-def _query_logits(offsets, q, kk, rh_ref, rw_ref):
+def _query_logits(offsets, dot, q, kk, rh_ref, rw_ref):
   """Masked logits [nq, nk] of a query block against its key slab, and the mask."""
   rel, valid = offsets.logit_terms(q, rh_ref, rw_ref)
-  return jnp.where(valid, _dot(q, kk, (1, 1), q.dtype) + rel, _MASKED), valid
+  return jnp.where(valid, dot(q, kk, (1, 1)) + rel, _MASKED), valid
 
 
-def _fwd_kernel(*refs, t: Tiling, form: str):
+def _fwd_kernel(*refs, t: Tiling, form: str, f32_dot: str):
+  dot = functools.partial(_dot, f32_dot=f32_dot)
   offsets, (q_ref, k_ref, v_ref, rh_ref, rw_ref, o_ref, lse_ref) = _offsets(
-      refs, t, form, keys_in_slab=True)
+      refs, t, form, dot, keys_in_slab=True)
   q = _block(q_ref, t)
   kk, vv = _slab(k_ref, t, t.flavour), _slab(v_ref, t, t.flavour)
-  s, valid = _query_logits(offsets, q, kk, rh_ref, rw_ref)
+  s, valid = _query_logits(offsets, dot, q, kk, rh_ref, rw_ref)
   m = jnp.max(s, axis=1, keepdims=True)
   p = jnp.where(valid, jnp.exp(s - m), 0.0)
   denom = jnp.maximum(jnp.sum(p, axis=1, keepdims=True), _TINY)
-  o = _dot(p.astype(vv.dtype), vv, (1, 0), vv.dtype) / denom
+  o = dot(p.astype(vv.dtype), vv, (1, 0)) / denom
   o_ref[...] = o.reshape(o_ref.shape).astype(o_ref.dtype)
   lse_ref[...] = (m + jnp.log(denom)).reshape(lse_ref.shape)
 
 
-def _dq_kernel(*refs, t: Tiling, form: str):
+def _dq_kernel(*refs, t: Tiling, form: str, f32_dot: str):
+  dot = functools.partial(_dot, f32_dot=f32_dot)
   offsets, (q_ref, k_ref, v_ref, rh_ref, rw_ref, do_ref, lse_ref, dd_ref, dq_ref, drh_ref,
-            drw_ref) = _offsets(refs, t, form, keys_in_slab=True)
+            drw_ref) = _offsets(refs, t, form, dot, keys_in_slab=True)
   q = _block(q_ref, t)
   kk, vv = _slab(k_ref, t, t.flavour), _slab(v_ref, t, t.flavour)
-  s, valid = _query_logits(offsets, q, kk, rh_ref, rw_ref)
+  s, valid = _query_logits(offsets, dot, q, kk, rh_ref, rw_ref)
   lse, dd = _block(lse_ref, t), _block(dd_ref, t)
   p = jnp.where(valid, jnp.exp(s - lse), 0.0)
   do = _block(do_ref, t)
-  ds = p * (_dot(do, vv, (1, 1), do.dtype) - dd)                    # [nq, nk]
-  dq = _dot(ds.astype(kk.dtype), kk, (1, 0), kk.dtype)              # [nq, dp]
+  ds = p * (dot(do, vv, (1, 1)) - dd)                               # [nq, nk]
+  dq = dot(ds.astype(kk.dtype), kk, (1, 0))                         # [nq, dp]
   dq = dq + offsets.relative_grads(ds, q, (rh_ref, rw_ref), (drh_ref, drw_ref))
   dq_ref[...] = dq.reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, t: Tiling, form: str):
+def _dkv_kernel(*refs, t: Tiling, form: str, f32_dot: str):
   """dk, dv of one key block from the slab of queries whose windows can reach it."""
+  dot = functools.partial(_dot, f32_dot=f32_dot)
   offsets, (q_ref, do_ref, lse_ref, dd_ref, k_ref, v_ref, rh_ref, rw_ref, dk_ref,
-            dv_ref) = _offsets(refs, t, form, keys_in_slab=False)
+            dv_ref) = _offsets(refs, t, form, dot, keys_in_slab=False)
   qs, dos = _slab(q_ref, t, t.flavour), _slab(do_ref, t, t.flavour)   # [nk, dp]
   lse, dd = _slab(lse_ref, t, t.flavour), _slab(dd_ref, t, t.flavour)  # [nk, 1]
   kb, vb = _block(k_ref, t), _block(v_ref, t)                          # [nq, dp]
   rel, valid = offsets.logit_terms(qs, rh_ref, rw_ref)                 # [nk, nq]
-  s = _dot(qs, kb, (1, 1), qs.dtype) + rel
+  s = dot(qs, kb, (1, 1)) + rel
   p = jnp.where(valid, jnp.exp(jnp.where(valid, s, 0.0) - lse), 0.0)  # [nk, nq]
-  ds = p * (_dot(dos, vb, (1, 1), dos.dtype) - dd)
-  dk_ref[...] = _dot(ds.astype(qs.dtype), qs, (0, 0), qs.dtype).reshape(
+  ds = p * (dot(dos, vb, (1, 1)) - dd)
+  dk_ref[...] = dot(ds.astype(qs.dtype), qs, (0, 0)).reshape(
       dk_ref.shape).astype(dk_ref.dtype)
-  dv_ref[...] = _dot(p.astype(dos.dtype), dos, (0, 0), dos.dtype).reshape(
+  dv_ref[...] = dot(p.astype(dos.dtype), dos, (0, 0)).reshape(
       dv_ref.shape).astype(dv_ref.dtype)
 
 
@@ -514,12 +542,16 @@ class _Launch:
   num_warps: int | None = None  # Triton only; None: `kernel_warps`' choice per kernel
   num_stages: int = NUM_STAGES
   form: str = "tables"         # how the kernels find each pair's offsets: FORMS
+  f32_dot: str = "ieee"        # how they multiply float32 operands: F32_DOTS
 
   def __post_init__(self):
     if self.form not in FORMS:
       raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
-    if self.form == "factored" and self.tiling.flavour != "gpu":
-      raise ValueError("form='factored' is written for the GPU (Triton) flavour only")
+    if self.f32_dot not in F32_DOTS:
+      raise ValueError(f"f32_dot must be one of {F32_DOTS}, got {self.f32_dot!r}")
+    for name, value in (("form", self.form), ("f32_dot", self.f32_dot)):
+      if value not in ("tables", "ieee") and self.tiling.flavour != "gpu":
+        raise ValueError(f"{name}={value!r} is written for the GPU (Triton) flavour only")
 
   @property
   def grid(self):
@@ -615,7 +647,8 @@ class _Launch:
     """The pallas_call of `kernel`; compiled kernels are lowered only for their platform, so
     a function holding both flavours exports for TPU and GPU at once (`platform_only`)."""
     call = pl.pallas_call(
-        functools.partial(kernel, t=self.tiling, form=self.form), out_shape=out_shape,
+        functools.partial(kernel, t=self.tiling, form=self.form, f32_dot=self.f32_dot),
+        out_shape=out_shape,
         grid=self.grid, in_specs=in_specs, out_specs=out_specs,
         compiler_params=self.compiler_params(kernel.__name__[1:].removesuffix("_kernel")),
         interpret=self.interpret_mode(), cost_estimate=cost,
@@ -735,9 +768,10 @@ def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
 
   def flavoured(flavour, interpret, tpu_interpreter=True):
     tiling = plan_tiling(h, w, d, kernel_size, q.dtype, flavour, max_block)
-    form = GPU_FORM if flavour == "gpu" else "tables"
-    return functools.partial(_attention, _Launch(b, num_heads, d, tiling, interpret,
-                                                 tpu_interpreter, form=form))
+    gpu = flavour == "gpu"
+    return functools.partial(_attention, _Launch(
+        b, num_heads, d, tiling, interpret, tpu_interpreter,
+        form=GPU_FORM if gpu else "tables", f32_dot=GPU_F32_DOT if gpu else "ieee"))
 
   def or_blocked(flavour, interpret, **kw):
     """Every branch is traced whatever the platform: a shape that a flavour's tiling cannot
@@ -763,13 +797,13 @@ def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
 
 def fused_attention(q, k, v, rel_h, rel_w, *, num_heads: int, tiling: Tiling,
                     num_warps: int | None = None, num_stages: int = NUM_STAGES,
-                    form: str = "tables", interpret: bool = False):
+                    form: str = "tables", f32_dot: str = "ieee", interpret: bool = False):
   """The kernels in one given tiling and launch configuration, with no platform dispatch:
   for timing candidates against each other on one device (`tools/gpu_check --tune`).
   Arguments as `local_attention`'s, all five arrays given; tiling from `candidate_tilings`;
-  form: one of FORMS ("factored" on the GPU flavour only); num_warps: every kernel's, or
-  None for `kernel_warps`' choice per kernel.
+  form: one of FORMS and f32_dot one of F32_DOTS (the second of each on the GPU flavour
+  only); num_warps: every kernel's, or None for `kernel_warps`' choice per kernel.
   """
   launch = _Launch(q.shape[0], num_heads, q.shape[-1] // num_heads, tiling, interpret,
-                   num_warps=num_warps, num_stages=num_stages, form=form)
+                   num_warps=num_warps, num_stages=num_stages, form=form, f32_dot=f32_dot)
   return _attention(launch, q, k, v, rel_h, rel_w)

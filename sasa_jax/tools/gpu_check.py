@@ -12,8 +12,10 @@ result comes:
    ResNet-50 stage shapes and at odd shapes (window larger than the map, non-square, 1 head);
 2. op: the op's fwd+bwd time (and its forward's alone) and compiled temporary memory, pallas
    vs xla vs a 3x3 conv of the same width (batch 32), bfloat16 and float32, and the GPU
-   kernels in the form impl="pallas" does not run (pallas_attention.FORMS: offset tables
-   read, or offsets computed in the kernel and factored by axis);
+   kernels in the launches impl="pallas" does not run: the other form
+   (pallas_attention.FORMS: offset tables read, or offsets computed in the kernel and
+   factored by axis) and, for float32, the other matmuls (F32_DOTS: exact, or three
+   bfloat16 tensor-core products);
 3. torch: where PyTorch is installed, the same op shapes as an exact SASA by unfold and
    timm's HaloAttn (block 8, halo 3), fwd+bwd;
 4. export: one jitted layer training step exported for ["tpu"], ["cuda"] and both at once;
@@ -130,18 +132,27 @@ def correctness_rows(shapes, dtype):
     yield labels, prepare
 
 
-def _other_form_program(size, width, batch, dtype):
-  """The fwd+bwd program of `op_programs` with the GPU kernels in the form impl="pallas" does
-  not run (pallas_attention.FORMS), at the tiling it plans; interpreted off a GPU."""
-  other = next(f for f in pa.FORMS if f != pa.GPU_FORM)
+def _gpu_variant_programs(size, width, batch, dtype):
+  """{name: (run, temp bytes)}: the fwd+bwd program of `op_programs` with the GPU kernels in
+  each launch impl="pallas" does not run, at the tiling it plans: the other form
+  (pallas_attention.FORMS), and for float32 operands each form with the other matmuls
+  (F32_DOTS); named pallas_<form>[_<f32 dot>]. Interpreted off a GPU."""
   (_, args), _ = op_programs(size, width, batch, 7, 8, "pallas", dtype)
   tiling = pa.plan_tiling(size, size, width // 8, 7, dtype, "gpu")
+  f32_dots = pa.F32_DOTS if jnp.dtype(dtype) == jnp.float32 else (pa.GPU_F32_DOT,)
+  programs = {}
+  for form in pa.FORMS:
+    for f32_dot in f32_dots:
+      if (form, f32_dot) == (pa.GPU_FORM, pa.GPU_F32_DOT):
+        continue
 
-  def loss(*a):
-    y = pa.fused_attention(*a, num_heads=8, tiling=tiling, form=other,
-                           interpret=jax.default_backend() != "gpu")
-    return jnp.sum(y.astype(jnp.float32) ** 2)
-  return f"pallas_{other}", compiled(jax.grad(loss, argnums=range(5)), *args)[:2]
+      def loss(*a, form=form, f32_dot=f32_dot):
+        y = pa.fused_attention(*a, num_heads=8, tiling=tiling, form=form, f32_dot=f32_dot,
+                               interpret=jax.default_backend() != "gpu")
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+      name = f"pallas_{form}" + ("" if f32_dot == pa.GPU_F32_DOT else f"_{f32_dot}")
+      programs[name] = compiled(jax.grad(loss, argnums=range(5)), *args)[:2]
+  return programs
 
 
 def op_rows(stages, batch, dtype, repeats):
@@ -157,7 +168,8 @@ def op_rows(stages, batch, dtype, repeats):
             lambda *a, impl=impl: local_attention(*a, kernel_size=7, num_heads=8, impl=impl),
             *attn_args)[:2]
       programs["conv"] = compiled(conv[0], *conv[1])[:2]
-      name, programs[name] = _other_form_program(size, width, batch, dtype)
+      variants = _gpu_variant_programs(size, width, batch, dtype)
+      programs.update(variants)
 
       def run():
         secs = _medians([go for go, _ in programs.values()], repeats)
@@ -169,7 +181,8 @@ def op_rows(stages, batch, dtype, repeats):
         row["pallas_vs_conv"] = row["pallas_ms"] / row["conv_ms"]
         row["xla_vs_conv"] = row["xla_ms"] / row["conv_ms"]
         row["pallas_vs_xla"] = row["pallas_ms"] / row["xla_ms"]
-        row[f"{name}_vs_xla"] = row[f"{name}_ms"] / row["xla_ms"]
+        for name in variants:
+          row[f"{name}_vs_xla"] = row[f"{name}_ms"] / row["xla_ms"]
         return row
       return run
     yield labels, prepare
@@ -346,7 +359,9 @@ def to_markdown(report) -> str:
     rows = [r for r in report["rows"] if r["kind"] == kind]
     if not rows:
       continue
-    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("kind", "traceback")))
+    keys = list(dict.fromkeys(k for r in rows for k in r
+                              if k not in ("kind", "traceback", "at_s")))
+    keys.append("at_s")  # last: rows differ in the other keys they hold
     lines += [f"## {kind}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
       cells = (f"{r[k]:.4g}" if isinstance(r.get(k), float) else

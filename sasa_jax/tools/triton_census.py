@@ -11,7 +11,8 @@ instructions per thread (the kernels are straight-line code, so every thread exe
 once), registers per thread, stack (spilled registers), shared memory and tensor-core
 instructions; per op: warp-instructions issued in all, the sum over its kernels of
 instructions x warps x programs, and that per logit computed and per query pixel.
---tilings N and --warps 4,8 compare launches. A count, not a timing: it says which form or
+--tilings N and --warps 4,8 compare launches; --dtype float32 --f32-dot ieee,bf16x3 the
+float32 matmuls (`pa.F32_DOTS`). A count, not a timing: it says which form or
 tiling gives a GPU less to issue, not how its memory system (spills included) fares.
 """
 import argparse
@@ -60,10 +61,10 @@ def _capturing_triton_modules():
 
 def kernel_modules(size: int, width: int, batch: int, dtype, form: str,
                    tiling: pa.Tiling | None = None, num_warps: int | None = None,
-                   num_stages: int = pa.NUM_STAGES):
+                   num_stages: int = pa.NUM_STAGES, f32_dot: str = "ieee"):
   """The op's fwd+bwd at one stage shape lowered for CUDA: [(name, Triton IR, grid)] for the
-  forward, dq and dk/dv kernels, at `tiling` (default: the planned one); num_warps as
-  `pa.fused_attention`'s."""
+  forward, dq and dk/dv kernels, at `tiling` (default: the planned one); num_warps and
+  f32_dot as `pa.fused_attention`'s."""
   d = width // HEADS
   tiling = tiling or pa.plan_tiling(size, size, d, KERNEL_SIZE, dtype, "gpu")
   x = jax.ShapeDtypeStruct((batch, size, size, width), dtype)
@@ -71,7 +72,7 @@ def kernel_modules(size: int, width: int, batch: int, dtype, form: str,
 
   def loss(*args):
     y = pa.fused_attention(*args, num_heads=HEADS, tiling=tiling, form=form,
-                           num_warps=num_warps, num_stages=num_stages)
+                           num_warps=num_warps, num_stages=num_stages, f32_dot=f32_dot)
     return jnp.sum(y.astype(jnp.float32))
   step = jax.jit(jax.grad(loss, argnums=range(5)))
   with _capturing_triton_modules() as captured:
@@ -110,24 +111,28 @@ def compile_module(text: str, arch: int, num_warps: int, num_stages: int) -> dic
 
 def census(stages=STAGES, batch: int = 32, dtype=jnp.bfloat16, forms=pa.FORMS,
            arch: int = 90, warps=(None,), num_stages: int = pa.NUM_STAGES,
-           tilings: int = 1):
-  """One row per (stage, tiling, warps, form, kernel) and one per (stage, tiling, warps,
-  form) with kernel "op", at the `tilings` cheapest tilings by the planner's cost model (the
-  first is the planned one; up to 32K logits a program, as gpu_check --tune). warps: every
-  kernel's warp count, or None for `pa.kernel_warps`' choice per kernel."""
+           tilings: int = 1, f32_dots=("ieee",)):
+  """One row per (stage, tiling, warps, form, f32 dot, kernel) and one per (stage, tiling,
+  warps, form, f32 dot) with kernel "op", at the `tilings` cheapest tilings by the planner's
+  cost model (the first is the planned one; up to 32K logits a program, as gpu_check
+  --tune). warps: every kernel's warp count, or None for `pa.kernel_warps`' choice per
+  kernel; f32_dots: from `pa.F32_DOTS` (float32 only)."""
   rows = []
   for size, width in stages:
     planned = pa.plan_tiling(size, size, width // HEADS, KERNEL_SIZE, dtype, "gpu")
     candidates = pa.candidate_tilings(size, size, width // HEADS, KERNEL_SIZE, dtype, "gpu",
                                       max_logits=1 << 15)
     chosen = list(dict.fromkeys([planned, *candidates]))[:tilings]
-    for tiling, num_warps, form in ((t, w, f) for t in chosen for w in warps for f in forms):
+    for tiling, num_warps, form, f32_dot in ((t, w, f, m) for t in chosen for w in warps
+                                             for f in forms for m in f32_dots):
       labels = {"shape": f"{batch}x{size}x{size}x{width}", "dtype": jnp.dtype(dtype).name,
                 "form": form, "block": f"{tiling.bh}x{tiling.bw}",
                 "slab": f"{tiling.kh}x{tiling.kw}", "planned": tiling == planned}
+      if jnp.dtype(dtype) == jnp.float32:
+        labels["f32_dot"] = f32_dot
       total = 0
       for name, text, grid in kernel_modules(size, width, batch, dtype, form, tiling,
-                                             num_warps, num_stages):
+                                             num_warps, num_stages, f32_dot):
         kernel = name.removeprefix("sasa_").removesuffix("_kernel")
         kernel_warps = pa.kernel_warps(tiling, form, kernel, num_warps)
         row = {**labels, "kernel": kernel, "num_warps": kernel_warps,
@@ -144,9 +149,11 @@ def census(stages=STAGES, batch: int = 32, dtype=jnp.bfloat16, forms=pa.FORMS,
 
 
 def to_markdown(rows) -> str:
-  keys = ["shape", "block", "num_warps", "form", "kernel", "instructions", "registers",
-          "stack_bytes", "shared_bytes", "tensor_core_ops", "warp_instructions", "per_logit",
-          "per_query"]
+  keys = ["shape", "block", "num_warps", "form", "f32_dot", "kernel", "instructions",
+          "registers", "stack_bytes", "shared_bytes", "tensor_core_ops", "warp_instructions",
+          "per_logit", "per_query"]
+  if not any("f32_dot" in r for r in rows):  # bfloat16
+    keys.remove("f32_dot")
   lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
   for r in rows:
     lines.append("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float)
@@ -165,8 +172,17 @@ def main(argv=None):
                  help="the planned tiling and the cost model's next cheapest, this many")
   p.add_argument("--stages", default=",".join(str(s) for s, _ in STAGES),
                  help="map sizes, from 56,28,14,7")
+  p.add_argument("--f32-dot", default="ieee",
+                 help=f"with --dtype float32: how the kernels multiply, comma-separated from "
+                      f"{','.join(pa.F32_DOTS)}")
   p.add_argument("--format", choices=("markdown", "json"), default="markdown")
   args = p.parse_args(argv)
+  f32_dots = args.f32_dot.split(",")
+  if set(f32_dots) - set(pa.F32_DOTS):
+    p.error(f"--f32-dot: {args.f32_dot!r}; choose from {','.join(pa.F32_DOTS)}")
+  if args.dtype != "float32" and f32_dots != ["ieee"]:
+    p.error("--f32-dot applies to --dtype float32 only (bfloat16 operands go to the tensor "
+            "cores whatever it says)")
   sizes = {int(s) for s in args.stages.split(",")}
   unknown = sizes - {s for s, _ in STAGES}
   if unknown:
@@ -174,7 +190,7 @@ def main(argv=None):
   rows = census([s for s in STAGES if s[0] in sizes], args.batch, jnp.dtype(args.dtype),
                 arch=args.arch,
                 warps=[None if w == "auto" else int(w) for w in args.warps.split(",")],
-                tilings=args.tilings)
+                tilings=args.tilings, f32_dots=f32_dots)
   print(json.dumps(rows, indent=1) if args.format == "json" else to_markdown(rows))
 
 
