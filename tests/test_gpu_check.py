@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+from sasa_jax.ops import default_impl
 from sasa_jax.ops import pallas_attention as pa
 from tests import helpers
 
@@ -54,6 +55,7 @@ def test_cpu_smoke_writes_results(tmp_path):
   assert all(r["ms"] > 0 and r["grad_error"] < 1e-4 for r in tune)
   markdown = (tmp_path / "results.md").read_text()
   assert "## correctness" in markdown and "## train_step" in markdown and "## tune" in markdown
+  assert "## decisions" in markdown and "- tune " in markdown
 
 
 def test_a_row_that_raises_is_recorded_and_the_check_goes_on(tmp_path, monkeypatch):
@@ -79,3 +81,45 @@ def test_sections_run_in_the_order_given_and_tune_once(tmp_path):
   rows = json.loads((tmp_path / "results.json").read_text())["rows"]
   assert [r["kind"] for r in rows] == ["tune"] * 4 + ["env"]
   assert all(r["skipped"] == "time budget" for r in rows)
+
+
+def test_decisions_name_the_fastest_right_launches(monkeypatch):
+  """results.md's decisions: per op row the fastest kernel launch; how often each launch
+  impl="pallas" does not run beats the one it runs, and some launch beats impl="xla"; per
+  tune shape the fastest launch whose gradients are right."""
+  from sasa_jax.tools import gpu_check  # noqa: PLC0415
+  monkeypatch.setattr(pa, "GPU_FORM", "tables")
+  monkeypatch.setattr(pa, "GPU_F32_DOT", "ieee")
+  op = {"kind": "op", "pallas_fwd_ms": 0.1}
+  tune = {"kind": "tune", "shape": "32x7x7x512", "dtype": "bfloat16", "form": "factored",
+          "block": "8x8", "num_warps": "4/4/4", "num_stages": 1}
+  rows = [
+      {**op, "shape": "a", "dtype": "bfloat16", "pallas_ms": 10, "pallas_factored_ms": 5,
+       "xla_ms": 6},
+      {**op, "shape": "b", "dtype": "bfloat16", "pallas_ms": 10, "pallas_factored_ms": 12,
+       "xla_ms": 4},
+      {**op, "shape": "c", "dtype": "float32", "pallas_ms": 10, "pallas_factored_ms": 11,
+       "pallas_tables_bf16x3_ms": 4, "pallas_factored_bf16x3_ms": 3, "xla_ms": 5},
+      {**tune, "planned": True, "ms": 3.0, "grad_error": 1e-3},
+      {**tune, "planned": False, "ms": 1.0, "grad_error": 0.5, "block": "4x4"},  # wrong
+      {**tune, "planned": False, "ms": 2.5, "grad_error": 1e-3, "block": "2x8"},
+      {"kind": "op", "shape": "d", "dtype": "bfloat16", "skipped": "time budget"},
+  ]
+  lines = gpu_check.decisions(rows)
+  runs, auto = 'impl="pallas" (tables, ieee)', repr(default_impl("gpu"))
+  assert lines == [
+      f'- op a bfloat16: fastest kernels `pallas_factored` 5 ms; {runs} 10 ms; impl="xla" 6 ms',
+      f'- op b bfloat16: fastest kernels `pallas` 10 ms; {runs} 10 ms; impl="xla" 4 ms',
+      f'- op c float32: fastest kernels `pallas_factored_bf16x3` 3 ms; {runs} 10 ms; '
+      'impl="xla" 5 ms',
+      f"- `pallas_factored` beats {runs} at 1 of 2 bfloat16 stages",
+      f'- some launch beats impl="xla" at 1 of 2 bfloat16 stages (impl="auto" takes '
+      f"{auto} on GPUs)",
+      f"- `pallas_factored` beats {runs} at 0 of 1 float32 stages",
+      f"- `pallas_factored_bf16x3` beats {runs} at 1 of 1 float32 stages",
+      f"- `pallas_tables_bf16x3` beats {runs} at 1 of 1 float32 stages",
+      f'- some launch beats impl="xla" at 1 of 1 float32 stages (impl="auto" takes '
+      f"{auto} on GPUs)",
+      "- tune 32x7x7x512: fastest factored, 2x8 blocks, 4/4/4 warps, 1 stage(s): 2.5 ms "
+      "against the planned launch's 3",
+  ], lines

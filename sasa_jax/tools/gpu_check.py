@@ -28,7 +28,7 @@ result comes:
 Each section compiles all its programs first, --jobs at a time, then runs its rows one by one.
 A row that raises is recorded with its error and the check goes on; past --budget-s seconds
 the remaining rows are recorded as skipped. Writes results.json (after every row) and
-results.md in --out. Exit status 1 if a correctness row fails or errs.
+results.md in --out: the tables, and what they decide about the kernels' defaults. Exit status 1 if a correctness row fails or errs.
 """
 import argparse
 import gc
@@ -351,6 +351,48 @@ def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
       yield labels, prepare
 
 
+def _kernel_times(row) -> dict:
+  """{launch: ms} of an op row's fwd+bwd Triton launches: "pallas" (what impl="pallas"
+  runs) and each `_gpu_variant_programs` name."""
+  return {name[:-3]: ms for name, ms in row.items()
+          if name.startswith("pallas") and name.endswith("_ms") and not name.endswith("_fwd_ms")}
+
+
+def decisions(rows) -> list[str]:
+  """What the timed rows say about the GPU kernels' defaults (pallas_attention's GPU_FORM
+  and GPU_F32_DOT, the planner's launch, `default_impl("gpu")`): markdown list items."""
+  lines = []
+  ops = [r for r in rows if r["kind"] == "op" and "pallas_ms" in r and "xla_ms" in r]
+  runs = f'impl="pallas" ({pa.GPU_FORM}, {pa.GPU_F32_DOT})'
+  for r in ops:
+    times = _kernel_times(r)
+    best = min(times, key=times.get)
+    lines.append(f"- op {r['shape']} {r['dtype']}: fastest kernels `{best}` "
+                 f"{times[best]:.3g} ms; {runs} {r['pallas_ms']:.3g} ms; impl=\"xla\" "
+                 f"{r['xla_ms']:.3g} ms")
+  for dtype in ("bfloat16", "float32"):
+    here = [r for r in ops if r["dtype"] == dtype]
+    for launch in sorted({n for r in here for n in _kernel_times(r)} - {"pallas"}):
+      timed = [r for r in here if f"{launch}_ms" in r]
+      wins = sum(r[f"{launch}_ms"] < r["pallas_ms"] for r in timed)
+      lines.append(f"- `{launch}` beats {runs} at {wins} of {len(timed)} {dtype} stages")
+    beats = sum(min(_kernel_times(r).values()) < r["xla_ms"] for r in here)
+    if here:
+      lines.append(f"- some launch beats impl=\"xla\" at {beats} of {len(here)} {dtype} "
+                   f"stages (impl=\"auto\" takes {default_impl('gpu')!r} on GPUs)")
+  tune = [r for r in rows if r["kind"] == "tune" and "ms" in r]
+  for shape in dict.fromkeys(r["shape"] for r in tune):
+    right = [r for r in tune if r["shape"] == shape
+             and r["grad_error"] <= TOLERANCE[r["dtype"]]]
+    planned = [r for r in right if r["planned"]]
+    if planned:
+      best = min(right, key=lambda r: r["ms"])
+      lines.append(f"- tune {shape}: fastest {best['form']}, {best['block']} blocks, "
+                   f"{best['num_warps']} warps, {best['num_stages']} stage(s): "
+                   f"{best['ms']:.3g} ms against the planned launch's {planned[0]['ms']:.3g}")
+  return lines
+
+
 def to_markdown(report) -> str:
   lines = [f"# GPU check: {report['device']}", "",
            f"jax {report['jax']}, Python {report['python']}, {report['date']}, "
@@ -368,6 +410,9 @@ def to_markdown(report) -> str:
                str(r.get(k, "")).replace("|", "/").replace("\n", " ") for k in keys)
       lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+  decided = decisions(report["rows"])
+  if decided:
+    lines += ["## decisions", "", *decided, ""]
   return "\n".join(lines)
 
 
