@@ -28,7 +28,8 @@ result comes:
 Each section compiles all its programs first, --jobs at a time, then runs its rows one by one.
 A row that raises is recorded with its error and the check goes on; past --budget-s seconds
 the remaining rows are recorded as skipped. Writes results.json (after every row) and
-results.md in --out: the tables, and what they decide about the kernels' defaults. Exit status 1 if a correctness row fails or errs.
+results.md in --out: the tables, and what they decide about the kernels' defaults. Exit
+status 1 if a correctness row fails or errs.
 """
 import argparse
 import gc
@@ -354,8 +355,8 @@ def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
 def _kernel_times(row) -> dict:
   """{launch: ms} of an op row's fwd+bwd Triton launches: "pallas" (what impl="pallas"
   runs) and each `_gpu_variant_programs` name."""
-  return {name[:-3]: ms for name, ms in row.items()
-          if name.startswith("pallas") and name.endswith("_ms") and not name.endswith("_fwd_ms")}
+  return {name[:-3]: ms for name, ms in row.items() if name.startswith("pallas")
+          and name.endswith("_ms") and not name.endswith("_fwd_ms")}
 
 
 def decisions(rows) -> list[str]:
