@@ -19,7 +19,8 @@ def window_logits(q, k, rel_h, rel_w, *, kernel_size, num_heads):
   Args as in `local_attention_reference`."""
   b, h, w, c = q.shape
   n, r = num_heads, kernel_size // 2
-  f32 = jnp.promote_types(q.dtype, jnp.float32)  # at least float32
+  # At least float32; float64 only where jax has it enabled (NumPy inputs are float64).
+  f32 = jax.dtypes.canonicalize_dtype(jnp.promote_types(q.dtype, jnp.float32))
   qh = q.reshape(b, h, w, n, c // n).astype(f32)
   logits = jnp.zeros((b, h, w, n, kernel_size ** 2), f32)
   if k is not None:
