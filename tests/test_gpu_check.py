@@ -4,6 +4,11 @@ import json
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import pytest
+
+from sasa_jax.models import QUICK_DEPTH, create_resnet
 from sasa_jax.ops import default_impl
 from sasa_jax.ops import pallas_attention as pa
 from tests import helpers
@@ -44,6 +49,14 @@ def test_cpu_smoke_writes_results(tmp_path):
     assert timed == ([f"pallas_{f}_{other_dot}_ms" for f in sorted(pa.FORMS)]
                      if r["dtype"] == "float32" else []), (r["dtype"], timed)
     assert all(r[name] > 0 for name in timed)
+  # grad_mb: the float32 parameters' bytes, what a data-parallel step all-reduces
+  for r in (r for r in report["rows"] if r["kind"] == "train_step"):
+    model = create_resnet(QUICK_DEPTH, r["model"].split()[-1], width_multiplier=0.125,
+                          num_heads=2)
+    params = jax.eval_shape(lambda m=model: m.init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))["params"]
+    assert r["grad_mb"] == pytest.approx(
+        4 * sum(p.size for p in jax.tree.leaves(params)) / 2**20), r
   env, = [r for r in report["rows"] if r["kind"] == "env"]
   assert env["backend"] == "cpu" and env["auto_impl"] == "cpu"
   exports = {r["platforms"]: r for r in report["rows"] if r["kind"] == "export"}

@@ -189,6 +189,8 @@ class StepCase(NamedTuple):
   temp: int                 # bytes of the compiled step's temporaries
   compile_s: float
   footprint: int            # bytes of its planned device memory (state, batch, temporaries)
+  grad_bytes: int = 0       # bytes of the parameters' gradients: what data parallelism
+                            # all-reduces every step
 
 
 def model_step_case(model, batch, image_size, channels=3) -> StepCase:
@@ -213,7 +215,9 @@ def model_step_case(model, batch, image_size, channels=3) -> StepCase:
   args = (variables["params"], variables["batch_stats"], opt_state, x, labels)
   t0 = time.perf_counter()
   run, memory, _ = compiled_with_memory(step, *args)
-  return StepCase(run, memory["temp"], time.perf_counter() - t0, memory["footprint"])
+  grad_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(variables["params"]))
+  return StepCase(run, memory["temp"], time.perf_counter() - t0, memory["footprint"],
+                  grad_bytes)
 
 
 def attention_layers(model, batch, image_size, channels=3):

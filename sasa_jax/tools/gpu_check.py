@@ -288,7 +288,7 @@ def train_step_rows(depth, batch, image_size, dtype, repeats, cases=None, **mode
         sec = _medians([case.run], repeats)[0]
         row = {"ms": 1e3 * sec, "images_per_s": batch / sec,
                "memory_gb": case.footprint / 2**30, "temp_gb": case.temp / 2**30,
-               "compile_s": case.compile_s}
+               "grad_mb": case.grad_bytes / 2**20, "compile_s": case.compile_s}
         if variant == "baseline":
           baseline.update(row)
         elif baseline:
