@@ -136,3 +136,18 @@ def test_decisions_name_the_fastest_right_launches(monkeypatch):
       "- tune 32x7x7x512: fastest factored, 2x8 blocks, 4/4/4 warps, 1 stage(s): 2.5 ms "
       "against the planned launch's 3",
   ], lines
+
+
+def test_a_run_cut_short_leaves_its_results(tmp_path, monkeypatch):
+  """results.json and results.md hold every finished row whenever the run stops (here an
+  interrupt in the second section, as a time limit's kill would come)."""
+  from sasa_jax.tools import gpu_check  # noqa: PLC0415
+
+  def interrupted():
+    raise KeyboardInterrupt
+  monkeypatch.setattr(gpu_check, "export_rows", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    gpu_check.main(["--cpu-smoke", "--sections=env,export", f"--out={tmp_path}"])
+  rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+  assert [r["kind"] for r in rows] == ["env"]
+  assert "## env" in (tmp_path / "results.md").read_text()

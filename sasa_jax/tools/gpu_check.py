@@ -27,8 +27,8 @@ result comes:
    impl=xla.
 Each section compiles all its programs first, --jobs at a time, then runs its rows one by one.
 A row that raises is recorded with its error and the check goes on; past --budget-s seconds
-the remaining rows are recorded as skipped. Writes results.json (after every row) and
-results.md in --out: the tables, and what they decide about the kernels' defaults. Exit
+the remaining rows are recorded as skipped. Writes results.json and results.md in --out
+after every row: the tables, and what they decide about the kernels' defaults. Exit
 status 1 if a correctness row fails or errs.
 """
 import argparse
@@ -514,12 +514,13 @@ def main(argv=None):
       if "traceback" in row:
         print(row["traceback"], flush=True)
       report["rows"].append(row)
-      with open(os.path.join(args.out, "results.json"), "w") as f:  # what is done so far
+      # What is done so far, so that a run cut short by a time limit still leaves both.
+      with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
+      with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(to_markdown(report))
     gc.collect()
     gc.freeze()
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write(to_markdown(report))
   bad = [r for r in report["rows"] if r["kind"] == "correctness" and not r.get("ok", True)]
   print(to_markdown(report), flush=True)
   print(f"gpu_check: {len(bad)} correctness failure(s) in {time.perf_counter() - start:.0f} s;"
