@@ -1,4 +1,5 @@
 """Coordinated preemption across real JAX processes on loopback (launch/local.sh)."""
+import contextlib
 import os
 import re
 import signal
@@ -66,8 +67,9 @@ def test_sigterm_saves_one_step_everywhere_and_resumes(fmnist_dir, tmp_path, n, 
   pids = _pids(launcher)
   _wait_for_steps(workdir, launcher, 3)
   targets = pids if who == "all" else [pids[-1]]
-  for pid in targets:  # at different moments
-    os.kill(pid, signal.SIGTERM)
+  for pid in targets:  # at different moments; one already gone (saved and exited) is no failure
+    with contextlib.suppress(ProcessLookupError):
+      os.kill(pid, signal.SIGTERM)
     time.sleep(0.7)
   t0 = time.time()
   rc = launcher.wait(timeout=EXIT_BOUND_S + 60)
