@@ -40,3 +40,15 @@ def test_float32_matmuls_reach_the_tensor_cores_only_as_bfloat16_products():
   assert sorted(r["f32_dot"] for r in kernels) == ["bf16x3"] * 3 + ["ieee"] * 3
   for r in kernels:
     assert (r["tensor_core_ops"] > 0) == (r["f32_dot"] == "bf16x3"), r
+
+
+def test_resident_warps_follow_the_first_limit_reached():
+  """Warps of a kernel resident on one sm_90 SM: registers (allocated 256 per warp), shared
+  memory (1 KB reserved per block), at most 32 blocks and 64 warps."""
+  from sasa_jax.tools.triton_census import resident_warps  # noqa: PLC0415
+  assert resident_warps(32, 0, 4, 90) == 64           # the warp limit
+  assert resident_warps(64, 0, 1, 90) == 32           # the block limit
+  assert resident_warps(167, 2048, 1, 90) == 12       # registers: 168 x 32 -> 5376 a warp
+  assert resident_warps(255, 8192, 4, 90) == 8        # registers: two blocks of 4 warps
+  assert resident_warps(64, 100 * 1024, 4, 90) == 8   # shared memory: 2 blocks of 101 KB
+  assert resident_warps(64, 0, 4, 75) is None         # an architecture without limits here

@@ -5,15 +5,16 @@
 impl="pallas" runs three Triton kernels per op on a GPU (forward, dq, dk/dv). This lowers
 them as a CUDA export does, at each ResNet-50 stage shape (k = 7, 8 heads, batch 32) and in
 each kernel form (`pallas_attention.FORMS`), compiles them with the `triton` package for
-the given compute capability (its own ptxas: no GPU or CUDA install needed; the [test]
+the given compute capability (its own ptxas: no GPU or CUDA install needed; the [census]
 extra installs it) and reads the machine code back with its cuobjdump. Per kernel:
 instructions per thread (the kernels are straight-line code, so every thread executes each
-once), registers per thread, stack (spilled registers), shared memory and tensor-core
+once), registers per thread, stack (spilled registers), shared memory, the warps that fit on
+an SM at once (by registers, shared memory and the architecture's limits) and tensor-core
 instructions; per op: warp-instructions issued in all, the sum over its kernels of
 instructions x warps x programs, and that per logit computed and per query pixel.
 --tilings N and --warps 4,8 compare launches; --dtype float32 --f32-dot ieee,bf16x3 the
-float32 matmuls (`pa.F32_DOTS`). A count, not a timing: it says which form or
-tiling gives a GPU less to issue, not how its memory system (spills included) fares.
+float32 matmuls (`pa.F32_DOTS`). A count, not a timing: it says which form or tiling gives
+a GPU less to issue, not how its memory system (spills included) fares.
 """
 import argparse
 import contextlib
@@ -84,7 +85,7 @@ def kernel_modules(size: int, width: int, batch: int, dtype, form: str,
 
 def compile_module(text: str, arch: int, num_warps: int, num_stages: int) -> dict:
   """Triton IR -> cubin for compute capability `arch`, and what is in it."""
-  import triton  # noqa: PLC0415 - optional: the [test] extra
+  import triton  # noqa: PLC0415 - optional: the [census] extra
   from triton import knobs  # noqa: PLC0415
   from triton.backends.compiler import GPUTarget  # noqa: PLC0415
   with tempfile.TemporaryDirectory() as tmp:
@@ -107,6 +108,26 @@ def compile_module(text: str, arch: int, num_warps: int, num_stages: int) -> dic
   return {"instructions": len(opcodes), "registers": int(usage.get("REG", 0)),
           "stack_bytes": int(usage.get("STACK", 0)), "shared_bytes": kernel.metadata.shared,
           "tensor_core_ops": sum(op in TENSOR_CORE_OPS for op in opcodes)}
+
+
+# Per-SM limits of a compute capability (CUDA C++ Programming Guide, "Compute Capabilities"):
+# resident warps, resident blocks, 32-bit registers, shared memory (bytes), and the shared
+# memory the system reserves per block.
+SM_LIMITS = {80: (64, 32, 65536, 164 * 1024, 1024), 90: (64, 32, 65536, 228 * 1024, 1024)}
+
+
+def resident_warps(registers: int, shared_bytes: int, num_warps: int, arch: int) -> int | None:
+  """Warps of one kernel that fit on an SM at once (None for an arch not in SM_LIMITS): the
+  fewest programs that registers (allocated 256 per warp), shared memory, the block limit
+  and the warp limit allow, times num_warps. More resident warps hide more latency."""
+  if arch not in SM_LIMITS:
+    return None
+  max_warps, max_blocks, sm_registers, sm_shared, reserved = SM_LIMITS[arch]
+  per_warp = -(-registers * 32 // 256) * 256
+  blocks = min(max_blocks, max_warps // num_warps,
+               (sm_registers // per_warp) // num_warps,
+               sm_shared // (shared_bytes + reserved))
+  return blocks * num_warps
 
 
 def census(stages=STAGES, batch: int = 32, dtype=jnp.bfloat16, forms=pa.FORMS,
@@ -139,6 +160,8 @@ def census(stages=STAGES, batch: int = 32, dtype=jnp.bfloat16, forms=pa.FORMS,
                "programs": math.prod(grid),
                **compile_module(text, arch, kernel_warps, num_stages)}
         row["warp_instructions"] = row["instructions"] * kernel_warps * row["programs"]
+        row["resident_warps"] = resident_warps(row["registers"], row["shared_bytes"],
+                                               kernel_warps, arch)
         total += row["warp_instructions"]
         rows.append(row)
       logits = batch * HEADS * math.prod(tiling.block_map) * tiling.nk
@@ -150,8 +173,8 @@ def census(stages=STAGES, batch: int = 32, dtype=jnp.bfloat16, forms=pa.FORMS,
 
 def to_markdown(rows) -> str:
   keys = ["shape", "block", "num_warps", "form", "f32_dot", "kernel", "instructions",
-          "registers", "stack_bytes", "shared_bytes", "tensor_core_ops", "warp_instructions",
-          "per_logit", "per_query"]
+          "registers", "stack_bytes", "shared_bytes", "resident_warps", "tensor_core_ops",
+          "warp_instructions", "per_logit", "per_query"]
   if not any("f32_dot" in r for r in rows):  # bfloat16
     keys.remove("f32_dot")
   lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
