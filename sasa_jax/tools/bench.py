@@ -292,12 +292,12 @@ def bench_models(args):
                            args.dtype) for v in variants]
   secs = medians([case.run for case in cases], args.model_repeats)
   base_sec, base_mem = secs[0], cases[0].temp
-  for variant, sec, (_, mem, compile_s, _) in zip(variants, secs, cases):
+  for variant, sec, case in zip(variants, secs, cases):
     yield {"kind": "train_step", "model": f"ResNet-{args.depth} {variant}",
            "batch": args.model_batch, "image_size": args.image_size, "impl": args.impl,
            "dtype": str(args.dtype),
-           "ms": 1e3 * sec, "temp_mb": mem / 2**20, "vs_baseline": sec / base_sec,
-           "temp_vs_baseline": mem / max(base_mem, 1), "compile_s": compile_s}
+           "ms": 1e3 * sec, "temp_mb": case.temp / 2**20, "vs_baseline": sec / base_sec,
+           "temp_vs_baseline": case.temp / max(base_mem, 1), "compile_s": case.compile_s}
   if args.hlo_profile:
     for variant, case in zip(variants[1:], cases[1:]):
       yield profile_row(f"train step ResNet-{args.depth} {variant}", case.run.profile,
