@@ -151,3 +151,17 @@ def test_a_run_cut_short_leaves_its_results(tmp_path, monkeypatch):
   rows = json.loads((tmp_path / "results.json").read_text())["rows"]
   assert [r["kind"] for r in rows] == ["env"]
   assert "## env" in (tmp_path / "results.md").read_text()
+
+
+def test_the_tune_plan_crosses_both_forms_with_the_rows_rule():
+  """--tune's launches at 56 x 56 (none compiled here): the 4 cheapest tilings x (each
+  form's own warps, one warp per 16 rows, 4, 8) x both forms, plus two pipeline stages,
+  each launch that runs alike once; the tables form gets the rows rule too."""
+  from sasa_jax.tools import gpu_check  # noqa: PLC0415
+  labels = [labels for labels, _ in gpu_check.tune_rows(
+      [(56, 64)], 32, jnp.bfloat16, 1, 4, (None, "rows", 4, 8))]
+  launches = [(r["form"], r["block"], r["num_warps"], r["num_stages"]) for r in labels]
+  assert len(launches) == len(set(launches))
+  assert ("tables", "2x8", "1/1/4", 1) in launches and ("tables", "2x8", "4/4/4", 1) in launches
+  assert ("factored", "2x8", "1/1/4", 1) in launches
+  assert [r["planned"] for r in labels].count(True) == 1

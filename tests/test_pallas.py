@@ -371,3 +371,18 @@ def test_vmap_of_the_kernels_lowers_for_each_platform():
     text = _exported(op("pallas"), stacked, platforms).mlir_module()
     assert text.count("tpu_custom_call" if platforms == ["tpu"] else "__gpu$xla.gpu.triton") == 1
   _assert_close(op("pallas")(*stacked), op("reference")(*stacked), 1e-4)
+
+
+def test_kernel_warps_per_form_and_per_rows():
+  """pa.kernel_warps: a count for every kernel; "rows", one warp per 16 rows of a kernel's
+  logit block (a block's queries for fwd and dq, its slab's for dk/dv), 1 to 4; None, the
+  form's own ("tables": NUM_WARPS, "factored": "rows")."""
+  t = pa.plan_tiling(56, 56, 8, 7, jnp.bfloat16, "gpu")   # 2 x 8 blocks, 8 x 16 slabs
+  assert (t.nq, t.nk) == (16, 128)
+  for form in pa.FORMS:
+    assert [pa.kernel_warps(t, form, k, "rows") for k in pa.KERNELS] == [1, 1, 4]
+    assert [pa.kernel_warps(t, form, k, 8) for k in pa.KERNELS] == [8, 8, 8]
+  assert [pa.kernel_warps(t, "tables", k) for k in pa.KERNELS] == [pa.NUM_WARPS] * 3
+  assert [pa.kernel_warps(t, "factored", k) for k in pa.KERNELS] == [1, 1, 4]
+  small = pa.plan_tiling(3, 3, 8, 7, jnp.bfloat16, "gpu")  # one block: 4 x 4 queries
+  assert pa.kernel_warps(small, "factored", "fwd") == 1 and small.nq == 16

@@ -124,18 +124,21 @@ NUM_STAGES = 1
 KERNELS = ("fwd", "dq", "dkv")  # the kernels of a fwd+bwd: `_fwd_kernel`, `_dq_kernel`, ...
 
 
-def kernel_warps(tiling: Tiling, form: str, kernel: str, num_warps: int | None = None) -> int:
-  """Triton warps of one GPU kernel (one of KERNELS): num_warps where given; else
-  NUM_WARPS in the tables form, and in the factored form one warp per 16 rows of the
-  kernel's logit block (a block's queries for fwd and dq, a slab's for dkv), 1 to 4: with
-  fewer rows per warp Triton repeats the block's elementwise work in every warp (the
-  instructions per thread hardly change with the warps: `tools/triton_census.py`)."""
-  if num_warps is not None:
-    return num_warps
-  if form == "tables":
-    return NUM_WARPS
-  rows = tiling.nk if kernel == "dkv" else tiling.nq
-  return min(4, max(1, rows // 16))
+def kernel_warps(tiling: Tiling, form: str, kernel: str,
+                 num_warps: int | str | None = None) -> int:
+  """Triton warps of one GPU kernel (one of KERNELS). num_warps: that many for every kernel;
+  "rows": one warp per 16 rows of the kernel's logit block (a block's queries for fwd and
+  dq, a slab's for dkv), 1 to 4; None: the form's own, NUM_WARPS for "tables" (the launch an
+  H200 timed) and "rows" for "factored". Why rows: Triton gives a matmul whose result feeds
+  another (q.k, then p.v) every warp along its rows, 16 rows per tensor-core tile, so past
+  rows // 16 warps each further warp repeats the logits' work in that layout (warpsPerCTA
+  [num_warps, 1] and warp bases of 0 in the TTGIR; `tools/triton_census.py` counts it)."""
+  if num_warps is None:
+    num_warps = NUM_WARPS if form == "tables" else "rows"
+  if num_warps == "rows":
+    rows = tiling.nk if kernel == "dkv" else tiling.nq
+    return min(4, max(1, rows // 16))
+  return num_warps
 
 # Per-program fixed cost, in logits: grid-step / block-launch overhead and slab loads.
 _PROGRAM_OVERHEAD = 2048
@@ -539,7 +542,7 @@ class _Launch:
   # with the generic interpreter (plain jax ops, no effects: fit for a platform_dependent
   # branch beside compiled ones).
   tpu_interpreter: bool = True
-  num_warps: int | None = None  # Triton only; None: `kernel_warps`' choice per kernel
+  num_warps: int | str | None = None  # Triton only: `kernel_warps`' num_warps
   num_stages: int = NUM_STAGES
   form: str = "tables"         # how the kernels find each pair's offsets: FORMS
   f32_dot: str = "ieee"        # how they multiply float32 operands: F32_DOTS
@@ -796,13 +799,13 @@ def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
 
 
 def fused_attention(q, k, v, rel_h, rel_w, *, num_heads: int, tiling: Tiling,
-                    num_warps: int | None = None, num_stages: int = NUM_STAGES,
+                    num_warps: int | str | None = None, num_stages: int = NUM_STAGES,
                     form: str = "tables", f32_dot: str = "ieee", interpret: bool = False):
   """The kernels in one given tiling and launch configuration, with no platform dispatch:
   for timing candidates against each other on one device (`tools/gpu_check --tune`).
   Arguments as `local_attention`'s, all five arrays given; tiling from `candidate_tilings`;
   form: one of FORMS and f32_dot one of F32_DOTS (the second of each on the GPU flavour
-  only); num_warps: every kernel's, or None for `kernel_warps`' choice per kernel.
+  only); num_warps: as `kernel_warps`' (every kernel's, "rows", or None for the form's).
   """
   launch = _Launch(q.shape[0], num_heads, q.shape[-1] // num_heads, tiling, interpret,
                    num_warps=num_warps, num_stages=num_stages, form=form, f32_dot=f32_dot)

@@ -302,7 +302,7 @@ def train_step_rows(depth, batch, image_size, dtype, repeats, cases=None, **mode
 def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
   """Candidate Triton launches at each shape (k = 7, 8 heads), in both kernel forms
   (pallas_attention.FORMS): the `tilings` cheapest by the cost model (up to 32K logits a
-  program) x `warps` warp counts (None: `kernel_warps`' choice per kernel), plus the planned
+  program) x `warps` (as `kernel_warps`' num_warps: a count, "rows", or None), plus the planned
   tiling with two pipeline stages; launches that run alike are timed once. Gradient error
   against impl=xla, so a fast wrong launch shows."""
   for size, width in stages:
@@ -496,7 +496,8 @@ def main(argv=None):
           if smoke else train_step_rows(50, 128, 224, jnp.bfloat16, 5)),
       "tune": lambda: (tune_rows(stages[:1], op_batch, jnp.float32, 2, 1, (None,),
                                  interpret=True) if smoke else
-                       tune_rows(STAGES, op_batch, jnp.bfloat16, repeats, 4, (None, 4, 8))),
+                       tune_rows(STAGES, op_batch, jnp.bfloat16, repeats, 4,
+                                 (None, "rows", 4, 8))),
   }
   os.makedirs(args.out, exist_ok=True)
 

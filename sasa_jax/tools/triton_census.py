@@ -136,8 +136,8 @@ def census(stages=STAGES, batch: int = 32, dtype=jnp.bfloat16, forms=pa.FORMS,
   """One row per (stage, tiling, warps, form, f32 dot, kernel) and one per (stage, tiling,
   warps, form, f32 dot) with kernel "op", at the `tilings` cheapest tilings by the planner's
   cost model (the first is the planned one; up to 32K logits a program, as gpu_check
-  --tune). warps: every kernel's warp count, or None for `pa.kernel_warps`' choice per
-  kernel; f32_dots: from `pa.F32_DOTS` (float32 only)."""
+  --tune). warps: as `pa.kernel_warps`' num_warps (a count for every kernel, "rows", or
+  None for the form's own); f32_dots: from `pa.F32_DOTS` (float32 only)."""
   rows = []
   for size, width in stages:
     planned = pa.plan_tiling(size, size, width // HEADS, KERNEL_SIZE, dtype, "gpu")
@@ -190,7 +190,9 @@ def main(argv=None):
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--warps", default="auto",
-                 help="comma-separated warp counts, e.g. auto,4,8 (auto: pa.kernel_warps)")
+                 help="comma-separated, e.g. auto,rows,4,8: a count for every kernel, rows "
+                      "(one warp per 16 rows of a kernel's logit block) or auto (the form's "
+                      "own: pa.kernel_warps)")
   p.add_argument("--tilings", type=int, default=1,
                  help="the planned tiling and the cost model's next cheapest, this many")
   p.add_argument("--stages", default=",".join(str(s) for s, _ in STAGES),
@@ -212,7 +214,8 @@ def main(argv=None):
     p.error(f"--stages: {sorted(unknown)} is not a ResNet-50 stage; choose from 56,28,14,7")
   rows = census([s for s in STAGES if s[0] in sizes], args.batch, jnp.dtype(args.dtype),
                 arch=args.arch,
-                warps=[None if w == "auto" else int(w) for w in args.warps.split(",")],
+                warps=[None if w == "auto" else w if w == "rows" else int(w)
+                       for w in args.warps.split(",")],
                 tilings=args.tilings, f32_dots=f32_dots)
   print(json.dumps(rows, indent=1) if args.format == "json" else to_markdown(rows))
 
