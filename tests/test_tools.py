@@ -136,3 +136,18 @@ def test_bench_quick_prints_ratios():
     parts = [r[k + "_ms"] for k in ("op", "projections", "stem", "rest")]
     assert r["op_ms"] > 0 and r["stem_ms"] > 0
     assert abs(sum(parts) - r["step_ms"]) < 1e-6 * r["step_ms"]
+
+
+def test_input_bench_times_the_training_preprocessing():
+  """tools/input_bench: the Inception preprocessing over photo-like 500 x 375 JPEGs (far
+  larger than flat colour would encode to), images/s per thread count."""
+  import json
+  out = _run("sasa_jax.tools.input_bench", "--images=64", "--threads=1,2",
+             "--format=json").stdout
+  rows = [json.loads(line) for line in out.splitlines()]
+  assert [r["threads"] for r in rows] == [1, 2]
+  for r in rows:
+    assert r["kind"] == "input_pipeline" and r["jpeg"] == "500x375" and r["jpeg_kb"] > 30
+    assert r["images_per_s"] > 0
+    assert r["images_per_s_per_thread"] == pytest.approx(r["images_per_s"] / r["threads"],
+                                                         abs=0.1)
