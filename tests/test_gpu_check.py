@@ -165,3 +165,25 @@ def test_the_tune_plan_crosses_both_forms_with_the_rows_rule():
   assert ("tables", "2x8", "1/1/4", 1) in launches and ("tables", "2x8", "4/4/4", 1) in launches
   assert ("factored", "2x8", "1/1/4", 1) in launches
   assert [r["planned"] for r in labels].count(True) == 1
+
+
+def test_an_op_program_that_fails_to_build_spares_the_rest(tmp_path, monkeypatch):
+  """One launch that does not build (here every factored-form program) is recorded as
+  <name>_error in its op row; the row's other programs are still timed and compared."""
+  from sasa_jax.tools import gpu_check  # noqa: PLC0415
+  fused = pa.fused_attention
+
+  def factored_fails(*args, form="tables", **kwargs):
+    if form == "factored":
+      raise RuntimeError("triton refused it")
+    return fused(*args, form=form, **kwargs)
+  monkeypatch.setattr(pa, "fused_attention", factored_fails)
+  status = gpu_check.main(["--cpu-smoke", "--sections=op", f"--out={tmp_path}"])
+  rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+  assert status == 0 and len(rows) == 4
+  for r in rows:
+    assert "triton refused it" in r["pallas_factored_error"], r
+    assert "pallas_factored_ms" not in r and "pallas_factored_vs_xla" not in r
+    assert r["pallas_ms"] > 0 and r["xla_ms"] > 0 and r["pallas_vs_xla"] > 0
+    assert ("pallas_tables_bf16x3_ms" in r) == (r["dtype"] == "float32")
+  assert "- op " in (tmp_path / "results.md").read_text()

@@ -134,9 +134,9 @@ def correctness_rows(shapes, dtype):
 
 
 def _gpu_variant_programs(size, width, batch, dtype):
-  """{name: (run, temp bytes)}: the fwd+bwd program of `op_programs` with the GPU kernels in
-  each launch impl="pallas" does not run, at the tiling it plans: the other form
-  (pallas_attention.FORMS), and for float32 operands each form with the other matmuls
+  """{name: make}, make() -> (run, temp bytes): the fwd+bwd program of `op_programs` with the
+  GPU kernels in each launch impl="pallas" does not run, at the tiling it plans: the other
+  form (pallas_attention.FORMS), and for float32 operands each form with the other matmuls
   (F32_DOTS); named pallas_<form>[_<f32 dot>]. Interpreted off a GPU."""
   (_, args), _ = op_programs(size, width, batch, 7, 8, "pallas", dtype)
   tiling = pa.plan_tiling(size, size, width // 8, 7, dtype, "gpu")
@@ -152,38 +152,46 @@ def _gpu_variant_programs(size, width, batch, dtype):
                                interpret=jax.default_backend() != "gpu")
         return jnp.sum(y.astype(jnp.float32) ** 2)
       name = f"pallas_{form}" + ("" if f32_dot == pa.GPU_F32_DOT else f"_{f32_dot}")
-      programs[name] = compiled(jax.grad(loss, argnums=range(5)), *args)[:2]
+      programs[name] = lambda loss=loss: compiled(jax.grad(loss, argnums=range(5)), *args)[:2]
   return programs
 
 
 def op_rows(stages, batch, dtype, repeats):
+  """One row per stage: every program's fwd+bwd ms and temporary MB, and ratios. A program
+  that fails to build is recorded as <name>_error and the others are still timed."""
   for size, width in stages:
     labels = {"shape": f"{batch}x{size}x{size}x{width}", "dtype": jnp.dtype(dtype).name}
 
     def prepare(size=size, width=width):
-      programs = {}
+      makers = {}
       for impl in ("pallas", "xla"):
         (attn, attn_args), conv = op_programs(size, width, batch, 7, 8, impl, dtype)
-        programs[impl] = compiled(attn, *attn_args)[:2]
-        programs[f"{impl}_fwd"] = compiled(  # the forward alone: how fwd and bwd split
-            lambda *a, impl=impl: local_attention(*a, kernel_size=7, num_heads=8, impl=impl),
+        makers[impl] = lambda attn=attn, attn_args=attn_args: compiled(attn, *attn_args)[:2]
+        makers[f"{impl}_fwd"] = lambda impl=impl, attn_args=attn_args: compiled(
+            # the forward alone: how fwd and bwd split
+            lambda *a: local_attention(*a, kernel_size=7, num_heads=8, impl=impl),
             *attn_args)[:2]
-      programs["conv"] = compiled(conv[0], *conv[1])[:2]
+      makers["conv"] = lambda conv=conv: compiled(conv[0], *conv[1])[:2]
       variants = _gpu_variant_programs(size, width, batch, dtype)
-      programs.update(variants)
+      makers.update(variants)
+      programs, errors = {}, {}
+      for name, make in makers.items():
+        try:
+          programs[name] = make()
+        except Exception as e:  # noqa: BLE001 - recorded; the other programs are still timed
+          errors[f"{name}_error"] = f"{type(e).__name__}: {e}"[:500]
 
       def run():
         secs = _medians([go for go, _ in programs.values()], repeats)
-        row = {}
+        row = dict(errors)
         for (name, (_, temp)), sec in zip(programs.items(), secs):
           row[f"{name}_ms"] = 1e3 * sec
           if not name.endswith("_fwd"):
             row[f"{name}_temp_mb"] = temp / 2**20
-        row["pallas_vs_conv"] = row["pallas_ms"] / row["conv_ms"]
-        row["xla_vs_conv"] = row["xla_ms"] / row["conv_ms"]
-        row["pallas_vs_xla"] = row["pallas_ms"] / row["xla_ms"]
-        for name in variants:
-          row[f"{name}_vs_xla"] = row[f"{name}_ms"] / row["xla_ms"]
+        for a, b in [("pallas", "conv"), ("xla", "conv"), ("pallas", "xla"),
+                     *((name, "xla") for name in variants)]:
+          if f"{a}_ms" in row and f"{b}_ms" in row:
+            row[f"{a}_vs_{b}"] = row[f"{a}_ms"] / row[f"{b}_ms"]
         return row
       return run
     yield labels, prepare
