@@ -33,7 +33,10 @@ def test_cpu_smoke_writes_results(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.loads((tmp_path / "results.json").read_text())
   kinds = [r["kind"] for r in report["rows"]]
-  assert kinds.count("correctness") == 4 and all(
+  checks = [r for r in report["rows"] if r["kind"] == "correctness"]  # 2 shapes x 2 dtypes,
+  assert [r["form"] for r in checks] == [pa.GPU_FORM] * 4 + [           # and the other form
+      next(f for f in pa.FORMS if f != pa.GPU_FORM)]
+  assert kinds.count("correctness") == 5 and all(
       r["ok"] for r in report["rows"] if r["kind"] == "correctness")
   assert kinds.count("op") == 4 and kinds.count("train_step") == 2 and "torch" in kinds
   assert not [r for r in report["rows"] if "error" in r]
@@ -79,7 +82,7 @@ def test_a_row_that_raises_is_recorded_and_the_check_goes_on(tmp_path, monkeypat
   monkeypatch.setattr(gpu_check, "local_attention", broken)
   status = gpu_check.main(["--cpu-smoke", "--sections=env,correctness", f"--out={tmp_path}"])
   rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-  assert status == 1 and [r["kind"] for r in rows] == ["env"] + ["correctness"] * 4
+  assert status == 1 and [r["kind"] for r in rows] == ["env"] + ["correctness"] * 5
   assert all("kernel exploded" in r["error"] and r["ok"] is False for r in rows[1:])
   assert "kernel exploded" in (tmp_path / "results.md").read_text()
 

@@ -9,7 +9,8 @@ result comes:
 0. env: versions, the device, and what impl="auto" picks on it;
 1. correctness: impl="pallas" (compiled kernels; interpret mode only on the CPU) against
    impl="reference", the output and all five gradients, float32 and bfloat16, at the four
-   ResNet-50 stage shapes and at odd shapes (window larger than the map, non-square, 1 head);
+   ResNet-50 stage shapes and at odd shapes (window larger than the map, non-square, 1 head),
+   and the GPU kernels' other form at the odd shapes in float32;
 2. op: the op's fwd+bwd time (and its forward's alone) and compiled temporary memory, pallas
    vs xla vs a 3x3 conv of the same width (batch 32), bfloat16 and float32, and the GPU
    kernels in the launches impl="pallas" does not run: the other form
@@ -34,6 +35,7 @@ status 1 if a correctness row fails or errs.
 import argparse
 import gc
 import importlib
+import itertools
 import json
 import os
 import platform
@@ -113,16 +115,25 @@ def env_rows(smoke):
   yield {}, lambda: row
 
 
-def correctness_rows(shapes, dtype):
+def correctness_rows(shapes, dtype, form=None):
+  """impl="pallas" (the form it runs, `GPU_FORM`) against impl="reference": the output and
+  five gradients. form: the GPU kernels in that form instead, at the tiling impl="pallas"
+  plans (`fused_attention`; interpreted off a GPU)."""
   for b, h, w, c, heads, k in shapes:
     labels = {"shape": f"{b}x{h}x{w}x{c}", "heads": heads, "k": k,
-              "dtype": jnp.dtype(dtype).name}
+              "dtype": jnp.dtype(dtype).name, "form": form or pa.GPU_FORM}
 
     def prepare(b=b, h=h, w=w, c=c, heads=heads, k=k):
       args, cot = _operands((b, h, w, c), heads, k, dtype)
-      got, want = (_compiled_fwd_bwd(
-          lambda *a, impl=impl: local_attention(*a, kernel_size=k, num_heads=heads, impl=impl),
-          args, cot) for impl in ("pallas", "reference"))
+      tiling = pa.plan_tiling(h, w, c // heads, k, dtype, "gpu")
+
+      def pallas(*a):
+        if form is None:
+          return local_attention(*a, kernel_size=k, num_heads=heads, impl="pallas")
+        return pa.fused_attention(*a, num_heads=heads, tiling=tiling, form=form,
+                                  interpret=jax.default_backend() != "gpu")
+      got, want = (_compiled_fwd_bwd(op, args, cot) for op in (pallas, lambda *a: (
+          local_attention(*a, kernel_size=k, num_heads=heads, impl="reference"))))
 
       def run():
         errors = dict(zip(("out", "dq", "dk", "dv", "drel_h", "drel_w"),
@@ -483,6 +494,8 @@ def main(argv=None):
   shapes = ([(1, 6, 5, 16, 2, 3), (1, 4, 4, 8, 1, 5)] if smoke
             else [(2, s, s, c, 8, 7) for s, c in STAGES] + ODD_SHAPES)
   op_batch, repeats = (2, 2) if smoke else (32, 10)
+  odd_shapes = shapes[-1:] if smoke else ODD_SHAPES
+  other_form = next(f for f in pa.FORMS if f != pa.GPU_FORM)
   report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "mode": "cpu smoke" if smoke else "full", "rows": []}
@@ -490,8 +503,10 @@ def main(argv=None):
         f"sections {','.join(sections)}", flush=True)
   makers = {
       "env": lambda: env_rows(smoke),
-      "correctness": lambda: (r for dt in (jnp.float32, jnp.bfloat16)
-                              for r in correctness_rows(shapes, dt)),
+      "correctness": lambda: itertools.chain(
+          (r for dt in (jnp.float32, jnp.bfloat16) for r in correctness_rows(shapes, dt)),
+          # the other form at the odd shapes (`tune` checks it at the stage shapes)
+          correctness_rows(odd_shapes, jnp.float32, form=other_form)),
       "op": lambda: (r for dt in (jnp.bfloat16, jnp.float32)
                      for r in op_rows(stages, op_batch, dt, repeats)),
       "torch": lambda: torch_rows(stages, op_batch, "float32" if smoke else "bfloat16",
