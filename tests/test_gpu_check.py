@@ -170,16 +170,23 @@ def test_the_tune_plan_crosses_both_forms_with_the_rows_rule():
   assert [r["planned"] for r in labels].count(True) == 1
 
 
-def test_an_op_program_that_fails_to_build_spares_the_rest(tmp_path, monkeypatch):
-  """One launch that does not build (here every factored-form program) is recorded as
-  <name>_error in its op row; the row's other programs are still timed and compared."""
+@pytest.mark.parametrize("when", ["build", "run"])
+def test_an_op_program_that_fails_spares_the_rest(when, tmp_path, monkeypatch):
+  """One launch that does not build or does not run (here every factored-form program) is
+  recorded as <name>_error in its op row; the row's other programs are still timed."""
   from sasa_jax.tools import gpu_check  # noqa: PLC0415
   fused = pa.fused_attention
 
+  def refuse(*_):
+    raise RuntimeError("triton refused it")
+
   def factored_fails(*args, form="tables", **kwargs):
-    if form == "factored":
-      raise RuntimeError("triton refused it")
-    return fused(*args, form=form, **kwargs)
+    if form == "factored" and when == "build":
+      refuse()
+    y = fused(*args, form=form, **kwargs)
+    if form == "factored":  # compiles, then raises when run
+      jax.debug.callback(refuse, y)
+    return y
   monkeypatch.setattr(pa, "fused_attention", factored_fails)
   status = gpu_check.main(["--cpu-smoke", "--sections=op", f"--out={tmp_path}"])
   rows = json.loads((tmp_path / "results.json").read_text())["rows"]

@@ -186,14 +186,22 @@ def op_rows(stages, batch, dtype, repeats):
       variants = _gpu_variant_programs(size, width, batch, dtype)
       makers.update(variants)
       programs, errors = {}, {}
-      for name, make in makers.items():
+
+      def attempt(name, call):
         try:
-          programs[name] = make()
+          return call()
         except Exception as e:  # noqa: BLE001 - recorded; the other programs are still timed
-          errors[f"{name}_error"] = f"{type(e).__name__}: {e}"[:500]
+          text = f"{type(e).__name__}: {e}"  # its head and tail: a traceback's end names it
+          errors[f"{name}_error"] = text if len(text) <= 600 else f"{text[:300]} ... {text[-300:]}"
+          programs.pop(name, None)
+      for name, make in makers.items():
+        programs[name] = attempt(name, make)
+      programs = {name: p for name, p in programs.items() if p is not None}
 
       def run():
-        secs = _medians([go for go, _ in programs.values()], repeats)
+        for name, (go, _) in list(programs.items()):  # untimed first calls, failures recorded
+          attempt(name, go)
+        secs = medians([go for go, _ in programs.values()], repeats)
         row = dict(errors)
         for (name, (_, temp)), sec in zip(programs.items(), secs):
           row[f"{name}_ms"] = 1e3 * sec
