@@ -169,7 +169,7 @@ def _gpu_variant_programs(size, width, batch, dtype):
 
 def op_rows(stages, batch, dtype, repeats):
   """One row per stage: every program's fwd+bwd ms and temporary MB, and ratios. A program
-  that fails to build is recorded as <name>_error and the others are still timed."""
+  that fails to build or to run is recorded as <name>_error and the others are still timed."""
   for size, width in stages:
     labels = {"shape": f"{batch}x{size}x{size}x{width}", "dtype": jnp.dtype(dtype).name}
 
