@@ -369,7 +369,7 @@ class _FactoredOffsets:
   item's own position; the backward's are matmuls too (`relative_grads`).
   """
 
-  def __init__(self, t: Tiling, sh_ref, sw_ref, *, keys_in_slab: bool, dot=_dot):
+  def __init__(self, t: Tiling, sh_ref, sw_ref, *, keys_in_slab: bool, dot):
     by, bx = pl.program_id(1), pl.program_id(2)
     iota = jax.lax.broadcasted_iota
     if keys_in_slab:   # a block's queries [nq, 1] against slab rows [1, kh] / columns [1, kw]

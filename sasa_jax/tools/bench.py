@@ -189,7 +189,7 @@ class StepCase(NamedTuple):
   temp: int                 # bytes of the compiled step's temporaries
   compile_s: float
   footprint: int            # bytes of its planned device memory (state, batch, temporaries)
-  grad_bytes: int = 0       # bytes of the parameters' gradients: what data parallelism
+  grad_bytes: int           # bytes of the parameters' gradients: what data parallelism
                             # all-reduces every step
 
 

@@ -33,6 +33,7 @@ after every row: the tables, and what they decide about the kernels' defaults. E
 status 1 if a correctness row fails or errs.
 """
 import argparse
+import functools
 import gc
 import importlib
 import itertools
@@ -115,6 +116,14 @@ def env_rows(smoke):
   yield {}, lambda: row
 
 
+def _planned_kernels(h, w, channels, heads, k, dtype, **launch):
+  """The op on [B, h, w, channels] as the GPU kernels at the tiling impl="pallas" plans, with
+  `pa.fused_attention`'s launch keywords (form, f32_dot); interpreted off a GPU."""
+  tiling = pa.plan_tiling(h, w, channels // heads, k, dtype, "gpu")
+  return functools.partial(pa.fused_attention, num_heads=heads, tiling=tiling,
+                           interpret=jax.default_backend() != "gpu", **launch)
+
+
 def correctness_rows(shapes, dtype, form=None):
   """impl="pallas" (the form it runs, `GPU_FORM`) against impl="reference": the output and
   five gradients. form: the GPU kernels in that form instead, at the tiling impl="pallas"
@@ -125,13 +134,9 @@ def correctness_rows(shapes, dtype, form=None):
 
     def prepare(b=b, h=h, w=w, c=c, heads=heads, k=k):
       args, cot = _operands((b, h, w, c), heads, k, dtype)
-      tiling = pa.plan_tiling(h, w, c // heads, k, dtype, "gpu")
-
-      def pallas(*a):
-        if form is None:
-          return local_attention(*a, kernel_size=k, num_heads=heads, impl="pallas")
-        return pa.fused_attention(*a, num_heads=heads, tiling=tiling, form=form,
-                                  interpret=jax.default_backend() != "gpu")
+      pallas = (functools.partial(local_attention, kernel_size=k, num_heads=heads,
+                                  impl="pallas") if form is None else
+                _planned_kernels(h, w, c, heads, k, dtype, form=form))
       got, want = (_compiled_fwd_bwd(op, args, cot) for op in (pallas, lambda *a: (
           local_attention(*a, kernel_size=k, num_heads=heads, impl="reference"))))
 
@@ -150,7 +155,6 @@ def _gpu_variant_programs(size, width, batch, dtype):
   form (pallas_attention.FORMS), and for float32 operands each form with the other matmuls
   (F32_DOTS); named pallas_<form>[_<f32 dot>]. Interpreted off a GPU."""
   (_, args), _ = op_programs(size, width, batch, 7, 8, "pallas", dtype)
-  tiling = pa.plan_tiling(size, size, width // 8, 7, dtype, "gpu")
   f32_dots = pa.F32_DOTS if jnp.dtype(dtype) == jnp.float32 else (pa.GPU_F32_DOT,)
   programs = {}
   for form in pa.FORMS:
@@ -158,10 +162,9 @@ def _gpu_variant_programs(size, width, batch, dtype):
       if (form, f32_dot) == (pa.GPU_FORM, pa.GPU_F32_DOT):
         continue
 
-      def loss(*a, form=form, f32_dot=f32_dot):
-        y = pa.fused_attention(*a, num_heads=8, tiling=tiling, form=form, f32_dot=f32_dot,
-                               interpret=jax.default_backend() != "gpu")
-        return jnp.sum(y.astype(jnp.float32) ** 2)
+      def loss(*a, op=_planned_kernels(size, size, width, 8, 7, dtype, form=form,
+                                       f32_dot=f32_dot)):
+        return jnp.sum(op(*a).astype(jnp.float32) ** 2)
       name = f"pallas_{form}" + ("" if f32_dot == pa.GPU_F32_DOT else f"_{f32_dot}")
       programs[name] = lambda loss=loss: compiled(jax.grad(loss, argnums=range(5)), *args)[:2]
   return programs
@@ -185,22 +188,23 @@ def op_rows(stages, batch, dtype, repeats):
       makers["conv"] = lambda conv=conv: compiled(conv[0], *conv[1])[:2]
       variants = _gpu_variant_programs(size, width, batch, dtype)
       makers.update(variants)
-      programs, errors = {}, {}
+      errors = {}
 
       def attempt(name, call):
+        """call()'s result, or None with the failure recorded as <name>_error."""
         try:
           return call()
         except Exception as e:  # noqa: BLE001 - recorded; the other programs are still timed
           text = f"{type(e).__name__}: {e}"  # its head and tail: a traceback's end names it
           errors[f"{name}_error"] = text if len(text) <= 600 else f"{text[:300]} ... {text[-300:]}"
-          programs.pop(name, None)
-      for name, make in makers.items():
-        programs[name] = attempt(name, make)
-      programs = {name: p for name, p in programs.items() if p is not None}
+          return None
+      built = {name: attempt(name, make) for name, make in makers.items()}
+      programs = {name: p for name, p in built.items() if p is not None}
 
       def run():
         for name, (go, _) in list(programs.items()):  # untimed first calls, failures recorded
-          attempt(name, go)
+          if attempt(name, go) is None:
+            del programs[name]
         secs = medians([go for go, _ in programs.values()], repeats)
         row = dict(errors)
         for (name, (_, temp)), sec in zip(programs.items(), secs):
