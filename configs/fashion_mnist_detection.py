@@ -12,8 +12,8 @@ and 8 heads (conv heads: 0.20; docs/detection.md).
   python -m sasa_jax.main --config=configs/fashion_mnist_detection.py --workdir=runs/detect
   python -m sasa_jax.main --config=configs/fashion_mnist_detection.py:heads=conv --workdir=...
 
-Arguments: any create_retinanet keyword, seed, batch_size, num_epochs, dtype; each equals its
-flag (--config.model.heads=conv).
+Arguments: any create_retinanet keyword, seed, batch_size, num_epochs, dtype,
+num_microbatches; each equals its flag (--config.model.heads=conv).
 """
 from sasa_jax import base_config
 

@@ -20,7 +20,7 @@ from sasa_jax.models.factory import OVERRIDES, PER_GROUP, RETINANET_OVERRIDES
 LOOP_SET_MODEL_FIELDS = ("dtype", "bn_momentum")
 # create_resnet keywords whose default is None, with the type a config field holds.
 NONE_DEFAULT_TYPES = {"attention_groups": tuple, "stem_type": str, "p6_input": str}
-TOP_LEVEL_ARGS = ("seed", "batch_size", "num_epochs", "dtype")
+TOP_LEVEL_ARGS = ("seed", "batch_size", "num_epochs", "dtype", "num_microbatches")
 
 
 def _model_fields(base: dict, overrides: dict, factory: str, values: dict):
@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
       train_split="train", eval_split="validation", shuffle_buffer=16_384,
       crop_padding=2))  # random-crop margin of small-image pipelines
   config.batch_size = 256
+  # > 1: each step runs the batch as this many microbatches one after another and averages
+  # their gradients (memory of batch_size / num_microbatches images; sasa_jax.train.train_step)
+  config.num_microbatches = 1
   config.num_epochs = 90.0
   config.num_train_steps = -1  # > 0 overrides num_epochs
   config.optimizer = ml_collections.ConfigDict(dict(

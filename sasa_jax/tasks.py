@@ -3,7 +3,8 @@ factory, the loss and the evaluation. config.task picks one (`get`); its dataset
 that task (sasa_jax.data.DATASETS[name].task).
 
 A task holds the config and gives: create_model(); check(model, variables, image_shape)
-(raises ValueError); loss(outputs, batch) -> (loss, metrics), inside the jitted step;
+(raises ValueError); train_batch_spec(batch, image_shape) (a training batch's
+jax.ShapeDtypeStructs); loss(outputs, batch) -> (loss, metrics), inside the jitted step;
 eval_outputs(outputs, batch), inside the jitted eval step; evaluator(builder), whose
 update(eval outputs) runs per eval batch and result() returns the eval metrics."""
 import functools
@@ -45,6 +46,11 @@ class Classification:
 
   def check(self, model, variables, image_shape):
     del model, variables, image_shape
+
+  def train_batch_spec(self, batch, image_shape):
+    """Shapes and dtypes of a training batch of `batch` images, as the pipeline makes it."""
+    return {"image": jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8),
+            "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
 
   def loss(self, outputs, batch):
     """outputs: logits [B, K]; batch {"label": [B]}. -> (loss, metrics)."""
@@ -114,6 +120,14 @@ class Detection:
                        f"anchors per {image_shape[0]} px image, the anchor generator makes "
                        f"{self.anchors.shape[0]} (levels {self.anchor_spec.min_level}-"
                        f"{self.anchor_spec.max_level})")
+
+  def train_batch_spec(self, batch, image_shape):
+    """Shapes and dtypes of a training batch of `batch` images, as the pipeline makes it."""
+    boxes = self.config.detection.max_boxes
+    return {"image": jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8),
+            "boxes": jax.ShapeDtypeStruct((batch, boxes, 4), jnp.float32),
+            "labels": jax.ShapeDtypeStruct((batch, boxes), jnp.int32),
+            "box_mask": jax.ShapeDtypeStruct((batch, boxes), jnp.float32)}
 
   def loss(self, outputs, batch):
     c = self.config.detection

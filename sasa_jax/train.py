@@ -2,7 +2,7 @@
 
 Data parallel over all devices of all processes with a Mesh/NamedSharding (parameters
 replicated, the batch split on the "data" axis; BatchNorm statistics are therefore over
-the global batch). Orbax checkpoints with automatic resume, clu metric writers
+the global batch, or over each microbatch of it with config.num_microbatches > 1). Orbax checkpoints with automatic resume, clu metric writers
 (TensorBoard + metrics.jsonl) and progress reports. The workdir may be a local path or a
 URL (gs://...): every file goes through etils.epath, orbax or TensorFlow's file system.
 
@@ -43,7 +43,7 @@ REQUIRED_FIELDS = (
     "model", "dataset", "batch_size", "num_epochs", "num_train_steps", "optimizer", "schedule",
     "label_smoothing", "ema_decay", "bn_momentum", "log_every_steps", "eval_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "seed", "dtype", "profile",
-    "compilation_cache_dir")
+    "compilation_cache_dir", "num_microbatches")
 DATASET_FIELDS = ("name", "data_dir", "image_size", "train_split", "eval_split", "shuffle_buffer")
 # jax's own switch for its compilation cache as this process started
 # (JAX_ENABLE_COMPILATION_CACHE): a run with config.compilation_cache_dir="" turns the cache
@@ -100,10 +100,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.dtype={config.dtype!r} is not allowed; choose one of "
                      "('float32', 'bfloat16')")
-  n = jax.device_count()
-  if config.batch_size <= 0 or config.batch_size % n:
+  n, num = jax.device_count(), config.num_microbatches
+  if not isinstance(num, int) or num <= 0:
+    raise ValueError(f"config.num_microbatches={num!r} must be a positive integer")
+  if config.batch_size <= 0 or config.batch_size % (num * n):
     raise ValueError(f"config.batch_size={config.batch_size} must be a positive multiple of the "
-                     f"device count {n}")
+                     f"device count {n}" + (f" times config.num_microbatches={num} "
+                                            f"({num * n})" if num > 1 else ""))
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_train_steps > 0 or config.num_epochs > 0, got "
                      f"{config.num_train_steps} and {config.num_epochs}")
@@ -130,20 +133,51 @@ def create_model(config):
     raise ValueError(f"config.model: {e}") from e
 
 
-def train_step(state, batch, *, model, tx, schedule, config, task):
-  """One step on the global batch {"image": [B, S, S, C], + the task's targets}."""
-  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
-  images = data_lib.normalize(batch["image"], config.dataset.name)
+def split_microbatches(batch, num: int):
+  """Every [B, ...] leaf as [num, B / num, ...], microbatch i holding rows i, num + i,
+  2 num + i, ...: a batch laid out in contiguous blocks over the devices gives every
+  microbatch an equal share of each device's block, so no row leaves its device."""
+  return jax.tree.map(
+      lambda x: jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1), batch)
 
-  def loss_fn(params):
+
+def train_step(state, batch, *, model, tx, schedule, config, task):
+  """One step on the global batch {"image": [B, S, S, C], + the task's targets}.
+
+  With config.num_microbatches = M > 1 the batch runs as M microbatches of B / M images one
+  after another (lax.scan), each normalised by its own BatchNorm statistics; their losses,
+  gradients, metrics and BatchNorm running averages are averaged into one optimizer step
+  (activation memory of B / M images)."""
+  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+
+  def loss_fn(params, micro, rng):
+    images = data_lib.normalize(micro["image"], config.dataset.name)
     outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
                                    images, train=True, mutable=["batch_stats"],
                                    rngs={"dropout": rng})
-    loss, task_metrics = task.loss(outputs, batch)
-    return loss, (task_metrics, updates)
+    loss, task_metrics = task.loss(outputs, micro)
+    return loss, (task_metrics, updates["batch_stats"])
 
-  (loss, (task_metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  def micro_step(micro, rng):
+    (loss, (task_metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, micro, rng)
+    return grads, batch_stats, loss, task_metrics
+
+  num = config.num_microbatches
+  if num == 1:
+    grads, batch_stats, loss, task_metrics = micro_step(batch, rng)
+  else:
+    micro = split_microbatches(batch, num)
+
+    def add(total, xs):
+      i, one = xs
+      out = micro_step(one, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, total, out), None
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(micro_step, first, rng))
+    total, _ = jax.lax.scan(add, zeros, (jnp.arange(num), micro))
+    grads, batch_stats, loss, task_metrics = jax.tree.map(lambda t: t / num, total)
   deltas, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, deltas)
   ema = state.ema_params
@@ -151,17 +185,27 @@ def train_step(state, batch, *, model, tx, schedule, config, task):
     t = state.step.astype(jnp.float32)
     decay = jnp.minimum(config.ema_decay, (1 + t) / (10 + t))
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   metrics = {"train/loss": loss, **task_metrics,
              "train/grad_norm": grad_norm,
              "learning_rate": schedule(state.step),
              # 1.0 while loss, gradients and new parameters are all finite
              "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-                        & jnp.isfinite(optax.global_norm(params))).astype(jnp.float32)}
-  new_state = state.replace(step=state.step + 1, params=params,
-                            batch_stats=updates["batch_stats"], opt_state=opt_state,
-                            ema_params=ema)
+                        & jnp.isfinite(optax.tree.norm(params))).astype(jnp.float32)}
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, ema_params=ema)
   return new_state, metrics
+
+
+def jit_train_step(config, task, model, tx, schedule, state_sharding, batch_sharding):
+  """train_step jitted for these shardings, the state donated; traced and run under the
+  batch sharding's mesh (`jax.set_mesh`)."""
+  return jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
+                        task=task),
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, NamedSharding(batch_sharding.mesh, P())),
+      donate_argnums=(0,))
 
 
 def eval_step(state, batch, *, model, dataset_name, task):
@@ -357,6 +401,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   num_steps = (config.num_train_steps if config.num_train_steps > 0
                else int(config.num_epochs * steps_per_epoch))
   per_host_batch = config.batch_size // jax.process_count()
+  # Evaluation holds no gradients; it runs batches of one microbatch's size.
+  eval_batch = config.batch_size // config.num_microbatches
   size = config.dataset.image_size
   channels = len(data_lib.DATASETS[config.dataset.name].mean)
 
@@ -396,19 +442,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if isinstance(v, (int, float, str, bool))})
 
-  p_train = _under_mesh(mesh, jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
-                        task=task),
-      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,)))
+  p_train = _under_mesh(mesh, jit_train_step(config, task, model, tx, schedule,
+                                             state_sharding, batch_sharding))
   p_eval = _under_mesh(mesh, jax.jit(
       functools.partial(eval_step, model=model, dataset_name=config.dataset.name, task=task),
       in_shardings=(state_sharding, batch_sharding), out_shardings=replicated))
 
   def evaluate(step):
-    n = data_lib.eval_steps(builder, config.dataset.eval_split, config.batch_size)
+    n = data_lib.eval_steps(builder, config.dataset.eval_split, eval_batch)
     ds = data_lib.eval_dataset(builder, split=config.dataset.eval_split,
-                               per_host_batch=per_host_batch, image_size=size, num_steps=n)
+                               per_host_batch=eval_batch // jax.process_count(),
+                               image_size=size, num_steps=n)
     evaluator = task.evaluator(builder)
     for batch in ds.as_numpy_iterator():
       evaluator.update(p_eval(state, data_lib.to_global(batch, batch_sharding)))

@@ -151,3 +151,25 @@ def test_input_bench_times_the_training_preprocessing():
     assert r["images_per_s"] > 0
     assert r["images_per_s_per_thread"] == pytest.approx(r["images_per_s"] / r["threads"],
                                                          abs=0.1)
+
+
+def test_step_memory_plans_the_loops_step_per_microbatch_count():
+  """tools/step_memory: the loop's own step at the batch each of --devices holds; two
+  microbatches halve the temporaries (of this small model, whose activations dominate them),
+  a count that does not divide the per-device batch is skipped with the reason, and
+  config-string arguments and --config flags both reach the config."""
+  import json
+  out = _run("sasa_jax.tools.step_memory",
+             f"--config=configs/fashion_mnist.py:{helpers.TINY_MODEL}", "--config.batch_size=64", "--devices=2", "--microbatches=1,2,3",
+             "--format=json").stdout
+  one, two, three = json.loads(out)
+  assert [r["batch_per_device"] for r in (one, two, three)] == [32, 32, 32]
+  assert two["microbatch_per_device"] == 16
+  assert three["skipped"] == "32 images per device do not split into 3"
+  assert one["state_mib"] == two["state_mib"] > 0
+  assert 0.4 < two["temp_mib"] / one["temp_mib"] < 0.6
+  assert one["total_mib"] > one["state_mib"] + one["temp_mib"]  # and the batch
+  bad = helpers.run_module("sasa_jax.tools.step_memory",
+                           ["--config=configs/fashion_mnist.py", "--devices=3"], check=False)
+  assert bad.returncode == 2
+  assert "config.batch_size=128 must be a multiple of --devices=3" in bad.stderr

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from tests import helpers
@@ -192,6 +193,9 @@ def _config(**changes):
     ({"model.dtype": "float32"}, r"config.model.dtype is set by the top-level config.dtype"),
     ({"batch_size": 0}, r"config.batch_size=0 must be a positive multiple of the device count 1"),
     ({"dtype": "float16"}, r"config.dtype='float16' is not allowed"),
+    ({"num_microbatches": 0}, r"config.num_microbatches=0 must be a positive integer"),
+    ({"num_microbatches": 3}, r"config.batch_size=128 must be a positive multiple of the device "
+                              r"count 1 times config.num_microbatches=3 \(3\)"),
 ])
 def test_bad_config_fails_before_compiling(changes, match, tmp_path):
   from sasa_jax import train
@@ -257,3 +261,83 @@ def test_run_once_compiles_initialisation_with_the_cpu_options(monkeypatch):
   monkeypatch.setattr(run_once_lib, "CPU_OPTIONS", {"xla_no_such_option": 1})
   with pytest.raises(Exception, match="xla_no_such_option"):  # the options reach XLA
     run_once_lib.run_once(jax.jit(lambda: jnp.ones(3) * 2))
+
+
+def test_microbatches_make_one_step_of_the_microbatch_steps_average():
+  """num_microbatches=2: one step whose parameter change, BatchNorm statistics and loss are
+  the averages of single steps on rows 0, 2, 4, ... and rows 1, 3, 5, ... (plain SGD,
+  learning rate 1: the change is minus the gradient)."""
+  from sasa_jax import tasks, train
+  config = _config()
+  task = tasks.get(config)
+  model = task.create_model()
+  tx = optax.sgd(1.0)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  init, _, _ = train._initial_state(config, model, tx, mesh, (28, 28, 1))
+  state = jax.jit(init)()
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8),
+           "label": rng.integers(0, 10, (8,))}
+
+  def step(batch, num_microbatches):
+    config.num_microbatches = num_microbatches
+    return jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+                                     schedule=optax.constant_schedule(1.0), config=config,
+                                     task=task))(state, batch)
+  split, split_metrics = step(batch, 2)
+  halves = [step(jax.tree.map(lambda x, i=i: x[i::2], batch), 1) for i in range(2)]
+  whole, _ = step(batch, 1)
+  for name in ("params", "batch_stats"):
+    want = jax.tree.map(lambda a, b: (a + b) / 2, *(getattr(s, name) for s, _ in halves))
+    for got, expected in zip(jax.tree.leaves(getattr(split, name)), jax.tree.leaves(want)):
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(split_metrics["train/loss"],
+                             np.mean([m["train/loss"] for _, m in halves]), rtol=1e-6)
+  # Not the whole batch's step: each microbatch has its own BatchNorm statistics.
+  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(split.params), jax.tree.leaves(whole.params))) > 1e-3
+
+
+def test_microbatches_on_four_devices_move_no_images_and_evaluate_everything(
+    fmnist_dir, tmp_path):
+  """Through the command line on 4 devices: each microbatch takes its rows from every
+  device's share of the batch without moving them (no all-to-all, all-gather or
+  collective-permute in the compiled step), and evaluation in batches of one microbatch's
+  size sees every example once."""
+  workdir, dump = tmp_path / "run", tmp_path / "hlo"
+  environ = helpers.env(4, JAX_ENABLE_COMPILATION_CACHE="false")  # compile, so XLA dumps
+  environ["XLA_FLAGS"] += f" --xla_dump_to={dump} --xla_dump_hlo_module_re=.*train_step.*"
+  flags = helpers.tiny_flags(fmnist_dir, 2, eval_every=2) + ["--config.num_microbatches=2"]
+  helpers.run_module("sasa_jax.main", helpers.main_cmd(FMNIST, workdir, flags)[3:],
+                     environ=environ)
+  rows = helpers.read_metrics(workdir)
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+  assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+  (final,) = [r for r in rows if "eval/accuracy" in r]
+  assert final["eval/num_examples"] == 100
+  (hlo,) = [p for p in dump.iterdir() if p.name.endswith("after_optimizations.txt")]
+  text = hlo.read_text()
+  assert re.search(r"all-reduce(-start)?\(", text)  # the gradients: the dump is the step's
+  assert not re.search(r"(all-to-all|all-gather|collective-permute)(-start)?\(", text)
+
+
+@pytest.mark.parametrize("config_file,data_fixture", [
+    ("fashion_mnist", "fmnist_dir"), ("fashion_mnist_detection", "detection_dir")])
+def test_a_tasks_train_batch_spec_is_what_its_pipeline_makes(config_file, data_fixture,
+                                                            request):
+  """What tools/step_memory compiles the step for, against the real pipeline's batches."""
+  from sasa_jax import data as data_lib
+  from sasa_jax import tasks, train
+  sys.path.insert(0, os.path.join(helpers.ROOT, "configs"))
+  config = __import__(config_file).get_config()
+  task = tasks.get(config)
+  builder = data_lib.get_builder(config.dataset.name, request.getfixturevalue(data_fixture))
+  size = config.dataset.image_size
+  ds = data_lib.train_dataset(builder, split="train[:64]", per_host_batch=4, image_size=size,
+                              seed=0, shuffle_buffer=64,
+                              detection_options=train._detection_options(task, config))
+  made = {k: (x.shape, x.dtype) for k, x in next(ds.as_numpy_iterator()).items()}
+  channels = len(data_lib.DATASETS[config.dataset.name].mean)
+  spec = {k: (s.shape, s.dtype) for k, s in
+          task.train_batch_spec(4, (size, size, channels)).items()}
+  assert made == spec

@@ -60,17 +60,23 @@ def compiled(fn, *args):
   return run, memory["temp"], out
 
 
+def memory_plan(exe) -> dict[str, int]:
+  """XLA's memory plan of a compiled program in bytes: "temp" (temporaries), "argument",
+  "output", "alias" (outputs written into donated arguments) and "footprint" (arguments +
+  outputs - aliased + temporaries); zeros where the backend gives no analysis."""
+  mem = exe.memory_analysis()
+  plan = {name: int(getattr(mem, f"{name}_size_in_bytes", 0) or 0) if mem is not None else 0
+          for name in ("temp", "argument", "output", "alias")}
+  plan["footprint"] = plan["temp"] + plan["argument"] + plan["output"] - plan["alias"]
+  return plan
+
+
 def compiled_with_memory(fn, *args):
   """(run, memory, output) as `compiled`; memory: XLA's plan in bytes, {"temp": temporaries,
   "footprint": arguments + outputs - donated + temporaries}. run.profile(top) lists the
   program's `top` most expensive XLA operations (`hlo_profile`)."""
   exe = jax.jit(fn).lower(*args).compile()
-  mem = exe.memory_analysis()
-
-  def size(name):
-    return int(getattr(mem, f"{name}_size_in_bytes", 0) or 0) if mem is not None else 0
-  memory = {"temp": size("temp"),
-            "footprint": size("temp") + size("argument") + size("output") - size("alias")}
+  memory = memory_plan(exe)
   out = jax.block_until_ready(exe(*args))
 
   def run():

@@ -1,0 +1,114 @@
+"""Will a config's training step fit on a device? XLA's memory plan of the loop's own step.
+
+  python -m sasa_jax.tools.step_memory --config=configs/imagenet.py:depth=50 --devices=64
+  python -m sasa_jax.tools.step_memory --config=configs/fashion_mnist.py --microbatches=1,2,4
+
+Compiles `train.train_step` (the config's model, optimizer, EMA and task) for one local
+device at the batch each of --devices devices holds (config.batch_size / devices: the loop
+is data parallel with replicated state), once per --microbatches value, and prints per
+device: the batch and microbatch, the state (parameters, BatchNorm statistics, optimizer
+state, EMA), XLA's planned temporaries and their total, against the device's memory where the
+backend reports it. Memory plans differ between backends (and the attention op's
+implementation with them): run it on a machine of the kind the run will use. No data is
+read; nothing runs.
+"""
+import argparse
+import json
+import sys
+
+import jax
+import numpy as np
+from absl import flags
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+from sasa_jax import data as data_lib
+from sasa_jax import optim, tasks, train
+from sasa_jax.tools.bench import memory_plan
+
+MIB = 2**20
+
+
+def plan_rows(config, devices: int, microbatches) -> list[dict]:
+  """One row per value of `microbatches` (see the module docstring); sizes in MiB."""
+  if config.batch_size % devices:
+    raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of "
+                     f"--devices={devices}")
+  per_device = config.batch_size // devices
+  train.validate_config(config)  # names a bad field before anything compiles
+  task = tasks.get(config)
+  model = task.create_model()
+  size = config.dataset.image_size
+  image_shape = (size, size, len(data_lib.DATASETS[config.dataset.name].mean))
+  schedule = optim.create_schedule(config.schedule, steps_per_epoch=1000, num_steps=10_000)
+  tx = optim.create_optimizer(config.optimizer, schedule)
+  mesh = Mesh(np.asarray(jax.local_devices()[:1]), ("data",))
+  _, state, state_sharding = train._initial_state(config, model, tx, mesh, image_shape)
+  batch = task.train_batch_spec(per_device, image_shape)
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  stats = jax.local_devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  rows = []
+  for num in microbatches:
+    row = {"num_microbatches": num, "batch_per_device": per_device,
+           "microbatch_per_device": per_device / num}
+    if per_device % num:
+      rows.append({**row, "skipped": f"{per_device} images per device do not split into {num}"})
+      continue
+    with config.unlocked():
+      config.num_microbatches = num
+    step = train.jit_train_step(config, task, model, tx, schedule, state_sharding,
+                                NamedSharding(mesh, P("data")))
+    with jax.set_mesh(mesh):
+      plan = memory_plan(step.lower(state, batch).compile())
+    row.update(state_mib=state_bytes / MIB, temp_mib=plan["temp"] / MIB,
+               total_mib=plan["footprint"] / MIB)
+    if limit:
+      row.update(device_mib=limit / MIB, fits=plan["footprint"] <= limit)
+    rows.append(row)
+  return rows
+
+
+def format_rows(rows) -> str:
+  lines = ["num_microbatches  batch/device  microbatch/device  state MiB  temp MiB  "
+           "total MiB  device MiB  fits"]
+  for r in rows:
+    if "skipped" in r:
+      lines.append(f"{r['num_microbatches']:>16}  {r['batch_per_device']:>12}  "
+                   f"skipped: {r['skipped']}")
+      continue
+    lines.append(f"{r['num_microbatches']:>16}  {r['batch_per_device']:>12}  "
+                 f"{r['microbatch_per_device']:>17g}  {r['state_mib']:>9.1f}  "
+                 f"{r['temp_mib']:>8.1f}  {r['total_mib']:>9.1f}  "
+                 + (f"{r['device_mib']:>10.0f}  {'yes' if r['fits'] else 'no'}"
+                    if "device_mib" in r else f"{'-':>10}  (not reported by the backend)"))
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--devices", type=int, default=None,
+                 help="devices the run will use (default: this machine's)")
+  p.add_argument("--microbatches", default="1,2,4,8",
+                 help="comma-separated values of config.num_microbatches to plan")
+  p.add_argument("--format", choices=("text", "json"), default="text")
+  # --config=FILE[:ARGS] and --config.FIELD=VALUE, parsed as sasa_jax.main parses them.
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                  flag_values=flag_values, lock_config=False)
+  args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+  flag_values(["step_memory", *rest])
+  if flag_values.config is None:
+    p.error("--config=configs/NAME.py[:ARGS] is required")
+  microbatches = [int(m) for m in args.microbatches.split(",") if m]
+  if not microbatches or min(microbatches) < 1:
+    p.error(f"--microbatches={args.microbatches!r}: positive integers, comma-separated")
+  try:
+    rows = plan_rows(flag_values.config, args.devices or jax.device_count(), microbatches)
+  except ValueError as e:  # a bad config or device count: the message names the field
+    p.error(str(e))
+  print(json.dumps(rows, indent=1) if args.format == "json" else format_rows(rows))
+
+
+if __name__ == "__main__":
+  main()
