@@ -341,3 +341,28 @@ def test_a_tasks_train_batch_spec_is_what_its_pipeline_makes(config_file, data_f
   spec = {k: (s.shape, s.dtype) for k, s in
           task.train_batch_spec(4, (size, size, channels)).items()}
   assert made == spec
+
+
+def test_the_microbatched_step_exports_for_tpu_and_cuda_with_the_kernels():
+  """The loop's own step (train.jit_train_step, num_microbatches=2, impl="pallas") lowers for
+  TPU and CUDA under a mesh: one microbatch loop, and every attention layer's kernels."""
+  from jax import export
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from sasa_jax import optim, tasks, train
+  config = _config(**{"model.impl": "pallas", "num_microbatches": 2, "batch_size": 8})
+  task = tasks.get(config)
+  model = task.create_model()
+  schedule = optim.create_schedule(config.schedule, 10, 100)
+  tx = optim.create_optimizer(config.optimizer, schedule)
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  _, state, state_sharding = train._initial_state(config, model, tx, mesh, (28, 28, 1))
+  step = train.jit_train_step(config, task, model, tx, schedule, state_sharding,
+                              NamedSharding(mesh, P("data")))
+  layers = sum(s is not None for s in model.group_attention)
+  for platform, call in (("tpu", "tpu_custom_call"), ("cuda", "__gpu$xla.gpu.triton")):
+    with jax.set_mesh(mesh):
+      text = export.export(step, platforms=[platform], disabled_checks=[
+          export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+              state, task.train_batch_spec(8, (28, 28, 1))).mlir_module()
+    assert text.count("stablehlo.while") == 1  # the microbatch loop
+    assert text.count(call) == 3 * layers  # fwd, dq and dk/dv kernels per attention layer
