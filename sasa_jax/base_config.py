@@ -75,7 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 90.0
   config.num_train_steps = -1  # > 0 overrides num_epochs
   config.optimizer = ml_collections.ConfigDict(dict(
-      name="sgd", momentum=0.9, nesterov=True, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4))
+      name="sgd", momentum=0.9, nesterov=True, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
+      grad_clip_norm=0.0))  # > 0: gradients scaled down to this global L2 norm
   config.schedule = ml_collections.ConfigDict(dict(
       name="cosine", peak_value=0.1, warmup_epochs=5.0, end_value=0.0,
       boundaries_epochs=(30.0, 60.0, 80.0), decay_factor=0.1))

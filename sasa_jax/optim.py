@@ -1,17 +1,19 @@
 """Optimizers and learning-rate schedules from the config (config.optimizer, config.schedule).
 
     config.optimizer = dict(name="sgd", momentum=0.9, nesterov=True, b1=0.9, b2=0.999,
-                            eps=1e-8, weight_decay=1e-4)
+                            eps=1e-8, weight_decay=1e-4, grad_clip_norm=0.0)
     config.schedule = dict(name="cosine", peak_value=..., warmup_epochs=5.0, end_value=0.0,
                            boundaries_epochs=(30, 60, 90), decay_factor=0.1)
 
 Each optimizer reads the fields it needs (sgd: momentum, nesterov; adamw and lamb: b1, b2,
 eps) and weight_decay, which applies to kernels and embeddings only (parameters with more
-than one dimension; never biases or batch-norm scales). Every schedule warms up linearly
+than one dimension; never biases or batch-norm scales). grad_clip_norm > 0 first scales the
+gradients down to that global L2 norm where they exceed it (optax.clip_by_global_norm; 0:
+off; the logged train/grad_norm is the norm before clipping). Every schedule warms up linearly
 from 0 to peak_value over warmup_epochs, then: "cosine" decays to end_value, "linear" goes
 straight to end_value, "step" multiplies by decay_factor at each of boundaries_epochs,
 "constant" stays. The learning rate is what the config says: linear scaling with the batch
-size, where wanted, is written in the config (`configs/base.py`).
+size, where wanted, is written in the config (`base_config.linear_scaling`).
 
 A new optimizer or schedule is one function in OPTIMIZERS or SCHEDULES.
 """
@@ -61,7 +63,8 @@ def _after_warmup(name: str, c, steps_per_epoch: int, warmup: int, num_steps: in
 
 
 SCHEDULES = ("cosine", "linear", "step", "constant")
-OPTIMIZER_FIELDS = ("name", "momentum", "nesterov", "b1", "b2", "eps", "weight_decay")
+OPTIMIZER_FIELDS = ("name", "momentum", "nesterov", "b1", "b2", "eps", "weight_decay",
+                    "grad_clip_norm")
 SCHEDULE_FIELDS = ("name", "peak_value", "warmup_epochs", "end_value", "boundaries_epochs",
                    "decay_factor")
 
@@ -78,7 +81,10 @@ def create_schedule(c, steps_per_epoch: int, num_steps: int) -> optax.Schedule:
 
 def create_optimizer(c, schedule: optax.Schedule) -> optax.GradientTransformation:
   """config.optimizer -> the optax transformation, driven by `schedule`."""
-  return OPTIMIZERS[c.name](c, schedule)
+  tx = OPTIMIZERS[c.name](c, schedule)
+  if c.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), tx)
+  return tx
 
 
 def validate(optimizer, schedule) -> None:
@@ -100,5 +106,6 @@ def validate(optimizer, schedule) -> None:
     raise ValueError(f"config.schedule.peak_value={schedule.peak_value!r} must be > 0")
   if schedule.warmup_epochs < 0:
     raise ValueError(f"config.schedule.warmup_epochs={schedule.warmup_epochs!r} must be >= 0")
-  if optimizer.weight_decay < 0:
-    raise ValueError(f"config.optimizer.weight_decay={optimizer.weight_decay!r} must be >= 0")
+  for field in ("weight_decay", "grad_clip_norm"):
+    if not optimizer[field] >= 0:
+      raise ValueError(f"config.optimizer.{field}={optimizer[field]!r} must be >= 0")

@@ -176,6 +176,17 @@ def test_optimizers_decay_kernels_only(name):
   assert float(jnp.abs(updates["kernel"]).max()) > 0.0  # decayed
 
 
+def test_grad_clip_norm_scales_down_only_gradients_above_it():
+  c = base_config.get_config().optimizer
+  c.update(name="sgd", momentum=0.0, weight_decay=0.0, grad_clip_norm=1.0)
+  tx = optim.create_optimizer(c, optax.constant_schedule(1.0))
+  params = {"kernel": jnp.zeros((2, 2))}
+  for scale, want in ((10.0, 1.0), (0.25, 0.5)):  # gradient norms 20 and 0.5
+    grads = {"kernel": jnp.full((2, 2), scale)}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert float(optax.tree.norm(updates)) == pytest.approx(want, rel=1e-6)
+
+
 def _train_config(name="fashion_mnist", arg=helpers.TINY_MODEL, **changes):
   """Config `name` with `changes` ({"dotted.field": value})."""
   config = _load(name).get_config(arg)
@@ -192,6 +203,7 @@ def _train_config(name="fashion_mnist", arg=helpers.TINY_MODEL, **changes):
     ({"optimizer.name": "adam"}, r"config.optimizer.name='adam' is not allowed"),
     ({"schedule.name": "poly"}, r"config.schedule.name='poly' is not allowed"),
     ({"schedule.peak_value": 0.0}, r"config.schedule.peak_value=0.0 must be > 0"),
+    ({"optimizer.grad_clip_norm": -1.0}, r"config.optimizer.grad_clip_norm=-1.0 must be >= 0"),
     ({"model.kernel_size": (4,)}, r"config.model: kernel_size=4 \(group 3\) is not allowed"),
     ({"model.num_heads": (3,)}, r"config.model: num_heads=3 \(group 3\): the layer's width 32"),
     ({"model.attention_groups": (2, 5)}, r"config.model: attention_groups entry=5 is not allowed"),

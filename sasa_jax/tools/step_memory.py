@@ -97,7 +97,11 @@ def main(argv=None):
   config_flags.DEFINE_config_file("config", None, "Training config file.",
                                   flag_values=flag_values, lock_config=False)
   args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
-  flag_values(["step_memory", *rest])
+  saved, sys.argv = sys.argv, ["step_memory", *rest]  # config_flags reads overrides there
+  try:
+    flag_values(sys.argv)
+  finally:
+    sys.argv = saved
   if flag_values.config is None:
     p.error("--config=configs/NAME.py[:ARGS] is required")
   microbatches = [int(m) for m in args.microbatches.split(",") if m]
