@@ -99,6 +99,25 @@ def test_sections_run_in_the_order_given_and_tune_once(tmp_path):
   assert all(r["skipped"] == "time budget" for r in rows)
 
 
+def test_a_budget_spent_while_compiling_still_runs_what_was_compiled():
+  """The budget runs out during the first row's compilation: that row is still timed (its
+  compiling was the cost), the rows whose compilation had not started are skipped."""
+  from sasa_jax.tools import gpu_check  # noqa: PLC0415
+  spent = []
+
+  def row(i):
+    def prepare():
+      spent.append(i)  # this compilation uses up the budget
+      return lambda: {"ms": float(i)}
+    return {"shape": str(i)}, prepare
+  rows = list(gpu_check._section_rows("op", lambda: (row(i) for i in range(3)), 1,
+                                      lambda: bool(spent)))
+  assert spent == [0]
+  assert rows == [{"kind": "op", "shape": "0", "ms": 0.0},
+                  {"kind": "op", "shape": "1", "skipped": "time budget"},
+                  {"kind": "op", "shape": "2", "skipped": "time budget"}]
+
+
 def test_decisions_name_the_fastest_right_launches(monkeypatch):
   """results.md's decisions: per op row the fastest kernel launch; how often each launch
   impl="pallas" does not run beats the one it runs, and some launch beats impl="xla"; per

@@ -28,8 +28,9 @@ result comes:
    impl=xla.
 Each section compiles all its programs first, --jobs at a time, then runs its rows one by one.
 A row that raises is recorded with its error and the check goes on; past --budget-s seconds
-the remaining rows are recorded as skipped. Writes results.json and results.md in --out
-after every row: the tables, and what they decide about the kernels' defaults. Exit
+no more rows are compiled, and those are recorded as skipped (rows already compiled are
+still run: seconds, where compiling takes minutes). Writes results.json and results.md in
+--out after every row: the tables, and what they decide about the kernels' defaults. Exit
 status 1 if a correctness row fails or errs.
 """
 import argparse
@@ -459,25 +460,28 @@ def _error(row, kind):
 
 def _section_rows(kind, make_rows, jobs, over_budget):
   """The section's rows: every row's programs compiled first, `jobs` at a time, then each
-  row run in order (so that no compilation competes with a timing)."""
+  row run in order (so that no compilation competes with a timing). The budget is checked as
+  each row's compilation would start, where the time goes: a row compiled in time is still
+  checked or timed (seconds), the others are recorded as skipped."""
   try:
     pairs = list(make_rows())
   except Exception:  # noqa: BLE001 - a section that cannot set up is one error row
     yield _error({"kind": kind}, kind)
     return
-  if over_budget():
-    yield from ({"kind": kind, **labels, "skipped": "time budget"} for labels, _ in pairs)
-    return
+
+  def in_budget(prepare):
+    return None if over_budget() else prepare()
   with futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-    prepared = [pool.submit(prepare) for _, prepare in pairs]
+    prepared = [pool.submit(in_budget, prepare) for _, prepare in pairs]
     futures.wait(prepared)
   for (labels, _), future in zip(pairs, prepared):
     row = {"kind": kind, **labels}
-    if over_budget():
-      yield {**row, "skipped": "time budget"}
-      continue
     try:
-      row.update(future.result()())
+      run = future.result()
+      if run is None:
+        row["skipped"] = "time budget"
+      else:
+        row.update(run())
     except Exception:  # noqa: BLE001
       _error(row, kind)
     yield row
@@ -491,7 +495,7 @@ def main(argv=None):
   p.add_argument("--sections", default=",".join(s for s in SECTIONS if s != "tune"),
                  help=f"comma-separated, from {','.join(SECTIONS)}")
   p.add_argument("--budget-s", type=float, default=0,
-                 help="after this many seconds, record the remaining rows as skipped")
+                 help="compile no more rows after this many seconds (recorded as skipped)")
   p.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                  help="programs compiled at once (train steps: at most 3)")
   args = p.parse_args(argv)
