@@ -290,8 +290,10 @@ def _write_small_arrays_whole() -> None:
       min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
 
 
-def _initial_state(config, model, tx, mesh, image_shape):
-  """Abstract state first, then jit(init) straight into replicated shardings."""
+def initial_state(config, model, tx, mesh, image_shape):
+  """(init, abstract, shardings): init() makes the TrainState (jit it with
+  out_shardings=shardings to build it straight into them), abstract is its
+  jax.ShapeDtypeStructs, shardings replicate every leaf over `mesh`."""
   def init():
     variables = model.init(jax.random.key(config.seed), jnp.zeros((1,) + image_shape),
                            train=False)
@@ -413,7 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
-  init, abstract, state_sharding = _initial_state(config, model, tx, mesh, (size, size, channels))
+  init, abstract, state_sharding = initial_state(config, model, tx, mesh, (size, size, channels))
 
   _write_small_arrays_whole()
   ckpt = ocp.CheckpointManager(

@@ -255,7 +255,7 @@ def _state(config, image_shape):
   model = train.create_model(config)
   tx = optax.sgd(0.1, momentum=0.9)
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  init, _, shardings = train._initial_state(config, model, tx, mesh, image_shape)
+  init, _, shardings = train.initial_state(config, model, tx, mesh, image_shape)
   return run_once(jax.jit(init, out_shardings=shardings)), tx, shardings
 
 

@@ -273,7 +273,7 @@ def test_microbatches_make_one_step_of_the_microbatch_steps_average():
   model = task.create_model()
   tx = optax.sgd(1.0)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-  init, _, _ = train._initial_state(config, model, tx, mesh, (28, 28, 1))
+  init, _, _ = train.initial_state(config, model, tx, mesh, (28, 28, 1))
   state = jax.jit(init)()
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8),
@@ -355,7 +355,7 @@ def test_the_microbatched_step_exports_for_tpu_and_cuda_with_the_kernels():
   schedule = optim.create_schedule(config.schedule, 10, 100)
   tx = optim.create_optimizer(config.optimizer, schedule)
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  _, state, state_sharding = train._initial_state(config, model, tx, mesh, (28, 28, 1))
+  _, state, state_sharding = train.initial_state(config, model, tx, mesh, (28, 28, 1))
   step = train.jit_train_step(config, task, model, tx, schedule, state_sharding,
                               NamedSharding(mesh, P("data")))
   layers = sum(s is not None for s in model.group_attention)

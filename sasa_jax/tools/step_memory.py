@@ -43,7 +43,7 @@ def plan_rows(config, devices: int, microbatches) -> list[dict]:
   schedule = optim.create_schedule(config.schedule, steps_per_epoch=1000, num_steps=10_000)
   tx = optim.create_optimizer(config.optimizer, schedule)
   mesh = Mesh(np.asarray(jax.local_devices()[:1]), ("data",))
-  _, state, state_sharding = train._initial_state(config, model, tx, mesh, image_shape)
+  _, state, state_sharding = train.initial_state(config, model, tx, mesh, image_shape)
   batch = task.train_batch_spec(per_device, image_shape)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
   stats = jax.local_devices()[0].memory_stats() or {}
