@@ -169,6 +169,16 @@ def test_step_memory_plans_the_loops_step_per_microbatch_count():
   assert one["state_mib"] == two["state_mib"] > 0
   assert 0.4 < two["temp_mib"] / one["temp_mib"] < 0.6
   assert one["total_mib"] > one["state_mib"] + one["temp_mib"]  # and the batch
+  # Against a device's memory (the backend reports none here): the same plan, in MiB.
+  from sasa_jax.tools import step_memory
+  from sasa_jax.tools.tables import load_config
+  config = load_config(helpers.TINY_MODEL)
+  config.batch_size = 64
+  limit = int((one["total_mib"] + two["total_mib"]) / 2 * 2**20)
+  fit = step_memory.plan_rows(config, 2, [1, 2], limit)
+  assert [(r["fits"], r["device_mib"]) for r in fit] == [(False, limit / 2**20),
+                                                          (True, limit / 2**20)]
+  assert config.num_microbatches == 1  # the caller's config is left as it was
   bad = helpers.run_module("sasa_jax.tools.step_memory",
                            ["--config=configs/fashion_mnist.py", "--devices=3"], check=False)
   assert bad.returncode == 2

@@ -13,6 +13,7 @@ implementation with them): run it on a machine of the kind the run will use. No 
 read; nothing runs.
 """
 import argparse
+import copy
 import json
 import sys
 
@@ -29,8 +30,15 @@ from sasa_jax.tools.bench import memory_plan
 MIB = 2**20
 
 
-def plan_rows(config, devices: int, microbatches) -> list[dict]:
-  """One row per value of `microbatches` (see the module docstring); sizes in MiB."""
+def device_bytes() -> int | None:
+  """The memory of this machine's first device, where its backend reports it (GPU, TPU)."""
+  return (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
+def plan_rows(config, devices: int, microbatches, limit: int | None = None) -> list[dict]:
+  """One row per value of `microbatches` (see the module docstring), sizes in MiB, each
+  total against `limit` bytes where given. `config` itself is left as it is."""
+  config = copy.deepcopy(config)
   if config.batch_size % devices:
     raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of "
                      f"--devices={devices}")
@@ -46,15 +54,13 @@ def plan_rows(config, devices: int, microbatches) -> list[dict]:
   _, state, state_sharding = train.initial_state(config, model, tx, mesh, image_shape)
   batch = task.train_batch_spec(per_device, image_shape)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-  stats = jax.local_devices()[0].memory_stats() or {}
-  limit = stats.get("bytes_limit")
   rows = []
   for num in microbatches:
-    row = {"num_microbatches": num, "batch_per_device": per_device,
-           "microbatch_per_device": per_device / num}
+    row = {"num_microbatches": num, "batch_per_device": per_device}
     if per_device % num:
       rows.append({**row, "skipped": f"{per_device} images per device do not split into {num}"})
       continue
+    row["microbatch_per_device"] = per_device // num
     with config.unlocked():
       config.num_microbatches = num
     step = train.jit_train_step(config, task, model, tx, schedule, state_sharding,
@@ -78,7 +84,7 @@ def format_rows(rows) -> str:
                    f"skipped: {r['skipped']}")
       continue
     lines.append(f"{r['num_microbatches']:>16}  {r['batch_per_device']:>12}  "
-                 f"{r['microbatch_per_device']:>17g}  {r['state_mib']:>9.1f}  "
+                 f"{r['microbatch_per_device']:>17}  {r['state_mib']:>9.1f}  "
                  f"{r['temp_mib']:>8.1f}  {r['total_mib']:>9.1f}  "
                  + (f"{r['device_mib']:>10.0f}  {'yes' if r['fits'] else 'no'}"
                     if "device_mib" in r else f"{'-':>10}  (not reported by the backend)"))
@@ -108,7 +114,8 @@ def main(argv=None):
   if not microbatches or min(microbatches) < 1:
     p.error(f"--microbatches={args.microbatches!r}: positive integers, comma-separated")
   try:
-    rows = plan_rows(flag_values.config, args.devices or jax.device_count(), microbatches)
+    rows = plan_rows(flag_values.config, args.devices or jax.device_count(), microbatches,
+                     device_bytes())
   except ValueError as e:  # a bad config or device count: the message names the field
     p.error(str(e))
   print(json.dumps(rows, indent=1) if args.format == "json" else format_rows(rows))
