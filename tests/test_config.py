@@ -128,6 +128,18 @@ def test_per_group_kernel_sizes_reach_the_layers():
     create_resnet(26, "conv_stem_attention", attention_groups=(2, 3, 4), kernel_size=(7, 5))
 
 
+@pytest.mark.parametrize("name", list({**CONFIGS, **DETECTION_CONFIGS}))
+def test_top_level_arguments_by_both_routes(name):
+  """Every config-string argument outside config.model equals its --config flag."""
+  values = {"seed": ("3", 3), "batch_size": ("64", 64), "num_epochs": ("2.5", 2.5),
+            "dtype": ("bfloat16", "bfloat16"), "num_microbatches": ("4", 4)}
+  assert set(values) == set(base_config.TOP_LEVEL_ARGS)
+  a = _load(name).get_config(",".join(f"{k}={t}" for k, (t, _) in values.items()))
+  b = via_flags(name, *(f"--config.{k}={t}" for k, (t, _) in values.items()))
+  for key, (_, value) in values.items():
+    assert a[key] == b[key] == value and type(a[key]) is type(value), key
+
+
 def test_linear_scaling_follows_the_batch_size_by_either_route():
   assert _load("imagenet").get_config().schedule.peak_value == pytest.approx(1.6)
   assert _load("imagenet").get_config("batch_size=1024").schedule.peak_value == pytest.approx(0.4)
