@@ -14,6 +14,8 @@ Ablations (ResNet-50 conv-stem + attention unless stated), held-out 4% of train 
   Table 5: :variant=conv_stem_attention,positional_encoding=absolute,holdout=true
   Table 6: :variant=conv_stem_attention,attention_type=qr
   Table 7: :variant=full_attention,stem_type=conv_values
+A held-out run's validation accuracy, once trained:
+  python -m sasa_jax.tools.evaluate --workdir=gs://BUCKET/sasa/RUN --split=validation
 Arguments: any create_resnet keyword, seed, batch_size, num_epochs, dtype, num_microbatches
 and holdout; each model argument equals its flag (--config.model.kernel_size=5). Batch 4096
 on fewer chips than its memory needs: num_microbatches=4 runs each step as 4 batches of 1024

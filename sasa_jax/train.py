@@ -2,8 +2,9 @@
 
 Data parallel over all devices of all processes with a Mesh/NamedSharding (parameters
 replicated, the batch split on the "data" axis; BatchNorm statistics are therefore over
-the global batch, or over each microbatch of it with config.num_microbatches > 1). Orbax checkpoints with automatic resume, clu metric writers
-(TensorBoard + metrics.jsonl) and progress reports. The workdir may be a local path or a
+the global batch, or over each microbatch of it with config.num_microbatches > 1). Orbax
+checkpoints with automatic resume, clu metric writers (TensorBoard + metrics.jsonl) and
+progress reports. The workdir may be a local path or a
 URL (gs://...): every file goes through etils.epath, orbax or TensorFlow's file system.
 
 Preemption: one process alone saves and exits on SIGTERM. With several processes, jax's
@@ -216,6 +217,28 @@ def eval_step(state, batch, *, model, dataset_name, task):
   return task.eval_outputs(outputs, batch)
 
 
+def jit_eval_step(config, task, model, state_sharding, batch_sharding):
+  """eval_step jitted for these shardings (state_sharding may be one sharding for the whole
+  state), its outputs replicated; traced and run under the batch sharding's mesh."""
+  return jax.jit(
+      functools.partial(eval_step, model=model, dataset_name=config.dataset.name, task=task),
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=NamedSharding(batch_sharding.mesh, P()))
+
+
+def evaluate_split(p_eval, state, builder, task, *, split: str, batch_size: int,
+                   image_size: int, batch_sharding) -> dict:
+  """The task's metrics of `state` over every example of `split` exactly once (the last
+  batches padded and masked), in global batches of `batch_size`."""
+  n = data_lib.eval_steps(builder, split, batch_size)
+  ds = data_lib.eval_dataset(builder, split=split, per_host_batch=batch_size // jax.process_count(),
+                             image_size=image_size, num_steps=n)
+  evaluator = task.evaluator(builder)
+  for batch in ds.as_numpy_iterator():
+    evaluator.update(p_eval(state, data_lib.to_global(batch, batch_sharding)))
+  return evaluator.result()
+
+
 class DivergenceError(FloatingPointError):
   """The loss, gradients or parameters stopped being finite."""
 
@@ -372,7 +395,7 @@ def _detection_options(task, config) -> DetectionOptions | None:
   return DetectionOptions(max_boxes=c.max_boxes, scale_min=c.scale_min, scale_max=c.scale_max)
 
 
-def _under_mesh(mesh, fn):
+def under_mesh(mesh, fn):
   """fn, traced and run with `mesh` as jax's context mesh: the attention op maps its kernel
   calls over the batch shards it finds there (`ops.local_attention`), which XLA's
   partitioner cannot split."""
@@ -414,7 +437,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   tx = optim.create_optimizer(config.optimizer, schedule)
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   batch_sharding = NamedSharding(mesh, P("data"))
-  replicated = NamedSharding(mesh, P())
   init, abstract, state_sharding = initial_state(config, model, tx, mesh, (size, size, channels))
 
   _write_small_arrays_whole()
@@ -444,21 +466,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if isinstance(v, (int, float, str, bool))})
 
-  p_train = _under_mesh(mesh, jit_train_step(config, task, model, tx, schedule,
-                                             state_sharding, batch_sharding))
-  p_eval = _under_mesh(mesh, jax.jit(
-      functools.partial(eval_step, model=model, dataset_name=config.dataset.name, task=task),
-      in_shardings=(state_sharding, batch_sharding), out_shardings=replicated))
+  p_train = under_mesh(mesh, jit_train_step(config, task, model, tx, schedule,
+                                            state_sharding, batch_sharding))
+  p_eval = under_mesh(mesh, jit_eval_step(config, task, model, state_sharding, batch_sharding))
 
   def evaluate(step):
-    n = data_lib.eval_steps(builder, config.dataset.eval_split, eval_batch)
-    ds = data_lib.eval_dataset(builder, split=config.dataset.eval_split,
-                               per_host_batch=eval_batch // jax.process_count(),
-                               image_size=size, num_steps=n)
-    evaluator = task.evaluator(builder)
-    for batch in ds.as_numpy_iterator():
-      evaluator.update(p_eval(state, data_lib.to_global(batch, batch_sharding)))
-    result = evaluator.result()
+    result = evaluate_split(p_eval, state, builder, task, split=config.dataset.eval_split,
+                            batch_size=eval_batch, image_size=size,
+                            batch_sharding=batch_sharding)
     writer.write_scalars(step, result)
     writer.flush()
     return result

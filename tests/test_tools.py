@@ -183,3 +183,22 @@ def test_step_memory_plans_the_loops_step_per_microbatch_count():
                            ["--config=configs/fashion_mnist.py", "--devices=3"], check=False)
   assert bad.returncode == 2
   assert "config.batch_size=128 must be a multiple of --devices=3" in bad.stderr
+
+
+def test_evaluate_reproduces_the_loops_evaluation_and_takes_any_split(demo_run):
+  """tools/evaluate on the run's last checkpoint and eval split gives exactly the loop's final
+  evaluation; another split and batch size count every example of it once."""
+  import json
+  workdir, flags, _ = demo_run
+  data_dir = next(f.split("=", 1)[1] for f in flags if f.startswith("--config.dataset.data_dir"))
+  logged = [r for r in helpers.read_metrics(workdir) if "eval/accuracy" in r][-1]
+  same = json.loads(_run("sasa_jax.tools.evaluate", f"--workdir={workdir}").stdout)
+  assert same == {**logged, "split": "test[:200]", "weights": "raw"}
+  other = json.loads(_run("sasa_jax.tools.evaluate", f"--workdir={workdir}",
+                          "--split=test[200:250]", "--batch_size=16",
+                          f"--data_dir={data_dir}").stdout)
+  assert other["eval/num_examples"] == 50 and other["split"] == "test[200:250]"
+  assert 0 <= other["eval/accuracy"] <= other["eval/top5_accuracy"] <= 1
+  bad = helpers.run_module("sasa_jax.tools.evaluate", [f"--workdir={workdir}", "--weights=ema"],
+                           check=False)
+  assert bad.returncode != 0 and "kept no EMA weights (config.ema_decay = 0)" in bad.stderr
