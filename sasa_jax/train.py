@@ -4,8 +4,8 @@ Data parallel over all devices of all processes with a Mesh/NamedSharding (param
 replicated, the batch split on the "data" axis; BatchNorm statistics are therefore over
 the global batch, or over each microbatch of it with config.num_microbatches > 1). Orbax
 checkpoints with automatic resume, clu metric writers (TensorBoard + metrics.jsonl) and
-progress reports. The workdir may be a local path or a
-URL (gs://...): every file goes through etils.epath, orbax or TensorFlow's file system.
+progress reports. The workdir may be a local path or a URL (gs://...): every file goes
+through etils.epath, orbax or TensorFlow's file system.
 
 Preemption: one process alone saves and exits on SIGTERM. With several processes, jax's
 preemption service (started by jax.distributed) turns a SIGTERM to any process into one
@@ -231,7 +231,8 @@ def evaluate_split(p_eval, state, builder, task, *, split: str, batch_size: int,
   """The task's metrics of `state` over every example of `split` exactly once (the last
   batches padded and masked), in global batches of `batch_size`."""
   n = data_lib.eval_steps(builder, split, batch_size)
-  ds = data_lib.eval_dataset(builder, split=split, per_host_batch=batch_size // jax.process_count(),
+  ds = data_lib.eval_dataset(builder, split=split,
+                             per_host_batch=batch_size // jax.process_count(),
                              image_size=image_size, num_steps=n)
   evaluator = task.evaluator(builder)
   for batch in ds.as_numpy_iterator():

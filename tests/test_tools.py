@@ -160,8 +160,8 @@ def test_step_memory_plans_the_loops_step_per_microbatch_count():
   config-string arguments and --config flags both reach the config."""
   import json
   out = _run("sasa_jax.tools.step_memory",
-             f"--config=configs/fashion_mnist.py:{helpers.TINY_MODEL}", "--config.batch_size=64", "--devices=2", "--microbatches=1,2,3",
-             "--format=json").stdout
+             f"--config=configs/fashion_mnist.py:{helpers.TINY_MODEL}", "--config.batch_size=64",
+             "--devices=2", "--microbatches=1,2,3", "--format=json").stdout
   one, two, three = json.loads(out)
   assert [r["batch_per_device"] for r in (one, two, three)] == [32, 32, 32]
   assert two["microbatch_per_device"] == 16
