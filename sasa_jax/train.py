@@ -466,6 +466,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                  n_params / 1e6, num_steps, steps_per_epoch)
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if isinstance(v, (int, float, str, bool))})
+  if is_main:
+    devices, processes, num = jax.device_count(), jax.process_count(), config.num_microbatches
+    logging.info("batch %d: %d per device on %d device(s) in %d process(es)%s",
+                 config.batch_size, config.batch_size // devices, devices, processes,
+                 f", as {num} microbatches of {config.batch_size // devices // num}"
+                 if num > 1 else "")
 
   p_train = under_mesh(mesh, jit_train_step(config, task, model, tx, schedule,
                                             state_sharding, batch_sharding))

@@ -308,8 +308,10 @@ def test_microbatches_on_four_devices_move_no_images_and_evaluate_everything(
   environ = helpers.env(4, JAX_ENABLE_COMPILATION_CACHE="false")  # compile, so XLA dumps
   environ["XLA_FLAGS"] += f" --xla_dump_to={dump} --xla_dump_hlo_module_re=.*train_step.*"
   flags = helpers.tiny_flags(fmnist_dir, 2, eval_every=2) + ["--config.num_microbatches=2"]
-  helpers.run_module("sasa_jax.main", helpers.main_cmd(FMNIST, workdir, flags)[3:],
-                     environ=environ)
+  proc = helpers.run_module("sasa_jax.main", helpers.main_cmd(FMNIST, workdir, flags)[3:],
+                            environ=environ)
+  assert ("batch 16: 4 per device on 4 device(s) in 1 process(es), as 2 microbatches of 2"
+          in proc.stderr)
   rows = helpers.read_metrics(workdir)
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
   assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
