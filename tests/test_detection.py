@@ -246,6 +246,10 @@ def test_detection_end_to_end_two_processes_then_one_resumes(detection_dir, tmp_
   for r in evals:
     assert r["eval/num_images"] == 37  # every image once, padded batches, any process count
     assert {f"eval/{m}" for m in coco_eval.METRIC_NAMES} <= set(r)
+  # tools/evaluate on the last checkpoint: the loop's last COCO evaluation, on 1 device.
+  import json
+  out = helpers.run_module("sasa_jax.tools.evaluate", [f"--workdir={workdir}"]).stdout
+  assert json.loads(out) == {**evals[-1], "split": "test[:37]", "weights": "raw"}
 
 
 def _state(config, image_shape):
