@@ -1,12 +1,14 @@
-"""The paper's Tables 1, 4 and 5 at small scale, on real Fashion-MNIST.
+"""The paper's Tables 1 and 3-7 at small scale, on real Fashion-MNIST.
 
   python -m sasa_jax.tools.tables [--outdir runs/tables] [--seeds 2] [--epochs 1] [--quick]
                                  [--fresh]
 
 Trains, with identical budgets and seeds, ResNet-26 baseline / conv-stem + attention /
-full attention (Table 1), conv-stem + attention with k = 3, 5, 7 (Table 4) and with
-positional encoding none / absolute / relative (Table 5); shared rows are trained
-once. Writes OUTDIR/report.md (our accuracy, parameters and FLOPS at 28 px next to the
+full attention (Table 1), conv-stem with attention in groups 1-4 / 2-4 / 3-4 / 4 / none
+(Table 3), conv-stem + attention with k = 3, 5, 7 (Table 4), with positional encoding
+none / absolute / relative (Table 5) and with logits q.k + q.r or q.r alone (Table 6), and
+full attention with the stand-alone, conv-values and spatially aware stems (Table 7);
+shared rows are trained once. Writes OUTDIR/report.md (our accuracy, parameters and FLOPS at 28 px next to the
 paper's ImageNet numbers) and PNG plots. --quick: a few steps of ResNet-14 at 1/8 width
 on a few hundred images, for tests. Runs already finished in OUTDIR are reused (each run
 resumes by itself); --fresh deletes them first (after a change to the code they were
@@ -32,24 +34,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DEPTH = 26
 QUICK_MODEL = f",depth={QUICK_DEPTH},width_multiplier=0.125,num_heads=2"  # --quick's model
 # name: (config-string arguments, {table: paper row label})
+ALL = "variant=conv_stem_attention,attention_groups=1-2-3-4"  # attention in every group
 RUNS = {
-    "baseline": ("variant=baseline", {1: f"ResNet-{DEPTH} baseline"}),
-    "conv_stem_attention": ("variant=conv_stem_attention,attention_groups=1-2-3-4",
-                            {1: f"ResNet-{DEPTH} conv_stem_attention", 4: "kernel 7x7",
-                             5: "positional relative"}),
+    "baseline": ("variant=baseline", {1: f"ResNet-{DEPTH} baseline", 3: "attention groups -"}),
+    "conv_stem_attention": (ALL, {1: f"ResNet-{DEPTH} conv_stem_attention",
+                                  3: "attention groups (1, 2, 3, 4)", 4: "kernel 7x7",
+                                  5: "positional relative", 6: "attention qk+qr"}),
     "full_attention": ("variant=full_attention,attention_groups=1-2-3-4",
-                       {1: f"ResNet-{DEPTH} full_attention"}),
-    "kernel3": ("variant=conv_stem_attention,attention_groups=1-2-3-4,kernel_size=3",
-                {4: "kernel 3x3"}),
-    "kernel5": ("variant=conv_stem_attention,attention_groups=1-2-3-4,kernel_size=5",
-                {4: "kernel 5x5"}),
-    "pos_none": ("variant=conv_stem_attention,attention_groups=1-2-3-4,positional_encoding=none",
-                 {5: "positional none"}),
-    "pos_absolute": ("variant=conv_stem_attention,attention_groups=1-2-3-4,"
-                     "positional_encoding=absolute", {5: "positional absolute"}),
+                       {1: f"ResNet-{DEPTH} full_attention", 7: "stem spatially_aware"}),
+    "groups_2_3_4": ("variant=conv_stem_attention,attention_groups=2-3-4",
+                     {3: "attention groups (2, 3, 4)"}),
+    "groups_3_4": ("variant=conv_stem_attention,attention_groups=3-4",
+                   {3: "attention groups (3, 4)"}),
+    "groups_4": ("variant=conv_stem_attention,attention_groups=4", {3: "attention groups (4,)"}),
+    "kernel3": (f"{ALL},kernel_size=3", {4: "kernel 3x3"}),
+    "kernel5": (f"{ALL},kernel_size=5", {4: "kernel 5x5"}),
+    "pos_none": (f"{ALL},positional_encoding=none", {5: "positional none"}),
+    "pos_absolute": (f"{ALL},positional_encoding=absolute", {5: "positional absolute"}),
+    "qr_only": (f"{ALL},attention_type=qr", {6: "attention qr"}),
+    "stem_stand_alone": ("variant=full_attention,attention_groups=1-2-3-4,stem_type=stand_alone",
+                         {7: "stem stand_alone"}),
+    "stem_conv_values": ("variant=full_attention,attention_groups=1-2-3-4,stem_type=conv_values",
+                         {7: "stem conv_values"}),
 }
-TABLE_TITLES = {1: "Table 1: model variants (ResNet-26)", 4: "Table 4: spatial extent k",
-                5: "Table 5: positional encoding"}
+TABLE_TITLES = {1: "Table 1: model variants (ResNet-26)",
+                3: "Table 3: which groups use attention (conv stem)",
+                4: "Table 4: spatial extent k", 5: "Table 5: positional encoding",
+                6: "Table 6: attention type", 7: "Table 7: attention stem (full attention)"}
 
 
 def load_config(arg: str):
@@ -115,8 +126,13 @@ def _paper_row(table, label):
 ORDERING = {  # the paper's claim per table, checked on our means
     1: ("conv_stem_attention", "baseline",
         "conv-stem + attention beats the baseline with fewer parameters"),
+    3: ("groups_2_3_4", "conv_stem_attention",
+        "convolution in group 1 and attention in groups 2-4 beats attention in every group"),
     4: ("conv_stem_attention", "kernel3", "k=7 beats k=3"),
     5: ("conv_stem_attention", "pos_none", "relative positions beat no positional encoding"),
+    6: ("conv_stem_attention", "qr_only", "content and position logits beat position alone"),
+    7: ("full_attention", "stem_stand_alone",
+        "the spatially aware stem beats the stand-alone attention stem"),
 }
 
 
@@ -128,7 +144,7 @@ def write_report(results, args) -> str:
            "budgets. Accuracy: mean ± half-range over seeds on the full test split"
            f"{' (200 images in --quick)' if args.quick else ''}. MFLOPS and parameters: "
            "our model at 28 px; the paper's columns are ImageNet at 224 px.", ""]
-  for table in (1, 4, 5):
+  for table in TABLE_TITLES:
     lines += [f"## {TABLE_TITLES[table]}", "",
               "| row | our test acc | our params | our MFLOPS | paper top-1 | paper params M "
               "| paper GFLOPS |", "|---|---|---|---|---|---|---|"]
@@ -175,13 +191,13 @@ def plot(results, outdir):
     axes[0].annotate(name, (res["flops"] / 1e6, res["acc_mean"]), fontsize=7)
     axes[1].errorbar(res["params"] / 1e6, res["acc_mean"], yerr=res["acc_spread"], fmt="o")
     axes[1].annotate(name, (res["params"] / 1e6, res["acc_mean"]), fontsize=7)
-  for r in paper.TABLE1 + paper.TABLE4 + paper.TABLE5:
+  for r in (r for table in TABLE_TITLES for r in paper.TABLES[table]):
     axes[2].scatter(r.gflops, r.top1, marker="s", c=f"C{r.table}", s=18)
     axes[2].annotate(r.label.replace("ResNet-", "R"), (r.gflops, r.top1), fontsize=6)
   axes[0].set(xlabel="our MFLOPS (28 px)", ylabel="test accuracy", title="ours: accuracy vs FLOPS")
   axes[1].set(xlabel="our parameters (M)", ylabel="test accuracy", title="ours: accuracy vs params")
   axes[2].set(xlabel="paper GFLOPS (224 px)", ylabel="ImageNet top-1 (%)",
-              title="the paper (Tables 1, 4, 5)")
+              title="the paper (Tables 1, 3-7)")
   fig.tight_layout()
   fig.savefig(os.path.join(outdir, "accuracy_vs_cost.png"), dpi=110)
   plt.close(fig)
