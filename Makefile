@@ -84,7 +84,7 @@ demo: install
 detect-demo: install
 	$(WITH_JEMALLOC) $(PY) -m sasa_jax.tools.detect_demo --workdir=runs/detect $(if $(FRESH),--fresh,)
 
-# The paper's Tables 1, 4, 5 at small scale: runs/tables/report.md and plots (FRESH=1 retrains).
+# The paper's Tables 1 and 3-7 at small scale: runs/tables/report.md and plots (FRESH=1 retrains).
 tables: install
 	$(WITH_JEMALLOC) $(PY) -m sasa_jax.tools.tables --outdir=runs/tables $(if $(FRESH),--fresh,)
 
