@@ -226,6 +226,12 @@ def jit_eval_step(config, task, model, state_sharding, batch_sharding):
       out_shardings=NamedSharding(batch_sharding.mesh, P()))
 
 
+def eval_batch_size(config) -> int:
+  """The global eval batch: one microbatch's size (evaluation holds no gradients). A config
+  without num_microbatches (an older run's config.json) has one microbatch."""
+  return config.batch_size // config.get("num_microbatches", 1)
+
+
 def evaluate_split(p_eval, state, builder, task, *, split: str, batch_size: int,
                    image_size: int, batch_sharding) -> dict:
   """The task's metrics of `state` over every example of `split` exactly once (the last
@@ -427,8 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   num_steps = (config.num_train_steps if config.num_train_steps > 0
                else int(config.num_epochs * steps_per_epoch))
   per_host_batch = config.batch_size // jax.process_count()
-  # Evaluation holds no gradients; it runs batches of one microbatch's size.
-  eval_batch = config.batch_size // config.num_microbatches
+  eval_batch = eval_batch_size(config)
   size = config.dataset.image_size
   channels = len(data_lib.DATASETS[config.dataset.name].mean)
 

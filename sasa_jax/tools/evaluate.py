@@ -44,7 +44,7 @@ def evaluate(workdir: str, *, split=None, step=None, weights=None, data_dir=None
     config.dataset.eval_split = split
   if data_dir:
     config.dataset.data_dir = data_dir
-  batch = batch_size or config.batch_size // config.get("num_microbatches", 1)
+  batch = batch_size or train.eval_batch_size(config)
   if batch <= 0 or batch % jax.device_count():
     raise ValueError(f"--batch_size={batch} must be a positive multiple of the device count "
                      f"{jax.device_count()}")

@@ -12,14 +12,12 @@ backend reports it. Memory plans differ between backends (and the attention op's
 implementation with them): run it on a machine of the kind the run will use. No data is
 read; nothing runs.
 """
-import argparse
 import copy
 import json
-import sys
 
 import jax
 import numpy as np
-from absl import flags
+from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
@@ -91,35 +89,33 @@ def format_rows(rows) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--devices", type=int, default=None,
-                 help="devices the run will use (default: this machine's)")
-  p.add_argument("--microbatches", default="1,2,4,8",
-                 help="comma-separated values of config.num_microbatches to plan")
-  p.add_argument("--format", choices=("text", "json"), default="text")
-  # --config=FILE[:ARGS] and --config.FIELD=VALUE, parsed as sasa_jax.main parses them.
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                  flag_values=flag_values, lock_config=False)
-  args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
-  saved, sys.argv = sys.argv, ["step_memory", *rest]  # config_flags reads overrides there
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("devices", None, "Devices the run will use (default: this machine's).")
+flags.DEFINE_list("microbatches", ["1", "2", "4", "8"],
+                  "Values of config.num_microbatches to plan, comma-separated.")
+flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
+# --config=FILE[:ARGS] and --config.FIELD=VALUE, parsed as sasa_jax.main parses them.
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=False)
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}", exitcode=2)
   try:
-    flag_values(sys.argv)
-  finally:
-    sys.argv = saved
-  if flag_values.config is None:
-    p.error("--config=configs/NAME.py[:ARGS] is required")
-  microbatches = [int(m) for m in args.microbatches.split(",") if m]
+    microbatches = [int(m) for m in FLAGS.microbatches]
+  except ValueError:
+    microbatches = []
   if not microbatches or min(microbatches) < 1:
-    p.error(f"--microbatches={args.microbatches!r}: positive integers, comma-separated")
+    raise app.UsageError(f"--microbatches={','.join(FLAGS.microbatches)}: positive integers, "
+                         "comma-separated", exitcode=2)
   try:
-    rows = plan_rows(flag_values.config, args.devices or jax.device_count(), microbatches,
+    rows = plan_rows(FLAGS.config, FLAGS.devices or jax.device_count(), microbatches,
                      device_bytes())
   except ValueError as e:  # a bad config or device count: the message names the field
-    p.error(str(e))
-  print(json.dumps(rows, indent=1) if args.format == "json" else format_rows(rows))
+    raise app.UsageError(str(e), exitcode=2) from e
+  print(json.dumps(rows, indent=1) if FLAGS.format == "json" else format_rows(rows))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
