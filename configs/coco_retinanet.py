@@ -17,7 +17,8 @@ Table 2 rows (heads + FPN / backbone):
   attention / conv-stem + attn:  :backbone_variant=conv_stem_attention,heads=attention
   attention / full attention:    :backbone_variant=full_attention,heads=attention
 Arguments: any create_retinanet keyword (depth, head_kernel_size, p6_input, aspect_ratios=
-0.5-1.0-2.0, ...), seed, batch_size, num_epochs, dtype, num_microbatches; each equals its flag
+0.5-1.0-2.0, ...), seed, batch_size, num_epochs, dtype, num_microbatches,
+batch_norm_group_size; each equals its flag
 (--config.model.heads=conv). On a TPU slice or a SLURM cluster: docs/scaling_out.md.
 """
 from sasa_jax import base_config

@@ -9,7 +9,8 @@ a 7x7 window is a third of the image, and attention there costs the demo half it
   python -m sasa_jax.main --config=configs/fashion_mnist.py:kernel_size=3,seed=1 --workdir=...
 
 Arguments: any create_resnet keyword (depth, variant, kernel_size=7-7-5, ...), seed,
-batch_size, num_epochs, dtype, num_microbatches; each equals its flag
+batch_size, num_epochs, dtype, num_microbatches,
+batch_norm_group_size; each equals its flag
 (--config.model.variant=baseline).
 """
 from sasa_jax import base_config

@@ -16,9 +16,11 @@ Ablations (ResNet-50 conv-stem + attention unless stated), held-out 4% of train 
   Table 7: :variant=full_attention,stem_type=conv_values
 A held-out run's validation accuracy, once trained:
   python -m sasa_jax.tools.evaluate --workdir=gs://BUCKET/sasa/RUN --split=validation
-Arguments: any create_resnet keyword, seed, batch_size, num_epochs, dtype, num_microbatches
-and holdout; each model argument equals its flag (--config.model.kernel_size=5). Batch 4096
-on fewer chips than its memory needs: num_microbatches=4 runs each step as 4 batches of 1024
+Arguments: any create_resnet keyword, seed, batch_size, num_epochs, dtype, num_microbatches,
+batch_norm_group_size and holdout; each model argument equals its flag
+(--config.model.kernel_size=5). Batch 4096 on fewer chips than its memory needs:
+num_microbatches=4 runs each step as 4 batches of 1024. BatchNorm over 32 images, as over
+one of 128 TPUv3 cores' shares of 4096 (the paper does not say): batch_norm_group_size=32
 (docs/training.md). On a TPU slice or a SLURM cluster: docs/scaling_out.md.
 """
 from sasa_jax import base_config

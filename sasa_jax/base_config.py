@@ -20,7 +20,8 @@ from sasa_jax.models.factory import OVERRIDES, PER_GROUP, RETINANET_OVERRIDES
 LOOP_SET_MODEL_FIELDS = ("dtype", "bn_momentum")
 # create_resnet keywords whose default is None, with the type a config field holds.
 NONE_DEFAULT_TYPES = {"attention_groups": tuple, "stem_type": str, "p6_input": str}
-TOP_LEVEL_ARGS = ("seed", "batch_size", "num_epochs", "dtype", "num_microbatches")
+TOP_LEVEL_ARGS = ("seed", "batch_size", "num_epochs", "dtype", "num_microbatches",
+                  "batch_norm_group_size")
 
 
 def _model_fields(base: dict, overrides: dict, factory: str, values: dict):
@@ -72,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
   # > 1: each step runs the batch as this many microbatches one after another and averages
   # their gradients (memory of batch_size / num_microbatches images; sasa_jax.train.train_step)
   config.num_microbatches = 1
+  # > 0: BatchNorm normalises every this many contiguous images of a (micro)batch by their
+  # own statistics (e.g. the images of one device, as per-core BatchNorm on TPU pods);
+  # 0: by the whole (micro)batch's. sasa_jax.train.apply_in_groups
+  config.batch_norm_group_size = 0
   config.num_epochs = 90.0
   config.num_train_steps = -1  # > 0 overrides num_epochs
   config.optimizer = ml_collections.ConfigDict(dict(

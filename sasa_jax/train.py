@@ -2,7 +2,8 @@
 
 Data parallel over all devices of all processes with a Mesh/NamedSharding (parameters
 replicated, the batch split on the "data" axis; BatchNorm statistics are therefore over
-the global batch, or over each microbatch of it with config.num_microbatches > 1). Orbax
+the global batch, over each microbatch of it with config.num_microbatches > 1, or over
+groups of config.batch_norm_group_size images within it). Orbax
 checkpoints with automatic resume, clu metric writers (TensorBoard + metrics.jsonl) and
 progress reports. The workdir may be a local path or a URL (gs://...): every file goes
 through etils.epath, orbax or TensorFlow's file system.
@@ -44,7 +45,7 @@ REQUIRED_FIELDS = (
     "model", "dataset", "batch_size", "num_epochs", "num_train_steps", "optimizer", "schedule",
     "label_smoothing", "ema_decay", "bn_momentum", "log_every_steps", "eval_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "seed", "dtype", "profile",
-    "compilation_cache_dir", "num_microbatches")
+    "compilation_cache_dir", "num_microbatches", "batch_norm_group_size")
 DATASET_FIELDS = ("name", "data_dir", "image_size", "train_split", "eval_split", "shuffle_buffer")
 # jax's own switch for its compilation cache as this process started
 # (JAX_ENABLE_COMPILATION_CACHE): a run with config.compilation_cache_dir="" turns the cache
@@ -108,6 +109,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.batch_size={config.batch_size} must be a positive multiple of the "
                      f"device count {n}" + (f" times config.num_microbatches={num} "
                                             f"({num * n})" if num > 1 else ""))
+  group, local = config.batch_norm_group_size, config.batch_size // num // n
+  if not isinstance(group, int) or group < 0 or (group and local % group):
+    raise ValueError(
+        f"config.batch_norm_group_size={group!r} must be 0 (statistics over the whole "
+        f"{'microbatch' if num > 1 else 'batch'}) or a divisor of the {local} images each of "
+        f"the {n} device(s) holds (config.batch_size={config.batch_size}"
+        + (f" / num_microbatches={num}" if num > 1 else "") + f" / {n})")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_train_steps > 0 or config.num_epochs > 0, got "
                      f"{config.num_train_steps} and {config.num_epochs}")
@@ -142,22 +150,63 @@ def split_microbatches(batch, num: int):
       lambda x: jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1), batch)
 
 
+def apply_in_groups(model, params, batch_stats, images, rng, group_size: int):
+  """The model in training mode on images [N, S, S, C] -> (outputs with N first, new
+  BatchNorm running averages).
+
+  group_size = 0: BatchNorm statistics over all N images (across devices when the batch is
+  sharded). group_size = g > 0: over every g contiguous images, g dividing each device's
+  share of the N: under a mesh the model runs per device (shard_map, so no statistic
+  crosses devices), each device's images as groups of g (jax.vmap, one set of parameters);
+  the groups' running averages are averaged."""
+  def apply(images, rng):
+    outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                   train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+    return outputs, updates["batch_stats"]
+
+  def apply_groups(images, rng):
+    n = images.shape[0]
+    if n == group_size:
+      return apply(images, rng)
+    groups = n // group_size
+    outputs, stats = jax.vmap(apply)(images.reshape(groups, group_size, *images.shape[1:]),
+                                     jax.random.split(rng, groups))
+    return (jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), outputs),
+            jax.tree.map(lambda x: x.mean(0), stats))
+
+  if not group_size:
+    return apply(images, rng)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.manual_axes or mesh.size == 1:
+    return apply_groups(images, rng)
+  axes = tuple(mesh.axis_names)
+
+  def per_device(images, rng):
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axes))
+    outputs, stats = apply_groups(images, rng)
+    return outputs, jax.lax.pmean(stats, axes)
+  # check_vma=False as in the attention op (sasa_jax.ops.local_attention): its kernel calls
+  # carry no varying-axes types; the transpose sums the parameters' cotangents over devices.
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(axes), P()),
+                       out_specs=(P(axes), P()), check_vma=False)(images, rng)
+
+
 def train_step(state, batch, *, model, tx, schedule, config, task):
   """One step on the global batch {"image": [B, S, S, C], + the task's targets}.
 
   With config.num_microbatches = M > 1 the batch runs as M microbatches of B / M images one
   after another (lax.scan), each normalised by its own BatchNorm statistics; their losses,
   gradients, metrics and BatchNorm running averages are averaged into one optimizer step
-  (activation memory of B / M images)."""
+  (activation memory of B / M images). config.batch_norm_group_size = g > 0 normalises
+  every g contiguous images of a (micro)batch by their own statistics (apply_in_groups)."""
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
 
   def loss_fn(params, micro, rng):
     images = data_lib.normalize(micro["image"], config.dataset.name)
-    outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                   images, train=True, mutable=["batch_stats"],
-                                   rngs={"dropout": rng})
+    outputs, batch_stats = apply_in_groups(model, params, state.batch_stats, images, rng,
+                                           config.batch_norm_group_size)
     loss, task_metrics = task.loss(outputs, micro)
-    return loss, (task_metrics, updates["batch_stats"])
+    return loss, (task_metrics, batch_stats)
 
   def micro_step(micro, rng):
     (loss, (task_metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -473,10 +522,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                           if isinstance(v, (int, float, str, bool))})
   if is_main:
     devices, processes, num = jax.device_count(), jax.process_count(), config.num_microbatches
-    logging.info("batch %d: %d per device on %d device(s) in %d process(es)%s",
+    logging.info("batch %d: %d per device on %d device(s) in %d process(es)%s%s",
                  config.batch_size, config.batch_size // devices, devices, processes,
                  f", as {num} microbatches of {config.batch_size // devices // num}"
-                 if num > 1 else "")
+                 if num > 1 else "",
+                 f"; BatchNorm statistics over groups of {config.batch_norm_group_size} images"
+                 if config.batch_norm_group_size else "")
 
   p_train = under_mesh(mesh, jit_train_step(config, task, model, tx, schedule,
                                             state_sharding, batch_sharding))

@@ -132,7 +132,8 @@ def test_per_group_kernel_sizes_reach_the_layers():
 def test_top_level_arguments_by_both_routes(name):
   """Every config-string argument outside config.model equals its --config flag."""
   values = {"seed": ("3", 3), "batch_size": ("64", 64), "num_epochs": ("2.5", 2.5),
-            "dtype": ("bfloat16", "bfloat16"), "num_microbatches": ("4", 4)}
+            "dtype": ("bfloat16", "bfloat16"), "num_microbatches": ("4", 4),
+            "batch_norm_group_size": ("8", 8)}
   assert set(values) == set(base_config.TOP_LEVEL_ARGS)
   a = _load(name).get_config(",".join(f"{k}={t}" for k, (t, _) in values.items()))
   b = via_flags(name, *(f"--config.{k}={t}" for k, (t, _) in values.items()))

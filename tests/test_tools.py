@@ -156,7 +156,8 @@ def test_input_bench_times_the_training_preprocessing():
 def test_step_memory_plans_the_loops_step_per_microbatch_count():
   """tools/step_memory: the loop's own step at the batch each of --devices holds; two
   microbatches halve the temporaries (of this small model, whose activations dominate them),
-  a count that does not divide the per-device batch is skipped with the reason, and
+  a count that does not divide the per-device batch (or into BatchNorm groups) is skipped
+  with the reason, and
   config-string arguments and --config flags both reach the config."""
   import json
   out = _run("sasa_jax.tools.step_memory",
@@ -179,6 +180,11 @@ def test_step_memory_plans_the_loops_step_per_microbatch_count():
   assert [(r["fits"], r["device_mib"]) for r in fit] == [(False, limit / 2**20),
                                                           (True, limit / 2**20)]
   assert config.num_microbatches == 1  # the caller's config is left as it was
+  config.batch_norm_group_size = 16  # planned within each device's microbatch
+  grouped = step_memory.plan_rows(config, 2, [2, 4])
+  assert grouped[0]["temp_mib"] > 0
+  assert grouped[1]["skipped"] == ("microbatches of 8 images per device do not split into "
+                                   "BatchNorm groups of 16")
   bad = helpers.run_module("sasa_jax.tools.step_memory",
                            ["--config=configs/fashion_mnist.py", "--devices=3"], check=False)
   assert bad.returncode == 2

@@ -196,6 +196,13 @@ def _config(**changes):
     ({"num_microbatches": 0}, r"config.num_microbatches=0 must be a positive integer"),
     ({"num_microbatches": 3}, r"config.batch_size=128 must be a positive multiple of the device "
                               r"count 1 times config.num_microbatches=3 \(3\)"),
+    ({"batch_norm_group_size": 48}, r"config.batch_norm_group_size=48 must be 0 \(statistics "
+                                    r"over the whole batch\) or a divisor of the 128 images each "
+                                    r"of the 1 device\(s\) holds \(config.batch_size=128 / 1\)"),
+    ({"batch_norm_group_size": 64, "num_microbatches": 4},
+     r"config.batch_norm_group_size=64 must be 0 \(statistics over the whole microbatch\) or a "
+     r"divisor of the 32 images .*\(config.batch_size=128 / num_microbatches=4 / 1\)"),
+    ({"batch_norm_group_size": -1}, r"config.batch_norm_group_size=-1 must be 0"),
 ])
 def test_bad_config_fails_before_compiling(changes, match, tmp_path):
   from sasa_jax import train
@@ -263,10 +270,10 @@ def test_run_once_compiles_initialisation_with_the_cpu_options(monkeypatch):
     run_once_lib.run_once(jax.jit(lambda: jnp.ones(3) * 2))
 
 
-def test_microbatches_make_one_step_of_the_microbatch_steps_average():
-  """num_microbatches=2: one step whose parameter change, BatchNorm statistics and loss are
-  the averages of single steps on rows 0, 2, 4, ... and rows 1, 3, 5, ... (plain SGD,
-  learning rate 1: the change is minus the gradient)."""
+def _sgd_step_fn():
+  """(state, batch, step(batch, **config changes) -> (state, metrics)): the loop's train_step
+  on the tiny model with plain SGD at learning rate 1 (the parameter change is minus the
+  gradient), from one initial state, on 8 random Fashion-MNIST-shaped images."""
   from sasa_jax import tasks, train
   config = _config()
   task = tasks.get(config)
@@ -279,38 +286,145 @@ def test_microbatches_make_one_step_of_the_microbatch_steps_average():
   batch = {"image": rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8),
            "label": rng.integers(0, 10, (8,))}
 
-  def step(batch, num_microbatches):
-    config.num_microbatches = num_microbatches
+  def step(batch, **changes):
+    config.update({"num_microbatches": 1, "batch_norm_group_size": 0, **changes})
     return jax.jit(functools.partial(train.train_step, model=model, tx=tx,
                                      schedule=optax.constant_schedule(1.0), config=config,
                                      task=task))(state, batch)
-  split, split_metrics = step(batch, 2)
-  halves = [step(jax.tree.map(lambda x, i=i: x[i::2], batch), 1) for i in range(2)]
-  whole, _ = step(batch, 1)
+  return batch, step
+
+
+def _assert_state_is_the_average(got, got_metrics, steps):
+  """Parameters, BatchNorm statistics and loss of `got` are the averages of `steps`'
+  (each a (state, metrics) pair)."""
   for name in ("params", "batch_stats"):
-    want = jax.tree.map(lambda a, b: (a + b) / 2, *(getattr(s, name) for s, _ in halves))
-    for got, expected in zip(jax.tree.leaves(getattr(split, name)), jax.tree.leaves(want)):
-      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(split_metrics["train/loss"],
-                             np.mean([m["train/loss"] for _, m in halves]), rtol=1e-6)
+    want = jax.tree.map(lambda *xs: sum(xs) / len(xs), *(getattr(s, name) for s, _ in steps))
+    for value, expected in zip(jax.tree.leaves(getattr(got, name)), jax.tree.leaves(want)):
+      np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got_metrics["train/loss"],
+                             np.mean([m["train/loss"] for _, m in steps]), rtol=1e-6)
+
+
+def _max_difference(a, b):
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a),
+                                                             jax.tree.leaves(b)))
+
+
+def test_microbatches_make_one_step_of_the_microbatch_steps_average():
+  """num_microbatches=2: one step whose parameter change, BatchNorm statistics and loss are
+  the averages of single steps on rows 0, 2, 4, ... and rows 1, 3, 5, ..."""
+  batch, step = _sgd_step_fn()
+  split, split_metrics = step(batch, num_microbatches=2)
+  halves = [step(jax.tree.map(lambda x, i=i: x[i::2], batch)) for i in range(2)]
+  _assert_state_is_the_average(split, split_metrics, halves)
   # Not the whole batch's step: each microbatch has its own BatchNorm statistics.
-  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-      jax.tree.leaves(split.params), jax.tree.leaves(whole.params))) > 1e-3
+  assert _max_difference(split.params, step(batch)[0].params) > 1e-3
 
 
+def test_batch_norm_groups_make_one_step_of_the_groups_steps_average():
+  """batch_norm_group_size=4 on 8 images: BatchNorm over rows 0-3 and rows 4-7 apart, so the
+  step is the average of single steps on each half (and, at once, what 2 microbatches of
+  those rows make); not the whole batch's step."""
+  batch, step = _sgd_step_fn()
+  grouped, grouped_metrics = step(batch, batch_norm_group_size=4)
+  halves = [step(jax.tree.map(lambda x, i=i: x[4 * i:4 * i + 4], batch)) for i in range(2)]
+  _assert_state_is_the_average(grouped, grouped_metrics, halves)
+  assert _max_difference(grouped.params, step(batch)[0].params) > 1e-3
+  # With 2 microbatches too: microbatch i takes rows i::2 and groups its contiguous pairs,
+  # so with rows interleaved thus the four groups are the batch's quarters.
+  interleaved = jax.tree.map(
+      lambda x: np.swapaxes(x.reshape(2, 4, *x.shape[1:]), 0, 1).reshape(x.shape), batch)
+  both, both_metrics = step(interleaved, num_microbatches=2, batch_norm_group_size=2)
+  quarters = [step(jax.tree.map(lambda x, i=i: x[2 * i:2 * i + 2], batch)) for i in range(4)]
+  _assert_state_is_the_average(both, both_metrics, quarters)
+
+
+GROUPED_ON_FOUR_DEVICES = """
+import json, re, sys
+import jax, numpy as np, optax
+from jax import export
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+sys.path.insert(0, "configs")
+import fashion_mnist
+from tests import helpers
+from sasa_jax import tasks, train
+config = fashion_mnist.get_config(helpers.TINY_MODEL)
+config.batch_size = 16
+task = tasks.get(config)
+model = task.create_model()
+tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+init, state, state_sharding = train.initial_state(config, model, tx, mesh, (28, 28, 1))
+state = jax.jit(init)()
+rng = np.random.default_rng(0)
+batch = {"image": rng.integers(0, 256, (16, 28, 28, 1), dtype=np.uint8),
+         "label": rng.integers(0, 10, (16,)).astype(np.int32)}
+out = {}
+for group in (0, 2):
+  config.batch_norm_group_size = group
+  train.validate_config(config)
+  step = train.jit_train_step(config, task, model, tx, schedule, state_sharding,
+                              NamedSharding(mesh, P("data")))
+  with jax.set_mesh(mesh):
+    text = step.lower(state, batch).compile().as_text()
+  ops = re.findall(r"\\b(all-reduce|all-gather|all-to-all|collective-permute)(?:-start)?\\(", text)
+  out[group] = {op: ops.count(op) for op in set(ops)}
+one_device = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, schedule=schedule,
+                                                   config=config, task=task))
+single, _ = one_device(jax.device_put(state, jax.devices()[0]), batch)  # groups by vmap alone
+with jax.set_mesh(mesh):
+  sharded, _ = step(state, batch)  # donates state
+out["difference"] = {name: max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                               for a, b in zip(jax.tree.leaves(getattr(sharded, name)),
+                                               jax.tree.leaves(getattr(single, name))))
+                     for name in ("params", "batch_stats")}
+config.model.impl = "pallas"  # the TPU kernels, lowered within each device's model
+model = task.create_model()
+step = train.jit_train_step(config, task, model, tx, schedule, state_sharding,
+                            NamedSharding(mesh, P("data")))
+_, state, _ = train.initial_state(config, model, tx, mesh, (28, 28, 1))
+with jax.set_mesh(mesh):
+  text = export.export(step, platforms=["tpu"])(state, batch).mlir_module()
+out["tpu_kernels"] = text.count("tpu_custom_call")
+out["attention_layers"] = sum(s is not None for s in model.group_attention)
+print(json.dumps(out))
+"""
+
+
+def test_batch_norm_groups_on_four_devices_stay_on_their_devices():
+  """batch_norm_group_size=2 with 4 images per device: the model runs per device, so the
+  compiled step's only collective is the all-reduce of gradients and running statistics
+  (BatchNorm over the global batch all-reduces in every layer), and the step equals the
+  same grouped step on one device; with impl="pallas" it lowers for TPU with every attention
+  layer's kernels."""
+  proc = subprocess.run([sys.executable, "-c", GROUPED_ON_FOUR_DEVICES],
+                        env=helpers.env(devices=4), cwd=helpers.ROOT, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert set(out["0"]) == {"all-reduce"} and out["0"]["all-reduce"] > 10
+  assert out["2"] == {"all-reduce": 1}
+  assert out["difference"]["params"] < 1e-5 and out["difference"]["batch_stats"] < 1e-5
+  assert out["tpu_kernels"] == 3 * out["attention_layers"] > 0  # fwd, dq, dk/dv
+
+
+@pytest.mark.parametrize("group", [0, 2])
 def test_microbatches_on_four_devices_move_no_images_and_evaluate_everything(
-    fmnist_dir, tmp_path):
+    fmnist_dir, tmp_path, group):
   """Through the command line on 4 devices: each microbatch takes its rows from every
   device's share of the batch without moving them (no all-to-all, all-gather or
-  collective-permute in the compiled step), and evaluation in batches of one microbatch's
-  size sees every example once."""
+  collective-permute in the compiled step), with BatchNorm over each microbatch or over
+  groups of 2 images on each device, and evaluation in batches of one microbatch's size sees
+  every example once."""
   workdir, dump = tmp_path / "run", tmp_path / "hlo"
   environ = helpers.env(4, JAX_ENABLE_COMPILATION_CACHE="false")  # compile, so XLA dumps
   environ["XLA_FLAGS"] += f" --xla_dump_to={dump} --xla_dump_hlo_module_re=.*train_step.*"
-  flags = helpers.tiny_flags(fmnist_dir, 2, eval_every=2) + ["--config.num_microbatches=2"]
+  flags = helpers.tiny_flags(fmnist_dir, 2, eval_every=2) + [
+      "--config.num_microbatches=2", f"--config.batch_norm_group_size={group}"]
   proc = helpers.run_module("sasa_jax.main", helpers.main_cmd(FMNIST, workdir, flags)[3:],
                             environ=environ)
   assert ("batch 16: 4 per device on 4 device(s) in 1 process(es), as 2 microbatches of 2"
+          + ("; BatchNorm statistics over groups of 2 images" if group else "") + "\n"
           in proc.stderr)
   rows = helpers.read_metrics(workdir)
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
@@ -345,13 +459,16 @@ def test_a_tasks_train_batch_spec_is_what_its_pipeline_makes(config_file, data_f
   assert made == spec
 
 
-def test_the_microbatched_step_exports_for_tpu_and_cuda_with_the_kernels():
-  """The loop's own step (train.jit_train_step, num_microbatches=2, impl="pallas") lowers for
-  TPU and CUDA under a mesh: one microbatch loop, and every attention layer's kernels."""
+@pytest.mark.parametrize("microbatches,group", [(2, 0), (1, 2)])
+def test_the_microbatched_step_exports_for_tpu_and_cuda_with_the_kernels(microbatches, group):
+  """The loop's own step (train.jit_train_step, impl="pallas") lowers for TPU and CUDA under
+  a mesh, as 2 microbatches (one loop) or with BatchNorm over groups of 2 images (the model
+  mapped over them): every attention layer's kernels."""
   from jax import export
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   from sasa_jax import optim, tasks, train
-  config = _config(**{"model.impl": "pallas", "num_microbatches": 2, "batch_size": 8})
+  config = _config(**{"model.impl": "pallas", "num_microbatches": microbatches,
+                      "batch_norm_group_size": group, "batch_size": 8})
   task = tasks.get(config)
   model = task.create_model()
   schedule = optim.create_schedule(config.schedule, 10, 100)
@@ -366,5 +483,5 @@ def test_the_microbatched_step_exports_for_tpu_and_cuda_with_the_kernels():
       text = export.export(step, platforms=[platform], disabled_checks=[
           export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
               state, task.train_batch_spec(8, (28, 28, 1))).mlir_module()
-    assert text.count("stablehlo.while") == 1  # the microbatch loop
+    assert text.count("stablehlo.while") == (microbatches > 1)  # the microbatch loop
     assert text.count(call) == 3 * layers  # fwd, dq and dk/dv kernels per attention layer

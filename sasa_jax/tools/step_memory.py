@@ -58,6 +58,11 @@ def plan_rows(config, devices: int, microbatches, limit: int | None = None) -> l
     if per_device % num:
       rows.append({**row, "skipped": f"{per_device} images per device do not split into {num}"})
       continue
+    group = config.batch_norm_group_size
+    if group and (per_device // num) % group:
+      rows.append({**row, "skipped": f"microbatches of {per_device // num} images per device "
+                                     f"do not split into BatchNorm groups of {group}"})
+      continue
     row["microbatch_per_device"] = per_device // num
     with config.unlocked():
       config.num_microbatches = num
