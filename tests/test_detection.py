@@ -217,8 +217,8 @@ DETECT = ("configs/fashion_mnist_detection.py:depth=14,width_multiplier=0.125,nu
 
 def test_detection_end_to_end_two_processes_then_one_resumes(detection_dir, tmp_path):
   """4 simulated devices as 2 processes x 2 (launch/local.sh), then the detection demo on 1
-  process x 4 resumes: training, per-host shards, COCO evaluation counting every held-out
-  image once, the demo's report and image."""
+  process x 4 resumes with microbatches and per-device BatchNorm groups: training, per-host
+  shards, COCO evaluation counting every held-out image once, the demo's report and image."""
   import os
   import subprocess
   workdir = tmp_path / "run"
@@ -229,11 +229,15 @@ def test_detection_end_to_end_two_processes_then_one_resumes(detection_dir, tmp_
                         cwd=helpers.ROOT, env=helpers.env(), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
-  # the detection demo's command resumes it: 1 process x 4 devices
-  cmd = helpers.main_cmd(DETECT, workdir, helpers.tiny_flags(detection_dir, 4, **common))
+  # the detection demo's command resumes it: 1 process x 4 devices, each step as 2
+  # microbatches with BatchNorm over each device's 2 images (neither is in the checkpoint)
+  cmd = helpers.main_cmd(DETECT, workdir, helpers.tiny_flags(detection_dir, 4, **common) + [
+      "--config.num_microbatches=2", "--config.batch_norm_group_size=2"])
   proc = helpers.run_module("sasa_jax.tools.detect_demo", cmd[3:] + ["--images=3"],
                             environ=helpers.env(4))
   assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
+  assert ("4 per device on 4 device(s) in 1 process(es), as 2 microbatches of 2; BatchNorm "
+          "statistics over groups of 2 images") in proc.stderr
   assert "COCO mAP" in proc.stdout and "on 37 held-out images at step 4" in proc.stdout
   assert (workdir / "detections.png").stat().st_size > 10_000
   rows = helpers.read_metrics(workdir)
