@@ -235,6 +235,33 @@ def test_cpu_impl_runs_the_kernel_unless_the_window_covers_the_map():
   assert calls((1, 4, 9, 8, 2, 7)) == 1
 
 
+def test_cpu_kernel_under_vmap_is_one_call_over_all_images():
+  """jax.vmap over groups of images (BatchNorm groups map the model so) merges the mapped
+  axis into the kernel's images: one forward and one backward call, no loop, the value and
+  all five gradients as the reference's; per-element embeddings take one call each."""
+  args, kw = inputs((6, 9, 7, 16, 2, 5), seed=3)
+  grouped = [x.reshape(3, 2, *x.shape[1:]) for x in args[:3]]
+  rel_h, rel_w = args[3:]
+
+  def grads(impl):
+    def loss(q, k, v, rel_h, rel_w):
+      out = jax.vmap(lambda q, k, v: local_attention(q, k, v, rel_h, rel_w, impl=impl, **kw))(
+          q, k, v)
+      return jnp.sum(jnp.sin(out))
+    return jax.jit(jax.value_and_grad(loss, argnums=range(5)))
+  got, want = grads("cpu")(*grouped, rel_h, rel_w), grads("reference")(*grouped, rel_h, rel_w)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+  text = grads("cpu").lower(*grouped, rel_h, rel_w).as_text()
+  assert text.count("sasa_local_attention_fwd") == text.count("sasa_local_attention_bwd") == 1
+  assert "while" not in text
+  rels = jnp.stack([rel_h, 2 * rel_h, -rel_h])
+  per_element = lambda impl: jax.jit(jax.vmap(
+      lambda q, k, v, rel_h: local_attention(q, k, v, rel_h, rel_w, impl=impl, **kw)))
+  np.testing.assert_allclose(per_element("cpu")(*grouped, rels),
+                             per_element("reference")(*grouped, rels), atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("shape", [(1, 6, 9, 32, 2, 3), (2, 5, 10, 64, 2, 5),
                                    (1, 4, 9, 64, 1, 3), (1, 5, 6, 48, 2, 3)], ids=str)
 def test_cpu_kernel_at_each_compiled_head_dim(shape):

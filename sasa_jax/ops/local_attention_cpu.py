@@ -106,12 +106,50 @@ def _attrs(kernel_size, num_heads, rel):
               rel=bool(rel))
 
 
-def _forward(q, k, v, rel_h, rel_w, kernel_size, num_heads, rel):
+def _images_batched(call):
+  """call(q, k, v, rel_h, rel_w, *per_image) -> a tuple of outputs, every one [images, ...]
+  or [images * heads, ...] (call sizes them by its inputs), as one kernel call under
+  jax.vmap: the mapped axis merges into the images, since each image attends only within
+  itself (BatchNorm groups map the model over groups of images: sasa_jax.train). Only where
+  the relative embeddings are mapped too does it make one call per mapped element."""
+  batched_call = jax.custom_batching.custom_vmap(call)
+
+  @batched_call.def_vmap
+  def rule(axis_size, in_batched, *args):
+    if in_batched[3] or in_batched[4]:  # per-element embeddings: one call each
+      outs = jax.lax.map(lambda xs: call(*xs), tuple(
+          x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+          for x, batched in zip(args, in_batched)))
+      return outs, jax.tree.map(lambda _: True, outs)
+    merged = [x if i in (3, 4) else
+              (x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))).reshape(
+                  axis_size * x.shape[1 if batched else 0], *x.shape[2 if batched else 1:])
+              for i, (x, batched) in enumerate(zip(args, in_batched))]
+    outs = call(*merged)
+    return (jax.tree.map(lambda o: o.reshape(axis_size, o.shape[0] // axis_size, *o.shape[1:]),
+                         outs), jax.tree.map(lambda _: True, outs))
+  return batched_call
+
+
+def _forward_call(q, k, v, rel_h, rel_w, *, kernel_size, num_heads, rel):
   b, h, w, c = q.shape
   shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32),
             jax.ShapeDtypeStruct((b, num_heads, h, w), jnp.float32))
-  return jax.ffi.ffi_call("sasa_local_attention_fwd", shapes, vmap_method="sequential")(
-      q, k, v, rel_h, rel_w, **_attrs(kernel_size, num_heads, rel))
+  return tuple(jax.ffi.ffi_call("sasa_local_attention_fwd", shapes)(
+      q, k, v, rel_h, rel_w, **_attrs(kernel_size, num_heads, rel)))
+
+
+def _backward_call(q, k, v, rel_h, rel_w, out, lse, g, *, kernel_size, num_heads, rel):
+  parts = (q.shape[0] * num_heads,) + rel_h.shape  # per image and head, summed by the caller
+  shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32),) * 3 + (
+      jax.ShapeDtypeStruct(parts, jnp.float32),) * 2
+  return tuple(jax.ffi.ffi_call("sasa_local_attention_bwd", shapes)(
+      q, k, v, rel_h, rel_w, out, lse, g, **_attrs(kernel_size, num_heads, rel)))
+
+
+def _forward(q, k, v, rel_h, rel_w, kernel_size, num_heads, rel):
+  call = functools.partial(_forward_call, kernel_size=kernel_size, num_heads=num_heads, rel=rel)
+  return _images_batched(call)(q, k, v, rel_h, rel_w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -126,13 +164,9 @@ def _attention_fwd(q, k, v, rel_h, rel_w, kernel_size, num_heads, rel):
 
 def _attention_bwd(kernel_size, num_heads, rel, residuals, g):
   q, k, v, rel_h, rel_w, out, lse = residuals
-  b = q.shape[0]
-  parts = (b * num_heads,) + rel_h.shape
-  shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32),) * 3 + (
-      jax.ShapeDtypeStruct(parts, jnp.float32),) * 2
-  dq, dk, dv, drel_h, drel_w = jax.ffi.ffi_call(
-      "sasa_local_attention_bwd", shapes, vmap_method="sequential")(
-          q, k, v, rel_h, rel_w, out, lse, g, **_attrs(kernel_size, num_heads, rel))
+  call = functools.partial(_backward_call, kernel_size=kernel_size, num_heads=num_heads,
+                           rel=rel)
+  dq, dk, dv, drel_h, drel_w = _images_batched(call)(q, k, v, rel_h, rel_w, out, lse, g)
   return dq, dk, dv, drel_h.sum(0), drel_w.sum(0)
 
 
