@@ -451,6 +451,28 @@ def _detection_options(task, config) -> DetectionOptions | None:
   return DetectionOptions(max_boxes=c.max_boxes, scale_min=c.scale_min, scale_max=c.scale_max)
 
 
+class _Throughput:
+  """Training images per second between log steps, over all devices and per device; the
+  clock starts after the first (compiling) step and again after each evaluation."""
+
+  def __init__(self, batch_size: int, devices: int, step: int):
+    self.batch_size, self.devices = batch_size, devices
+    self.restart(step)
+
+  def restart(self, step: int) -> None:
+    self.step, self.time = step, time.perf_counter()
+
+  def since_last(self, step: int) -> dict:
+    """Called once the steps up to `step` are done (their metrics fetched)."""
+    now = time.perf_counter()
+    if step <= self.step:
+      return {}
+    images_per_sec = (step - self.step) * self.batch_size / (now - self.time)
+    self.step, self.time = step, now
+    return {"images_per_sec": images_per_sec,
+            "images_per_sec_per_device": images_per_sec / self.devices}
+
+
 def under_mesh(mesh, fn):
   """fn, traced and run with `mesh` as jax's context mesh: the attention op maps its kernel
   calls over the batch shards it finds there (`ops.local_attention`), which XLA's
@@ -565,6 +587,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         jax.block_until_ready(metrics)
         logging.info("first step done %.1f s after start (compilation included)",
                      time.time() - started)
+        throughput = _Throughput(config.batch_size, jax.device_count(), step)
       pending.append(metrics)
       unchecked.append((step, metrics))
       for hook in hooks:
@@ -577,10 +600,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if step % config.log_every_steps == 0 or step == num_steps:
         summary = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
         summary.pop("finite")
+        summary.update(throughput.since_last(step))
         writer.write_scalars(step, summary)
         pending = []
       if step % config.eval_every_steps == 0 or step == num_steps:
         evaluate(step)
+        throughput.restart(step)
       if save:
         ckpt.save(step, args=ocp.args.StandardSave(state), force=True)
       if stop:

@@ -34,6 +34,8 @@ def test_fashion_mnist_end_to_end_then_rerun(fmnist_dir, tmp_path):
   assert all(r["eval/num_examples"] == 100 for r in evals)  # test[:100], every example once
   assert all(0 <= r["eval/accuracy"] <= r["eval/top5_accuracy"] <= 1 for r in evals)
   assert any("steps_per_sec" in r for r in rows)
+  # from step 1 (after compiling), then from the evaluation at step 3
+  assert all(r["images_per_sec"] == r["images_per_sec_per_device"] > 0 for r in train)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   assert {"3", "6"} <= set(os.listdir(workdir / "checkpoints"))
   assert "ETA" in proc.stderr or "steps/s" in proc.stderr  # clu ReportProgress
@@ -429,6 +431,8 @@ def test_microbatches_on_four_devices_move_no_images_and_evaluate_everything(
   rows = helpers.read_metrics(workdir)
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
   assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+  (timed,) = [r for r in rows if "images_per_sec" in r]  # step 2: the clock starts at 1
+  assert timed["images_per_sec_per_device"] == pytest.approx(timed["images_per_sec"] / 4)
   (final,) = [r for r in rows if "eval/accuracy" in r]
   assert final["eval/num_examples"] == 100
   (hlo,) = [p for p in dump.iterdir() if p.name.endswith("after_optimizations.txt")]
