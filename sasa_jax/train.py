@@ -451,26 +451,38 @@ def _detection_options(task, config) -> DetectionOptions | None:
   return DetectionOptions(max_boxes=c.max_boxes, scale_min=c.scale_min, scale_max=c.scale_max)
 
 
-class _Throughput:
-  """Training images per second between log steps, over all devices and per device; the
-  clock starts after the first (compiling) step and again after each evaluation."""
+class Throughput:
+  """Training images per second between log steps, over all devices and per device, and the
+  share of that time the loop waited for its next batch (near 1: the input pipeline, not
+  the devices, sets the pace). The clock restarts after the first (compiling) step and after
+  each evaluation; `clock` returns seconds."""
 
-  def __init__(self, batch_size: int, devices: int, step: int):
-    self.batch_size, self.devices = batch_size, devices
+  def __init__(self, batch_size: int, devices: int, step: int, clock=time.perf_counter):
+    self.batch_size, self.devices, self.clock = batch_size, devices, clock
     self.restart(step)
 
   def restart(self, step: int) -> None:
-    self.step, self.time = step, time.perf_counter()
+    self.step, self.time, self.input_wait = step, self.clock(), 0.0
+
+  def next_batch(self, iterator):
+    """next(iterator), its wait counted."""
+    start = self.clock()
+    batch = next(iterator)
+    self.input_wait += self.clock() - start
+    return batch
 
   def since_last(self, step: int) -> dict:
     """Called once the steps up to `step` are done (their metrics fetched)."""
-    now = time.perf_counter()
+    now = self.clock()
     if step <= self.step:
       return {}
-    images_per_sec = (step - self.step) * self.batch_size / (now - self.time)
-    self.step, self.time = step, now
-    return {"images_per_sec": images_per_sec,
-            "images_per_sec_per_device": images_per_sec / self.devices}
+    seconds = now - self.time
+    images_per_sec = (step - self.step) * self.batch_size / seconds
+    result = {"images_per_sec": images_per_sec,
+              "images_per_sec_per_device": images_per_sec / self.devices,
+              "input_wait_fraction": self.input_wait / seconds}
+    self.restart(step)
+    return result
 
 
 def under_mesh(mesh, fn):
@@ -575,19 +587,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=5))
 
   preemption = _Preemption(ckpt)
+  throughput = Throughput(config.batch_size, jax.device_count(), start_step)
   pending = []  # (step, metrics) since the last log step, still on the device
   unchecked = []  # (step, metrics) since the last finiteness check
   step = start_step
   try:
     while step < num_steps:
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = p_train(state, data_lib.to_global(next(train_iter), batch_sharding))
+        state, metrics = p_train(state, data_lib.to_global(throughput.next_batch(train_iter),
+                                                           batch_sharding))
       step += 1
       if step == start_step + 1:
         jax.block_until_ready(metrics)
         logging.info("first step done %.1f s after start (compilation included)",
                      time.time() - started)
-        throughput = _Throughput(config.batch_size, jax.device_count(), step)
+        throughput.restart(step)
       pending.append(metrics)
       unchecked.append((step, metrics))
       for hook in hooks:

@@ -36,6 +36,7 @@ def test_fashion_mnist_end_to_end_then_rerun(fmnist_dir, tmp_path):
   assert any("steps_per_sec" in r for r in rows)
   # from step 1 (after compiling), then from the evaluation at step 3
   assert all(r["images_per_sec"] == r["images_per_sec_per_device"] > 0 for r in train)
+  assert all(0 <= r["input_wait_fraction"] < 1 for r in train)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   assert {"3", "6"} <= set(os.listdir(workdir / "checkpoints"))
   assert "ETA" in proc.stderr or "steps/s" in proc.stderr  # clu ReportProgress
@@ -310,6 +311,33 @@ def _assert_state_is_the_average(got, got_metrics, steps):
 def _max_difference(a, b):
   return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a),
                                                              jax.tree.leaves(b)))
+
+
+def test_throughput_counts_images_and_the_wait_for_input_between_log_steps():
+  """train.Throughput on a driven clock: images/s over all devices and per device, and the
+  share of the interval spent in next(iterator); a restart (after an evaluation) drops
+  what came before, and a log step that is the restart's step reports nothing."""
+  from sasa_jax import train
+  now = [10.0]
+
+  def slow_batches():
+    while True:
+      now[0] += 0.5  # each batch takes 0.5 s to arrive
+      yield "batch"
+  batches = slow_batches()
+  meter = train.Throughput(batch_size=8, devices=4, step=1, clock=lambda: now[0])
+  for _ in range(4):
+    assert meter.next_batch(batches) == "batch"
+    now[0] += 1.5  # the rest of the step
+  assert meter.since_last(5) == {"images_per_sec": 4.0, "images_per_sec_per_device": 1.0,
+                                 "input_wait_fraction": 0.25}
+  meter.next_batch(batches)
+  meter.restart(6)  # an evaluation: its time and the wait before it are left out
+  assert meter.since_last(6) == {}
+  meter.next_batch(batches)
+  now[0] += 0.5
+  assert meter.since_last(7) == {"images_per_sec": 8.0, "images_per_sec_per_device": 2.0,
+                                 "input_wait_fraction": 0.5}
 
 
 def test_microbatches_make_one_step_of_the_microbatch_steps_average():
