@@ -216,19 +216,23 @@ DETECT = ("configs/fashion_mnist_detection.py:depth=14,width_multiplier=0.125,nu
 
 
 def test_detection_end_to_end_two_processes_then_one_resumes(detection_dir, tmp_path):
-  """4 simulated devices as 2 processes x 2 (launch/local.sh), then the detection demo on 1
-  process x 4 resumes with microbatches and per-device BatchNorm groups: training, per-host
-  shards, COCO evaluation counting every held-out image once, the demo's report and image."""
+  """4 simulated devices as 2 processes x 2 (launch/local.sh) with BatchNorm per device, then
+  the detection demo on 1 process x 4 resumes as microbatches with BatchNorm over groups of
+  2: training, per-host shards, COCO evaluation counting every held-out image once, the
+  demo's report and image."""
   import os
   import subprocess
   workdir = tmp_path / "run"
   common = dict(ckpt_every=2, log_every=1, eval_every=2, train_split="train[:128]",
                 eval_split="test[:37]")
-  cmd = helpers.main_cmd(DETECT, workdir, helpers.tiny_flags(detection_dir, 2, **common))
+  cmd = helpers.main_cmd(DETECT, workdir, helpers.tiny_flags(detection_dir, 2, **common) + [
+      "--config.batch_norm_group_size=4"])  # BatchNorm per device, across processes
   proc = subprocess.run([os.path.join(helpers.ROOT, "launch", "local.sh"), "2", *cmd[3:]],
                         cwd=helpers.ROOT, env=helpers.env(), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+  assert ("4 per device on 4 device(s) in 2 process(es); BatchNorm statistics over groups of "
+          "4 images") in (workdir / "logs" / "process_0.log").read_text()
   # the detection demo's command resumes it: 1 process x 4 devices, each step as 2
   # microbatches with BatchNorm over each device's 2 images (neither is in the checkpoint)
   cmd = helpers.main_cmd(DETECT, workdir, helpers.tiny_flags(detection_dir, 4, **common) + [
