@@ -180,6 +180,16 @@ def test_step_memory_plans_the_loops_step_per_microbatch_count():
   assert [(r["fits"], r["device_mib"]) for r in fit] == [(False, limit / 2**20),
                                                           (True, limit / 2**20)]
   assert config.num_microbatches == 1  # the caller's config is left as it was
+  import jax
+  import jax.numpy as jnp
+  from sasa_jax import tasks
+  model = tasks.get(config).create_model()
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)),
+                                             train=False))["params"]
+  grad_mib = sum(p.size for p in jax.tree.leaves(params)) * 4 / 2**20  # float32 gradients
+  assert one["allreduce_mib"] == two["allreduce_mib"] == pytest.approx(grad_mib)
+  assert step_memory.format_rows(fit).splitlines()[0] == (
+      f"each step all-reduces {grad_mib:.1f} MiB of gradients over the devices")
   config.batch_norm_group_size = 16  # planned within each device's microbatch
   grouped = step_memory.plan_rows(config, 2, [2, 4])
   assert grouped[0]["temp_mib"] > 0

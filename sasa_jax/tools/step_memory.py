@@ -8,9 +8,9 @@ device at the batch each of --devices devices holds (config.batch_size / devices
 is data parallel with replicated state), once per --microbatches value, and prints per
 device: the batch and microbatch, the state (parameters, BatchNorm statistics, optimizer
 state, EMA), XLA's planned temporaries and their total, against the device's memory where the
-backend reports it. Memory plans differ between backends (and the attention op's
-implementation with them): run it on a machine of the kind the run will use. No data is
-read; nothing runs.
+backend reports it; and the gradient bytes each step all-reduces over the devices. Memory
+plans differ between backends (and the attention op's implementation with them): run it on
+a machine of the kind the run will use. No data is read; nothing runs.
 """
 import copy
 import json
@@ -52,6 +52,7 @@ def plan_rows(config, devices: int, microbatches, limit: int | None = None) -> l
   _, state, state_sharding = train.initial_state(config, model, tx, mesh, image_shape)
   batch = task.train_batch_spec(per_device, image_shape)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  grad_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
   rows = []
   for num in microbatches:
     row = {"num_microbatches": num, "batch_per_device": per_device}
@@ -71,7 +72,7 @@ def plan_rows(config, devices: int, microbatches, limit: int | None = None) -> l
     with jax.set_mesh(mesh):
       plan = memory_plan(step.lower(state, batch).compile())
     row.update(state_mib=state_bytes / MIB, temp_mib=plan["temp"] / MIB,
-               total_mib=plan["footprint"] / MIB)
+               total_mib=plan["footprint"] / MIB, allreduce_mib=grad_bytes / MIB)
     if limit:
       row.update(device_mib=limit / MIB, fits=plan["footprint"] <= limit)
     rows.append(row)
@@ -81,6 +82,10 @@ def plan_rows(config, devices: int, microbatches, limit: int | None = None) -> l
 def format_rows(rows) -> str:
   lines = ["num_microbatches  batch/device  microbatch/device  state MiB  temp MiB  "
            "total MiB  device MiB  fits"]
+  planned = [r for r in rows if "allreduce_mib" in r]
+  if planned:
+    lines.insert(0, f"each step all-reduces {planned[0]['allreduce_mib']:.1f} MiB of gradients "
+                    "over the devices")
   for r in rows:
     if "skipped" in r:
       lines.append(f"{r['num_microbatches']:>16}  {r['batch_per_device']:>12}  "
