@@ -1,5 +1,7 @@
 """The demo, the small-scale tables, run plots and attention maps on real Fashion-MNIST."""
 
+import re
+
 import matplotlib.image
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ def test_demo_reports_accuracy_params_and_time(demo_run):
   out = first.stdout
   assert "test accuracy" in out and "on 200 test images" in out
   assert "parameters" in out and "wall time" in out
+  assert re.search(r"training +[\d,]+ images/s, \d+% of the time waiting for input", out)
   assert (workdir / "metrics.jsonl").exists() and (workdir / "config.json").exists()
   again = _run("sasa_jax.tools.demo", *flags)  # existing workdir: resumes, no crash
   assert "resumed from" in again.stderr and "at step 4" in again.stdout

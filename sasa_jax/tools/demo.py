@@ -4,7 +4,8 @@
 
 Trains configs/fashion_mnist.py (attention in residual groups 3-4, one of Table 3's two best
 rows; a 3x3 conv stem for 28 px images) on the 60,000 training images, evaluates on all
-10,000 test images, and prints the test accuracy, the parameter count and the wall time.
+10,000 test images, and prints the test accuracy, the parameter count, the training images/s
+and the wall time.
 Running it again resumes the run in --workdir (or finishes at once if it is done);
 --fresh deletes the workdir first.
 """
@@ -13,6 +14,7 @@ import os
 import sys
 import time
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -27,10 +29,16 @@ config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "fashion
 
 
 def summary(workdir: str) -> dict:
-  """The last eval row of metrics.jsonl."""
+  """The last eval row of metrics.jsonl, with the median training images/s and input wait
+  of its log steps (where it has any)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  return [r for r in rows if "eval/accuracy" in r][-1]
+  final = dict([r for r in rows if "eval/accuracy" in r][-1])
+  timed = [r for r in rows if "images_per_sec" in r]
+  if timed:
+    final["images_per_sec"] = float(np.median([r["images_per_sec"] for r in timed]))
+    final["input_wait_fraction"] = float(np.median([r["input_wait_fraction"] for r in timed]))
+  return final
 
 
 def main(argv):
@@ -44,6 +52,10 @@ def main(argv):
   print(f"  test accuracy  {final['eval/accuracy']:.4f} on {int(final['eval/num_examples'])} "
         f"test images (top-5 {final['eval/top5_accuracy']:.4f}) at step {final['step']}")
   print(f"  parameters     {params:,}")
+  if "images_per_sec" in final:
+    print(f"  training       {final['images_per_sec']:,.0f} images/s, "
+          f"{final['input_wait_fraction']:.0%} of the time waiting for input (medians over "
+          "log steps)")
   print(f"  wall time      {time.time() - start:.0f} s (this invocation)")
   print(f"  run directory  {FLAGS.workdir} (metrics.jsonl, TensorBoard events, checkpoints)")
   sys.stdout.flush()
