@@ -190,6 +190,11 @@ def resnet(variant, depth, impl, dtype, **model_kw):
   return create_resnet(depth, variant, impl=impl, dtype=jnp.dtype(dtype).name, **model_kw)
 
 
+def tree_bytes(tree) -> int:
+  """Bytes of every array in a pytree (arrays or ShapeDtypeStructs)."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 class StepCase(NamedTuple):
   run: Callable[[], float]  # seconds of one more step
   temp: int                 # bytes of the compiled step's temporaries
@@ -221,9 +226,8 @@ def model_step_case(model, batch, image_size, channels=3) -> StepCase:
   args = (variables["params"], variables["batch_stats"], opt_state, x, labels)
   t0 = time.perf_counter()
   run, memory, _ = compiled_with_memory(step, *args)
-  grad_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(variables["params"]))
   return StepCase(run, memory["temp"], time.perf_counter() - t0, memory["footprint"],
-                  grad_bytes)
+                  tree_bytes(variables["params"]))
 
 
 def attention_layers(model, batch, image_size, channels=3):

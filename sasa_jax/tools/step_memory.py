@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 from sasa_jax import data as data_lib
 from sasa_jax import optim, tasks, train
-from sasa_jax.tools.bench import memory_plan
+from sasa_jax.tools.bench import memory_plan, tree_bytes
 
 MIB = 2**20
 
@@ -51,8 +51,7 @@ def plan_rows(config, devices: int, microbatches, limit: int | None = None) -> l
   mesh = Mesh(np.asarray(jax.local_devices()[:1]), ("data",))
   _, state, state_sharding = train.initial_state(config, model, tx, mesh, image_shape)
   batch = task.train_batch_spec(per_device, image_shape)
-  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-  grad_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
+  state_bytes, grad_bytes = tree_bytes(state), tree_bytes(state.params)
   rows = []
   for num in microbatches:
     row = {"num_microbatches": num, "batch_per_device": per_device}
