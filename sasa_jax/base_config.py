@@ -74,8 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   # their gradients (memory of batch_size / num_microbatches images; sasa_jax.train.train_step)
   config.num_microbatches = 1
   # > 0: BatchNorm normalises every this many contiguous images of a (micro)batch by their
-  # own statistics (e.g. the images of one device, as per-core BatchNorm on TPU pods);
-  # 0: by the whole (micro)batch's. sasa_jax.train.apply_in_groups
+  # own statistics (e.g. the images of one device, as per-core BatchNorm on TPU pods, or of
+  # a node's 8 GPUs); 0: by the whole (micro)batch's. sasa_jax.train.apply_in_groups
   config.batch_norm_group_size = 0
   config.num_epochs = 90.0
   config.num_train_steps = -1  # > 0 overrides num_epochs

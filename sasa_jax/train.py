@@ -38,6 +38,7 @@ from sasa_jax import tasks
 from sasa_jax.base_config import LOOP_SET_MODEL_FIELDS
 from sasa_jax.data.detection import DetectionOptions
 from sasa_jax.metric_writers import create_writer
+from sasa_jax.models.resnet import batch_norm_across
 from sasa_jax.run_once import run_once
 
 # Fields the loop reads (base_config.get_config declares them all).
@@ -62,10 +63,11 @@ class TrainState(flax.struct.PyTreeNode):
   ema_params: Any
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: ml_collections.ConfigDict, devices: int | None = None) -> None:
   """Raises ValueError naming the bad field, its value and what is allowed, before any data
   is read or anything compiled: the model is built abstractly (jax.eval_shape), so that a
-  layer or implementation that cannot take the config fails here."""
+  layer or implementation that cannot take the config fails here. devices: the run's device
+  count (None: jax.device_count())."""
   missing = [f for f in REQUIRED_FIELDS if f not in config]
   if missing:
     raise ValueError(f"config is missing field(s) {missing} (configs start from "
@@ -102,7 +104,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.dtype={config.dtype!r} is not allowed; choose one of "
                      "('float32', 'bfloat16')")
-  n, num = jax.device_count(), config.num_microbatches
+  n, num = devices or jax.device_count(), config.num_microbatches
   if not isinstance(num, int) or num <= 0:
     raise ValueError(f"config.num_microbatches={num!r} must be a positive integer")
   if config.batch_size <= 0 or config.batch_size % (num * n):
@@ -110,12 +112,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"device count {n}" + (f" times config.num_microbatches={num} "
                                             f"({num * n})" if num > 1 else ""))
   group, local = config.batch_norm_group_size, config.batch_size // num // n
-  if not isinstance(group, int) or group < 0 or (group and local % group):
+  if not isinstance(group, int) or group < 0 or (group and local % group and (
+      group % local or (local * n) % group)):
     raise ValueError(
         f"config.batch_norm_group_size={group!r} must be 0 (statistics over the whole "
-        f"{'microbatch' if num > 1 else 'batch'}) or a divisor of the {local} images each of "
-        f"the {n} device(s) holds (config.batch_size={config.batch_size}"
-        + (f" / num_microbatches={num}" if num > 1 else "") + f" / {n})")
+        f"{'microbatch' if num > 1 else 'batch'}){', ' if n > 1 else ' or '}a divisor of the "
+        f"{local} images each of the {n} device(s) holds (config.batch_size={config.batch_size}"
+        + (f" / num_microbatches={num}" if num > 1 else "") + f" / {n})"
+        + (f", or a multiple of {local} that divides {local * n} (groups of whole devices)"
+           if n > 1 else ""))
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_train_steps > 0 or config.num_epochs > 0, got "
                      f"{config.num_train_steps} and {config.num_epochs}")
@@ -155,11 +160,13 @@ def apply_in_groups(model, params, batch_stats, images, rng, group_size: int):
   BatchNorm running averages).
 
   group_size = 0: BatchNorm statistics over all N images (across devices when the batch is
-  sharded). group_size = g > 0: over every g contiguous images, g dividing each device's
-  share of the N: under a mesh the model runs per device (shard_map, so no statistic
-  crosses devices), each device's images as groups of g (jax.vmap, one set of parameters);
-  the groups' running averages are averaged."""
-  def apply(images, rng):
+  sharded). group_size = g > 0: over every g contiguous images. Under a mesh the model runs
+  per device (shard_map), so statistics cross devices only where a group spans them: g
+  dividing each device's share L of the N, each device's images as groups of g (jax.vmap,
+  one set of parameters); g a multiple of L, the statistics averaged over each g / L
+  consecutive devices (a grouped all-reduce, models.resnet.batch_norm_across). The groups'
+  running averages are averaged."""
+  def apply(images, rng, model=model):
     outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
                                    train=True, mutable=["batch_stats"], rngs={"dropout": rng})
     return outputs, updates["batch_stats"]
@@ -183,7 +190,14 @@ def apply_in_groups(model, params, batch_stats, images, rng, group_size: int):
 
   def per_device(images, rng):
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axes))
-    outputs, stats = apply_groups(images, rng)
+    local = images.shape[0]
+    if group_size <= local:
+      outputs, stats = apply_groups(images, rng)
+    else:  # each group of `span` consecutive devices (in the batch's order) normalises as one
+      span = group_size // local
+      device_groups = tuple(tuple(range(i, i + span)) for i in range(0, mesh.size, span))
+      outputs, stats = apply(images, rng,
+                             model=batch_norm_across(model, axes, device_groups))
     return outputs, jax.lax.pmean(stats, axes)
   # check_vma=False as in the attention op (sasa_jax.ops.local_attention): its kernel calls
   # carry no varying-axes types; the transpose sums the parameters' cotangents over devices.
@@ -556,12 +570,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                           if isinstance(v, (int, float, str, bool))})
   if is_main:
     devices, processes, num = jax.device_count(), jax.process_count(), config.num_microbatches
-    logging.info("batch %d: %d per device on %d device(s) in %d process(es)%s%s",
+    group, local = config.batch_norm_group_size, config.batch_size // devices // num
+    logging.info("batch %d: %d per device on %d device(s) in %d process(es)%s%s%s",
                  config.batch_size, config.batch_size // devices, devices, processes,
-                 f", as {num} microbatches of {config.batch_size // devices // num}"
-                 if num > 1 else "",
-                 f"; BatchNorm statistics over groups of {config.batch_norm_group_size} images"
-                 if config.batch_norm_group_size else "")
+                 f", as {num} microbatches of {local}" if num > 1 else "",
+                 f"; BatchNorm statistics over groups of {group} images" if group else "",
+                 f", each across {group // local} devices" if group > local else "")
 
   p_train = under_mesh(mesh, jit_train_step(config, task, model, tx, schedule,
                                             state_sharding, batch_sharding))

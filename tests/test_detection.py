@@ -170,6 +170,48 @@ def test_retinanet_outputs_match_the_anchors():
     np.testing.assert_allclose(jax.nn.sigmoid(out["logits"]), 0.01, atol=5e-3)
 
 
+RETINANET_GROUPS_ON_FOUR_DEVICES = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from sasa_jax import train
+from sasa_jax.models.factory import create_retinanet
+# The attention stem, backbone, FPN and heads: every kind of BatchNorm the detector has.
+model = create_retinanet("full_attention", "attention", depth=14, num_classes=10,
+                         width_multiplier=0.125, num_heads=2, kernel_size=3, min_level=3,
+                         max_level=5, fpn_width=32, head_layers=1, head_kernel_size=3,
+                         head_num_heads=2)
+images = jax.random.normal(jax.random.key(1), (16, 64, 64, 1))
+variables = jax.jit(model.init)(jax.random.key(0), images[:1])
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+out = {}
+for group in (4, 8):  # each device's 4 images; devices {0, 1} and {2, 3} together
+  apply = jax.jit(lambda images: train.apply_in_groups(
+      model, variables["params"], variables["batch_stats"], images, jax.random.key(2), group))
+  single = apply(images)  # one device: the groups by vmap alone
+  with jax.set_mesh(mesh):
+    sharded = apply(jax.device_put(images, NamedSharding(mesh, P("data"))))
+  out[group] = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                   zip(jax.tree.leaves(sharded), jax.tree.leaves(single)))
+print(json.dumps(out))
+"""
+
+
+def test_batch_norm_groups_of_devices_reach_every_batch_norm_of_a_retinanet():
+  """A RetinaNet run per device with BatchNorm over groups of 1 or 2 devices' images gives
+  the outputs and running statistics of the same groups on one device: the grouped
+  all-reduce reaches the backbone's (stem included) and the FPN's and heads' BatchNorms."""
+  import json
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-c", RETINANET_GROUPS_ON_FOUR_DEVICES],
+                        env=helpers.env(devices=4), cwd=helpers.ROOT, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["4"] < 1e-4 and out["8"] < 1e-4, out
+
+
 def test_create_retinanet_names_bad_keywords():
   with pytest.raises(ValueError, match="heads='dense'"):
     create_retinanet("baseline", "dense")
@@ -216,23 +258,23 @@ DETECT = ("configs/fashion_mnist_detection.py:depth=14,width_multiplier=0.125,nu
 
 
 def test_detection_end_to_end_two_processes_then_one_resumes(detection_dir, tmp_path):
-  """4 simulated devices as 2 processes x 2 (launch/local.sh) with BatchNorm per device, then
-  the detection demo on 1 process x 4 resumes as microbatches with BatchNorm over groups of
-  2: training, per-host shards, COCO evaluation counting every held-out image once, the
-  demo's report and image."""
+  """4 simulated devices as 2 processes x 2 (launch/local.sh) with BatchNorm over each
+  process's two devices, then the detection demo on 1 process x 4 resumes as microbatches
+  with BatchNorm over groups of 2 images on each device: training, per-host shards, COCO
+  evaluation counting every held-out image once, the demo's report and image."""
   import os
   import subprocess
   workdir = tmp_path / "run"
   common = dict(ckpt_every=2, log_every=1, eval_every=2, train_split="train[:128]",
                 eval_split="test[:37]")
   cmd = helpers.main_cmd(DETECT, workdir, helpers.tiny_flags(detection_dir, 2, **common) + [
-      "--config.batch_norm_group_size=4"])  # BatchNorm per device, across processes
+      "--config.batch_norm_group_size=8"])  # 2 devices' images: a grouped all-reduce
   proc = subprocess.run([os.path.join(helpers.ROOT, "launch", "local.sh"), "2", *cmd[3:]],
                         cwd=helpers.ROOT, env=helpers.env(), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
   assert ("4 per device on 4 device(s) in 2 process(es); BatchNorm statistics over groups of "
-          "4 images") in (workdir / "logs" / "process_0.log").read_text()
+          "8 images, each across 2 devices") in (workdir / "logs" / "process_0.log").read_text()
   # the detection demo's command resumes it: 1 process x 4 devices, each step as 2
   # microbatches with BatchNorm over each device's 2 images (neither is in the checkpoint)
   cmd = helpers.main_cmd(DETECT, workdir, helpers.tiny_flags(detection_dir, 4, **common) + [

@@ -174,6 +174,7 @@ def test_step_memory_plans_the_loops_step_per_microbatch_count():
   assert 0.4 < two["temp_mib"] / one["temp_mib"] < 0.6
   assert one["total_mib"] > one["state_mib"] + one["temp_mib"]  # and the batch
   # Against a device's memory (the backend reports none here): the same plan, in MiB.
+  import copy
   from sasa_jax.tools import step_memory
   from sasa_jax.tools.tables import load_config
   config = load_config(helpers.TINY_MODEL)
@@ -193,11 +194,17 @@ def test_step_memory_plans_the_loops_step_per_microbatch_count():
   assert one["allreduce_mib"] == two["allreduce_mib"] == pytest.approx(grad_mib)
   assert step_memory.format_rows(fit).splitlines()[0] == (
       f"each step all-reduces {grad_mib:.1f} MiB of gradients over the devices")
-  config.batch_norm_group_size = 16  # planned within each device's microbatch
-  grouped = step_memory.plan_rows(config, 2, [2, 4])
-  assert grouped[0]["temp_mib"] > 0
-  assert grouped[1]["skipped"] == ("microbatches of 8 images per device do not split into "
-                                   "BatchNorm groups of 16")
+  # Groups of 16: within each device's microbatch of 16; across both devices' microbatches
+  # of 8 (per device, the plan of statistics over its own images); not with microbatches of 4.
+  config.batch_norm_group_size = 16
+  within, across, neither = step_memory.plan_rows(config, 2, [2, 4, 8])
+  assert within["temp_mib"] > 0
+  plain = copy.deepcopy(config)
+  plain.batch_norm_group_size = 0
+  (ungrouped,) = step_memory.plan_rows(plain, 2, [4])
+  assert across["temp_mib"] == ungrouped["temp_mib"]
+  assert neither["skipped"] == ("BatchNorm groups of 16 neither split a device's microbatch "
+                                "of 4 nor span whole devices of the 2")
   bad = helpers.run_module("sasa_jax.tools.step_memory",
                            ["--config=configs/fashion_mnist.py", "--devices=3"], check=False)
   assert bad.returncode == 2

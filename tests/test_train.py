@@ -214,6 +214,23 @@ def test_bad_config_fails_before_compiling(changes, match, tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_batch_norm_groups_may_be_the_images_of_whole_devices():
+  """On 4 devices holding 32 images each, groups of 64 or 128 images are those of 2 or 4
+  devices; 48 splits no device's share and 96 is 3 devices', which do not divide 4."""
+  from sasa_jax import train
+  config = _config()
+  for group in (16, 64, 128):
+    config.batch_norm_group_size = group
+    train.validate_config(config, devices=4)
+  for group in (48, 96):
+    config.batch_norm_group_size = group
+    with pytest.raises(ValueError, match=(
+        rf"config.batch_norm_group_size={group} must be 0 \(statistics over the whole batch\), "
+        r"a divisor of the 32 images each of the 4 device\(s\) holds \(config.batch_size=128 "
+        r"/ 4\), or a multiple of 32 that divides 128 \(groups of whole devices\)$")):
+      train.validate_config(config, devices=4)
+
+
 def test_batch_not_divisible_by_devices_names_the_field(tmp_path):
   # Through tests/gc_probe.py: the garbage collector that sasa_jax.main turns off while it
   # imports is on again when training starts (the batch is checked there).
@@ -378,19 +395,19 @@ sys.path.insert(0, "configs")
 import fashion_mnist
 from tests import helpers
 from sasa_jax import tasks, train
-config = fashion_mnist.get_config(helpers.TINY_MODEL)
+# The attention stem: its own BatchNorm (layers.stem.BatchNormReluBlockMax) crosses devices too.
+config = fashion_mnist.get_config(helpers.TINY_MODEL + ",stem_type=spatially_aware")
 config.batch_size = 16
 task = tasks.get(config)
 model = task.create_model()
 tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
 mesh = Mesh(np.asarray(jax.devices()), ("data",))
 init, state, state_sharding = train.initial_state(config, model, tx, mesh, (28, 28, 1))
-state = jax.jit(init)()
 rng = np.random.default_rng(0)
 batch = {"image": rng.integers(0, 256, (16, 28, 28, 1), dtype=np.uint8),
          "label": rng.integers(0, 10, (16,)).astype(np.int32)}
-out = {}
-for group in (0, 2):
+out = {"collectives": {}, "replica_groups": {}, "difference": {}}
+for group in (0, 2, 8):  # the whole batch; 2 of each device's 4 images; 2 devices' 8
   config.batch_norm_group_size = group
   train.validate_config(config)
   step = train.jit_train_step(config, task, model, tx, schedule, state_sharding,
@@ -398,16 +415,21 @@ for group in (0, 2):
   with jax.set_mesh(mesh):
     text = step.lower(state, batch).compile().as_text()
   ops = re.findall(r"\\b(all-reduce|all-gather|all-to-all|collective-permute)(?:-start)?\\(", text)
-  out[group] = {op: ops.count(op) for op in set(ops)}
-one_device = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, schedule=schedule,
-                                                   config=config, task=task))
-single, _ = one_device(jax.device_put(state, jax.devices()[0]), batch)  # groups by vmap alone
-with jax.set_mesh(mesh):
-  sharded, _ = step(state, batch)  # donates state
-out["difference"] = {name: max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                               for a, b in zip(jax.tree.leaves(getattr(sharded, name)),
-                                               jax.tree.leaves(getattr(single, name))))
-                     for name in ("params", "batch_stats")}
+  out["collectives"][group] = {op: ops.count(op) for op in set(ops)}
+  out["replica_groups"][group] = sorted(set(re.findall(r"replica_groups=(\\S+?),? ", text)))
+  if group:  # the same step on one device, its groups by vmap alone
+    one_device = jax.jit(lambda s, b: train.train_step(
+        s, b, model=model, tx=tx, schedule=schedule, config=config, task=task))
+    state = jax.jit(init)()
+    single, _ = one_device(jax.device_put(state, jax.devices()[0]), batch)
+    with jax.set_mesh(mesh):
+      sharded, _ = step(state, batch)  # donates state
+    out["difference"][group] = {
+        name: max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                  for a, b in zip(jax.tree.leaves(getattr(sharded, name)),
+                                  jax.tree.leaves(getattr(single, name))))
+        for name in ("params", "batch_stats")}
+config.batch_norm_group_size = 2
 config.model.impl = "pallas"  # the TPU kernels, lowered within each device's model
 model = task.create_model()
 step = train.jit_train_step(config, task, model, tx, schedule, state_sharding,
@@ -422,9 +444,10 @@ print(json.dumps(out))
 
 
 def test_batch_norm_groups_on_four_devices_stay_on_their_devices():
-  """batch_norm_group_size=2 with 4 images per device: the model runs per device, so the
+  """4 images per device, the model run per device: with batch_norm_group_size=2 the
   compiled step's only collective is the all-reduce of gradients and running statistics
-  (BatchNorm over the global batch all-reduces in every layer), and the step equals the
+  (BatchNorm over the global batch all-reduces in every layer); with 8, every layer's
+  statistics are all-reduced within devices {0, 1} and {2, 3} alone. Each step equals the
   same grouped step on one device; with impl="pallas" it lowers for TPU with every attention
   layer's kernels."""
   proc = subprocess.run([sys.executable, "-c", GROUPED_ON_FOUR_DEVICES],
@@ -432,9 +455,13 @@ def test_batch_norm_groups_on_four_devices_stay_on_their_devices():
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert set(out["0"]) == {"all-reduce"} and out["0"]["all-reduce"] > 10
-  assert out["2"] == {"all-reduce": 1}
-  assert out["difference"]["params"] < 1e-5 and out["difference"]["batch_stats"] < 1e-5
+  collectives, groups = out["collectives"], out["replica_groups"]
+  assert set(collectives["0"]) == {"all-reduce"} and collectives["0"]["all-reduce"] > 10
+  assert collectives["2"] == {"all-reduce": 1} and groups["2"] == ["{{0,1,2,3}}"]
+  assert set(collectives["8"]) == {"all-reduce"} and collectives["8"]["all-reduce"] > 10
+  assert groups["8"] == ["{{0,1,2,3}}", "{{0,1},{2,3}}"]  # the gradients'; the statistics'
+  for group in ("2", "8"):
+    assert max(out["difference"][group].values()) < 1e-5, out["difference"]
   assert out["tpu_kernels"] == 3 * out["attention_layers"] > 0  # fwd, dq, dk/dv
 
 

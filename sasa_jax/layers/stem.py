@@ -48,6 +48,8 @@ class AttentionStem(nn.Module):
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
   impl: str = "auto"
+  bn_axis_name: Any = None  # the BatchNorm's statistics across devices: as SASAResNet's
+  bn_axis_index_groups: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -117,7 +119,9 @@ class AttentionStem(nn.Module):
     # only the chunk's inputs are stored (the batch-norm below still sees the whole batch).
     y = map_batch_chunks(attend, (x, v_full), fewest_chunks(bsz, h * w, MAX_CHUNK_PIXELS),
                          remat=True)
-    return BatchNormReluBlockMax(s, momentum=self.bn_momentum, dtype=self.dtype, name="bn")(
+    return BatchNormReluBlockMax(s, momentum=self.bn_momentum, dtype=self.dtype,
+                                 axis_name=self.bn_axis_name,
+                                 axis_index_groups=self.bn_axis_index_groups, name="bn")(
         y, train=train)
 
 
@@ -137,6 +141,8 @@ class BatchNormReluBlockMax(nn.Module):
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  axis_name: Any = None  # statistics averaged across devices, as nn.BatchNorm's
+  axis_index_groups: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -147,8 +153,11 @@ class BatchNormReluBlockMax(nn.Module):
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     if train:  # as nn.BatchNorm's fast variance: E[x^2] - E[x]^2, at least float32
       xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-      mean = xf.mean(axis=(0, 1, 2))
-      var = jnp.maximum(0.0, jnp.square(xf).mean(axis=(0, 1, 2)) - jnp.square(mean))
+      mean, mean_square = xf.mean(axis=(0, 1, 2)), jnp.square(xf).mean(axis=(0, 1, 2))
+      if self.axis_name is not None:
+        mean, mean_square = jax.lax.pmean((mean, mean_square), self.axis_name,
+                                          axis_index_groups=self.axis_index_groups)
+      var = jnp.maximum(0.0, mean_square - jnp.square(mean))
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var

@@ -1,4 +1,5 @@
 """ResNet-26/38/50 with SASA attention in place of the 3x3 convolutions (§3.1, §4.1)."""
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -56,6 +57,9 @@ class SASAResNet(nn.Module):
     features_only: return the outputs of groups 2-4 (strides 8, 16, 32: the C3-C5 of a
       feature pyramid) as {3: C3, 4: C4, 5: C5} instead of logits; no classifier head.
     stem_type: "conv" (7x7/2 conv + 3x3/2 max pool) or an AttentionStem type.
+    bn_axis_name, bn_axis_index_groups: every BatchNorm's statistics averaged over the
+      devices of each group along this mapped axis (nn.BatchNorm's axis_name and
+      axis_index_groups; see batch_norm_across); None: over the images it is given.
     stem_impl: the attention stem's op implementation.
     small_images: for 28-32 px inputs: a 3x3/1 conv + 2x2/2 max pool stem, or an
       attention stem over 2x2 blocks (+ 2x2 max pool): both halve the resolution.
@@ -71,11 +75,15 @@ class SASAResNet(nn.Module):
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
   features_only: bool = False
+  bn_axis_name: Any = None
+  bn_axis_index_groups: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype)
+                             momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
+                             axis_name=self.bn_axis_name,
+                             axis_index_groups=self.bn_axis_index_groups)
     width = lambda c: int(round(c * self.width_multiplier))
     x = x.astype(self.dtype)
     if self.stem_type == "conv":
@@ -93,6 +101,8 @@ class SASAResNet(nn.Module):
                         block_size=2 if self.small_images else 4,
                         num_mixtures=self.stem_mixtures, bn_momentum=self.bn_momentum,
                         dtype=self.dtype, impl=self.stem_impl,
+                        bn_axis_name=self.bn_axis_name,
+                        bn_axis_index_groups=self.bn_axis_index_groups,
                         name="stem")(x, train=train)
     features = {}
     for group, (blocks, filters) in enumerate(zip(self.stage_blocks, STAGE_WIDTHS), start=1):
@@ -107,3 +117,14 @@ class SASAResNet(nn.Module):
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                  name="head")(x)
     return x.astype(jnp.float32)
+
+
+def batch_norm_across(model: nn.Module, axis_name: Any, groups: Any) -> nn.Module:
+  """`model` (a SASAResNet, or a module with bn_axis_name, bn_axis_index_groups and such
+  submodules, as RetinaNet) with every BatchNorm's statistics averaged over the devices of
+  each of `groups` (tuples of indices along axis_name; None: all of them), for a model run
+  per device under jax.shard_map with mapped axis `axis_name`."""
+  submodules = {f.name: batch_norm_across(getattr(model, f.name), axis_name, groups)
+                for f in dataclasses.fields(model) if f.name not in ("parent", "name")
+                and isinstance(getattr(model, f.name), nn.Module)}
+  return model.clone(bn_axis_name=axis_name, bn_axis_index_groups=groups, **submodules)

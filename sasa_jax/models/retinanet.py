@@ -128,11 +128,15 @@ class RetinaNet(nn.Module):
   p6_input: str = "p5"
   bn_momentum: float = 0.99
   dtype: Any = jnp.float32
+  bn_axis_name: Any = None  # as SASAResNet's (the backbone has its own)
+  bn_axis_index_groups: Any = None
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, epsilon=1e-3, dtype=self.dtype)
+                             momentum=self.bn_momentum, epsilon=1e-3, dtype=self.dtype,
+                             axis_name=self.bn_axis_name,
+                             axis_index_groups=self.bn_axis_index_groups)
     feats = self.backbone(images, train=train)
     pyramid = FPN(self.width, self.min_level, self.max_level, self.head_attention,
                   self.p6_input, norm=norm, dtype=self.dtype, name="fpn")(feats)

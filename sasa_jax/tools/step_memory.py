@@ -41,7 +41,7 @@ def plan_rows(config, devices: int, microbatches, limit: int | None = None) -> l
     raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of "
                      f"--devices={devices}")
   per_device = config.batch_size // devices
-  train.validate_config(config)  # names a bad field before anything compiles
+  train.validate_config(config, devices)  # names a bad field before anything compiles
   task = tasks.get(config)
   model = task.create_model()
   size = config.dataset.image_size
@@ -52,20 +52,25 @@ def plan_rows(config, devices: int, microbatches, limit: int | None = None) -> l
   _, state, state_sharding = train.initial_state(config, model, tx, mesh, image_shape)
   batch = task.train_batch_spec(per_device, image_shape)
   state_bytes, grad_bytes = tree_bytes(state), tree_bytes(state.params)
-  rows = []
+  rows, group = [], config.batch_norm_group_size
   for num in microbatches:
     row = {"num_microbatches": num, "batch_per_device": per_device}
     if per_device % num:
       rows.append({**row, "skipped": f"{per_device} images per device do not split into {num}"})
       continue
-    group = config.batch_norm_group_size
-    if group and (per_device // num) % group:
-      rows.append({**row, "skipped": f"microbatches of {per_device // num} images per device "
-                                     f"do not split into BatchNorm groups of {group}"})
+    micro = per_device // num
+    spans = group > micro  # each group's statistics across group / micro devices
+    if group and (micro % group if not spans else group % micro or micro * devices % group):
+      rows.append({**row, "skipped": f"BatchNorm groups of {group} neither split a device's "
+                                     f"microbatch of {micro} nor span whole devices of the "
+                                     f"{devices}"})
       continue
-    row["microbatch_per_device"] = per_device // num
+    row["microbatch_per_device"] = micro
     with config.unlocked():
       config.num_microbatches = num
+      # Spanning groups: per device, the same work as statistics over its own images (the
+      # all-reduce of each layer's statistics is a few floats per channel).
+      config.batch_norm_group_size = 0 if spans else group
     step = train.jit_train_step(config, task, model, tx, schedule, state_sharding,
                                 NamedSharding(mesh, P("data")))
     with jax.set_mesh(mesh):
