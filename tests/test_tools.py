@@ -33,8 +33,10 @@ def test_demo_reports_accuracy_params_and_time(demo_run):
   assert (workdir / "metrics.jsonl").exists() and (workdir / "config.json").exists()
   again = _run("sasa_jax.tools.demo", *flags)  # existing workdir: resumes, no crash
   assert "resumed from" in again.stderr and "at step 4" in again.stdout
-  fresh = _run("sasa_jax.tools.demo", *flags, "--fresh")
-  assert "resumed from" not in fresh.stderr
+  # Through tests/gc_probe.py: the garbage collector, off while the demo imports, is on again.
+  fresh = _run("tests.gc_probe", "sasa_jax.tools.demo", *flags, "--fresh")
+  assert "resumed from" not in fresh.stderr and "test accuracy" in fresh.stdout
+  assert "garbage collector on at exit: True" in fresh.stdout
 
 
 def test_attention_maps_png(demo_run):

@@ -9,16 +9,21 @@ and the wall time.
 Running it again resumes the run in --workdir (or finishes at once if it is done);
 --fresh deletes the workdir first.
 """
-import json
-import os
-import sys
-import time
+import gc
 
-import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+if __name__ == "__main__":
+  gc.disable()  # until the imports are done, as in sasa_jax/main.py (runs.train_or_resume)
 
-from sasa_jax.tools.runs import train_or_resume
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from sasa_jax.tools.runs import train_or_resume  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = flags.FLAGS

@@ -8,12 +8,17 @@ on the 2,000 held-out canvases, and writes WORKDIR/detections.png: predicted box
 with class and score) next to the truth (dashed) on held-out images. Running it again
 resumes the run in --workdir (or finishes at once if it is done); --fresh starts over.
 """
-import os
-import sys
-import time
+import gc
 
-from absl import app, flags
-from ml_collections import config_flags
+if __name__ == "__main__":
+  gc.disable()  # until the imports are done, as in sasa_jax/main.py (runs.train_or_resume)
+
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = flags.FLAGS

@@ -1,4 +1,5 @@
 """Running the demos and reading finished runs: metrics.jsonl, config.json, checkpoints."""
+import gc
 import json
 
 import ml_collections
@@ -69,5 +70,10 @@ def train_or_resume(config, workdir: str, fresh: bool) -> int:
   quiet_orbax()
   import jax  # noqa: PLC0415
   from sasa_jax.train import train_and_evaluate  # noqa: PLC0415
+  # As sasa_jax/main.py: the imports' heap out of the garbage collector's reach, which the
+  # demos turn off while they import; on for the run; what it leaves is not walked again.
+  gc.freeze()
+  gc.enable()
   state = train_and_evaluate(config, workdir)
+  gc.freeze()
   return sum(x.size for x in jax.tree.leaves(state.params))
