@@ -8,7 +8,9 @@ device at the batch each of --devices devices holds (config.batch_size / devices
 is data parallel with replicated state), once per --microbatches value, and prints per
 device: the batch and microbatch, the state (parameters, BatchNorm statistics, optimizer
 state, EMA), XLA's planned temporaries and their total, against the device's memory where the
-backend reports it; and the gradient bytes each step all-reduces over the devices. Memory
+backend reports it; and the gradient bytes each step all-reduces over the devices. BatchNorm
+groups across devices (config.batch_norm_group_size a multiple of the microbatch per device)
+are planned as statistics over each device's own images, the same work per device. Memory
 plans differ between backends (and the attention op's implementation with them): run it on
 a machine of the kind the run will use. No data is read; nothing runs.
 """
