@@ -468,14 +468,14 @@ def test_batch_norm_groups_on_four_devices_stay_on_their_devices():
     assert kernels == 3 * out["attention_layers"] > 0  # fwd, dq, dk/dv
 
 
-@pytest.mark.parametrize("group", [0, 2])
+@pytest.mark.parametrize("group", [0, 2, 4])
 def test_microbatches_on_four_devices_move_no_images_and_evaluate_everything(
     fmnist_dir, tmp_path, group):
   """Through the command line on 4 devices: each microbatch takes its rows from every
   device's share of the batch without moving them (no all-to-all, all-gather or
-  collective-permute in the compiled step), with BatchNorm over each microbatch or over
-  groups of 2 images on each device, and evaluation in batches of one microbatch's size sees
-  every example once."""
+  collective-permute in the compiled step), with BatchNorm over each microbatch, over
+  groups of 2 images on each device or of 2 devices' 2 images, and evaluation in batches of
+  one microbatch's size sees every example once."""
   workdir, dump = tmp_path / "run", tmp_path / "hlo"
   environ = helpers.env(4, JAX_ENABLE_COMPILATION_CACHE="false")  # compile, so XLA dumps
   environ["XLA_FLAGS"] += f" --xla_dump_to={dump} --xla_dump_hlo_module_re=.*train_step.*"
@@ -484,8 +484,8 @@ def test_microbatches_on_four_devices_move_no_images_and_evaluate_everything(
   proc = helpers.run_module("sasa_jax.main", helpers.main_cmd(FMNIST, workdir, flags)[3:],
                             environ=environ)
   assert ("batch 16: 4 per device on 4 device(s) in 1 process(es), as 2 microbatches of 2"
-          + ("; BatchNorm statistics over groups of 2 images" if group else "") + "\n"
-          in proc.stderr)
+          + (f"; BatchNorm statistics over groups of {group} images" if group else "")
+          + (", each across 2 devices" if group == 4 else "") + "\n" in proc.stderr)
   rows = helpers.read_metrics(workdir)
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
   assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
@@ -497,6 +497,7 @@ def test_microbatches_on_four_devices_move_no_images_and_evaluate_everything(
   text = hlo.read_text()
   assert re.search(r"all-reduce(-start)?\(", text)  # the gradients: the dump is the step's
   assert not re.search(r"(all-to-all|all-gather|collective-permute)(-start)?\(", text)
+  assert ("replica_groups={{0,1},{2,3}}" in text) == (group == 4)  # statistics of 2 devices
 
 
 @pytest.mark.parametrize("config_file,data_fixture", [
