@@ -36,6 +36,7 @@ from sasa_jax import data as data_lib
 from sasa_jax import optim
 from sasa_jax import tasks
 from sasa_jax.base_config import LOOP_SET_MODEL_FIELDS
+from sasa_jax.device_memory import peak_memory
 from sasa_jax.data.detection import DetectionOptions
 from sasa_jax.metric_writers import create_writer
 from sasa_jax.models.resnet import batch_norm_across
@@ -629,6 +630,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         summary = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
         summary.pop("finite")
         summary.update(throughput.since_last(step))
+        summary.update(peak_memory(jax.local_devices()))
         writer.write_scalars(step, summary)
         pending = []
       if step % config.eval_every_steps == 0 or step == num_steps:

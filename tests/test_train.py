@@ -357,6 +357,25 @@ def test_throughput_counts_images_and_the_wait_for_input_between_log_steps():
                                  "input_wait_fraction": 0.5}
 
 
+def test_peak_memory_of_the_devices_that_report_it():
+  """device_memory.peak_memory: the largest peak, the smallest limit and the largest peak
+  share over devices whose backend reports memory (as GPUs and TPUs do: the dict each
+  device's memory_stats() returns); nothing for the CPU's devices, which report none."""
+  from sasa_jax.device_memory import peak_memory
+
+  class Reporting:  # a device's memory_stats(), as jax's GPU and TPU devices return it
+    def __init__(self, peak, limit):
+      self.stats = {"peak_bytes_in_use": peak * 2**30, "bytes_limit": limit * 2**30,
+                    "bytes_in_use": 1}
+
+    def memory_stats(self):
+      return self.stats
+  assert peak_memory([Reporting(30, 80), Reporting(60, 78)]) == {
+      "device_memory_peak_gib": 60, "device_memory_limit_gib": 78,
+      "device_memory_peak_fraction": 60 / 78}
+  assert peak_memory(jax.local_devices()) == {}
+
+
 def test_microbatches_make_one_step_of_the_microbatch_steps_average():
   """num_microbatches=2: one step whose parameter change, BatchNorm statistics and loss are
   the averages of single steps on rows 0, 2, 4, ... and rows 1, 3, 5, ..."""

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sasa_jax.device_memory import peak_memory
 from sasa_jax.models import QUICK_DEPTH
 from sasa_jax.ops import default_impl, local_attention
 from sasa_jax.ops import pallas_attention as pa
@@ -106,6 +107,7 @@ def env_rows(smoke):
            "auto_impl": default_impl(), **versions}
     stats = jax.devices()[0].memory_stats() or {}
     row["device_memory_gb"] = stats.get("bytes_limit", 0) / 2**30
+    row["loop_memory_metrics"] = peak_memory(jax.local_devices())  # what the loop logs
     if not smoke:
       try:
         row["nvidia_smi"] = subprocess.run(
