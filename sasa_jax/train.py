@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sasa_jax import data as data_lib
 from sasa_jax import optim
+from sasa_jax import run_info
 from sasa_jax import tasks
 from sasa_jax.base_config import LOOP_SET_MODEL_FIELDS
 from sasa_jax.device_memory import peak_memory
@@ -563,6 +564,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   if is_main:  # what tools (attention maps, reports) need to rebuild the model
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    start = run_info.record_start(workdir, start_step)
+    code = start["code"]
+    logging.info("start at step %d recorded in starts.jsonl: jax %s, %d %s device(s) in %d "
+                 "process(es), code %s", start_step, start["packages"]["jax"],
+                 start["devices"], start["device_kind"], start["processes"],
+                 (code["commit"][:12] + (" with uncommitted changes"
+                                         if code["uncommitted_changes"] else ""))
+                 if code else "not from a git checkout")
   if is_main and start_step == 0:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("model %s: %.3fM parameters; %d steps, %d per epoch", dict(config.model),

@@ -21,6 +21,7 @@ import ssl
 import subprocess
 import threading
 import time
+import urllib.parse
 import urllib.request
 
 GCS_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
@@ -152,6 +153,12 @@ class Emulator:
       token = page.get("nextPageToken")
       if not token:
         return names
+
+  def read_object(self, bucket: str, name: str) -> bytes:
+    url = (f"http://127.0.0.1:{self.http_port}/storage/v1/b/{bucket}/o/"
+           f"{urllib.parse.quote(name, safe='')}?alt=media")
+    with urllib.request.urlopen(url) as response:
+      return response.read()
 
   def stop(self):
     self.proxy.stop()

@@ -262,6 +262,7 @@ def test_detection_end_to_end_two_processes_then_one_resumes(detection_dir, tmp_
   process's two devices, then the detection demo on 1 process x 4 resumes as microbatches
   with BatchNorm over groups of 2 images on each device: training, per-host shards, COCO
   evaluation counting every held-out image once, the demo's report and image."""
+  import json
   import os
   import subprocess
   workdir = tmp_path / "run"
@@ -289,6 +290,10 @@ def test_detection_end_to_end_two_processes_then_one_resumes(detection_dir, tmp_
   rows = helpers.read_metrics(workdir)
   train = [r for r in rows if "train/loss" in r]
   assert [r["step"] for r in train] == [1, 2, 3, 4]
+  starts = [json.loads(line) for line in (workdir / "starts.jsonl").read_text().splitlines()]
+  assert [(r["start_step"], r["processes"], r["devices"]) for r in starts] == [(0, 2, 4),
+                                                                               (2, 1, 4)]
+  assert starts[1]["argv"][0].endswith("detect_demo.py")
   assert all(np.isfinite(r["train/focal_loss"]) and r["train/foreground_anchors"] > 0
              for r in train)
   evals = [r for r in rows if "eval/AP" in r]
@@ -297,7 +302,6 @@ def test_detection_end_to_end_two_processes_then_one_resumes(detection_dir, tmp_
     assert r["eval/num_images"] == 37  # every image once, padded batches, any process count
     assert {f"eval/{m}" for m in coco_eval.METRIC_NAMES} <= set(r)
   # tools/evaluate on the last checkpoint: the loop's last COCO evaluation, on 1 device.
-  import json
   out = helpers.run_module("sasa_jax.tools.evaluate", [f"--workdir={workdir}"]).stdout
   assert json.loads(out) == {**evals[-1], "split": "test[:37]", "weights": "raw"}
 

@@ -138,13 +138,21 @@ def test_killed_on_object_storage_and_preempted_runs_resume_to_the_same_paramete
       assert "preempted: checkpoint at step" in stderr
       assert 4 <= helpers.restore_params(runs[sig][0])[0] < steps
 
+  resumed_at = {}
   for sig, (workdir, run_flags, extra) in runs.items():
     resumed = helpers.run_main(FMNIST, workdir, run_flags, env_overrides=extra)
     at = re.search(rf"resumed from {re.escape(str(workdir))}/checkpoints at step (\d+)",
                    resumed.stderr)
     assert at and 4 <= int(at.group(1)) < steps, (sig.name, resumed.stderr[-3000:])
+    resumed_at[sig] = int(at.group(1))
   names = gcs.list_objects("sasa", "run/")
   assert "run/config.json" in names and "run/metrics.jsonl" in names
+  # starts.jsonl: one row per start, on object storage too.
+  from sasa_jax import run_info
+  starts = [json.loads(line) for line in
+            gcs.read_object("sasa", "run/starts.jsonl").decode().splitlines()]
+  assert [r["start_step"] for r in starts] == [0, resumed_at[signal.SIGKILL]]
+  assert all(r["code"] == run_info.code_version() and r["devices"] == 1 for r in starts)
   assert any(n.startswith("run/events.out.tfevents") for n in names)
   assert any(n.startswith(f"run/checkpoints/{steps}/") for n in names)
   assert not os.path.exists(os.path.join(helpers.ROOT, "gs:"))  # nothing went to a local path
@@ -155,6 +163,35 @@ def test_killed_on_object_storage_and_preempted_runs_resume_to_the_same_paramete
     assert step == reference[0] == steps
     for k, v in reference[1].items():
       np.testing.assert_allclose(params[k], v, rtol=1e-6, atol=1e-7, err_msg=f"{sig.name}: {k}")
+
+
+def test_code_version_is_the_checkouts_own_commit(tmp_path, monkeypatch):
+  """run_info.code_version: the commit of the git checkout sasa_jax runs from and whether
+  tracked files changed; nothing for a copy that is no checkout's root (an installed package,
+  even inside another repository) or outside git."""
+  from sasa_jax import run_info
+  git = lambda where, *args: subprocess.run(  # noqa: E731
+      ["git", "-C", str(where), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+      capture_output=True, text=True, check=True).stdout.strip()
+  checkout, other, plain = tmp_path / "checkout", tmp_path / "other", tmp_path / "plain"
+  for where in (checkout, other / "site-packages", plain):
+    where.mkdir(parents=True)
+    (where / "setup.py").write_text("# a checkout's file\n")
+  for repo in (checkout, other):
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "first")
+  monkeypatch.setattr(run_info, "ROOT", checkout)
+  assert run_info.code_version() == {"commit": git(checkout, "rev-parse", "HEAD"),
+                                     "uncommitted_changes": False}
+  (checkout / "setup.py").write_text("# changed\n")
+  assert run_info.code_version()["uncommitted_changes"] is True
+  (checkout / "setup.py").write_text("# a checkout's file\n")
+  (checkout / "new.py").write_text("")  # untracked: not a change to the code that ran
+  assert run_info.code_version()["uncommitted_changes"] is False
+  for where in (other / "site-packages", plain):
+    monkeypatch.setattr(run_info, "ROOT", where)
+    assert run_info.code_version() == {}
 
 
 def test_metrics_rows_reach_a_local_file_as_they_are_written(tmp_path):
