@@ -65,6 +65,14 @@ class TrainState(flax.struct.PyTreeNode):
   ema_params: Any
 
 
+def batch_norm_groups_fit(group: int, per_device: int, devices: int) -> bool:
+  """Whether BatchNorm groups of `group` > 0 images split each of `devices` devices'
+  `per_device` images, or are the images of whole devices (consecutive ones, as many as
+  divide `devices`): what apply_in_groups runs."""
+  return per_device % group == 0 or (group % per_device == 0
+                                     and per_device * devices % group == 0)
+
+
 def validate_config(config: ml_collections.ConfigDict, devices: int | None = None) -> None:
   """Raises ValueError naming the bad field, its value and what is allowed, before any data
   is read or anything compiled: the model is built abstractly (jax.eval_shape), so that a
@@ -114,8 +122,8 @@ def validate_config(config: ml_collections.ConfigDict, devices: int | None = Non
                      f"device count {n}" + (f" times config.num_microbatches={num} "
                                             f"({num * n})" if num > 1 else ""))
   group, local = config.batch_norm_group_size, config.batch_size // num // n
-  if not isinstance(group, int) or group < 0 or (group and local % group and (
-      group % local or (local * n) % group)):
+  if not isinstance(group, int) or group < 0 or (group and not batch_norm_groups_fit(
+      group, local, n)):
     raise ValueError(
         f"config.batch_norm_group_size={group!r} must be 0 (statistics over the whole "
         f"{'microbatch' if num > 1 else 'batch'}){', ' if n > 1 else ' or '}a divisor of the "

@@ -61,8 +61,7 @@ def plan_rows(config, devices: int, microbatches, limit: int | None = None) -> l
       rows.append({**row, "skipped": f"{per_device} images per device do not split into {num}"})
       continue
     micro = per_device // num
-    spans = group > micro  # each group's statistics across group / micro devices
-    if group and (micro % group if not spans else group % micro or micro * devices % group):
+    if group and not train.batch_norm_groups_fit(group, micro, devices):
       rows.append({**row, "skipped": f"BatchNorm groups of {group} neither split a device's "
                                      f"microbatch of {micro} nor span whole devices of the "
                                      f"{devices}"})
@@ -70,9 +69,9 @@ def plan_rows(config, devices: int, microbatches, limit: int | None = None) -> l
     row["microbatch_per_device"] = micro
     with config.unlocked():
       config.num_microbatches = num
-      # Spanning groups: per device, the same work as statistics over its own images (the
-      # all-reduce of each layer's statistics is a few floats per channel).
-      config.batch_norm_group_size = 0 if spans else group
+      # Groups across devices: per device, the same work as statistics over its own images
+      # (the all-reduce of each layer's statistics is a few floats per channel).
+      config.batch_norm_group_size = 0 if group > micro else group
     step = train.jit_train_step(config, task, model, tx, schedule, state_sharding,
                                 NamedSharding(mesh, P("data")))
     with jax.set_mesh(mesh):
