@@ -10,11 +10,14 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "clu", "tensorflow",
             "tensorflow_datasets", "numpy")  # modules (tensorflow may be tensorflow-cpu's)
 ROOT = Path(__file__).resolve().parent.parent  # the checkout, when sasa_jax runs from one
+HOST_BYTES = 64  # a host name's longest DNS label is 63 bytes
 
 
 def _git(*args: str) -> str:
@@ -49,19 +52,33 @@ def _version(module: str) -> str | None:
       return None
 
 
-def describe(start_step: int) -> dict:
-  """This process's view of a start at `start_step` (0: a fresh run)."""
+def process_hosts() -> list[str]:
+  """Every process's host name, by process index (a collective: every process calls it)."""
+  name = np.frombuffer(socket.gethostname().encode()[:HOST_BYTES].ljust(HOST_BYTES), np.uint8)
+  if jax.process_count() == 1:
+    return [socket.gethostname()]
+  names = multihost_utils.process_allgather(name)  # [processes, HOST_BYTES]
+  return [bytes(row).rstrip(b" ").decode(errors="replace") for row in np.asarray(names)]
+
+
+def describe(start_step: int, hosts: list[str]) -> dict:
+  """A start at `start_step` (0: a fresh run) as this process sees it, with every
+  process's host."""
   return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "start_step": start_step, "argv": sys.argv, "host": socket.gethostname(),
+          "start_step": start_step, "argv": sys.argv, "hosts": hosts,
           "python": platform.python_version(), "backend": jax.default_backend(),
           "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(),
           "processes": jax.process_count(),
           "packages": {name: _version(name) for name in PACKAGES}, "code": code_version()}
 
 
-def record_start(workdir: epath.PathLike, start_step: int) -> dict:
-  """Appends describe(start_step) to workdir/starts.jsonl (local or gs://) and returns it."""
-  row = describe(start_step)
+def record_start(workdir: epath.PathLike, start_step: int) -> dict | None:
+  """Every process calls it: process 0 appends describe(start_step, every process's host)
+  to workdir/starts.jsonl (local or gs://) and returns it; the others return None."""
+  hosts = process_hosts()
+  if jax.process_index() != 0:
+    return None
+  row = describe(start_step, hosts)
   with (epath.Path(workdir) / "starts.jsonl").open("a") as f:
     f.write(json.dumps(row) + "\n")
   return row

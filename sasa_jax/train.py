@@ -570,9 +570,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       state = init_backbone(state, config.init_backbone_from, tx, state_sharding)
   start_step = int(jax.device_get(state.step))
 
+  start = run_info.record_start(workdir, start_step)  # process 0 writes; every one gathers
   if is_main:  # what tools (attention maps, reports) need to rebuild the model
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    start = run_info.record_start(workdir, start_step)
     code = start["code"]
     logging.info("start at step %d recorded in starts.jsonl: jax %s, %d %s device(s) in %d "
                  "process(es), code %s", start_step, start["packages"]["jax"],

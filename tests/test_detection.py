@@ -264,6 +264,7 @@ def test_detection_end_to_end_two_processes_then_one_resumes(detection_dir, tmp_
   evaluation counting every held-out image once, the demo's report and image."""
   import json
   import os
+  import socket
   import subprocess
   workdir = tmp_path / "run"
   common = dict(ckpt_every=2, log_every=1, eval_every=2, train_split="train[:128]",
@@ -293,6 +294,7 @@ def test_detection_end_to_end_two_processes_then_one_resumes(detection_dir, tmp_
   starts = [json.loads(line) for line in (workdir / "starts.jsonl").read_text().splitlines()]
   assert [(r["start_step"], r["processes"], r["devices"]) for r in starts] == [(0, 2, 4),
                                                                                (2, 1, 4)]
+  assert [r["hosts"] for r in starts] == [[socket.gethostname()] * 2, [socket.gethostname()]]
   assert starts[1]["argv"][0].endswith("detect_demo.py")
   assert all(np.isfinite(r["train/focal_loss"]) and r["train/foreground_anchors"] > 0
              for r in train)
