@@ -65,6 +65,22 @@ def test_plot_run(demo_run, tmp_path):
   assert matplotlib.image.imread(out).shape[2] in (3, 4)
 
 
+def test_series_follow_the_last_start_of_a_resumed_run():
+  """Rows as metrics.jsonl holds them after a run logged steps 1-7 (evaluating at 6), was
+  killed and resumed from its step-4 checkpoint: each series repeats no step and keeps the
+  resumed run's values from step 5 on; a metric the resumed run has not reached again keeps
+  its last value."""
+  from sasa_jax.tools.runs import final, series
+  rows = [{"step": s, "train/loss": 10.0 - s} for s in range(1, 8)]
+  rows.insert(6, {"step": 6, "eval/accuracy": 0.5})  # after step 6's train row
+  rows += [{"step": s, "train/loss": 20.0 - s} for s in range(5, 7)]  # the resumed run
+  assert series(rows, "train/loss") == ([1, 2, 3, 4, 5, 6], [9.0, 8.0, 7.0, 6.0, 15.0, 14.0])
+  assert series(rows, "eval/accuracy") == ([6], [0.5])
+  assert final(rows, "train/loss") == 14.0
+  rows.append({"step": 6, "eval/accuracy": 0.6})
+  assert series(rows, "eval/accuracy") == ([6], [0.6])
+
+
 def test_tables_quick(fmnist_dir, tmp_path):
   outdir = tmp_path / "tables"
   proc = _run("sasa_jax.tools.tables", "--quick", "--seeds=1", f"--outdir={outdir}",

@@ -18,8 +18,15 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-  """(steps, values) of one metric."""
-  pairs = [(r["step"], r[key]) for r in rows if key in r]
+  """(steps, values) of one metric along the run as its last start continued it: a row at or
+  before a step the metric already has (a run resumed from a checkpoint older than its last
+  logged rows repeats those steps) replaces the rows from that step on."""
+  pairs = []
+  for r in rows:
+    if key in r:
+      while pairs and pairs[-1][0] >= r["step"]:
+        pairs.pop()
+      pairs.append((r["step"], r[key]))
   return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
