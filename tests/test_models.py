@@ -89,3 +89,18 @@ def test_model_table_cli_json_and_breakdown():
   out = helpers.run_module("sasa_jax.tools.model_table", ["--breakdown", "--depth", "26",
                                                           "--variant", "full_attention"]).stdout
   assert "stem/mixture" in out and "group4_block1/attention/rel_h" in out and "Total" in out
+
+
+def test_batch_norm_across_reaches_submodules_and_names_what_a_model_lacks():
+  """models.resnet.batch_norm_across sets the BatchNorm axis fields of a model and of the
+  modules it holds (RetinaNet's backbone); a module without them is named with the fields it
+  needs."""
+  import flax.linen as nn
+  from sasa_jax.models.factory import create_retinanet
+  from sasa_jax.models.resnet import batch_norm_across
+  model = batch_norm_across(create_retinanet("baseline", "conv", depth=14), "data", ((0, 1),))
+  for m in (model, model.backbone):
+    assert (m.bn_axis_name, m.bn_axis_index_groups) == ("data", ((0, 1),))
+  with pytest.raises(ValueError, match=r"Dense has no fields bn_axis_name and "
+                                       r"bn_axis_index_groups .* docs/forking.md"):
+    batch_norm_across(nn.Dense(3), "data", None)

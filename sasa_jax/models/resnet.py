@@ -124,6 +124,12 @@ def batch_norm_across(model: nn.Module, axis_name: Any, groups: Any) -> nn.Modul
   submodules, as RetinaNet) with every BatchNorm's statistics averaged over the devices of
   each of `groups` (tuples of indices along axis_name; None: all of them), for a model run
   per device under jax.shard_map with mapped axis `axis_name`."""
+  fields = {f.name for f in dataclasses.fields(model)}
+  if not {"bn_axis_name", "bn_axis_index_groups"} <= fields:
+    raise ValueError(f"{type(model).__name__} has no fields bn_axis_name and "
+                     "bn_axis_index_groups for its BatchNorm layers, which BatchNorm groups "
+                     "across devices (config.batch_norm_group_size a multiple of the images "
+                     "per device) need: see docs/forking.md, 'new model'")
   submodules = {f.name: batch_norm_across(getattr(model, f.name), axis_name, groups)
                 for f in dataclasses.fields(model) if f.name not in ("parent", "name")
                 and isinstance(getattr(model, f.name), nn.Module)}
