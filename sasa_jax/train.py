@@ -32,6 +32,7 @@ from clu import periodic_actions
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sasa_jax import checkpoint_match
 from sasa_jax import data as data_lib
 from sasa_jax import optim
 from sasa_jax import run_info
@@ -509,6 +510,25 @@ class Throughput:
     return result
 
 
+def _check_checkpoint_matches(ckpt, step, abstract, config, workdir) -> None:
+  """Raises ValueError, naming the arrays and config fields that differ, where the
+  checkpoint at `step` does not hold the state `config` builds (a changed model, optimizer
+  or EMA in a workdir that holds another run)."""
+  differences = checkpoint_match.state_differences(ckpt.item_metadata(step), abstract)
+  if not differences:
+    return
+  ckpt.close()
+  saved = workdir / "config.json"
+  changed = (checkpoint_match.config_differences(saved.read_text(), config)
+             if saved.exists() else [])
+  raise ValueError(
+      f"{ckpt.directory}/{step} holds another state than this config builds:\n  "
+      + "\n  ".join(differences)
+      + (f"\nthe config that wrote it ({saved}) differs in:\n  " + "\n  ".join(changed)
+         if changed else "")
+      + "\nResume with the run's own config, or train this one in a new --workdir.")
+
+
 def under_mesh(mesh, fn):
   """fn, traced and run with `mesh` as jax's context mesh: the attention op maps its kernel
   calls over the batch shards it finds there (`ops.local_attention`), which XLA's
@@ -554,12 +574,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   _write_small_arrays_whole()
   ckpt = ocp.CheckpointManager(
-      workdir / "checkpoints",
+      workdir / "checkpoints", item_handlers=ocp.StandardCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every_steps,
           enable_async_checkpointing=True, create=True))
   latest = ckpt.latest_step()
   if latest is not None:
+    _check_checkpoint_matches(ckpt, latest, abstract, config, workdir)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sharding)
     state = ckpt.restore(latest, args=ocp.args.StandardRestore(target))

@@ -54,6 +54,19 @@ def test_fashion_mnist_end_to_end_then_rerun(fmnist_dir, tmp_path):
   for k in params[1]:
     np.testing.assert_array_equal(resumed[1][k], params[1][k])
 
+  # Another model on this workdir: refused before restoring, naming the arrays and the config
+  # fields that differ; the checkpoints are left as they were.
+  wider = helpers.run_main(FMNIST.replace("width_multiplier=0.125", "width_multiplier=0.25"),
+                           workdir, flags + ["--config.ema_decay=0.999"], check=False)
+  assert wider.returncode != 0
+  assert f"{workdir}/checkpoints/6 holds another state than this config builds" in wider.stderr
+  assert "float32[8] in the checkpoint, float32[16] for this config" in wider.stderr
+  assert re.search(r"\.\.\. \d+ arrays differ in all", wider.stderr)
+  assert "  ema_decay: 0.0 there, 0.999 here\n" in wider.stderr
+  assert "  model.width_multiplier: 0.125 there, 0.25 here\n" in wider.stderr
+  assert "Event loop is closed" not in wider.stderr
+  assert helpers.restore_params(workdir)[0] == 6
+
 
 def test_fake_imagenet_end_to_end(tmp_path):
   data_dir = str(tmp_path / "tfds")
