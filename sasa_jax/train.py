@@ -549,16 +549,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   workdir = epath.Path(workdir)
   if not workdir.is_absolute() and "://" not in str(workdir):
     workdir = workdir.absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
-  set_compilation_cache(config, workdir)
-  is_main = jax.process_index() == 0
-  writer = create_writer(workdir, is_main)
-
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"the workdir {workdir} is a file; give a directory (new or a run's)")
   builder = data_lib.get_builder(config.dataset.name, config.dataset.data_dir)
   num_train = data_lib.num_examples(builder, config.dataset.train_split)
   steps_per_epoch = num_train // config.batch_size
   num_steps = (config.num_train_steps if config.num_train_steps > 0
                else int(config.num_epochs * steps_per_epoch))
+  if num_steps <= 0:
+    raise ValueError(
+        f"config.num_epochs={config.num_epochs} of config.dataset.train_split="
+        f"{config.dataset.train_split!r} ({num_train} examples, {steps_per_epoch} steps of "
+        f"config.batch_size={config.batch_size} per epoch) makes no training step: train on "
+        "more examples, more epochs, or set config.num_train_steps")
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  set_compilation_cache(config, workdir)
+  is_main = jax.process_index() == 0
+  writer = create_writer(workdir, is_main)
   per_host_batch = config.batch_size // jax.process_count()
   eval_batch = eval_batch_size(config)
   size = config.dataset.image_size

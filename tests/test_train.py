@@ -264,6 +264,21 @@ def test_bad_config_fails_before_compiling(changes, match, tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_run_of_no_steps_or_into_a_file_fails_before_creating_anything(fmnist_dir, tmp_path):
+  """An epoch count that makes no step of the split (50 images, batch 128) and a workdir that
+  is a file are named, and nothing is created."""
+  from sasa_jax import train
+  config = _config(**{"dataset.data_dir": fmnist_dir, "dataset.train_split": "train[:50]"})
+  with pytest.raises(ValueError, match=(
+      r"config.num_epochs=4.0 of config.dataset.train_split='train\[:50\]' \(50 examples, 0 "
+      r"steps of config.batch_size=128 per epoch\) makes no training step")):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match=r"the workdir .*/file is a file; give a directory"):
+    train.train_and_evaluate(_config(), str(tmp_path / "file"))
+
+
 def test_batch_norm_groups_may_be_the_images_of_whole_devices():
   """On 4 devices holding 32 images each, groups of 64 or 128 images are those of 2 or 4
   devices; 48 splits no device's share and 96 is 3 devices', which do not divide 4."""
