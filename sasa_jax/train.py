@@ -325,11 +325,12 @@ class DivergenceError(FloatingPointError):
 
 
 class _Preemption:
-  """When to save and exit on a preemption notice (SIGTERM).
+  """When to save and exit on a preemption notice (SIGTERM) or, with one process, Ctrl-C.
 
-  One process: a Python SIGTERM handler sets a flag, checked after every step. Several
-  processes: jax.distributed's preemption service owns SIGTERM (a Python handler would
-  replace its handler and leave processes stopping at different steps); orbax's
+  One process: Python handlers of SIGTERM and SIGINT set a flag, checked after every step
+  (a second Ctrl-C interrupts at once, as Python's own handler does). Several processes:
+  jax.distributed's preemption service owns SIGTERM (a Python handler would replace its
+  handler and leave processes stopping at different steps); orbax's
   `reached_preemption(step)`, called at every step by every process, turns true at the same
   step everywhere."""
 
@@ -337,12 +338,19 @@ class _Preemption:
     self._ckpt = ckpt
     self.requested = False
     self._own_handler = jax.process_count() == 1
-    if self._own_handler:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if self._own_handler:  # (a process started with SIGINT ignored keeps ignoring it)
+      self._previous = {sig: signal.signal(sig, self._handle)
+                        for sig in (signal.SIGTERM, signal.SIGINT)
+                        if signal.getsignal(sig) != signal.SIG_IGN}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint at the next step, then exiting")
+    del frame
+    if signum == signal.SIGINT:
+      logging.warning("Ctrl-C: saving a checkpoint at the next step, then exiting (Ctrl-C "
+                      "again stops at once)")
+      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+    else:
+      logging.warning("SIGTERM: saving a checkpoint at the next step, then exiting")
     self.requested = True
 
   def reached(self, step: int) -> bool:
@@ -352,7 +360,8 @@ class _Preemption:
 
   def restore(self):
     if self._own_handler:
-      signal.signal(signal.SIGTERM, self._previous)
+      for sig, handler in self._previous.items():
+        signal.signal(sig, handler)
 
 
 def set_compilation_cache(config, workdir: epath.Path) -> str | None:

@@ -178,6 +178,25 @@ def test_killed_on_object_storage_and_preempted_runs_resume_to_the_same_paramete
       np.testing.assert_allclose(params[k], v, rtol=1e-6, atol=1e-7, err_msg=f"{sig.name}: {k}")
 
 
+def test_ctrl_c_saves_the_next_step_and_exits(fmnist_dir, tmp_path):
+  """Ctrl-C (SIGINT) to a one-process run: as a preemption notice, the next step is saved
+  and the run exits cleanly, so that nothing since the last periodic checkpoint is lost."""
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      helpers.main_cmd(FMNIST, workdir, helpers.tiny_flags(fmnist_dir, 10_000, ckpt_every=10_000)),
+      cwd=helpers.ROOT, env=helpers.env(), stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (workdir / "metrics.jsonl").exists() or len(helpers.read_metrics(workdir)) < 3:
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGINT)
+  stderr = proc.communicate(timeout=120)[1]
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "Ctrl-C: saving a checkpoint at the next step" in stderr
+  saved = int(re.search(r"preempted: checkpoint at step (\d+) written", stderr).group(1))
+  assert saved >= 3 and helpers.restore_params(workdir)[0] == saved
+
+
 def test_code_version_is_the_checkouts_own_commit(tmp_path, monkeypatch):
   """run_info.code_version: the commit of the git checkout sasa_jax runs from and whether
   tracked files changed; nothing for a copy that is no checkout's root (an installed package,
