@@ -341,7 +341,7 @@ class _Preemption:
     if self._own_handler:  # (a process started with SIGINT ignored keeps ignoring it)
       self._previous = {sig: signal.signal(sig, self._handle)
                         for sig in (signal.SIGTERM, signal.SIGINT)
-                        if signal.getsignal(sig) != signal.SIG_IGN}
+                        if sig == signal.SIGTERM or signal.getsignal(sig) != signal.SIG_IGN}
 
   def _handle(self, signum, frame):
     del frame
