@@ -14,7 +14,6 @@ import gc
 if __name__ == "__main__":
   gc.disable()  # until the imports are done, as in sasa_jax/main.py (runs.train_or_resume)
 
-import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -23,7 +22,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sasa_jax.tools.runs import train_or_resume  # noqa: E402
+from sasa_jax.tools.runs import read_metrics, train_or_resume  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = flags.FLAGS
@@ -36,8 +35,7 @@ config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "fashion
 def summary(workdir: str) -> dict:
   """The last eval row of metrics.jsonl, with the median training images/s and input wait
   of its log steps (where it has any)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
+  rows = read_metrics(workdir)
   final = dict([r for r in rows if "eval/accuracy" in r][-1])
   timed = [r for r in rows if "images_per_sec" in r]
   if timed:
