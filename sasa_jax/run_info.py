@@ -54,10 +54,11 @@ def _version(module: str) -> str | None:
 
 def process_hosts() -> list[str]:
   """Every process's host name, by process index (a collective: every process calls it)."""
-  name = np.frombuffer(socket.gethostname().encode()[:HOST_BYTES].ljust(HOST_BYTES), np.uint8)
+  host = socket.gethostname()
   if jax.process_count() == 1:
-    return [socket.gethostname()]
-  names = multihost_utils.process_allgather(name)  # [processes, HOST_BYTES]
+    return [host]
+  names = multihost_utils.process_allgather(  # [processes, HOST_BYTES]
+      np.frombuffer(host.encode()[:HOST_BYTES].ljust(HOST_BYTES), np.uint8))
   return [bytes(row).rstrip(b" ").decode(errors="replace") for row in np.asarray(names)]
 
 
