@@ -177,43 +177,48 @@ def apply_in_groups(model, params, batch_stats, images, rng, group_size: int):
   one set of parameters); g a multiple of L, the statistics averaged over each g / L
   consecutive devices (a grouped all-reduce, models.resnet.batch_norm_across). The groups'
   running averages are averaged."""
-  def apply(images, rng, model=model):
-    outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                   train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+  def apply(variables, images, rng, model=model):
+    outputs, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                   rngs={"dropout": rng})
     return outputs, updates["batch_stats"]
 
-  def apply_groups(images, rng):
+  def apply_groups(variables, images, rng):
     n = images.shape[0]
     if n == group_size:
-      return apply(images, rng)
+      return apply(variables, images, rng)
     groups = n // group_size
-    outputs, stats = jax.vmap(apply)(images.reshape(groups, group_size, *images.shape[1:]),
-                                     jax.random.split(rng, groups))
+    outputs, stats = jax.vmap(apply, in_axes=(None, 0, 0))(
+        variables, images.reshape(groups, group_size, *images.shape[1:]),
+        jax.random.split(rng, groups))
     return (jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), outputs),
             jax.tree.map(lambda x: x.mean(0), stats))
 
+  variables = {"params": params, "batch_stats": batch_stats}
   if not group_size:
-    return apply(images, rng)
+    return apply(variables, images, rng)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.manual_axes or mesh.size == 1:
-    return apply_groups(images, rng)
+    return apply_groups(variables, images, rng)
   axes = tuple(mesh.axis_names)
 
-  def per_device(images, rng):
+  def per_device(variables, images, rng):
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axes))
     local = images.shape[0]
     if group_size <= local:
-      outputs, stats = apply_groups(images, rng)
+      outputs, stats = apply_groups(variables, images, rng)
     else:  # each group of `span` consecutive devices (in the batch's order) normalises as one
       span = group_size // local
       device_groups = tuple(tuple(range(i, i + span)) for i in range(0, mesh.size, span))
-      outputs, stats = apply(images, rng,
+      outputs, stats = apply(variables, images, rng,
                              model=batch_norm_across(model, axes, device_groups))
     return outputs, jax.lax.pmean(stats, axes)
-  # check_vma=False as in the attention op (sasa_jax.ops.local_attention): its kernel calls
-  # carry no varying-axes types; the transpose sums the parameters' cotangents over devices.
-  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(axes), P()),
-                       out_specs=(P(axes), P()), check_vma=False)(images, rng)
+  # The variables enter as arguments, not closures: a closed-over array keeps its sharding on
+  # the automatic mesh, which indexing it inside the manual one refuses (the attention stem's
+  # relative embeddings). check_vma=False as in the attention op (sasa_jax.ops.local_attention):
+  # its kernel calls carry no varying-axes types; the transpose sums the parameters'
+  # cotangents over devices.
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axes), P()),
+                       out_specs=(P(axes), P()), check_vma=False)(variables, images, rng)
 
 
 def train_step(state, batch, *, model, tx, schedule, config, task):

@@ -24,13 +24,9 @@ import time
 import urllib.parse
 import urllib.request
 
+from tests.helpers import free_port
+
 GCS_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _certificate(directory: str) -> tuple[str, str]:
@@ -184,7 +180,7 @@ def start(workdir: str, buckets: dict[str, dict[str, str]]) -> Emulator:
     for prefix, source in contents.items():
       shutil.copytree(source, os.path.join(data, name, prefix))
   cert, key = _certificate(workdir)
-  http_port, https_port = _free_port(), _free_port()
+  http_port, https_port = free_port(), free_port()
   log = open(os.path.join(workdir, "fake-gcs-server.log"), "w")  # noqa: SIM115
   proc = subprocess.Popen(
       [binary(), "-scheme", "both", "-host", "127.0.0.1", "-port", str(https_port),

@@ -1,5 +1,6 @@
 """Shared test helpers: tiny training runs through the real command line."""
 import os
+import socket
 import sys
 
 import numpy as np
@@ -55,6 +56,13 @@ def run_main(config_arg, workdir, flags, devices=1, check=True, timeout=600,
     e.pop(k, None) if v is None else e.__setitem__(k, v)
   return run_module("sasa_jax.main", main_cmd(config_arg, workdir, flags)[3:], environ=e,
                     check=check, timeout=timeout)
+
+
+def free_port() -> int:
+  """A TCP port on loopback that nothing listens on now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def read_metrics(workdir):

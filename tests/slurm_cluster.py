@@ -14,6 +14,8 @@ import socket
 import subprocess
 import time
 
+from tests.helpers import free_port
+
 GPUS = 2
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
@@ -28,12 +30,6 @@ def unavailable_reason() -> str | None:
     return (f"{', '.join(missing)} not installed: apt-get install slurm-wlm munge "
             "(`make test` does this where apt works)")
   return None
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @dataclasses.dataclass
@@ -90,7 +86,7 @@ class Cluster:
 
 def _conf(root, host, cpus, memory_mb):
   munge_socket = os.path.join(root, "munge.socket")
-  ctld_port = _free_port()
+  ctld_port = free_port()
   # jax's SLURM detection derives the coordinator port from the job id: clusters of
   # parallel test workers number their jobs apart.
   first_job = 1 + ctld_port % 3000
@@ -107,7 +103,7 @@ AuthType=auth/munge
 AuthInfo=socket={munge_socket},cred_expire=15
 CredType=cred/munge
 SlurmctldPort={ctld_port}
-SlurmdPort={_free_port()}
+SlurmdPort={free_port()}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid

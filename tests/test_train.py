@@ -571,6 +571,73 @@ def test_batch_norm_groups_on_four_devices_stay_on_their_devices():
     assert kernels == 3 * out["attention_layers"] > 0  # fwd, dq, dk/dv
 
 
+GROUPED_STEP = """
+import sys
+from sasa_jax import distributed
+distributed.initialize_from_env()  # several processes where SASA_NUM_PROCESSES says so
+import jax, numpy as np, optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+sys.path.insert(0, "configs")
+import fashion_mnist
+from tests import helpers
+from sasa_jax import tasks, train
+from sasa_jax.data import input_pipeline
+config = fashion_mnist.get_config(helpers.TINY_MODEL + ",stem_type=spatially_aware")
+config.batch_size = 8
+task = tasks.get(config)
+model = task.create_model()
+tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+init, _, state_sharding = train.initial_state(config, model, tx, mesh, (28, 28, 1))
+batch_sharding = NamedSharding(mesh, P("data"))
+rng = np.random.default_rng(0)
+batch = {"image": rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8),
+         "label": rng.integers(0, 10, (8,)).astype(np.int32)}
+i, n = jax.process_index(), jax.process_count()  # this process's rows, as the loop's shards
+batch = input_pipeline.to_global(jax.tree.map(lambda x: x[i * 8 // n:(i + 1) * 8 // n], batch),
+                                 batch_sharding)
+for group in map(int, sys.argv[2:]):
+  config.batch_norm_group_size = group
+  train.validate_config(config)
+  state = jax.jit(init, out_shardings=state_sharding)()  # as the loop builds it
+  step = train.jit_train_step(config, task, model, tx, schedule, state_sharding,
+                              batch_sharding)
+  with jax.set_mesh(mesh):
+    state, _ = step(state, batch)
+  if i == 0:
+    np.savez(f"{sys.argv[1]}_{group}.npz", *[np.asarray(x) for x in jax.tree.leaves(
+        {"params": state.params, "batch_stats": state.batch_stats})])
+"""
+
+
+def test_batch_norm_groups_across_processes_equal_one_process(tmp_path):
+  """4 processes x 1 device (gloo on loopback), the attention stem, 2 images per device,
+  batch_norm_group_size=4: BatchNorm statistics all-reduced within processes {0, 1} and
+  {2, 3}. The step equals the same step in 1 process x 4 devices (itself equal to one
+  device's, test above), and differs from BatchNorm over the whole batch."""
+  port = helpers.free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", GROUPED_STEP, str(tmp_path / "processes"), "4"], cwd=helpers.ROOT,
+      env=helpers.env(devices=1, SASA_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                      SASA_NUM_PROCESSES="4", SASA_PROCESS_ID=str(i)),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+  try:
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0] * 4, errors[0][-3000:]
+  proc = subprocess.run([sys.executable, "-c", GROUPED_STEP, str(tmp_path / "devices"), "4",
+                         "0"], env=helpers.env(devices=4), cwd=helpers.ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got, want, whole = (list(np.load(tmp_path / f"{name}.npz").values())
+                      for name in ("processes_4", "devices_4", "devices_0"))
+  assert len(got) == len(want) > 50
+  assert _max_difference(got, want) < 1e-5
+  assert _max_difference(got, whole) > 1e-3
+
+
 @pytest.mark.parametrize("group", [0, 2, 4])
 def test_microbatches_on_four_devices_move_no_images_and_evaluate_everything(
     fmnist_dir, tmp_path, group):
@@ -584,7 +651,8 @@ def test_microbatches_on_four_devices_move_no_images_and_evaluate_everything(
   environ["XLA_FLAGS"] += f" --xla_dump_to={dump} --xla_dump_hlo_module_re=.*train_step.*"
   flags = helpers.tiny_flags(fmnist_dir, 2, eval_every=2) + [
       "--config.num_microbatches=2", f"--config.batch_norm_group_size={group}"]
-  proc = helpers.run_module("sasa_jax.main", helpers.main_cmd(FMNIST, workdir, flags)[3:],
+  config = FMNIST + ",stem_type=spatially_aware"  # its BatchNorm and embeddings per device
+  proc = helpers.run_module("sasa_jax.main", helpers.main_cmd(config, workdir, flags)[3:],
                             environ=environ)
   assert ("batch 16: 4 per device on 4 device(s) in 1 process(es), as 2 microbatches of 2"
           + (f"; BatchNorm statistics over groups of {group} images" if group else "")
