@@ -187,6 +187,8 @@ def test_attention_stem_bad_input():
     AttentionStem(8).init(jax.random.key(0), jnp.zeros((1, 10, 8, 3)))
   with pytest.raises(ValueError, match="stem_type='conv' is not allowed"):
     AttentionStem(8, stem_type="conv").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  with pytest.raises(ValueError, match=r"features=12 must be a multiple of 2 x num_heads=4"):
+    AttentionStem(12).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))  # heads of 3 channels
 
 
 @pytest.mark.parametrize("stride", [1, 2])

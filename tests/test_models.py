@@ -64,6 +64,9 @@ def test_bfloat16_model():
     (dict(kernel_size=4), r"kernel_size=4 \(group 1\) is not allowed"),
     (dict(dtype="float16"), r"dtype='float16' is not allowed; choose one of"),
     (dict(num_heads=3), r"num_heads=3 \(group 1\): the layer's width 64 must be a multiple of 6"),
+    (dict(width_multiplier=0.0625, num_heads=2),  # the stem's 4 heads of 1 channel each
+     r"width_multiplier=0.0625: the attention stem's width 4 must be a multiple of 8 \(its 4 "
+     r"heads x an even head dimension"),
 ])
 def test_bad_arguments(kw, match):
   kw = {"depth": 50, "variant": "full_attention", **kw}

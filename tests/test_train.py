@@ -275,6 +275,9 @@ def _config(**changes):
      r"config.batch_norm_group_size=64 must be 0 \(statistics over the whole microbatch\) or a "
      r"divisor of the 32 images .*\(config.batch_size=128 / num_microbatches=4 / 1\)"),
     ({"batch_norm_group_size": -1}, r"config.batch_norm_group_size=-1 must be 0"),
+    ({"model.width_multiplier": 0.005}, r"config.model: width_multiplier=0.005 is not allowed; "
+                                        r"it must be more than 0.0078125 \(at least one channel "
+                                        r"where 1.0 has 64\)"),
 ])
 def test_bad_config_fails_before_compiling(changes, match, tmp_path):
   from sasa_jax import train

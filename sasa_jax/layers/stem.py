@@ -58,8 +58,9 @@ class AttentionStem(nn.Module):
     s, n = self.block_size, self.num_heads
     if h % s or w % s:
       raise ValueError(f"AttentionStem needs H and W divisible by block_size={s}, got {h}x{w}")
-    if self.features % n:
-      raise ValueError(f"features={self.features} must be divisible by num_heads={n}")
+    if self.features % (2 * n):
+      raise ValueError(f"features={self.features} must be a multiple of 2 x num_heads={n} "
+                       "(an even head dimension, for the relative embeddings)")
     cin, c, d = x.shape[-1], self.features, self.features // n
     x = x.astype(self.dtype)
     kernel = lambda name, shape: self.param(

@@ -4,9 +4,11 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
-from sasa_jax.layers import ATTENTION_STEM_TYPES, AttentionSettings
+from sasa_jax.layers import ATTENTION_STEM_TYPES, AttentionSettings, AttentionStem
 from sasa_jax.layers.attention import check_choice
 from sasa_jax.models.resnet import STAGE_BLOCKS, STAGE_WIDTHS, STEM_WIDTH, SASAResNet
+
+STEM_HEADS = AttentionStem.num_heads  # SASAResNet keeps the stem's default
 
 VARIANTS = {
     # variant: (attention_groups, stem_type) when not given
@@ -53,8 +55,10 @@ def create_resnet(depth: int = 50, variant: str = "full_attention", *,
   check_choice("depth", depth, tuple(STAGE_BLOCKS))
   check_choice("variant", variant, tuple(VARIANTS))
   check_choice("dtype", dtype, tuple(DTYPES))
-  if not width_multiplier > 0:
-    raise ValueError(f"width_multiplier={width_multiplier!r} is not allowed; it must be > 0")
+  narrowest = min(STEM_WIDTH, *STAGE_WIDTHS)
+  if not width_multiplier > 0 or int(round(narrowest * width_multiplier)) < 1:
+    raise ValueError(f"width_multiplier={width_multiplier!r} is not allowed; it must be more "
+                     f"than {0.5 / narrowest} (at least one channel where 1.0 has {narrowest})")
   default_groups, default_stem = VARIANTS[variant]
   if variant == "baseline":
     groups, stem = (), "conv"
@@ -80,10 +84,11 @@ def create_resnet(depth: int = 50, variant: str = "full_attention", *,
   if not groups:  # the settings still must be valid values
     AttentionSettings(positional_encoding=positional_encoding, attention_type=attention_type,
                       impl=impl).check()
-  if stem != "conv" and int(round(STEM_WIDTH * width_multiplier)) % 4:
+  if stem != "conv" and int(round(STEM_WIDTH * width_multiplier)) % (2 * STEM_HEADS):
     raise ValueError(f"width_multiplier={width_multiplier}: the attention stem's width "
-                     f"{int(round(STEM_WIDTH * width_multiplier))} must be a multiple of its "
-                     "4 heads")
+                     f"{int(round(STEM_WIDTH * width_multiplier))} must be a multiple of "
+                     f"{2 * STEM_HEADS} (its {STEM_HEADS} heads x an even head dimension, for "
+                     "the relative embeddings)")
   return SASAResNet(
       stage_blocks=STAGE_BLOCKS[depth], num_classes=num_classes,
       width_multiplier=width_multiplier, group_attention=tuple(group_attention),
