@@ -658,8 +658,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       detection_options=_detection_options(task, config)).as_numpy_iterator()
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)]
-  if config.profile and is_main:
-    hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=5))
+  remaining = num_steps - start_step
+  if config.profile and is_main and remaining >= 2:
+    # 5 steps from 10 steps after this start (compilation done), fewer and earlier in a
+    # shorter run, so that the trace is written before the run ends; then every hour.
+    count = min(5, remaining - 1)
+    first = start_step + max(1, min(10, remaining - count))
+    hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=count,
+                                          profile_duration_ms=None, first_profile=first))
+    logging.info("profiling %d step(s) from step %d, and again every hour, into %s "
+                 "(TensorBoard's Profile tab)", count, first + 1, workdir / "plugins" / "profile")
 
   preemption = _Preemption(ckpt)
   throughput = Throughput(config.batch_size, jax.device_count(), start_step)

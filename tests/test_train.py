@@ -74,13 +74,21 @@ def test_fake_imagenet_end_to_end(tmp_path):
   workdir = tmp_path / "run"
   flags = helpers.tiny_flags(data_dir, 2, batch=4, train_split="train", eval_split="validation")
   flags += ["--config.dataset.image_size=64", "--config.dtype=float32",
-            "--config.model.num_classes=1000"]
-  helpers.run_main("configs/imagenet.py:depth=14,variant=full_attention,width_multiplier=0.125,"
-                   "num_heads=2,kernel_size=3", workdir, flags)
+            "--config.model.num_classes=1000", "--config.profile=true"]
+  proc = helpers.run_main("configs/imagenet.py:depth=14,variant=full_attention,"
+                          "width_multiplier=0.125,num_heads=2,kernel_size=3", workdir, flags)
   rows = helpers.read_metrics(workdir)
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
   (final,) = [r for r in rows if "eval/accuracy" in r]
   assert final["eval/num_examples"] == 10
+  # A run too short for the profiler's usual 5 steps from step 10 still writes a trace of
+  # its last step, for TensorBoard's Profile tab.
+  assert "profiling 1 step(s) from step 2, and again every hour" in proc.stderr
+  (trace,) = (workdir / "plugins" / "profile").glob("*/*.xplane.pb")
+  steps = [dict(e.stats).get("step_num") for plane in
+           jax.profiler.ProfileData.from_file(str(trace)).planes
+           for line in plane.lines for e in line.events if e.name == "train"]
+  assert steps == [1]  # StepTraceAnnotation's 0-based number of step 2
 
 
 def test_one_and_four_devices_follow_the_same_trajectory(fmnist_dir, tmp_path):
