@@ -48,6 +48,22 @@ def test_attention_maps_png(demo_run):
   assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
 
 
+def test_an_image_of_the_eval_split_is_found_in_its_base_split(fmnist_dir):
+  """attention_maps --image=N: the N-th image of the run's evaluation split, whatever its
+  spec (a held-out run's "train[96%:]" starts at training image 57,600)."""
+  import tensorflow_datasets as tfds
+
+  from sasa_jax.tools.attention_maps import example_split
+  splits = tfds.builder("fashion_mnist", data_dir=fmnist_dir).info.splits
+  assert example_split(splits, "test", 7) == "test[7:8]"
+  assert example_split(splits, "test[:200]", 199) == "test[199:200]"
+  assert example_split(splits, "train[96%:]", 0) == "train[57600:57601]"
+  assert example_split(splits, "train[:3]+test[10:]", 4) == "test[11:12]"
+  with pytest.raises(ValueError, match=r"--image=200 is out of range: split 'test\[:200\]' "
+                                       r"has 200 images"):
+    example_split(splits, "test[:200]", 200)
+
+
 def test_window_probabilities_mask_the_border():
   from sasa_jax.tools.attention_maps import window_probabilities
   rng = np.random.default_rng(0)

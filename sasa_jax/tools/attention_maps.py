@@ -4,7 +4,7 @@
   python -m sasa_jax.tools.attention_maps --workdir runs/demo --image 7 --layer group3_block1 \\
       --queries 3,3 10,4 --out maps.png
 
-Loads the run's config.json and latest checkpoint, runs test image N through the model,
+Loads the run's config.json and latest checkpoint, runs image N of its evaluation split through the model,
 takes the layer's queries and keys (captured Flax intermediates) and its relative
 embeddings, and draws each query pixel's softmax over its k x k window, per head, on
 top of the image (the layer's grid is stretched over the input image).
@@ -39,14 +39,27 @@ def attention_layers(params) -> list[str]:
   return [name for name in params if "attention" in params[name]]
 
 
-def load_test_image(config, index: int):
-  """Image `index` of the evaluation split's full base split (e.g. "test" for "test[:200]")."""
+def example_split(splits, split: str, index: int) -> str:
+  """The TFDS split of example `index` of `split` (any spec: "test", "test[:200]",
+  "train[96%:]", "a+b"), e.g. "train[1229921:1229922]"; splits: builder.info.splits."""
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+  offset = index
+  for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(splits):
+    start = part.from_ or 0
+    stop = splits[part.splitname].num_examples if part.to is None else part.to
+    if 0 <= offset < stop - start:
+      return f"{part.splitname}[{start + offset}:{start + offset + 1}]"
+    offset -= stop - start
+  raise ValueError(f"--image={index} is out of range: split {split!r} has "
+                   f"{index - offset} images")
+
+
+def load_eval_image(config, index: int):
+  """Image `index` of the run's evaluation split: (model inputs [1, S, S, C], pixels in
+  [0, 1] [S, S, C], label)."""
   builder = data_lib.get_builder(config.dataset.name, config.dataset.data_dir)
-  split = config.dataset.eval_split.split("[")[0]
-  total = data_lib.num_examples(builder, split)
-  if not 0 <= index < total:
-    raise ValueError(f"--image={index} is out of range: split {split!r} has {total} images")
-  ds = data_lib.eval_dataset(builder, split=f"{split}[{index}:{index + 1}]",
+  ds = data_lib.eval_dataset(builder, split=example_split(builder.info.splits,
+                                                          config.dataset.eval_split, index),
                              per_host_batch=1, image_size=config.dataset.image_size, num_steps=1)
   batch = next(ds.as_numpy_iterator())
   inputs = np.asarray(data_lib.normalize(batch["image"], config.dataset.name))
@@ -64,7 +77,7 @@ def draw(workdir, image_index, layer=None, queries=None, out=None):
   layer = layer or layers[0]
   if layer not in layers:
     raise ValueError(f"--layer={layer!r} is not an attention layer; choose one of {layers}")
-  image, pixels, label = load_test_image(config, image_index)
+  image, pixels, label = load_eval_image(config, image_index)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
                                            mutable=["intermediates"]))
   _, state = apply(variables, image)
@@ -104,7 +117,8 @@ def draw(workdir, image_index, layer=None, queries=None, out=None):
       ax.set_title(f"head {n}", fontsize=8)
   for ax in axes.flat:
     ax.axis("off")
-  fig.suptitle(f"{layer} (k={ks}, {heads} heads, {gh}x{gw} grid), test image {image_index} "
+  fig.suptitle(f"{layer} (k={ks}, {heads} heads, {gh}x{gw} grid), image {image_index} of "
+               f"{config.dataset.eval_split} "
                f"(label {label}), step {step}", fontsize=9)
   fig.tight_layout()
   out = out or os.path.join(workdir, f"attention_image{image_index}_{layer}.png")
