@@ -73,13 +73,15 @@ def describe(start_step: int, hosts: list[str]) -> dict:
           "packages": {name: _version(name) for name in PACKAGES}, "code": code_version()}
 
 
-def record_start(workdir: epath.PathLike, start_step: int) -> dict | None:
+def record_start(workdir: epath.PathLike, start_step: int,
+                 config_changes: list[str] = ()) -> dict | None:
   """Every process calls it: process 0 appends describe(start_step, every process's host)
-  to workdir/starts.jsonl (local or gs://) and returns it; the others return None."""
+  and `config_changes` (the config fields this start changed, "field: old there, new
+  here") to workdir/starts.jsonl (local or gs://) and returns it; the others return None."""
   hosts = process_hosts()
   if jax.process_index() != 0:
     return None
-  row = describe(start_step, hosts)
+  row = {**describe(start_step, hosts), "config_changes": list(config_changes)}
   with (epath.Path(workdir) / "starts.jsonl").open("a") as f:
     f.write(json.dumps(row) + "\n")
   return row

@@ -613,9 +613,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       state = init_backbone(state, config.init_backbone_from, tx, state_sharding)
   start_step = int(jax.device_get(state.step))
 
-  start = run_info.record_start(workdir, start_step)  # process 0 writes; every one gathers
+  saved = workdir / "config.json"
+  changes = (checkpoint_match.config_differences(saved.read_text(), config)
+             if is_main and latest is not None and saved.exists() else [])
+  if changes:  # e.g. a longer schedule, on purpose; or another batch size, by mistake
+    logging.warning("resuming with a config that differs from the last start's (%s, "
+                    "there; this command, here) in:\n  %s", saved, "\n  ".join(changes))
+  # process 0 writes; every one gathers
+  start = run_info.record_start(workdir, start_step, config_changes=changes)
   if is_main:  # what tools (attention maps, reports) need to rebuild the model
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    saved.write_text(config.to_json_best_effort(indent=2))
     code = start["code"]
     logging.info("start at step %d recorded in starts.jsonl: jax %s, %d %s device(s) in %d "
                  "process(es), code %s", start_step, start["packages"]["jax"],

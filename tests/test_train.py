@@ -48,6 +48,7 @@ def test_fashion_mnist_end_to_end_then_rerun(fmnist_dir, tmp_path):
   (workdir / "checkpoints" / "9.orbax-checkpoint-tmp-1234" / "garbage").write_text("x")
   again = helpers.run_main(FMNIST, workdir, flags)
   assert "resumed from" in again.stderr and "at step 6" in again.stderr
+  assert "resuming with a config that differs" not in again.stderr  # the same command
   assert [r["step"] for r in helpers.read_metrics(workdir) if "train/loss" in r] == [2, 4, 6]
   resumed = helpers.restore_params(workdir)
   assert resumed[0] == params[0] == 6
@@ -66,6 +67,16 @@ def test_fashion_mnist_end_to_end_then_rerun(fmnist_dir, tmp_path):
   assert "  model.width_multiplier: 0.125 there, 0.25 here\n" in wider.stderr
   assert "Event loop is closed" not in wider.stderr
   assert helpers.restore_params(workdir)[0] == 6
+
+  # A longer schedule for the same model: resumed, the changed fields in the log and in
+  # the start's row of starts.jsonl.
+  longer = helpers.run_main(FMNIST, workdir, flags + ["--config.num_train_steps=8"])
+  assert ("differs from the last start's" in longer.stderr
+          and "\n  num_train_steps: 6 there, 8 here\n" in longer.stderr)
+  starts = [json.loads(line) for line in (workdir / "starts.jsonl").read_text().splitlines()]
+  assert [(r["start_step"], r["config_changes"]) for r in starts] == [
+      (0, []), (6, []), (6, ["num_train_steps: 6 there, 8 here"])]
+  assert helpers.restore_params(workdir)[0] == 8
 
 
 def test_fake_imagenet_end_to_end(tmp_path):
