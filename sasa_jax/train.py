@@ -36,6 +36,7 @@ from sasa_jax import checkpoint_match
 from sasa_jax import data as data_lib
 from sasa_jax import optim
 from sasa_jax import run_info
+from sasa_jax import shared_workdir
 from sasa_jax import tasks
 from sasa_jax.base_config import LOOP_SET_MODEL_FIELDS
 from sasa_jax.device_memory import peak_memory
@@ -578,6 +579,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         "more examples, more epochs, or set config.num_train_steps")
 
   workdir.mkdir(parents=True, exist_ok=True)
+  shared_workdir.check(workdir)  # every process sees it, or all fail now
   set_compilation_cache(config, workdir)
   is_main = jax.process_index() == 0
   writer = create_writer(workdir, is_main)

@@ -1,7 +1,11 @@
 """What a multi-host run needs beyond the loop's basics: start-up on every cluster, per-process
 augmentation, per-epoch file order, uint8 transfer, divergence, compilation cache."""
 import http.server
+import os
 import re
+import shutil
+import socket
+import subprocess
 import threading
 
 import numpy as np
@@ -11,6 +15,7 @@ import tensorflow as tf
 from sasa_jax import distributed
 from sasa_jax.data import input_pipeline, preprocessing
 from tests import helpers
+from tests.conftest import require
 
 FMNIST = f"configs/fashion_mnist.py:{helpers.TINY_MODEL}"
 
@@ -199,3 +204,41 @@ def test_compilation_cache_defaults_to_the_workdir(fmnist_dir, tmp_path):
                                                          str(env_cache)})
   assert off.returncode == 0 and not (tmp_path / "off" / "compilation_cache").exists()
   assert not env_cache.exists() or not any(env_cache.iterdir())
+
+
+def _own_disk_unavailable() -> str | None:
+  """Why this machine cannot give a process a directory of its own at a shared path."""
+  if os.geteuid() != 0 or not shutil.which("unshare"):
+    return "needs root and unshare(1): a mount namespace stands for another host's own disk"
+  if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+    return "unshare -m is refused here (no CAP_SYS_ADMIN)"
+  return None
+
+
+def test_a_workdir_on_each_hosts_own_disk_fails_before_training(fmnist_dir, tmp_path):
+  """2 processes; the second sees its own empty directory at the workdir's path (a mount
+  namespace with a tmpfs over it, as a node-local /tmp on a second host). Both fail at
+  start, naming the process and host that cannot see process 0's file, instead of training
+  until the first checkpoint and failing there 10 minutes later with nothing saved."""
+  require(_own_disk_unavailable())
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  cmd = helpers.main_cmd(FMNIST, workdir, helpers.tiny_flags(fmnist_dir, 4, ckpt_every=2))
+  port = helpers.free_port()
+  own_disk = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"', workdir]
+  procs = [subprocess.Popen(
+      (own_disk if i else []) + cmd, cwd=helpers.ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True,
+      env=helpers.env(1, SASA_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                      SASA_NUM_PROCESSES="2", SASA_PROCESS_ID=str(i),
+                      SASA_HEARTBEAT_TIMEOUT="30")) for i in range(2)]
+  try:
+    errors = [p.communicate(timeout=180)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  message = (f"the workdir {workdir} is not one directory for all 2 processes: process(es) "
+             f"[1] (host(s) ['{socket.gethostname()}']) do not see the file process 0")
+  for p, err in zip(procs, errors):
+    assert p.returncode != 0 and message in err, err[-3000:]
+  assert sorted(os.listdir(workdir)) == []  # no checkpoint, no token left
