@@ -554,6 +554,22 @@ def under_mesh(mesh, fn):
   return call
 
 
+def split_size(builder, config, field: str) -> int:
+  """The examples in config.dataset.<field> (a TFDS split spec); ValueError naming the
+  field, its value and the dataset's splits where TFDS cannot read it or it is empty."""
+  split = config.dataset[field]
+  try:
+    size = data_lib.num_examples(builder, split)
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"config.dataset.{field}={split!r}: {e}") from e
+  if not size:
+    raise ValueError(f"config.dataset.{field}={split!r} holds no examples; "
+                     f"{config.dataset.name} has " + ", ".join(
+                         f"{name}: {info.num_examples}"
+                         for name, info in builder.info.splits.items()))
+  return size
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains config's model on config's dataset in workdir, resuming from its checkpoints.
 
@@ -567,7 +583,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"the workdir {workdir} is a file; give a directory (new or a run's)")
   builder = data_lib.get_builder(config.dataset.name, config.dataset.data_dir)
-  num_train = data_lib.num_examples(builder, config.dataset.train_split)
+  num_train = split_size(builder, config, "train_split")
+  split_size(builder, config, "eval_split")  # a typo fails now, not at the first evaluation
   steps_per_epoch = num_train // config.batch_size
   num_steps = (config.num_train_steps if config.num_train_steps > 0
                else int(config.num_epochs * steps_per_epoch))
@@ -710,14 +727,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         summary.update(peak_memory(jax.local_devices()))
         writer.write_scalars(step, summary)
         pending = []
-      if step % config.eval_every_steps == 0 or step == num_steps:
-        evaluate(step)
-        throughput.restart(step)
-      if save:
+      due = step % config.eval_every_steps == 0 or step == num_steps
+      if save:  # before evaluating: an evaluation that fails loses no training
         ckpt.save(step, args=ocp.args.StandardSave(state), force=True)
       if stop:
-        logging.warning("preempted: checkpoint at step %d written; exiting", step)
+        logging.warning("preempted: checkpoint at step %d written; exiting%s", step,
+                        f" without its evaluation (python -m sasa_jax.tools.evaluate "
+                        f"--workdir={workdir} --step={step})" if due else "")
         break
+      if due:
+        evaluate(step)
+        throughput.restart(step)
     logging.info("process %d final parameters at step %d: sha256 %s", jax.process_index(), step,
                  params_fingerprint(state.params))
   finally:

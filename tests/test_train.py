@@ -305,16 +305,46 @@ def test_bad_config_fails_before_compiling(changes, match, tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
-def test_a_run_of_no_steps_or_into_a_file_fails_before_creating_anything(fmnist_dir, tmp_path):
-  """An epoch count that makes no step of the split (50 images, batch 128) and a workdir that
-  is a file are named, and nothing is created."""
+@pytest.mark.parametrize("changes,match", [
+    ({"dataset.train_split": "train[:50]"},
+     r"config.num_epochs=4.0 of config.dataset.train_split='train\[:50\]' \(50 examples, 0 "
+     r"steps of config.batch_size=128 per epoch\) makes no training step"),
+    ({"dataset.eval_split": "tset[:100]"},  # would fail at the first evaluation
+     r"config.dataset.eval_split='tset\[:100\]': Unknown split 'tset'. Should be one of "
+     r"\['train', 'test'\]"),
+    ({"dataset.eval_split": "test[:0]"},
+     r"config.dataset.eval_split='test\[:0\]' holds no examples; fashion_mnist has train: "
+     r"60000, test: 10000"),
+    ({"dataset.train_split": "train[70000:]"},
+     r"config.dataset.train_split='train\[70000:\]': Requested slice"),
+])
+def test_splits_that_make_no_run_fail_before_creating_anything(fmnist_dir, tmp_path, changes,
+                                                               match):
+  """An epoch count that makes no step of the split (50 images, batch 128), a split TFDS
+  cannot read and an empty one are named, and nothing is created."""
   from sasa_jax import train
-  config = _config(**{"dataset.data_dir": fmnist_dir, "dataset.train_split": "train[:50]"})
-  with pytest.raises(ValueError, match=(
-      r"config.num_epochs=4.0 of config.dataset.train_split='train\[:50\]' \(50 examples, 0 "
-      r"steps of config.batch_size=128 per epoch\) makes no training step")):
+  config = _config(**{"dataset.data_dir": fmnist_dir, **changes})
+  with pytest.raises(ValueError, match=match):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_an_evaluation_that_fails_loses_no_training(fmnist_dir, tmp_path, monkeypatch):
+  """The last step's checkpoint is written before its evaluation, which fails here."""
+  from sasa_jax import train
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("the evaluation failed")
+  monkeypatch.setattr(train, "evaluate_split", fail)
+  config = _config(**{"dataset.data_dir": fmnist_dir, "dataset.train_split": "train[:256]",
+                      "batch_size": 16, "num_train_steps": 3})
+  with pytest.raises(RuntimeError, match="the evaluation failed"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert helpers.restore_params(tmp_path / "run")[0] == 3
+
+
+def test_a_workdir_that_is_a_file_is_named(tmp_path):
+  from sasa_jax import train
   (tmp_path / "file").write_text("")
   with pytest.raises(ValueError, match=r"the workdir .*/file is a file; give a directory"):
     train.train_and_evaluate(_config(), str(tmp_path / "file"))
