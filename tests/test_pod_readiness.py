@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sasa_jax import distributed
+from sasa_jax import distributed, shared_workdir
 from sasa_jax.data import input_pipeline, preprocessing
 from tests import helpers
 from tests.conftest import require
@@ -242,3 +242,26 @@ def test_a_workdir_on_each_hosts_own_disk_fails_before_training(fmnist_dir, tmp_
   for p, err in zip(procs, errors):
     assert p.returncode != 0 and message in err, err[-3000:]
   assert sorted(os.listdir(workdir)) == []  # no checkpoint, no token left
+
+
+def test_two_processes_on_object_storage(gcs, tmp_path):
+  """A TPU pod's case on loopback: 2 processes (launch/local.sh) with workdir and data on
+  gs:// (the GCS API emulator). Both see the workdir (the start-up check's object is gone
+  afterwards), both write their part of every checkpoint, and they end at one set of
+  parameters."""
+  cmd = helpers.main_cmd(FMNIST, "gs://sasa/two",
+                         helpers.tiny_flags("gs://sasa/tfds", 4, ckpt_every=2, log_every=2))
+  logs = tmp_path / "logs"
+  proc = subprocess.run([os.path.join(helpers.ROOT, "launch", "local.sh"), "2", *cmd[3:]],
+                        cwd=helpers.ROOT, env=helpers.env(**gcs.env, LOGDIR=str(logs)),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  fingerprints = [re.search(r"final parameters at step 4: sha256 (\w+)",
+                            (logs / f"process_{i}.log").read_text()).group(1) for i in range(2)]
+  assert fingerprints[0] == fingerprints[1]
+  objects = [o for o in gcs.list_objects("sasa") if o.startswith("two/")]
+  for step in (2, 4):
+    assert {f"two/checkpoints/{step}/commit_success.txt",
+            f"two/checkpoints/{step}/default/array_metadatas/process_0",
+            f"two/checkpoints/{step}/default/array_metadatas/process_1"} <= set(objects)
+  assert not [o for o in objects if shared_workdir.TOKEN_PREFIX in o]
