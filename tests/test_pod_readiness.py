@@ -265,3 +265,12 @@ def test_two_processes_on_object_storage(gcs, tmp_path):
             f"two/checkpoints/{step}/default/array_metadatas/process_0",
             f"two/checkpoints/{step}/default/array_metadatas/process_1"} <= set(objects)
   assert not [o for o in objects if shared_workdir.TOKEN_PREFIX in o]
+  # The tools read the run where it is: curves to a local file, attention maps into the run.
+  environ = helpers.env(**gcs.env)
+  helpers.run_module("sasa_jax.tools.plot_run", ["gs://sasa/two", f"--out={tmp_path}/c.png"],
+                     environ=environ)
+  assert (tmp_path / "c.png").stat().st_size > 10_000
+  out = helpers.run_module("sasa_jax.tools.attention_maps",
+                           ["--workdir=gs://sasa/two", "--image=1"], environ=environ).stdout
+  assert out.split() == ["gs://sasa/two/attention_image1_group3_block1.png"]
+  assert len(gcs.read_object("sasa", "two/attention_image1_group3_block1.png")) > 10_000

@@ -10,18 +10,18 @@ embeddings, and draws each query pixel's softmax over its k x k window, per head
 top of the image (the layer's grid is stretched over the input image).
 """
 import argparse
-import os
 
 import jax
 import matplotlib
 import numpy as np
+from etils import epath
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sasa_jax import data as data_lib  # noqa: E402
 from sasa_jax.ops.reference import window_logits  # noqa: E402
-from sasa_jax.tools.runs import read_config, restore_variables  # noqa: E402
+from sasa_jax.tools.runs import read_config, restore_variables, save_figure  # noqa: E402
 
 
 def window_probabilities(q, k, rel_h, rel_w, y, x, kernel_size, num_heads):
@@ -121,8 +121,8 @@ def draw(workdir, image_index, layer=None, queries=None, out=None):
                f"{config.dataset.eval_split} "
                f"(label {label}), step {step}", fontsize=9)
   fig.tight_layout()
-  out = out or os.path.join(workdir, f"attention_image{image_index}_{layer}.png")
-  fig.savefig(out, dpi=100)
+  out = save_figure(
+      fig, out or epath.Path(workdir) / f"attention_image{image_index}_{layer}.png")
   plt.close(fig)
   return out
 

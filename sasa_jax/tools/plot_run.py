@@ -1,16 +1,16 @@
-"""Draws the curves of one or more runs' metrics.jsonl.
+"""Draws the curves of one or more runs' metrics.jsonl (local or gs:// workdirs).
 
   python -m sasa_jax.tools.plot_run runs/demo runs/other --out curves.png
 """
 import argparse
-import os
 
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sasa_jax.tools.runs import read_metrics, series  # noqa: E402
+from sasa_jax.tools.runs import read_metrics, save_figure, series  # noqa: E402
 
 PANELS = (("train/loss", "train loss"), ("eval/accuracy", "test accuracy"),
           ("learning_rate", "learning rate"))
@@ -21,7 +21,7 @@ def plot_runs(workdirs, out: str, labels=None) -> str:
   fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
   for i, workdir in enumerate(workdirs):
     rows = read_metrics(workdir)
-    label = labels[i] if labels else os.path.basename(os.path.normpath(workdir))
+    label = labels[i] if labels else epath.Path(workdir).name
     for ax, (key, title) in zip(axes, PANELS):
       steps, values = series(rows, key)
       if steps:
@@ -30,8 +30,7 @@ def plot_runs(workdirs, out: str, labels=None) -> str:
       ax.set_xlabel("step")
   axes[0].legend(fontsize=7)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=110)
+  out = save_figure(fig, out, dpi=110)
   plt.close(fig)
   return out
 
@@ -42,7 +41,7 @@ def main(argv=None):
   parser.add_argument("--out", default="curves.png")
   args = parser.parse_args(argv)
   for w in args.workdirs:
-    if not os.path.exists(os.path.join(w, "metrics.jsonl")):
+    if not (epath.Path(w) / "metrics.jsonl").exists():
       parser.error(f"{w}: no metrics.jsonl")
   print(plot_runs(args.workdirs, args.out))
 

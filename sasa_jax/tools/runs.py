@@ -1,5 +1,6 @@
 """Running the demos and reading finished runs: metrics.jsonl, config.json, checkpoints."""
 import gc
+import io
 import json
 
 import ml_collections
@@ -10,6 +11,17 @@ from etils import epath
 def _path(workdir) -> epath.Path:
   path = epath.Path(workdir)
   return path if "://" in str(workdir) else path.absolute()
+
+
+def save_figure(fig, path, dpi: int = 100) -> str:
+  """Writes a matplotlib figure as PNG to `path`, a local path or a URL (gs://bucket/run/x.png:
+  matplotlib itself writes local files only); returns the path."""
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=dpi)
+  path = _path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(png.getvalue())
+  return str(path)
 
 
 def read_metrics(workdir: str) -> list[dict]:
