@@ -541,8 +541,13 @@ def test_batch_norm_groups_make_one_step_of_the_groups_steps_average():
   _assert_state_is_the_average(both, both_metrics, quarters)
 
 
-GROUPED_ON_FOUR_DEVICES = """
+# A training step of the tiny model with the attention stem (its BatchNorm,
+# layers.stem.BatchNormReluBlockMax, crosses devices too) on a random batch of BATCH images,
+# in one process or in several (SASA_NUM_PROCESSES).
+STEM_STEP_SETUP = """
 import json, re, sys
+from sasa_jax import distributed
+distributed.initialize_from_env()
 import jax, numpy as np, optax
 from jax import export
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -550,17 +555,20 @@ sys.path.insert(0, "configs")
 import fashion_mnist
 from tests import helpers
 from sasa_jax import tasks, train
-# The attention stem: its own BatchNorm (layers.stem.BatchNormReluBlockMax) crosses devices too.
+from sasa_jax.data import input_pipeline
 config = fashion_mnist.get_config(helpers.TINY_MODEL + ",stem_type=spatially_aware")
-config.batch_size = 16
+config.batch_size = BATCH
 task = tasks.get(config)
 model = task.create_model()
 tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
 mesh = Mesh(np.asarray(jax.devices()), ("data",))
 init, state, state_sharding = train.initial_state(config, model, tx, mesh, (28, 28, 1))
 rng = np.random.default_rng(0)
-batch = {"image": rng.integers(0, 256, (16, 28, 28, 1), dtype=np.uint8),
-         "label": rng.integers(0, 10, (16,)).astype(np.int32)}
+batch = {"image": rng.integers(0, 256, (BATCH, 28, 28, 1), dtype=np.uint8),
+         "label": rng.integers(0, 10, (BATCH,)).astype(np.int32)}
+"""
+
+GROUPED_ON_FOUR_DEVICES = "BATCH = 16" + STEM_STEP_SETUP + """
 out = {"collectives": {}, "replica_groups": {}, "difference": {}}
 for group in (0, 2, 8):  # the whole batch; 2 of each device's 4 images; 2 devices' 8
   config.batch_norm_group_size = group
@@ -623,28 +631,8 @@ def test_batch_norm_groups_on_four_devices_stay_on_their_devices():
     assert kernels == 3 * out["attention_layers"] > 0  # fwd, dq, dk/dv
 
 
-GROUPED_STEP = """
-import sys
-from sasa_jax import distributed
-distributed.initialize_from_env()  # several processes where SASA_NUM_PROCESSES says so
-import jax, numpy as np, optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-sys.path.insert(0, "configs")
-import fashion_mnist
-from tests import helpers
-from sasa_jax import tasks, train
-from sasa_jax.data import input_pipeline
-config = fashion_mnist.get_config(helpers.TINY_MODEL + ",stem_type=spatially_aware")
-config.batch_size = 8
-task = tasks.get(config)
-model = task.create_model()
-tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
-mesh = Mesh(np.asarray(jax.devices()), ("data",))
-init, _, state_sharding = train.initial_state(config, model, tx, mesh, (28, 28, 1))
+GROUPED_STEP = "BATCH = 8" + STEM_STEP_SETUP + """
 batch_sharding = NamedSharding(mesh, P("data"))
-rng = np.random.default_rng(0)
-batch = {"image": rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8),
-         "label": rng.integers(0, 10, (8,)).astype(np.int32)}
 i, n = jax.process_index(), jax.process_count()  # this process's rows, as the loop's shards
 batch = input_pipeline.to_global(jax.tree.map(lambda x: x[i * 8 // n:(i + 1) * 8 // n], batch),
                                  batch_sharding)
