@@ -685,6 +685,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.log_every_steps, every_secs=None)]
   remaining = num_steps - start_step
+  if remaining <= 0:
+    logging.info("step %d is at or past the run's %d steps: nothing to train (a longer run: "
+                 "--config.num_train_steps or --config.num_epochs)", start_step, num_steps)
   if config.profile and is_main and remaining >= 2:
     # 5 steps from 10 steps after this start (compilation done), fewer and earlier in a
     # shorter run, so that the trace is written before the run ends; then every hour.

@@ -49,6 +49,7 @@ def test_fashion_mnist_end_to_end_then_rerun(fmnist_dir, tmp_path):
   again = helpers.run_main(FMNIST, workdir, flags)
   assert "resumed from" in again.stderr and "at step 6" in again.stderr
   assert "resuming with a config that differs" not in again.stderr  # the same command
+  assert "step 6 is at or past the run's 6 steps: nothing to train" in again.stderr
   assert [r["step"] for r in helpers.read_metrics(workdir) if "train/loss" in r] == [2, 4, 6]
   resumed = helpers.restore_params(workdir)
   assert resumed[0] == params[0] == 6
