@@ -1,10 +1,13 @@
-"""Whether all processes of a run see one workdir, checked before anything is trained.
+"""Whether all processes of a run share one writable workdir, checked before anything trains.
 
-Orbax writes each checkpoint from every process into the same directory, process 0 commits
-it. A workdir on each host's own disk (`/tmp/run` on every node of a SLURM job) trains until
-its first checkpoint, then waits 10 minutes for directories that other hosts never see and
-fails: no checkpoint is ever committed. Process 0 writes a file with a fresh name into the
-workdir, every process looks for it, and all fail at once if one cannot see it.
+Orbax writes each checkpoint from every process into the same directory, and process 0
+commits it. A workdir on each host's own disk (`/tmp/run` on every node of a SLURM job)
+trains until its first checkpoint, then waits 10 minutes for directories that other hosts
+never see and fails: no checkpoint is ever committed. A host that cannot write there (a
+read-only mount, credentials without write access) fails at the same point. So at start
+every process writes a file with a fresh name into the workdir, process 0 lists them, every
+process reads process 0's, and all fail at once, naming the processes and hosts, if one
+file is missing.
 """
 import os
 import time
@@ -19,13 +22,13 @@ from sasa_jax import run_info
 TOKEN_PREFIX = ".shared_check_"
 
 
-def _sees(path: epath.Path, text: str, wait_s: float) -> bool:
-  """Whether `path` holds `text` within `wait_s` seconds (a shared filesystem's attribute
-  cache may show a new file late)."""
+def _retry(seen, wait_s: float):
+  """seen() -> bool, retried for `wait_s` seconds (a shared filesystem's attribute cache may
+  show another host's new file late)."""
   deadline = time.monotonic() + wait_s
   while True:
     try:
-      if path.exists() and path.read_text() == text:
+      if seen():
         return True
     except OSError:
       pass
@@ -34,27 +37,51 @@ def _sees(path: epath.Path, text: str, wait_s: float) -> bool:
     time.sleep(0.5)
 
 
+def _write(path: epath.Path, text: str) -> bool:
+  try:
+    path.write_text(text)
+    return True
+  except OSError:
+    return False
+
+
 def check(workdir: epath.PathLike, wait_s: float = 10.0) -> None:
   """Every process calls it (a collective; nothing to do in a one-process run). Raises
-  ValueError on every process, naming the processes and hosts that do not see the file
-  process 0 wrote into `workdir`."""
-  if jax.process_count() == 1:
+  ValueError on every process, naming the processes and hosts whose file process 0 does not
+  see, and those that do not see process 0's."""
+  n = jax.process_count()
+  if n == 1:
     return
   token = multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(8), np.uint8))
-  name = bytes(np.asarray(token, np.uint8)).hex()
-  path = epath.Path(workdir) / (TOKEN_PREFIX + name)
+  name = TOKEN_PREFIX + bytes(np.asarray(token, np.uint8)).hex()
+  workdir = epath.Path(workdir)
+  file_of = lambda i: workdir / f"{name}_{i}"  # noqa: E731
+  _write(file_of(jax.process_index()), name)
+  multihost_utils.sync_global_devices(f"{name} written")
+  reads = _retry(lambda: file_of(0).read_text() == name, wait_s)
+  listed = np.zeros(n, np.int32)  # process 0: whose files it sees
   if jax.process_index() == 0:
-    path.write_text(name)
-  multihost_utils.sync_global_devices(f"{path} written")
-  seen = np.asarray(multihost_utils.process_allgather(np.int32(_sees(path, name, wait_s))))
-  if jax.process_index() == 0:
-    path.unlink(missing_ok=True)
-  blind = [int(i) for i in np.flatnonzero(seen == 0)]
-  if blind:
+    def all_listed():
+      listed[[int(p.name.rsplit("_", 1)[1]) for p in workdir.glob(f"{name}_*")]] = 1
+      return listed.all()
+    _retry(all_listed, wait_s)
+  listed = np.asarray(multihost_utils.broadcast_one_to_all(listed))
+  sees_0 = np.asarray(multihost_utils.process_allgather(np.int32(reads)))
+  try:
+    file_of(jax.process_index()).unlink(missing_ok=True)
+  except OSError:
+    pass
+  unseen = [int(i) for i in np.flatnonzero(listed == 0)]
+  blind = [int(i) for i in np.flatnonzero(sees_0 == 0)]
+  if unseen or blind:
     hosts = run_info.process_hosts()
+    named = lambda ids: f"process(es) {ids} (host(s) {sorted({hosts[i] for i in ids})})"  # noqa: E731
     raise ValueError(
-        f"the workdir {workdir} is not one directory for all {jax.process_count()} "
-        f"processes: process(es) {blind} (host(s) {sorted({hosts[i] for i in blind})}) do not "
-        f"see the file process 0 ({hosts[0]}) wrote there. Checkpoints need a directory "
-        "that every host reads and writes: a shared filesystem (NFS, Lustre, GPFS) mounted "
-        "at the same path on every host, or gs://.")
+        f"the workdir {workdir} is not one writable directory for all {n} processes: "
+        + "; ".join(
+            ([f"{named(unseen)} wrote no file there that process 0 ({hosts[0]}) sees"]
+             if unseen else [])
+            + ([f"{named(blind)} do not see the file process 0 wrote"] if blind else []))
+        + ". Checkpoints need a directory that every host reads and writes: a shared "
+        "filesystem (NFS, Lustre, GPFS) mounted read-write at the same path on every host, "
+        "or gs://.")

@@ -215,19 +215,29 @@ def _own_disk_unavailable() -> str | None:
   return None
 
 
-def test_a_workdir_on_each_hosts_own_disk_fails_before_training(fmnist_dir, tmp_path):
-  """2 processes; the second sees its own empty directory at the workdir's path (a mount
-  namespace with a tmpfs over it, as a node-local /tmp on a second host). Both fail at
-  start, naming the process and host that cannot see process 0's file, instead of training
-  until the first checkpoint and failing there 10 minutes later with nothing saved."""
+@pytest.mark.parametrize("mount,problem", [
+    # another host's own disk: an empty tmpfs over the workdir
+    ('mount -t tmpfs none "$0"', "wrote no file there that process 0 ({host}) sees; "
+                                  "process(es) [1] (host(s) ['{host}']) do not see the file "
+                                  "process 0 wrote"),
+    # the shared directory, mounted read-only on the second host
+    ('mount --bind "$0" "$0" && mount -o remount,ro,bind "$0"',
+     "wrote no file there that process 0 ({host}) sees. Checkpoints need"),
+], ids=["own_disk", "read_only"])
+def test_a_workdir_that_a_host_cannot_share_fails_before_training(fmnist_dir, tmp_path, mount,
+                                                                  problem):
+  """2 processes; the second, in a mount namespace of its own, sees the workdir as an empty
+  directory of its own or cannot write to it. Both fail at start, naming the process and
+  host, instead of training until the first checkpoint and failing there 10 minutes later
+  with nothing saved."""
   require(_own_disk_unavailable())
   workdir = tmp_path / "run"
   workdir.mkdir()
   cmd = helpers.main_cmd(FMNIST, workdir, helpers.tiny_flags(fmnist_dir, 4, ckpt_every=2))
   port = helpers.free_port()
-  own_disk = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"', workdir]
+  other_host = ["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', workdir]
   procs = [subprocess.Popen(
-      (own_disk if i else []) + cmd, cwd=helpers.ROOT, stdout=subprocess.PIPE,
+      (other_host if i else []) + cmd, cwd=helpers.ROOT, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True,
       env=helpers.env(1, SASA_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                       SASA_NUM_PROCESSES="2", SASA_PROCESS_ID=str(i),
@@ -237,11 +247,12 @@ def test_a_workdir_on_each_hosts_own_disk_fails_before_training(fmnist_dir, tmp_
   finally:
     for p in procs:
       p.kill()
-  message = (f"the workdir {workdir} is not one directory for all 2 processes: process(es) "
-             f"[1] (host(s) ['{socket.gethostname()}']) do not see the file process 0")
+  host = socket.gethostname()
+  message = (f"the workdir {workdir} is not one writable directory for all 2 processes: "
+             f"process(es) [1] (host(s) ['{host}']) " + problem.format(host=host))
   for p, err in zip(procs, errors):
     assert p.returncode != 0 and message in err, err[-3000:]
-  assert sorted(os.listdir(workdir)) == []  # no checkpoint, no token left
+  assert sorted(os.listdir(workdir)) == []  # no checkpoint, no check file left
 
 
 def test_two_processes_on_object_storage(gcs, tmp_path):
