@@ -75,7 +75,9 @@ def check(workdir: epath.PathLike, wait_s: float = 10.0) -> None:
   blind = [int(i) for i in np.flatnonzero(sees_0 == 0)]
   if unseen or blind:
     hosts = run_info.process_hosts()
-    named = lambda ids: f"process(es) {ids} (host(s) {sorted({hosts[i] for i in ids})})"  # noqa: E731
+
+    def named(ids):
+      return f"process(es) {ids} (host(s) {sorted({hosts[i] for i in ids})})"
     raise ValueError(
         f"the workdir {workdir} is not one writable directory for all {n} processes: "
         + "; ".join(

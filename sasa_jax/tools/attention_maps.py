@@ -4,16 +4,18 @@
   python -m sasa_jax.tools.attention_maps --workdir runs/demo --image 7 --layer group3_block1 \\
       --queries 3,3 10,4 --out maps.png
 
-Loads the run's config.json and latest checkpoint, runs image N of its evaluation split through the model,
-takes the layer's queries and keys (captured Flax intermediates) and its relative
-embeddings, and draws each query pixel's softmax over its k x k window, per head, on
-top of the image (the layer's grid is stretched over the input image).
+Loads the run's config.json and latest checkpoint, runs image N of its evaluation split
+through the model, takes the layer's queries and keys (captured Flax intermediates) and its
+relative embeddings, and draws each query pixel's softmax over its k x k window, per head,
+on top of the image (the layer's grid is stretched over the input image). The workdir may
+be local or gs://; the PNG goes into it unless --out says otherwise.
 """
 import argparse
 
 import jax
 import matplotlib
 import numpy as np
+import tensorflow_datasets as tfds
 from etils import epath
 
 matplotlib.use("Agg")
@@ -42,7 +44,6 @@ def attention_layers(params) -> list[str]:
 def example_split(splits, split: str, index: int) -> str:
   """The TFDS split of example `index` of `split` (any spec: "test", "test[:200]",
   "train[96%:]", "a+b"), e.g. "train[1229921:1229922]"; splits: builder.info.splits."""
-  import tensorflow_datasets as tfds  # noqa: PLC0415
   offset = index
   for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(splits):
     start = part.from_ or 0
