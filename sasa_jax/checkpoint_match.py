@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
 SHOWN = 5  # differing arrays, and config fields, named in the message
 
@@ -48,10 +49,13 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
-def config_differences(saved_json: str, config: ml_collections.ConfigDict) -> list[str]:
-  """The fields (dotted) whose values differ between a run's saved config.json and
-  `config`, at most SHOWN, as "field: old there, new here"."""
-  old = _flat(json.loads(saved_json))
+def config_differences(saved: epath.Path, config: ml_collections.ConfigDict) -> list[str]:
+  """The fields (dotted) whose values differ between a run's saved config.json (`saved`;
+  none where it does not exist) and `config`, at most SHOWN, as "field: old there, new
+  here"."""
+  if not saved.exists():
+    return []
+  old = _flat(json.loads(saved.read_text()))
   new = _flat(json.loads(config.to_json_best_effort()))
   changed = [f"{key}: {old.get(key)!r} there, {new.get(key)!r} here"
              for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]

@@ -37,14 +37,6 @@ def _retry(seen, wait_s: float):
     time.sleep(0.5)
 
 
-def _write(path: epath.Path, text: str) -> bool:
-  try:
-    path.write_text(text)
-    return True
-  except OSError:
-    return False
-
-
 def check(workdir: epath.PathLike, wait_s: float = 10.0) -> None:
   """Every process calls it (a collective; nothing to do in a one-process run). Raises
   ValueError on every process, naming the processes and hosts whose file process 0 does not
@@ -56,7 +48,10 @@ def check(workdir: epath.PathLike, wait_s: float = 10.0) -> None:
   name = TOKEN_PREFIX + bytes(np.asarray(token, np.uint8)).hex()
   workdir = epath.Path(workdir)
   file_of = lambda i: workdir / f"{name}_{i}"  # noqa: E731
-  _write(file_of(jax.process_index()), name)
+  try:
+    file_of(jax.process_index()).write_text(name)
+  except OSError:
+    pass  # process 0 will not list it
   multihost_utils.sync_global_devices(f"{name} written")
   reads = _retry(lambda: file_of(0).read_text() == name, wait_s)
   listed = np.zeros(n, np.int32)  # process 0: whose files it sees

@@ -534,8 +534,7 @@ def _check_checkpoint_matches(ckpt, step, abstract, config, workdir) -> None:
     return
   ckpt.close()
   saved = workdir / "config.json"
-  changed = (checkpoint_match.config_differences(saved.read_text(), config)
-             if saved.exists() else [])
+  changed = checkpoint_match.config_differences(saved, config)
   raise ValueError(
       f"{ckpt.directory}/{step} holds another state than this config builds:\n  "
       + "\n  ".join(differences)
@@ -633,8 +632,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start_step = int(jax.device_get(state.step))
 
   saved = workdir / "config.json"
-  changes = (checkpoint_match.config_differences(saved.read_text(), config)
-             if is_main and latest is not None and saved.exists() else [])
+  changes = (checkpoint_match.config_differences(saved, config)
+             if is_main and latest is not None else [])
   if changes:  # e.g. a longer schedule, on purpose; or another batch size, by mistake
     logging.warning("resuming with a config that differs from the last start's (%s, "
                     "there; this command, here) in:\n  %s", saved, "\n  ".join(changes))

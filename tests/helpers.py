@@ -1,6 +1,7 @@
 """Shared test helpers: tiny training runs through the real command line."""
 import os
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -63,6 +64,23 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def run_processes(argv_of, n, *, timeout, **environ):
+  """n JAX processes on loopback, one simulated device each, joined through the SASA_*
+  start-up variables; argv_of(i): process i's command. Waits for all of them (killing what
+  is left after `timeout` seconds); returns their exit codes and stderr texts."""
+  port = free_port()
+  procs = [subprocess.Popen(
+      argv_of(i), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=env(1, SASA_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", SASA_NUM_PROCESSES=str(n),
+              SASA_PROCESS_ID=str(i), **environ)) for i in range(n)]
+  try:
+    errors = [p.communicate(timeout=timeout)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  return [p.returncode for p in procs], errors
 
 
 def read_metrics(workdir):

@@ -234,24 +234,14 @@ def test_a_workdir_that_a_host_cannot_share_fails_before_training(fmnist_dir, tm
   workdir = tmp_path / "run"
   workdir.mkdir()
   cmd = helpers.main_cmd(FMNIST, workdir, helpers.tiny_flags(fmnist_dir, 4, ckpt_every=2))
-  port = helpers.free_port()
   other_host = ["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', workdir]
-  procs = [subprocess.Popen(
-      (other_host if i else []) + cmd, cwd=helpers.ROOT, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True,
-      env=helpers.env(1, SASA_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                      SASA_NUM_PROCESSES="2", SASA_PROCESS_ID=str(i),
-                      SASA_HEARTBEAT_TIMEOUT="30")) for i in range(2)]
-  try:
-    errors = [p.communicate(timeout=180)[1] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
+  codes, errors = helpers.run_processes(lambda i: (other_host if i else []) + cmd, 2,
+                                        timeout=180, SASA_HEARTBEAT_TIMEOUT="30")
   host = socket.gethostname()
   message = (f"the workdir {workdir} is not one writable directory for all 2 processes: "
              f"process(es) [1] (host(s) ['{host}']) " + problem.format(host=host))
-  for p, err in zip(procs, errors):
-    assert p.returncode != 0 and message in err, err[-3000:]
+  for code, err in zip(codes, errors):
+    assert code != 0 and message in err, err[-3000:]
   assert sorted(os.listdir(workdir)) == []  # no checkpoint, no check file left
 
 

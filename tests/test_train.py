@@ -656,18 +656,10 @@ def test_batch_norm_groups_across_processes_equal_one_process(tmp_path):
   batch_norm_group_size=4: BatchNorm statistics all-reduced within processes {0, 1} and
   {2, 3}. The step equals the same step in 1 process x 4 devices (itself equal to one
   device's, test above), and differs from BatchNorm over the whole batch."""
-  port = helpers.free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, "-c", GROUPED_STEP, str(tmp_path / "processes"), "4"], cwd=helpers.ROOT,
-      env=helpers.env(devices=1, SASA_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                      SASA_NUM_PROCESSES="4", SASA_PROCESS_ID=str(i)),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
-  try:
-    errors = [p.communicate(timeout=600)[1] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  assert [p.returncode for p in procs] == [0] * 4, errors[0][-3000:]
+  codes, errors = helpers.run_processes(
+      lambda i: [sys.executable, "-c", GROUPED_STEP, str(tmp_path / "processes"), "4"], 4,
+      timeout=600)
+  assert codes == [0] * 4, errors[0][-3000:]
   proc = subprocess.run([sys.executable, "-c", GROUPED_STEP, str(tmp_path / "devices"), "4",
                          "0"], env=helpers.env(devices=4), cwd=helpers.ROOT,
                         capture_output=True, text=True, timeout=600)
