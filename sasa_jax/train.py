@@ -14,9 +14,12 @@ agreed step at which every process saves, so no process waits in a barrier that 
 never reaches. A non-finite loss or gradient stops the run at the next log or checkpoint
 step, before anything non-finite is saved.
 """
+import contextlib
 import functools
 import hashlib
+import shlex
 import signal
+import sys
 import time
 from typing import Any
 
@@ -73,6 +76,74 @@ def batch_norm_groups_fit(group: int, per_device: int, devices: int) -> bool:
   divide `devices`): what apply_in_groups runs."""
   return per_device % group == 0 or (group % per_device == 0
                                      and per_device * devices % group == 0)
+
+
+class DeviceOutOfMemoryError(RuntimeError):
+  """A step needed more memory than a device has (XLA's RESOURCE_EXHAUSTED); the message says
+  what in the config to change."""
+
+
+def larger_microbatch_counts(config, devices: int) -> list[int]:
+  """The config.num_microbatches values above config's that its batch size, device count and
+  BatchNorm groups allow (validate_config's rules), smallest first."""
+  per_device, group = config.batch_size // devices, config.batch_norm_group_size
+  return [m for m in range(config.num_microbatches + 1, per_device + 1)
+          if per_device % m == 0
+          and (not group or batch_norm_groups_fit(group, per_device // m, devices))]
+
+
+def config_flags_of(argv) -> list[str]:
+  """The --config and --config.FIELD arguments of a command line (`--flag value` pairs kept
+  together), shell-quoted."""
+  kept, i = [], 1
+  while i < len(argv):
+    arg = argv[i]
+    if arg == "--config" or arg.startswith(("--config=", "--config.")):
+      kept.append(arg)
+      if "=" not in arg and i + 1 < len(argv):
+        i += 1
+        kept.append(argv[i])
+    i += 1
+  return [shlex.quote(a) for a in kept]
+
+
+def out_of_memory_advice(config, devices: int, argv) -> str:
+  """What to change when config's training step does not fit in a device's memory, and the
+  command that plans each option (tools/step_memory.py)."""
+  per_device, num = config.batch_size // devices, config.num_microbatches
+  larger = larger_microbatch_counts(config, devices)
+  lines = [f"{per_device} images per device (config.batch_size={config.batch_size} on "
+           f"{devices} device(s)" + (f", in {num} microbatches of {per_device // num}"
+                                     if num > 1 else "") + ") do not fit; instead:"]
+  if larger:
+    lines.append(f"--config.num_microbatches={larger[0]}: the same step, the activations of "
+                 f"{per_device // larger[0]} images at a time")
+  else:
+    lines.append(f"config.num_microbatches={num} is the most that splits them"
+                 + (f" into BatchNorm groups of config.batch_norm_group_size="
+                    f"{config.batch_norm_group_size}" if config.batch_norm_group_size else ""))
+  if config.dtype == "float32":
+    lines.append("--config.dtype=bfloat16: activations in half the bytes")
+  lines.append("a smaller config.batch_size, or more devices")
+  flags_ = config_flags_of(argv) or ["--config=CONFIG"]
+  counts = ",".join(str(m) for m in [num, *larger[:3]])
+  return "\n  ".join(lines) + (
+      "\nPlan each before running, on a device of this kind: python -m "
+      f"sasa_jax.tools.step_memory {' '.join(flags_)} --devices={devices} "
+      f"--microbatches={counts}")
+
+
+@contextlib.contextmanager
+def advise_when_out_of_memory(config, devices: int):
+  """Turns XLA's RESOURCE_EXHAUSTED inside the block into a DeviceOutOfMemoryError that says
+  what to change (out_of_memory_advice)."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise DeviceOutOfMemoryError(
+        f"{str(e).splitlines()[0]}\n{out_of_memory_advice(config, devices, sys.argv)}") from e
 
 
 def validate_config(config: ml_collections.ConfigDict, devices: int | None = None) -> None:
@@ -703,43 +774,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   unchecked = []  # (step, metrics) since the last finiteness check
   step = start_step
   try:
-    while step < num_steps:
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = p_train(state, data_lib.to_global(throughput.next_batch(train_iter),
-                                                           batch_sharding))
-      step += 1
-      if step == start_step + 1:
-        jax.block_until_ready(metrics)
-        logging.info("first step done %.1f s after start (compilation included)",
-                     time.time() - started)
-        throughput.restart(step)
-      pending.append(metrics)
-      unchecked.append((step, metrics))
-      for hook in hooks:
-        hook(step)
-      stop = preemption.reached(step)  # asked once per step: every process gets one answer
-      save = stop or step == num_steps or step % config.checkpoint_every_steps == 0
-      if save or step % config.log_every_steps == 0:
-        _check_finite(unchecked, ckpt, step)
-        unchecked = []
-      if step % config.log_every_steps == 0 or step == num_steps:
-        summary = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
-        summary.pop("finite")
-        summary.update(throughput.since_last(step))
-        summary.update(peak_memory(jax.local_devices()))
-        writer.write_scalars(step, summary)
-        pending = []
-      due = step % config.eval_every_steps == 0 or step == num_steps
-      if save:  # before evaluating: an evaluation that fails loses no training
-        ckpt.save(step, args=ocp.args.StandardSave(state), force=True)
-      if stop:
-        logging.warning("preempted: checkpoint at step %d written; exiting%s", step,
-                        f" without its evaluation (python -m sasa_jax.tools.evaluate "
-                        f"--workdir={workdir} --step={step})" if due else "")
-        break
-      if due:
-        evaluate(step)
-        throughput.restart(step)
+    with advise_when_out_of_memory(config, jax.device_count()):
+      while step < num_steps:
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, metrics = p_train(state, data_lib.to_global(throughput.next_batch(train_iter),
+                                                             batch_sharding))
+        step += 1
+        if step == start_step + 1:
+          jax.block_until_ready(metrics)
+          logging.info("first step done %.1f s after start (compilation included)",
+                       time.time() - started)
+          throughput.restart(step)
+        pending.append(metrics)
+        unchecked.append((step, metrics))
+        for hook in hooks:
+          hook(step)
+        stop = preemption.reached(step)  # asked once per step: every process gets one answer
+        save = stop or step == num_steps or step % config.checkpoint_every_steps == 0
+        if save or step % config.log_every_steps == 0:
+          _check_finite(unchecked, ckpt, step)
+          unchecked = []
+        if step % config.log_every_steps == 0 or step == num_steps:
+          summary = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
+          summary.pop("finite")
+          summary.update(throughput.since_last(step))
+          summary.update(peak_memory(jax.local_devices()))
+          writer.write_scalars(step, summary)
+          pending = []
+        due = step % config.eval_every_steps == 0 or step == num_steps
+        if save:  # before evaluating: an evaluation that fails loses no training
+          ckpt.save(step, args=ocp.args.StandardSave(state), force=True)
+        if stop:
+          logging.warning("preempted: checkpoint at step %d written; exiting%s", step,
+                          f" without its evaluation (python -m sasa_jax.tools.evaluate "
+                          f"--workdir={workdir} --step={step})" if due else "")
+          break
+        if due:
+          evaluate(step)
+          throughput.restart(step)
     logging.info("process %d final parameters at step %d: sha256 %s", jax.process_index(), step,
                  params_fingerprint(state.params))
   finally:

@@ -351,6 +351,48 @@ def test_a_workdir_that_is_a_file_is_named(tmp_path):
     train.train_and_evaluate(_config(), str(tmp_path / "file"))
 
 
+def test_a_step_out_of_device_memory_says_what_to_change(fmnist_dir, tmp_path):
+  """A real RESOURCE_EXHAUSTED: XLA:CPU under an 8 GB address-space limit cannot allocate the
+  9 GB that 16,384 images need; the error names the fields and gives step_memory's command."""
+  import resource
+
+  def limit_memory():
+    resource.setrlimit(resource.RLIMIT_AS, (8 * 10**9, 8 * 10**9))
+  flags = helpers.tiny_flags(fmnist_dir, 1, batch=16384, train_split="train[:16384]")
+  proc = subprocess.run(helpers.main_cmd(FMNIST, tmp_path / "run", flags), cwd=helpers.ROOT,
+                        env=helpers.env(), capture_output=True, text=True, timeout=600,
+                        preexec_fn=limit_memory)
+  assert proc.returncode == 1
+  error = proc.stderr[proc.stderr.index("DeviceOutOfMemoryError: RESOURCE_EXHAUSTED"):]
+  assert ("16384 images per device (config.batch_size=16384 on 1 device(s)) do not fit; "
+          "instead:\n  --config.num_microbatches=2: the same step, the activations of 8192 "
+          "images at a time\n  --config.dtype=bfloat16: activations in half the bytes\n"
+          "  a smaller config.batch_size, or more devices\n") in error
+  plan = error[error.index("python -m sasa_jax.tools.step_memory"):].splitlines()[0]
+  assert plan == ("python -m sasa_jax.tools.step_memory " + " ".join(
+      f"'{f}'" if "[" in f else f for f in [f"--config={FMNIST}", *flags])
+      + " --devices=1 --microbatches=1,2,4,8")
+
+
+def test_out_of_memory_advice_follows_the_batch_norm_groups():
+  """16 images per device on 4 devices: groups of 8 allow microbatches of 8, 4 (2 devices'
+  groups) and 2 (4 devices'); groups of 16, microbatches of 8 and 4 only; a run already at
+  its most microbatches is told so."""
+  from sasa_jax import train
+  config = _config(batch_size=64, num_microbatches=1, batch_norm_group_size=8)
+  assert train.larger_microbatch_counts(config, 4) == [2, 4, 8]
+  config.batch_norm_group_size = 16
+  assert train.larger_microbatch_counts(config, 4) == [2, 4]
+  config.num_microbatches, config.dtype = 4, "bfloat16"
+  advice = train.out_of_memory_advice(config, 4, ["main.py", "--config", "configs/x.py:a=1"])
+  assert advice == (
+      "16 images per device (config.batch_size=64 on 4 device(s), in 4 microbatches of 4) do "
+      "not fit; instead:\n  config.num_microbatches=4 is the most that splits them into "
+      "BatchNorm groups of config.batch_norm_group_size=16\n  a smaller config.batch_size, or "
+      "more devices\nPlan each before running, on a device of this kind: python -m "
+      "sasa_jax.tools.step_memory --config configs/x.py:a=1 --devices=4 --microbatches=4")
+
+
 def test_batch_norm_groups_may_be_the_images_of_whole_devices():
   """On 4 devices holding 32 images each, groups of 64 or 128 images are those of 2 or 4
   devices; 48 splits no device's share and 96 is 3 devices', which do not divide 4."""
