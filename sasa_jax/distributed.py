@@ -14,7 +14,8 @@
 |   metadata lists several worker-network-endpoints     |                                       |
 | anything else                                         | nothing: one process                  |
 
-SASA_HEARTBEAT_TIMEOUT (seconds, default 100): how soon the others fail when one process dies.
+SASA_HEARTBEAT_TIMEOUT (seconds, default 100): how soon the others fail when one process dies;
+one that raises stops every process within seconds (peer_failure.py).
 Check a cluster with `python -m sasa_jax.distributed` on every host: it prints what it decided,
 the process index and count, and the local and global devices.
 """
@@ -129,6 +130,8 @@ def initialize_from_env() -> Startup:
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**startup.kwargs)
+    from sasa_jax import peer_failure  # noqa: PLC0415
+    peer_failure.watch()
   logging.info("start-up %s: process %d of %d (pid %d), %d local / %d global devices",
                startup.kind, jax.process_index(), jax.process_count(), os.getpid(),
                jax.local_device_count(), jax.device_count())

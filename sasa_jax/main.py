@@ -11,7 +11,7 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sasa_jax import distributed  # noqa: E402
+from sasa_jax import distributed, peer_failure  # noqa: E402
 from sasa_jax.logs import quiet_orbax  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -25,11 +25,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_orbax()
   distributed.initialize_from_env()
-  from sasa_jax import train  # after distributed start-up, before any other device use
-  gc.freeze()
-  gc.enable()
-  logging.info("config:\n%s", FLAGS.config)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  with peer_failure.stop_all_on_error():  # several processes: one fails, all stop now
+    from sasa_jax import train  # after distributed start-up, before any other device use
+    gc.freeze()
+    gc.enable()
+    logging.info("config:\n%s", FLAGS.config)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   gc.freeze()  # what the run leaves behind is freed by the exit, not walked first
 
 

@@ -2,6 +2,7 @@
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -108,6 +109,36 @@ def _fingerprints(logdir):
     if m:
       found[int(m.group(1))] = (int(m.group(2)), m.group(3))
   return found
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_process_that_raises_stops_every_process_at_once(fmnist_dir, tmp_path, failing):
+  """Data staged to each node's own disk, one copy cut short: that process raises at its
+  first batch while the other waits for it in the first step's collectives. Left to jax,
+  both would wait 5 minutes (the failing one in jax's shutdown barrier) and abort; here both
+  exit with status 1 within seconds, the other naming the failed process, its host and its
+  error. Process 0 hosts the coordination service, so it is tried as the failing one too."""
+  copy = tmp_path / "node_local_tfds"
+  shutil.copytree(fmnist_dir, copy)
+  (train_file,) = copy.glob("fashion_mnist/*/fashion_mnist-train.tfrecord-*")
+  os.truncate(train_file, 10_000)  # a copy interrupted after a dozen images
+  flags = helpers.tiny_flags(fmnist_dir, 2)
+  cmd = helpers.main_cmd(f"configs/fashion_mnist.py:{helpers.TINY_MODEL}", tmp_path / "run",
+                         flags)
+  t0 = time.time()
+  codes, errors = helpers.run_processes(
+      lambda i: cmd + [f"--config.dataset.data_dir={copy}"] * (i == failing), 2, timeout=150,
+      SASA_HEARTBEAT_TIMEOUT="100")
+  elapsed = time.time() - t0
+  other = 1 - failing
+  assert codes == [1, 1], [e[-3000:] for e in errors]
+  assert elapsed < 100, elapsed  # under the heartbeat timeout: no process waited for it
+  assert f"process {failing} failed; stopping every process" in errors[failing]
+  assert re.search("DataLossError: .*truncated record", errors[failing])  # the traceback
+  assert re.search(rf"process {failing} failed \({re.escape(os.uname().nodename)}: "
+                   rf"DataLossError: .*truncated record .*\); process {other} stops too",
+                   errors[other]), errors[other][-3000:]
+  assert not any("Aborted" in e or "Fatal Python error" in e for e in errors)
 
 
 def test_killed_peer_fails_the_other_then_the_pair_and_one_process_resume(fmnist_dir, tmp_path):

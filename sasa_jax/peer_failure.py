@@ -1,0 +1,113 @@
+"""When one process of a multi-process run fails, every process stops within seconds, saying why.
+
+Left alone, a process that raises waits at exit in jax.distributed's shutdown barrier for
+the others while they wait for it in the step's collectives: every process hangs until the
+barrier times out (5 minutes), then aborts with a C++ stack. Instead, `stop_all_on_error`
+makes a failing process log its traceback, publish one line (host, error) in the
+coordination service's key-value store and exit with status 1; `watch` runs a thread in
+every process that reads that store every POLL_SECONDS and, when a peer has failed, logs
+which process failed, where and with what, and exits with status 1 too. A process that dies
+outright (killed, out of host memory) publishes nothing: jax's heartbeat
+(SASA_HEARTBEAT_TIMEOUT) stops the others then.
+"""
+import atexit
+import contextlib
+import os
+import socket
+import sys
+import threading
+import time
+
+import jax
+from absl import logging
+
+KEY_DIR = "sasa_jax/failed"
+POLL_SECONDS = 2.0
+
+
+def _client():
+  """The coordination service's client of this process (None with one process), read where
+  orbax reads it: jax has no public handle on it."""
+  from jax._src import distributed  # noqa: PLC0415
+  return getattr(getattr(distributed, "global_state", None), "client", None)
+
+
+def _exit(status: int) -> None:
+  """Exits now, without jax's shutdown barrier (which would wait for the peers)."""
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
+
+
+def failed_peers(client, me: int) -> list[tuple[int, str]]:
+  """(process index, "host: error") of every other process that has published a failure."""
+  return sorted((int(key.rsplit("/", 1)[-1]), what)
+                for key, what in client.key_value_dir_get(KEY_DIR)
+                if int(key.rsplit("/", 1)[-1]) != me)
+
+
+def _leave(me: int) -> None:
+  """Exits with status 1; process 0 hosts the service, so it waits until a failed peer, which
+  reads the service until it exits, is gone."""
+  if me == 0:
+    time.sleep(2 * POLL_SECONDS + 1)
+  _exit(1)
+
+
+def _poll(client, me: int, stop: threading.Event) -> None:
+  while not stop.wait(POLL_SECONDS):
+    try:
+      failed = failed_peers(client, me)
+    except Exception:  # noqa: BLE001 - the service is gone: jax's own error handling acts
+      return
+    if failed:
+      logging.error("process %d failed (%s); process %d stops too", *failed[0], me)
+      _leave(me)
+
+
+def watch() -> None:
+  """Starts this process's watch for failed peers (nothing with one process). It stops at
+  exit before jax's own shutdown (atexit runs the later registration first)."""
+  client = _client()
+  if client is None or jax.process_count() == 1:
+    return
+  stop = threading.Event()
+  thread = threading.Thread(target=_poll, args=(client, jax.process_index(), stop),
+                            name="peer_failure", daemon=True)
+  thread.start()
+
+  def end():
+    stop.set()
+    thread.join()
+  atexit.register(end)
+
+
+@contextlib.contextmanager
+def stop_all_on_error():
+  """With several processes: an exception in the block is logged with its traceback,
+  published for the others' watch, and ends this process with status 1 (after 2 ×
+  POLL_SECONDS, so that the others read it even when this process hosts the service); one
+  that follows a peer's failure is logged in a line after it. With one process the
+  exception propagates as ever."""
+  try:
+    yield
+  except BaseException as e:
+    client = _client()
+    if client is None or isinstance(e, SystemExit) and not e.code:
+      raise
+    me, line = jax.process_index(), (str(e).strip().splitlines() or [""])[0]
+    try:
+      failed = failed_peers(client, me)
+    except Exception:  # noqa: BLE001 - the service is gone with process 0: nobody to tell
+      logging.exception("process %d failed", me)
+      _exit(1)
+    if failed:  # this error follows from a peer's (its collectives broke off, say)
+      logging.error("process %d failed (%s); process %d stops too, after %s: %s", *failed[0],
+                    me, type(e).__name__, line)
+      _leave(me)
+    logging.exception("process %d failed; stopping every process", me)
+    client.key_value_set(f"{KEY_DIR}/{me}", f"{socket.gethostname()}: {type(e).__name__}: "
+                         f"{line}", allow_overwrite=True)
+    time.sleep(2 * POLL_SECONDS)  # the others read it, even when this process hosts the service
+    _exit(1)
