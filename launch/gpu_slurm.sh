@@ -7,8 +7,10 @@
 # Required: NODES, GPUS_PER_NODE, WORKDIR (shared by all nodes). Optional: TFDS_DATA_DIR,
 # PARTITION, ACCOUNT, TIME (default 24:00:00), CPUS_PER_TASK (default 8 per GPU of a task),
 # MEM (default 0: all of each node's memory), TIME_WARNING (seconds before the limit at which
-# the ranks save and the job requeues itself, default 300), JOB_NAME (default sasa_jax),
-# PYTHON (default python3 on the nodes). --dry-run prints the batch script and submits nothing.
+# the ranks save and the job requeues itself, default 300), JOB_NAME (default sasa_ + the
+# WORKDIR's last part + a hash of WORKDIR), PYTHON (default python3 on the nodes). One job of a
+# name runs at a time (--dependency=singleton): a second submission for the same WORKDIR
+# waits for the first. --dry-run prints the batch script and submits nothing.
 # At the time limit the job saves a checkpoint, requeues itself and resumes where it stopped;
 # `scancel --signal=TERM JOBID` saves and ends it. Logs: WORKDIR/logs/JOB_JOBID_rankN.log
 # (one per rank, lines labelled, appended across requeues) and JOB_JOBID.batch.log.
@@ -37,7 +39,8 @@ fi
 TASKS_PER_NODE=$([[ $PER_GPU == 1 ]] && echo "$GPUS_PER_NODE" || echo 1)
 GPUS_PER_TASK=$(( GPUS_PER_NODE / TASKS_PER_NODE ))
 CPUS=${CPUS_PER_TASK:-$(( 8 * GPUS_PER_TASK ))}
-NAME=${JOB_NAME:-sasa_jax}
+LAST=$(basename "$WORKDIR")
+NAME=${JOB_NAME:-sasa_${LAST//[^A-Za-z0-9_.-]/_}_$(printf '%s' "$WORKDIR" | md5sum | cut -c1-6)}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # --config first: ml_collections rejects --config.X before --config.
 TRAIN=$(printf '%q ' "${PYTHON:-python3}" -m sasa_jax.main "${ARGS[@]}" --workdir="$WORKDIR" \
@@ -55,6 +58,7 @@ SCRIPT="#!/usr/bin/env bash
 #SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@${TIME_WARNING:-300}
 #SBATCH --requeue
+#SBATCH --dependency=singleton
 $([[ -n "${PARTITION:-}" ]] && echo "#SBATCH --partition=$PARTITION")
 $([[ -n "${ACCOUNT:-}" ]] && echo "#SBATCH --account=$ACCOUNT")
 set -u

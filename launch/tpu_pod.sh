@@ -19,7 +19,7 @@
 # PIP_EXTRAS (tpu). After a preemption, run the same start command again: it resumes.
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 ACTION=start; CREATE=0; DRY_RUN=0; WORKER=0; ARGS=()
 for a in "$@"; do
   case "$a" in

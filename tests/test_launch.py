@@ -96,9 +96,12 @@ def test_missing_variable_or_tool_is_named(name, env, missing, tmp_path):
   assert proc.returncode != 0 and missing in proc.stderr
 
 
-def test_help():
+def test_help_is_the_scripts_whole_header_comment():
   for name in ("local.sh", "tpu_pod.sh", "gpu_slurm.sh"):
-    assert "--dry-run" in script(name, "--help").stdout
+    with open(os.path.join(LAUNCH, name)) as f:
+      header = [line[2:].rstrip() for line in f.read().split("\nset -euo")[0].splitlines()[1:]]
+    assert "--dry-run" in "\n".join(header)
+    assert script(name, "--help").stdout.splitlines() == header
 
 
 def _fingerprints(logdir):

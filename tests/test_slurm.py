@@ -24,12 +24,14 @@ def cluster(tmp_path_factory):
   c.stop()
 
 
-def _submit(cluster, workdir, data_dir, steps, *, per_gpu, ckpt_every=1000):
+def _submit(cluster, workdir, data_dir, steps, *, per_gpu, ckpt_every=1000, job_name="sasa",
+            gpus=slurm_cluster.GPUS):
+  """Submits through launch/gpu_slurm.sh; job_name None: the launcher's own name."""
   env = helpers.env()
   env["XLA_FLAGS"] = env["LOCAL_XLA_FLAGS"]  # device counts come from the task's GPUs
-  env.update(cluster.env, NODES="1", GPUS_PER_NODE=str(slurm_cluster.GPUS),
+  env.update(cluster.env, NODES="1", GPUS_PER_NODE=str(gpus),
              WORKDIR=str(workdir), TFDS_DATA_DIR=data_dir, PYTHON=sys.executable,
-             CPUS_PER_TASK="1", MEM="1024", JOB_NAME="sasa")
+             CPUS_PER_TASK="1", MEM="1024", **({"JOB_NAME": job_name} if job_name else {}))
   flags = helpers.tiny_flags(data_dir, steps, batch=12, ckpt_every=ckpt_every)
   flags = [f for f in flags if not f.startswith("--config.dataset.data_dir")]  # TFDS_DATA_DIR
   proc = subprocess.run([os.path.join(helpers.ROOT, "launch", "gpu_slurm.sh"),
@@ -39,12 +41,12 @@ def _submit(cluster, workdir, data_dir, steps, *, per_gpu, ckpt_every=1000):
   return re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
 
 
-def _rank_logs(workdir, job):
+def _rank_logs(workdir, job, name="sasa"):
   logs = {}
-  for name in sorted(os.listdir(workdir / "logs")):
-    m = re.fullmatch(rf"sasa_{job}_rank(\d+)\.log", name)
+  for file in sorted(os.listdir(workdir / "logs")):
+    m = re.fullmatch(rf"{name}_{job}_rank(\d+)\.log", file)
     if m:
-      logs[int(m.group(1))] = (workdir / "logs" / name).read_text()
+      logs[int(m.group(1))] = (workdir / "logs" / file).read_text()
   return logs
 
 
@@ -117,3 +119,27 @@ def test_time_limit_saves_requeues_and_resumes_to_the_end(cluster, fmnist_dir, t
   assert finals[0][-1] == finals[1][-1] and finals[0][-1][0] == str(total)
   batch = (tmp_path / "logs" / f"sasa_{job}.batch.log").read_text()
   assert "time limit near" in batch and batch.count(f"job {job} starts") == 2
+
+
+def test_a_second_job_for_one_workdir_waits_for_the_first(cluster, fmnist_dir, tmp_path):
+  """The same submission twice (one GPU each, so that both would fit on the node's two): the
+  launcher names both jobs after the workdir and SLURM runs one of that name at a time. The
+  second waits (Reason=Dependency) while the first trains, then resumes at its last step."""
+  workdir = tmp_path / "r50"
+  first = _submit(cluster, workdir, fmnist_dir, 12, per_gpu=False, job_name=None, gpus=1)
+  second = _submit(cluster, workdir, fmnist_dir, 12, per_gpu=False, job_name=None, gpus=1)
+  name = cluster.job(first)["JobName"]
+  assert re.fullmatch(r"sasa_r50_[0-9a-f]{6}", name) and cluster.job(second)["JobName"] == name
+  deadline, seen_waiting = time.time() + 300, False
+  while cluster.job(first).get("JobState") != "COMPLETED":
+    assert time.time() < deadline, cluster.job(first)
+    if cluster.job(first).get("JobState") == "RUNNING":
+      waiting = cluster.job(second)
+      assert waiting["JobState"] == "PENDING", waiting  # never both at once
+      seen_waiting |= waiting["Reason"] == "Dependency"
+    time.sleep(0.5)
+  assert seen_waiting
+  assert cluster.wait_for(second)["JobState"] == "COMPLETED"
+  (log,) = _rank_logs(workdir, second, name).values()
+  assert f"resumed from {workdir}/checkpoints at step 12" in log
+  assert "nothing to train" in log
