@@ -4,19 +4,20 @@
 #   NODES=4 GPUS_PER_NODE=8 WORKDIR=/shared/sasa/r50 TFDS_DATA_DIR=/shared/tfds \
 #     launch/gpu_slurm.sh [--per-gpu] [--dry-run] --config=configs/imagenet.py:depth=50
 #
-# Required: NODES, GPUS_PER_NODE, WORKDIR (shared by all nodes). Optional: TFDS_DATA_DIR,
-# PARTITION, ACCOUNT, TIME (default 24:00:00), CPUS_PER_TASK (default 8 per GPU of a task),
-# MEM (default 0: all of each node's memory), TIME_WARNING (seconds before the limit at which
-# the ranks save and the job requeues itself, default 300), JOB_NAME (default sasa_ + the
-# WORKDIR's last part + a hash of WORKDIR), PYTHON (default python3 on the nodes). One job of a
-# name runs at a time (--dependency=singleton): a second submission for the same WORKDIR
-# waits for the first. --dry-run prints the batch script and submits nothing.
+# Required: NODES, GPUS_PER_NODE, WORKDIR (shared by all nodes: a path, or a gs:// URL with
+# LOGDIR set). Optional: LOGDIR (default WORKDIR/logs; a directory all nodes share),
+# TFDS_DATA_DIR, PARTITION, ACCOUNT, TIME (default 24:00:00), CPUS_PER_TASK (default 8 per
+# GPU of a task), MEM (default 0: all of each node's memory), TIME_WARNING (seconds before
+# the limit at which the ranks save and the job requeues itself, default 300), JOB_NAME
+# (default sasa_ + the WORKDIR's last part + a hash of WORKDIR), PYTHON (default python3 on
+# the nodes). One job of a name runs at a time (--dependency=singleton): a second submission
+# for the same WORKDIR waits for the first. --dry-run prints the batch script, submits nothing.
 # At the time limit the job saves a checkpoint, requeues itself and resumes where it stopped;
-# `scancel --signal=TERM JOBID` saves and ends it. Logs: WORKDIR/logs/JOB_JOBID_rankN.log
-# (one per rank, lines labelled, appended across requeues) and JOB_JOBID.batch.log.
+# `scancel --signal=TERM JOBID` saves and ends it. Logs: LOGDIR/JOB_JOBID_rankN.log (one per
+# rank, lines labelled, appended across requeues) and LOGDIR/JOB_JOBID.batch.log.
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 PER_GPU=0; DRY_RUN=0; ARGS=()
 for a in "$@"; do
   case "$a" in
@@ -31,6 +32,10 @@ for v in NODES GPUS_PER_NODE WORKDIR; do [[ -n "${!v:-}" ]] || missing+=("$v"); 
 if (( ${#missing[@]} )); then
   echo "gpu_slurm.sh: environment variable(s) ${missing[*]} required (see --help)" >&2; exit 2
 fi
+if [[ "$WORKDIR" == *://* && -z "${LOGDIR:-}" ]]; then
+  echo "gpu_slurm.sh: WORKDIR=$WORKDIR is a URL, and SLURM writes its logs to files: set LOGDIR to a directory that every node shares (LOGDIR=\$HOME/sasa_logs/$(basename "$WORKDIR"), say)" >&2; exit 2
+fi
+LOGDIR=${LOGDIR:-$WORKDIR/logs}
 [[ " ${ARGS[*]:-} " == *" --config="* ]] || { echo "gpu_slurm.sh: --config=configs/X.py[:args] is required (see --help)" >&2; exit 2; }
 if [[ $DRY_RUN == 0 ]] && ! command -v sbatch >/dev/null 2>&1; then
   echo "gpu_slurm.sh: sbatch not found: run on a SLURM login node, or use the plain multi-node form in docs/scaling_out.md" >&2
@@ -45,7 +50,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # --config first: ml_collections rejects --config.X before --config.
 TRAIN=$(printf '%q ' "${PYTHON:-python3}" -m sasa_jax.main "${ARGS[@]}" --workdir="$WORKDIR" \
   ${TFDS_DATA_DIR:+--config.dataset.data_dir="$TFDS_DATA_DIR"})
-LOGS=$(printf '%q' "$WORKDIR/logs")
+LOGS=$(printf '%q' "$LOGDIR")
 SCRIPT="#!/usr/bin/env bash
 #SBATCH --job-name=$NAME
 #SBATCH --nodes=$NODES
@@ -54,7 +59,7 @@ SCRIPT="#!/usr/bin/env bash
 #SBATCH --cpus-per-task=$CPUS
 #SBATCH --mem=${MEM:-0}
 #SBATCH --time=${TIME:-24:00:00}
-#SBATCH --output=$WORKDIR/logs/%x_%j.batch.log
+#SBATCH --output=$LOGDIR/%x_%j.batch.log
 #SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@${TIME_WARNING:-300}
 #SBATCH --requeue
@@ -82,5 +87,5 @@ if [[ $DRY_RUN == 1 ]]; then
   echo "# submit with: sbatch <this script>"
   exit 0
 fi
-mkdir -p "$WORKDIR/logs"
+mkdir -p "$LOGDIR"
 echo "$SCRIPT" | sbatch

@@ -129,6 +129,11 @@ def initialize_from_env() -> Startup:
   if startup.distributed:
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # The coordination service is gRPC between the run's own hosts: an https_proxy set for
+    # the internet (object storage, downloads) would send it to a proxy and start-up would
+    # hang. gRPC reads grpc_proxy before https_proxy and takes an empty one as "no proxy";
+    # HTTP clients (TensorFlow's GCS, tensorstore, google-cloud-storage) ignore it.
+    os.environ.setdefault("grpc_proxy", "")
     jax.distributed.initialize(**startup.kwargs)
     from sasa_jax import peer_failure  # noqa: PLC0415
     peer_failure.watch()

@@ -85,12 +85,16 @@ def _bin_without_cloud_tools(tmp_path):
     ("gpu_slurm.sh", {"WORKDIR": "w"}, "NODES GPUS_PER_NODE required"),
     ("gpu_slurm.sh", {"NODES": "1", "GPUS_PER_NODE": "1", "WORKDIR": "w",
                       "PATH": None}, "sbatch not found"),
+    ("gpu_slurm.sh", {"NODES": "1", "GPUS_PER_NODE": "1", "WORKDIR": "gs://b/r50"},
+     "WORKDIR=gs://b/r50 is a URL, and SLURM writes its logs to files: set LOGDIR to a "
+     "directory that every node shares (LOGDIR=$HOME/sasa_logs/r50, say)"),
 ])
 def test_missing_variable_or_tool_is_named(name, env, missing, tmp_path):
   if "PATH" in env:
     env = {**env, "PATH": _bin_without_cloud_tools(tmp_path)}
   base = {k: v for k, v in os.environ.items()
-          if k not in ("TPU_NAME", "ZONE", "WORKDIR", "TFDS_DATA_DIR", "NODES", "GPUS_PER_NODE")}
+          if k not in ("TPU_NAME", "ZONE", "WORKDIR", "TFDS_DATA_DIR", "NODES", "GPUS_PER_NODE",
+                       "LOGDIR")}
   proc = subprocess.run(["bash", os.path.join(LAUNCH, name), "--config=configs/imagenet.py"],
                         capture_output=True, text=True, env={**base, **env}, timeout=60)
   assert proc.returncode != 0 and missing in proc.stderr

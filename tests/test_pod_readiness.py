@@ -66,6 +66,20 @@ def test_explicit_variables():
     _plan({"SASA_NUM_PROCESSES": "2", "SASA_COORDINATOR_ADDRESS": "h:1"})
 
 
+def test_start_up_goes_around_an_http_proxy_set_for_the_internet():
+  """A cluster whose environment sends HTTPS through a proxy (one that refuses everything
+  here) and lists no host in no_proxy: the coordination service's gRPC connects to the
+  coordinator directly, and both processes start (jax.distributed alone waits for the
+  proxy until its start-up timeout)."""
+  with socket.socket() as refusing:
+    refusing.bind(("127.0.0.1", 0))
+    proxy = f"http://127.0.0.1:{refusing.getsockname()[1]}"
+    codes, errors = helpers.run_processes(
+        lambda i: [helpers.sys.executable, "-m", "sasa_jax.distributed"], 2, timeout=120,
+        https_proxy=proxy, http_proxy=proxy, no_proxy="", NO_PROXY="")
+  assert codes == [0, 0], errors  # each printed its process index and the 2 global devices
+
+
 def test_slurm_gives_a_task_every_gpu_of_its_node():
   base = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}
   one_per_node = _plan({**base, "SLURM_TASKS_PER_NODE": "1(x2)", "CUDA_VISIBLE_DEVICES": "0,1"})

@@ -25,13 +25,15 @@ def cluster(tmp_path_factory):
 
 
 def _submit(cluster, workdir, data_dir, steps, *, per_gpu, ckpt_every=1000, job_name="sasa",
-            gpus=slurm_cluster.GPUS):
-  """Submits through launch/gpu_slurm.sh; job_name None: the launcher's own name."""
+            gpus=slurm_cluster.GPUS, **environ):
+  """Submits through launch/gpu_slurm.sh with `environ` added to its environment; job_name
+  None: the launcher's own name."""
   env = helpers.env()
   env["XLA_FLAGS"] = env["LOCAL_XLA_FLAGS"]  # device counts come from the task's GPUs
   env.update(cluster.env, NODES="1", GPUS_PER_NODE=str(gpus),
              WORKDIR=str(workdir), TFDS_DATA_DIR=data_dir, PYTHON=sys.executable,
-             CPUS_PER_TASK="1", MEM="1024", **({"JOB_NAME": job_name} if job_name else {}))
+             CPUS_PER_TASK="1", MEM="1024", **({"JOB_NAME": job_name} if job_name else {}),
+             **environ)
   flags = helpers.tiny_flags(data_dir, steps, batch=12, ckpt_every=ckpt_every)
   flags = [f for f in flags if not f.startswith("--config.dataset.data_dir")]  # TFDS_DATA_DIR
   proc = subprocess.run([os.path.join(helpers.ROOT, "launch", "gpu_slurm.sh"),
@@ -41,25 +43,25 @@ def _submit(cluster, workdir, data_dir, steps, *, per_gpu, ckpt_every=1000, job_
   return re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
 
 
-def _rank_logs(workdir, job, name="sasa"):
+def _rank_logs(logdir, job, name="sasa"):
   logs = {}
-  for file in sorted(os.listdir(workdir / "logs")):
+  for file in sorted(os.listdir(logdir)):
     m = re.fullmatch(rf"{name}_{job}_rank(\d+)\.log", file)
     if m:
-      logs[int(m.group(1))] = (workdir / "logs" / file).read_text()
+      logs[int(m.group(1))] = (logdir / file).read_text()
   return logs
 
 
-def _wait_for_training(workdir, job, ranks, cluster, steps=2, timeout=300):
+def _wait_for_training(logdir, job, ranks, cluster, steps=2, timeout=300):
   deadline = time.time() + timeout
   while time.time() < deadline:
-    logs = _rank_logs(workdir, job)
+    logs = _rank_logs(logdir, job)
     if len(logs) == ranks and all(len(re.findall(r"train/loss=", t)) >= steps
                                   for t in logs.values()):
       return logs
     assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), cluster.job(job)
     time.sleep(0.5)
-  raise AssertionError(f"no progress: {_rank_logs(workdir, job)}")
+  raise AssertionError(f"no progress: {_rank_logs(logdir, job)}")
 
 
 def _finals(logs):
@@ -70,17 +72,18 @@ def test_scancel_term_and_term_to_ranks_at_different_moments_save_one_step(
     cluster, fmnist_dir, tmp_path):
   # One rank per node uses every GPU of the node; scancel --signal=TERM reaches it.
   job = _submit(cluster, tmp_path / "a", fmnist_dir, 100_000, per_gpu=False)
-  logs = _wait_for_training(tmp_path / "a", job, 1, cluster)
+  logs = _wait_for_training(tmp_path / "a" / "logs", job, 1, cluster)
   assert list(logs) == [0] and "2 local / 2 global devices" in logs[0]
   cluster.run("scancel", "--signal=TERM", job)
   assert cluster.wait_for(job)["JobState"] == "COMPLETED"
-  saved = re.findall(r"preempted: checkpoint at step (\d+)", _rank_logs(tmp_path / "a", job)[0])
+  saved = re.findall(r"preempted: checkpoint at step (\d+)",
+                     _rank_logs(tmp_path / "a" / "logs", job)[0])
   assert len(saved) == 1 and helpers.restore_params(tmp_path / "a")[0] == int(saved[0])
 
   # Two ranks per node, TERM to each at a different moment: both save the same step.
 
   job = _submit(cluster, tmp_path / "b", fmnist_dir, 100_000, per_gpu=True)
-  logs = _wait_for_training(tmp_path / "b", job, 2, cluster)
+  logs = _wait_for_training(tmp_path / "b" / "logs", job, 2, cluster)
   pids = {r: int(re.search(r"\(pid (\d+)\)", t).group(1)) for r, t in logs.items()}
   os.kill(pids[1], signal.SIGTERM)
   # Less than a step later. The ranks agree, save and exit 0.3-0.7 s after the first notice
@@ -89,7 +92,7 @@ def test_scancel_term_and_term_to_ranks_at_different_moments_save_one_step(
   with contextlib.suppress(ProcessLookupError):
     os.kill(pids[0], signal.SIGTERM)
   assert cluster.wait_for(job)["JobState"] == "COMPLETED"
-  logs = _rank_logs(tmp_path / "b", job)
+  logs = _rank_logs(tmp_path / "b" / "logs", job)
   steps = {r: re.findall(r"preempted: checkpoint at step (\d+)", t) for r, t in logs.items()}
   assert steps[0] == steps[1] and len(steps[0]) == 1, logs
   assert helpers.restore_params(tmp_path / "b")[0] == int(steps[0][0])
@@ -98,7 +101,7 @@ def test_scancel_term_and_term_to_ranks_at_different_moments_save_one_step(
 def test_time_limit_saves_requeues_and_resumes_to_the_end(cluster, fmnist_dir, tmp_path):
   total = 24
   job = _submit(cluster, tmp_path, fmnist_dir, total, per_gpu=True)
-  _wait_for_training(tmp_path, job, 2, cluster)
+  _wait_for_training(tmp_path / "logs", job, 2, cluster)
   # What SLURM does TIME_WARNING seconds before the limit (--signal=B:USR1@...).
   cluster.run("scancel", "--batch", "--signal=USR1", job)
   deadline = time.time() + 300
@@ -106,7 +109,7 @@ def test_time_limit_saves_requeues_and_resumes_to_the_end(cluster, fmnist_dir, t
     assert time.time() < deadline, cluster.job(job)
     time.sleep(1)
   info = cluster.wait_for(job, timeout=600)
-  logs = _rank_logs(tmp_path, job)
+  logs = _rank_logs(tmp_path / "logs", job)
   assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, logs)
   assert set(logs) == {0, 1}  # one task per GPU, each line labelled with its rank
   assert all(line.startswith(f"{r}: ") for r, t in logs.items() for line in t.splitlines())
@@ -140,6 +143,23 @@ def test_a_second_job_for_one_workdir_waits_for_the_first(cluster, fmnist_dir, t
     time.sleep(0.5)
   assert seen_waiting
   assert cluster.wait_for(second)["JobState"] == "COMPLETED"
-  (log,) = _rank_logs(workdir, second, name).values()
+  (log,) = _rank_logs(workdir / "logs", second, name).values()
   assert f"resumed from {workdir}/checkpoints at step 12" in log
   assert "nothing to train" in log
+
+
+def test_workdir_and_data_on_object_storage_logs_on_a_shared_directory(cluster, gcs, tmp_path):
+  """WORKDIR and TFDS_DATA_DIR on gs:// (the GCS API emulator, its address in the submitting
+  environment, which sbatch passes on), the logs in LOGDIR: both ranks train, write their
+  parts of each checkpoint there and end at one set of parameters."""
+  logdir = tmp_path / "logs"
+  job = _submit(cluster, "gs://sasa/slurm", "gs://sasa/tfds", 4, per_gpu=True, ckpt_every=2,
+                LOGDIR=str(logdir), **gcs.env)
+  info = cluster.wait_for(job, timeout=600)
+  logs = _rank_logs(logdir, job)
+  assert info["JobState"] == "COMPLETED", (info, logs)
+  finals = _finals(logs)
+  assert set(finals) == {0, 1} and finals[0] == finals[1] and finals[0][-1][0] == "4"
+  saved = gcs.list_objects("sasa", "slurm/checkpoints/")
+  assert {name.split("/")[2] for name in saved} - {""} == {"2", "4"}, saved
+  assert (logdir / f"sasa_{job}.batch.log").exists()
