@@ -94,13 +94,13 @@ def larger_microbatch_counts(config, devices: int) -> list[int]:
 
 def config_flags_of(argv) -> list[str]:
   """The --config and --config.FIELD arguments of a command line (`--flag value` pairs kept
-  together), shell-quoted."""
+  together; a bare boolean `--config.FIELD` alone), shell-quoted."""
   kept, i = [], 1
   while i < len(argv):
     arg = argv[i]
     if arg == "--config" or arg.startswith(("--config=", "--config.")):
       kept.append(arg)
-      if "=" not in arg and i + 1 < len(argv):
+      if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
         i += 1
         kept.append(argv[i])
     i += 1

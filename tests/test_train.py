@@ -391,6 +391,9 @@ def test_out_of_memory_advice_follows_the_batch_norm_groups():
       "BatchNorm groups of config.batch_norm_group_size=16\n  a smaller config.batch_size, or "
       "more devices\nPlan each before running, on a device of this kind: python -m "
       "sasa_jax.tools.step_memory --config configs/x.py:a=1 --devices=4 --microbatches=4")
+  assert train.config_flags_of(["main.py", "--config.profile", "--workdir=/w", "--config=c.py",
+                                "--config.dataset.eval_split=test[:5]"]) == [
+      "--config.profile", "--config=c.py", "'--config.dataset.eval_split=test[:5]'"]
 
 
 def test_batch_norm_groups_may_be_the_images_of_whole_devices():
