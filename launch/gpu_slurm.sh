@@ -32,8 +32,9 @@ for v in NODES GPUS_PER_NODE WORKDIR; do [[ -n "${!v:-}" ]] || missing+=("$v"); 
 if (( ${#missing[@]} )); then
   echo "gpu_slurm.sh: environment variable(s) ${missing[*]} required (see --help)" >&2; exit 2
 fi
+LAST=${WORKDIR%/}; LAST=${LAST##*/}  # the WORKDIR's last part, as basename gives it
 if [[ "$WORKDIR" == *://* && -z "${LOGDIR:-}" ]]; then
-  echo "gpu_slurm.sh: WORKDIR=$WORKDIR is a URL, and SLURM writes its logs to files: set LOGDIR to a directory that every node shares (LOGDIR=\$HOME/sasa_logs/$(basename "$WORKDIR"), say)" >&2; exit 2
+  echo "gpu_slurm.sh: WORKDIR=$WORKDIR is a URL, and SLURM writes its logs to files: set LOGDIR to a directory that every node shares (LOGDIR=\$HOME/sasa_logs/$LAST, say)" >&2; exit 2
 fi
 LOGDIR=${LOGDIR:-$WORKDIR/logs}
 [[ " ${ARGS[*]:-} " == *" --config="* ]] || { echo "gpu_slurm.sh: --config=configs/X.py[:args] is required (see --help)" >&2; exit 2; }
@@ -44,7 +45,6 @@ fi
 TASKS_PER_NODE=$([[ $PER_GPU == 1 ]] && echo "$GPUS_PER_NODE" || echo 1)
 GPUS_PER_TASK=$(( GPUS_PER_NODE / TASKS_PER_NODE ))
 CPUS=${CPUS_PER_TASK:-$(( 8 * GPUS_PER_TASK ))}
-LAST=$(basename "$WORKDIR")
 NAME=${JOB_NAME:-sasa_${LAST//[^A-Za-z0-9_.-]/_}_$(printf '%s' "$WORKDIR" | md5sum | cut -c1-6)}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # --config first: ml_collections rejects --config.X before --config.

@@ -42,9 +42,9 @@ def _exit(status: int) -> None:
 
 def failed_peers(client, me: int) -> list[tuple[int, str]]:
   """(process index, "host: error") of every other process that has published a failure."""
-  return sorted((int(key.rsplit("/", 1)[-1]), what)
-                for key, what in client.key_value_dir_get(KEY_DIR)
-                if int(key.rsplit("/", 1)[-1]) != me)
+  published = ((int(key.rsplit("/", 1)[-1]), what)
+               for key, what in client.key_value_dir_get(KEY_DIR))
+  return sorted((index, what) for index, what in published if index != me)
 
 
 def _leave(me: int) -> None:
