@@ -96,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.profile = False
   config.compilation_cache_dir = config_dict.placeholder(str)  # None: WORKDIR/compilation_cache
+  # A run holds WORKDIR/lease.json while it trains, renewed every 1/6 of this; a second run
+  # on the workdir stops, unless the lease goes this long unrenewed (its run was killed).
+  config.workdir_lease_s = 60.0  # 0: no lease
   # Detection only (config.task = "detection"): pipeline, loss and post-processing.
   config.detection = ml_collections.ConfigDict(dict(
       max_boxes=100,                  # boxes per training image (more are dropped)

@@ -41,6 +41,7 @@ from sasa_jax import optim
 from sasa_jax import run_info
 from sasa_jax import shared_workdir
 from sasa_jax import tasks
+from sasa_jax import workdir_lease
 from sasa_jax.base_config import LOOP_SET_MODEL_FIELDS
 from sasa_jax.device_memory import peak_memory
 from sasa_jax.data.detection import DetectionOptions
@@ -207,6 +208,10 @@ def validate_config(config: ml_collections.ConfigDict, devices: int | None = Non
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_train_steps > 0 or config.num_epochs > 0, got "
                      f"{config.num_train_steps} and {config.num_epochs}")
+  lease_s = config.workdir_lease_s
+  if not isinstance(lease_s, (int, float)) or lease_s < 0:
+    raise ValueError(f"config.workdir_lease_s={lease_s!r} must be a number of seconds >= 0 "
+                     "(0: no lease, nothing stops a second run on the workdir)")
   for f in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[f] <= 0:
       raise ValueError(f"config.{f}={config[f]} must be > 0")
@@ -667,6 +672,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   workdir.mkdir(parents=True, exist_ok=True)
   shared_workdir.check(workdir)  # every process sees it, or all fail now
+  with workdir_lease.held(workdir, config.workdir_lease_s,  # one run per workdir
+                          active=jax.process_index() == 0) as lease:
+    return _train(config, workdir, builder, steps_per_epoch, num_steps, lease, started)
+
+
+def _train(config, workdir: epath.Path, builder, steps_per_epoch: int, num_steps: int,
+           lease: workdir_lease.WorkdirLease, started: float) -> TrainState:
+  """train_and_evaluate's loop, in a workdir this run holds the lease of."""
   set_compilation_cache(config, workdir)
   is_main = jax.process_index() == 0
   writer = create_writer(workdir, is_main)
@@ -708,6 +721,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if changes:  # e.g. a longer schedule, on purpose; or another batch size, by mistake
     logging.warning("resuming with a config that differs from the last start's (%s, "
                     "there; this command, here) in:\n  %s", saved, "\n  ".join(changes))
+  lease.confirm()  # raises if another run claimed the workdir at the same time
   # process 0 writes; every one gathers
   start = run_info.record_start(workdir, start_step, config_changes=changes)
   if is_main:  # what tools (attention maps, reports) need to rebuild the model
@@ -776,6 +790,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   try:
     with advise_when_out_of_memory(config, jax.device_count()):
       while step < num_steps:
+        lease.check()  # process 0; the others stop with it (peer_failure)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, metrics = p_train(state, data_lib.to_global(throughput.next_batch(train_iter),
                                                              batch_sharding))
@@ -803,6 +818,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           pending = []
         due = step % config.eval_every_steps == 0 or step == num_steps
         if save:  # before evaluating: an evaluation that fails loses no training
+          lease.check()
           ckpt.save(step, args=ocp.args.StandardSave(state), force=True)
         if stop:
           logging.warning("preempted: checkpoint at step %d written; exiting%s", step,

@@ -217,6 +217,7 @@ def _train_config(name="fashion_mnist", arg=helpers.TINY_MODEL, **changes):
     ({"schedule.name": "poly"}, r"config.schedule.name='poly' is not allowed"),
     ({"schedule.peak_value": 0.0}, r"config.schedule.peak_value=0.0 must be > 0"),
     ({"optimizer.grad_clip_norm": -1.0}, r"config.optimizer.grad_clip_norm=-1.0 must be >= 0"),
+    ({"workdir_lease_s": -5.0}, r"config.workdir_lease_s=-5.0 must be a number of seconds >= 0"),
     ({"model.kernel_size": (4,)}, r"config.model: kernel_size=4 \(group 3\) is not allowed"),
     ({"model.num_heads": (3,)}, r"config.model: num_heads=3 \(group 3\): the layer's width 32"),
     ({"model.attention_groups": (2, 5)}, r"config.model: attention_groups entry=5 is not allowed"),

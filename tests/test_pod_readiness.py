@@ -1,12 +1,15 @@
 """What a multi-host run needs beyond the loop's basics: start-up on every cluster, per-process
 augmentation, per-epoch file order, uint8 transfer, divergence, compilation cache."""
 import http.server
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -263,9 +266,16 @@ def test_two_processes_on_object_storage(gcs, tmp_path):
   """A TPU pod's case on loopback: 2 processes (launch/local.sh) with workdir and data on
   gs:// (the GCS API emulator). Both see the workdir (the start-up check's object is gone
   afterwards), both write their part of every checkpoint, and they end at one set of
-  parameters."""
+  parameters. The workdir holds the lease of a run on another host that is never renewed (a
+  deleted VM): taken over after config.workdir_lease_s, and released at the end."""
+  lease = json.dumps({"run": "0123456789ab", "host": "worker-elsewhere", "pid": 4242,
+                      "renewed": time.time(), "renewals": 3})
+  subprocess.run([sys.executable, "-c", "import sys; from etils import epath; "
+                  "epath.Path('gs://sasa/two/lease.json').write_text(sys.argv[1])", lease],
+                 env=helpers.env(**gcs.env), check=True, timeout=120)
   cmd = helpers.main_cmd(FMNIST, "gs://sasa/two",
-                         helpers.tiny_flags("gs://sasa/tfds", 4, ckpt_every=2, log_every=2))
+                         helpers.tiny_flags("gs://sasa/tfds", 4, ckpt_every=2, log_every=2)
+                         + ["--config.workdir_lease_s=3"])
   logs = tmp_path / "logs"
   proc = subprocess.run([os.path.join(helpers.ROOT, "launch", "local.sh"), "2", *cmd[3:]],
                         cwd=helpers.ROOT, env=helpers.env(**gcs.env, LOGDIR=str(logs)),
@@ -274,7 +284,10 @@ def test_two_processes_on_object_storage(gcs, tmp_path):
   fingerprints = [re.search(r"final parameters at step 4: sha256 (\w+)",
                             (logs / f"process_{i}.log").read_text()).group(1) for i in range(2)]
   assert fingerprints[0] == fingerprints[1]
+  assert ("lease.json was not renewed for 3 s: its run is gone; taking over"
+          in (logs / "process_0.log").read_text())
   objects = [o for o in gcs.list_objects("sasa") if o.startswith("two/")]
+  assert not [o for o in objects if "lease.json" in o]  # released, no temporary left
   for step in (2, 4):
     assert {f"two/checkpoints/{step}/commit_success.txt",
             f"two/checkpoints/{step}/default/array_metadatas/process_0",

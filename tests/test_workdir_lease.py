@@ -1,0 +1,126 @@
+"""One run per workdir (sasa_jax/workdir_lease.py), with real training processes."""
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests import helpers
+
+FMNIST = f"configs/fashion_mnist.py:{helpers.TINY_MODEL}"
+LEASE_S = 6
+
+
+def _flags(fmnist_dir, steps, **kw):
+  return helpers.tiny_flags(fmnist_dir, steps, **kw) + [f"--config.workdir_lease_s={LEASE_S}"]
+
+
+def _start(workdir, flags):
+  """A training run in the background, once it has trained a step."""
+  proc = subprocess.Popen(helpers.main_cmd(FMNIST, workdir, flags), cwd=helpers.ROOT,
+                          env=helpers.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 300
+  metrics = workdir / "metrics.jsonl"
+  while not (metrics.exists() and '"train/loss"' in metrics.read_text()):
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      raise AssertionError(proc.stderr.read()[-3000:])
+    time.sleep(0.1)
+  return proc
+
+
+def _lease(workdir):
+  return json.loads((workdir / "lease.json").read_text())
+
+
+def test_a_second_run_stops_naming_the_first_which_trains_on_and_releases_the_workdir(
+    fmnist_dir, tmp_path):
+  """The launch command run again on a workdir in use, as two processes (a slice's workers):
+  both exit 1 within seconds, process 0 naming the run that holds the workdir; that run is
+  untouched. Stopped with SIGTERM, it saves and releases the workdir, and the next start
+  resumes from its checkpoint without waiting."""
+  workdir = tmp_path / "run"
+  first = _start(workdir, _flags(fmnist_dir, 100_000, log_every=5))
+  try:
+    held = _lease(workdir)
+    assert held["pid"] == first.pid and held["host"] == os.uname().nodename
+    t0 = time.time()
+    codes, errors = helpers.run_processes(
+        lambda i: helpers.main_cmd(FMNIST, workdir, _flags(fmnist_dir, 100_000)), 2,
+        timeout=150, SASA_HEARTBEAT_TIMEOUT="100")
+    assert codes == [1, 1], [e[-3000:] for e in errors]
+    assert time.time() - t0 < 60  # start-up, one renewal seen, the peer stopped
+    assert re.search(rf"WorkdirInUseError: the workdir {workdir} is in use by run "
+                     rf"{held['run']} on host {held['host']} \(pid {first.pid}\)", errors[0])
+    assert "process 0 failed" in errors[1] and "WorkdirInUseError" in errors[1]
+    assert first.poll() is None and _lease(workdir)["run"] == held["run"]
+    assert _lease(workdir)["renewals"] > held["renewals"]
+  finally:
+    first.send_signal(signal.SIGTERM)
+    stderr = first.communicate(timeout=120)[1]
+  assert first.returncode == 0, stderr[-3000:]
+  saved = int(re.search(r"preempted: checkpoint at step (\d+) written", stderr).group(1))
+  assert not (workdir / "lease.json").exists()
+  resumed = helpers.run_main(FMNIST, workdir, _flags(fmnist_dir, saved + 1))
+  assert f"at step {saved}" in resumed.stderr and "lease.json" not in resumed.stderr
+  assert not (workdir / "lease.json").exists()
+
+
+@pytest.mark.parametrize("holder", ["killed_here", "silent_elsewhere"])
+def test_the_lease_of_a_run_that_is_gone_is_taken_over(fmnist_dir, tmp_path, holder):
+  """killed_here: a run killed with SIGKILL on this host (its lease stays): taken over at once,
+  since its process is not running. silent_elsewhere: the lease of a run on another host,
+  renewed just now by the clock but never again (a VM that was deleted): taken over after
+  config.workdir_lease_s seconds without a renewal."""
+  workdir = tmp_path / "run"
+  if holder == "killed_here":
+    gone = _start(workdir, _flags(fmnist_dir, 100_000))
+    gone.kill()
+    gone.communicate()
+    held = _lease(workdir)
+  else:
+    workdir.mkdir()
+    held = {"run": "0123456789ab", "host": "worker-elsewhere", "pid": 4242,
+            "slurm_job_id": None, "started": "2026-12-05T10:00:00+00:00",
+            "renewed": time.time(), "renewals": 3}
+    (workdir / "lease.json").write_text(json.dumps(held))
+  t0 = time.time()
+  run = helpers.run_main(FMNIST, workdir, _flags(fmnist_dir, 2))
+  took = time.time() - t0
+  if holder == "killed_here":
+    assert (f"taking over {workdir}/lease.json from run {held['run']}" in run.stderr
+            and f"its process {held['pid']} is not running on this host" in run.stderr)
+    assert "watching it" not in run.stderr
+  else:
+    assert f"names run {held['run']} on host worker-elsewhere (pid 4242)" in run.stderr
+    assert f"was not renewed for {LEASE_S} s: its run is gone; taking over" in run.stderr
+    assert took > LEASE_S
+  assert helpers.restore_params(workdir)[0] == 2
+  assert not (workdir / "lease.json").exists()
+
+
+def test_a_run_whose_workdir_is_taken_over_stops_without_writing_to_it_again(
+    fmnist_dir, tmp_path):
+  """Another run's lease written over this run's (as when this run stalled past
+  config.workdir_lease_s and was taken over): at its next renewal the run sees it and stops
+  before its next step, saving nothing more and leaving the other run's lease in place."""
+  workdir = tmp_path / "run"
+  run = _start(workdir, _flags(fmnist_dir, 100_000, ckpt_every=3))
+  other = dict(_lease(workdir), run="fedcba987654", host="worker-elsewhere", pid=4242,
+               renewed=time.time(), renewals=0)
+  (workdir / "lease.json").write_text(json.dumps(other))
+  taken_over = time.time()
+  try:
+    stderr = run.communicate(timeout=60)[1]
+  finally:
+    run.kill()
+  assert run.returncode == 1, stderr[-3000:]
+  assert re.search(r"WorkdirLeaseLostError: .*lease.json now names run fedcba987654 on host "
+                   r"worker-elsewhere \(pid 4242\)", stderr), stderr[-3000:]
+  assert _lease(workdir) == other
+  saved = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert all(p.stat().st_mtime < taken_over + LEASE_S / 6 + 1 for p in saved)
