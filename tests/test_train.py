@@ -423,11 +423,24 @@ def test_batch_not_divisible_by_devices_names_the_field(tmp_path):
   assert "garbage collector on at exit: True" in proc.stdout
 
 
-def test_missing_imagenet_says_how_to_prepare(tmp_path):
+@pytest.mark.parametrize("older", [False, True])
+def test_missing_imagenet_says_how_to_prepare(tmp_path, older):
+  """Nothing prepared, or only a version that this TFDS release does not read (a shared data
+  dir prepared with an older release)."""
   from sasa_jax import train
-  config = _config(**{"dataset.name": "imagenet2012", "dataset.data_dir": str(tmp_path / "none")})
-  with pytest.raises(FileNotFoundError, match=r"imagenet2012.*not prepared.*tfds build imagenet2012"):
+  data_dir = tmp_path / "tfds"
+  if older:
+    (data_dir / "imagenet2012" / "5.0.0").mkdir(parents=True)
+    (data_dir / "imagenet2012" / "5.0.0" / "dataset_info.json").write_text("{}")
+  config = _config(**{"dataset.name": "imagenet2012", "dataset.data_dir": str(data_dir)})
+  with pytest.raises(FileNotFoundError) as raised:
     train.train_and_evaluate(config, str(tmp_path / "run"))
+  message = str(raised.value)
+  assert re.search(rf"'imagenet2012' is not prepared in config.dataset.data_dir='{data_dir}': "
+                   rf"TFDS reads version 5.1.0 from {data_dir}/imagenet2012/5.1.0", message)
+  assert "tfds build imagenet2012" in message
+  assert ("it holds version(s) 5.0.0 only, which this tensorflow-datasets release does not "
+          "read: prepare 5.1.0 there" in message) == older
 
 
 def test_config_strings():

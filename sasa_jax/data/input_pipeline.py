@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
 
 from sasa_jax.data import detection
 from sasa_jax.data import fashion_mnist
@@ -80,8 +81,14 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     except Exception as e:  # noqa: BLE001 - re-raised with the instructions
       raise FileNotFoundError(f"dataset {name!r} is not prepared in data_dir={data_dir!r} and "
                               f"preparing it failed ({e}). {spec.how_to_prepare}") from e
-  raise FileNotFoundError(f"dataset {name!r} is not prepared in data_dir={builder.data_dir!r}. "
-                          f"{spec.how_to_prepare}")
+  versions = epath.Path(builder.data_dir).parent  # DATA_DIR/NAME, one folder per version
+  found = sorted(p.parent.name for p in versions.glob("*/dataset_info.json"))
+  raise FileNotFoundError(
+      f"dataset {name!r} is not prepared in config.dataset.data_dir={data_dir!r}: TFDS reads "
+      f"version {builder.version} from {builder.data_dir}, which has no dataset_info.json"
+      + (f" (it holds version(s) {', '.join(found)} only, which this tensorflow-datasets "
+         f"release does not read: prepare {builder.version} there)" if found else "")
+      + f". {spec.how_to_prepare}")
 
 
 # The pipeline's functions have no tensor-dependent Python control flow: traced as they are,
