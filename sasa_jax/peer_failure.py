@@ -107,7 +107,28 @@ def stop_all_on_error():
                     me, type(e).__name__, line)
       _leave(me)
     logging.exception("process %d failed; stopping every process", me)
-    client.key_value_set(f"{KEY_DIR}/{me}", f"{socket.gethostname()}: {type(e).__name__}: "
-                         f"{line}", allow_overwrite=True)
-    time.sleep(2 * POLL_SECONDS)  # the others read it, even when this process hosts the service
+    _publish_and_exit(client, me, f"{type(e).__name__}: {line}")
+
+
+def _publish_and_exit(client, me: int, line: str) -> None:
+  client.key_value_set(f"{KEY_DIR}/{me}", f"{socket.gethostname()}: {line}",
+                       allow_overwrite=True)
+  time.sleep(2 * POLL_SECONDS)  # the others read it, even when this process hosts the service
+  _exit(1)
+
+
+def stop_every_process(line: str) -> None:
+  """Ends this process with status 1 from any thread, after publishing `line` (what went
+  wrong, one line) for the other processes' watch; with one process, at once."""
+  client = _client()
+  if client is None or jax.process_count() == 1:
     _exit(1)
+  me = jax.process_index()
+  try:
+    failed = failed_peers(client, me)
+  except Exception:  # noqa: BLE001 - the service is gone with process 0: nobody to tell
+    _exit(1)
+  if failed:
+    logging.error("process %d failed (%s); process %d stops too", *failed[0], me)
+    _leave(me)
+  _publish_and_exit(client, me, line)

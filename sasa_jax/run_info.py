@@ -73,15 +73,17 @@ def describe(start_step: int, hosts: list[str]) -> dict:
           "packages": {name: _version(name) for name in PACKAGES}, "code": code_version()}
 
 
-def record_start(workdir: epath.PathLike, start_step: int,
-                 config_changes: list[str] = ()) -> dict | None:
-  """Every process calls it: process 0 appends describe(start_step, every process's host)
-  and `config_changes` (the config fields this start changed, "field: old there, new
-  here") to workdir/starts.jsonl (local or gs://) and returns it; the others return None."""
+def record_start(workdir: epath.PathLike, start_step: int, config_changes: list[str] = (),
+                 num_train_steps: int | None = None, run: str | None = None) -> dict | None:
+  """Every process calls it: process 0 appends describe(start_step, every process's host),
+  `config_changes` (the config fields this start changed, "field: old there, new here"),
+  the step the run trains to and its id in the workdir's lease to workdir/starts.jsonl
+  (local or gs://) and returns it; the others return None."""
   hosts = process_hosts()
   if jax.process_index() != 0:
     return None
-  row = {**describe(start_step, hosts), "config_changes": list(config_changes)}
+  row = {**describe(start_step, hosts), "config_changes": list(config_changes),
+         "num_train_steps": num_train_steps, "run": run}
   with (epath.Path(workdir) / "starts.jsonl").open("a") as f:
     f.write(json.dumps(row) + "\n")
   return row

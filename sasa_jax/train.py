@@ -46,6 +46,7 @@ from sasa_jax.base_config import LOOP_SET_MODEL_FIELDS
 from sasa_jax.device_memory import peak_memory
 from sasa_jax.data.detection import DetectionOptions
 from sasa_jax.metric_writers import create_writer
+from sasa_jax.watchdog import Watchdog
 from sasa_jax.models.resnet import batch_norm_across
 from sasa_jax.run_once import run_once
 
@@ -208,10 +209,10 @@ def validate_config(config: ml_collections.ConfigDict, devices: int | None = Non
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("set config.num_train_steps > 0 or config.num_epochs > 0, got "
                      f"{config.num_train_steps} and {config.num_epochs}")
-  lease_s = config.workdir_lease_s
-  if not isinstance(lease_s, (int, float)) or lease_s < 0:
-    raise ValueError(f"config.workdir_lease_s={lease_s!r} must be a number of seconds >= 0 "
-                     "(0: no lease, nothing stops a second run on the workdir)")
+  for f, off in (("workdir_lease_s", "no lease, nothing stops a second run on the workdir"),
+                 ("hang_timeout_s", "a hung run waits for its time limit")):
+    if not isinstance(config[f], (int, float)) or config[f] < 0:
+      raise ValueError(f"config.{f}={config[f]!r} must be a number of seconds >= 0 (0: {off})")
   for f in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[f] <= 0:
       raise ValueError(f"config.{f}={config[f]} must be > 0")
@@ -389,16 +390,17 @@ def eval_batch_size(config) -> int:
 
 
 def evaluate_split(p_eval, state, builder, task, *, split: str, batch_size: int,
-                   image_size: int, batch_sharding) -> dict:
+                   image_size: int, batch_sharding, on_batch=lambda i: None) -> dict:
   """The task's metrics of `state` over every example of `split` exactly once (the last
-  batches padded and masked), in global batches of `batch_size`."""
+  batches padded and masked), in global batches of `batch_size`; on_batch(i) after batch i."""
   n = data_lib.eval_steps(builder, split, batch_size)
   ds = data_lib.eval_dataset(builder, split=split,
                              per_host_batch=batch_size // jax.process_count(),
                              image_size=image_size, num_steps=n)
   evaluator = task.evaluator(builder)
-  for batch in ds.as_numpy_iterator():
+  for i, batch in enumerate(ds.as_numpy_iterator()):
     evaluator.update(p_eval(state, data_lib.to_global(batch, batch_sharding)))
+    on_batch(i)
   return evaluator.result()
 
 
@@ -723,7 +725,8 @@ def _train(config, workdir: epath.Path, builder, steps_per_epoch: int, num_steps
                     "there; this command, here) in:\n  %s", saved, "\n  ".join(changes))
   lease.confirm()  # raises if another run claimed the workdir at the same time
   # process 0 writes; every one gathers
-  start = run_info.record_start(workdir, start_step, config_changes=changes)
+  start = run_info.record_start(workdir, start_step, config_changes=changes,
+                                num_train_steps=num_steps, run=lease.run)
   if is_main:  # what tools (attention maps, reports) need to rebuild the model
     saved.write_text(config.to_json_best_effort(indent=2))
     code = start["code"]
@@ -752,10 +755,13 @@ def _train(config, workdir: epath.Path, builder, steps_per_epoch: int, num_steps
                                             state_sharding, batch_sharding))
   p_eval = under_mesh(mesh, jit_eval_step(config, task, model, state_sharding, batch_sharding))
 
+  watchdog = Watchdog(config.hang_timeout_s)  # armed by the first step's progress
+
   def evaluate(step):
-    result = evaluate_split(p_eval, state, builder, task, split=config.dataset.eval_split,
-                            batch_size=eval_batch, image_size=size,
-                            batch_sharding=batch_sharding)
+    result = evaluate_split(
+        p_eval, state, builder, task, split=config.dataset.eval_split, batch_size=eval_batch,
+        image_size=size, batch_sharding=batch_sharding,
+        on_batch=lambda i: watchdog.progress(f"evaluation batch {i + 1} at step {step}"))
     writer.write_scalars(step, result)
     writer.flush()
     return result
@@ -795,6 +801,7 @@ def _train(config, workdir: epath.Path, builder, steps_per_epoch: int, num_steps
           state, metrics = p_train(state, data_lib.to_global(throughput.next_batch(train_iter),
                                                              batch_sharding))
         step += 1
+        watchdog.progress(f"step {step}")
         if step == start_step + 1:
           jax.block_until_ready(metrics)
           logging.info("first step done %.1f s after start (compilation included)",
@@ -820,6 +827,7 @@ def _train(config, workdir: epath.Path, builder, steps_per_epoch: int, num_steps
         if save:  # before evaluating: an evaluation that fails loses no training
           lease.check()
           ckpt.save(step, args=ocp.args.StandardSave(state), force=True)
+          watchdog.progress(f"the checkpoint of step {step} began saving")
         if stop:
           logging.warning("preempted: checkpoint at step %d written; exiting%s", step,
                           f" without its evaluation (python -m sasa_jax.tools.evaluate "
@@ -833,6 +841,7 @@ def _train(config, workdir: epath.Path, builder, steps_per_epoch: int, num_steps
   finally:
     ckpt.wait_until_finished()
     ckpt.close()
+    watchdog.stop()
     preemption.restore()
     writer.flush()
     writer.close()

@@ -55,6 +55,18 @@ def describe(lease: dict | None) -> str:
           f"started {lease.get('started')}, renewed {ago:.0f} s ago by this machine's clock")
 
 
+def read(workdir: epath.PathLike) -> dict | None:
+  """The workdir's lease as a dict; None where it has none."""
+  path = epath.Path(workdir) / LEASE_FILE
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    return None
+  except json.JSONDecodeError:
+    logging.warning("%s is not JSON: treated as no lease", path)
+    return None
+
+
 def _pid_gone(pid) -> bool:
   try:
     os.kill(int(pid), 0)
@@ -85,14 +97,13 @@ class WorkdirLease:
     self._stop = threading.Event()
     self._thread = None
 
+  @property
+  def run(self) -> str | None:
+    """This run's id in the lease (None where it holds none)."""
+    return self.mine["run"] if self.active else None
+
   def _read(self) -> dict | None:
-    try:
-      return json.loads(self.path.read_text())
-    except FileNotFoundError:
-      return None
-    except json.JSONDecodeError:
-      logging.warning("%s is not JSON: treated as no lease", self.path)
-      return None
+    return read(self.path.parent)
 
   def _write(self) -> None:
     # whole or not at all for readers: a new file, renamed over the lease

@@ -148,6 +148,37 @@ def test_a_process_that_raises_stops_every_process_at_once(fmnist_dir, tmp_path,
   assert not any("Aborted" in e or "Fatal Python error" in e for e in errors)
 
 
+def test_a_hung_process_stops_every_process_with_every_threads_stack(fmnist_dir, tmp_path):
+  """Process 1's evaluation data on a filesystem that hangs (a named pipe nobody writes:
+  reading it blocks, as a read from a hung NFS mount does) while process 0 waits for it in
+  the evaluation's collectives. Both are alive and heartbeating, so jax never stops them;
+  the watchdog does: config.hang_timeout_s after its last step process 1 shows where each
+  thread was and exits 1, and process 0 (given a longer timeout, so that process 1 acts
+  first) exits 1 naming process 1's hang."""
+  copy = tmp_path / "hung_tfds"
+  shutil.copytree(fmnist_dir, copy)
+  (test_file,) = copy.glob("fashion_mnist/*/fashion_mnist-test.tfrecord-*")
+  test_file.unlink()
+  os.mkfifo(test_file)
+  flags = helpers.tiny_flags(fmnist_dir, 1000, eval_every=3)
+  cmd = helpers.main_cmd(f"configs/fashion_mnist.py:{helpers.TINY_MODEL}", tmp_path / "run",
+                         flags)
+  codes, errors = helpers.run_processes(
+      lambda i: cmd + ([f"--config.dataset.data_dir={copy}", "--config.hang_timeout_s=15"]
+                       if i == 1 else ["--config.hang_timeout_s=90"]),
+      2, timeout=150, SASA_HEARTBEAT_TIMEOUT="100")
+  assert codes == [1, 1], [e[-3000:] for e in errors]
+  hung = r"no progress for (\d+) s since step 3 \(config.hang_timeout_s=15\): the run is hung"
+  waited = re.search(hung, errors[1])
+  assert waited and 15 <= int(waited.group(1)) <= 25, errors[1][-3000:]
+  # every thread's Python stack: the main thread's waits in the evaluation's input
+  assert re.search(r"Thread 0x\w+ \(most recent call first\):\n(  File .*\n)*  File "
+                   r'".*/sasa_jax/train.py", line \d+ in evaluate_split', errors[1])
+  assert re.search(rf"process 1 failed \({re.escape(os.uname().nodename)}: Hung: {hung}\); "
+                   r"process 0 stops too", errors[0]), errors[0][-3000:]
+  assert not any("Aborted" in e or "Fatal Python error" in e for e in errors)
+
+
 def test_killed_peer_fails_the_other_then_the_pair_and_one_process_resume(fmnist_dir, tmp_path):
   workdir = tmp_path / "run"
   flags = helpers.tiny_flags(fmnist_dir, 400, ckpt_every=2, eval_every=1000)

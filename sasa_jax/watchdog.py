@@ -1,0 +1,66 @@
+"""Stops a run that has stopped making progress, saying where each thread was.
+
+A step that never finishes raises nothing: a GPU that stopped answering, a collective
+waiting for a peer that is stuck but alive (its heartbeat goes on, so jax.distributed does
+not stop it), a read from a hung network filesystem. Left alone, every process waits until
+the job's time limit, on every device of the run. So the training loop calls `progress(what)`
+after each step, evaluation batch and checkpoint save (host-side: a hung device stops them
+within `log_every_steps` steps, where the loop waits for the metrics), and a thread checks
+every few seconds. After `timeout_s` seconds without progress it logs what came last and
+how long ago, writes every thread's Python stack to stderr (faulthandler), tells the other
+processes (`peer_failure.stop_every_process`) and exits with status 1: a launcher that
+restarts the run resumes from the last checkpoint.
+
+It is armed by the first `progress` call, which the loop makes after its first step, so
+compilation before it is not timed.
+"""
+import faulthandler
+import sys
+import threading
+import time
+
+from absl import logging
+
+from sasa_jax import peer_failure
+
+
+class Watchdog:
+  """`progress(what)` from the loop; `stop()` at its end. timeout_s = 0: does nothing."""
+
+  def __init__(self, timeout_s: float, field: str = "config.hang_timeout_s"):
+    self.timeout_s = float(timeout_s)
+    self._field = field
+    self._last = None  # (time.monotonic(), what) of the latest progress
+    self._stop = threading.Event()
+    self._thread = None
+
+  def progress(self, what: str) -> None:
+    if self.timeout_s <= 0:
+      return
+    self._last = (time.monotonic(), what)
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+      self._thread.start()
+
+  def _watch(self) -> None:
+    while not self._stop.wait(min(5.0, self.timeout_s / 4)):
+      at, what = self._last
+      idle = time.monotonic() - at
+      if idle >= self.timeout_s:
+        self._fire(what, idle)
+
+  def _fire(self, what: str, idle: float) -> None:
+    message = (f"no progress for {idle:.0f} s since {what} ({self._field}="
+               f"{self.timeout_s:g}): the run is hung")
+    logging.error("%s; every thread's stack follows, then this process exits with status 1 "
+                  "(a restart resumes from the last checkpoint)", message)
+    logging.flush()
+    sys.stderr.flush()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    peer_failure.stop_every_process(f"Hung: {message}")
+
+  def stop(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
