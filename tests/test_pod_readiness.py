@@ -293,8 +293,15 @@ def test_two_processes_on_object_storage(gcs, tmp_path):
             f"two/checkpoints/{step}/default/array_metadatas/process_0",
             f"two/checkpoints/{step}/default/array_metadatas/process_1"} <= set(objects)
   assert not [o for o in objects if shared_workdir.TOKEN_PREFIX in o]
-  # The tools read the run where it is: curves to a local file, attention maps into the run.
+  # The tools read the run where it is: its status, curves to a local file, attention maps
+  # into the run.
   environ = helpers.env(**gcs.env)
+  status = helpers.run_module("sasa_jax.tools.status", ["gs://sasa/two"], environ=environ).stdout
+  assert re.search(r"^  not running \(no run holds the workdir\)\n  step 4 of 4 \(100.0%\): "
+                   r"train/loss .*\n.*\n  checkpoints: 2, 4\n  last evaluation at step 4: "
+                   r"eval/loss [\d.]+, eval/accuracy", status, re.M), status
+  assert re.search(r"1 start\(s\); .* 4 cpu device\(s\) in 2 process\(es\) on \S+$", status,
+                   re.M), status
   helpers.run_module("sasa_jax.tools.plot_run", ["gs://sasa/two", f"--out={tmp_path}/c.png"],
                      environ=environ)
   assert (tmp_path / "c.png").stat().st_size > 10_000

@@ -33,6 +33,10 @@ def _start(workdir, flags):
   return proc
 
 
+def _status(workdir):
+  return helpers.run_module("sasa_jax.tools.status", [str(workdir)]).stdout
+
+
 def _lease(workdir):
   return json.loads((workdir / "lease.json").read_text())
 
@@ -59,12 +63,22 @@ def test_a_second_run_stops_naming_the_first_which_trains_on_and_releases_the_wo
     assert "process 0 failed" in errors[1] and "WorkdirInUseError" in errors[1]
     assert first.poll() is None and _lease(workdir)["run"] == held["run"]
     assert _lease(workdir)["renewals"] > held["renewals"]
+    status = _status(workdir)
+    assert re.search(rf"^  running: run {held['run']} on host {held['host']} \(pid {first.pid}\)",
+                     status, re.M), status
+    assert re.search(r"^  step [\d,]+ of 100,000 \(\d+\.\d%\): train/loss [\d.]+, [\d.]+ steps/s "
+                     r"\([\d,]+ images/s, [\d,]+ per device\), \d+ (s|min|h \d+ min) left at "
+                     r"that speed$", status, re.M), status
   finally:
     first.send_signal(signal.SIGTERM)
     stderr = first.communicate(timeout=120)[1]
   assert first.returncode == 0, stderr[-3000:]
   saved = int(re.search(r"preempted: checkpoint at step (\d+) written", stderr).group(1))
   assert not (workdir / "lease.json").exists()
+  status = _status(workdir)
+  assert "  not running (no run holds the workdir)" in status
+  assert re.search(rf"^  checkpoints: .*{saved:,}$", status, re.M), status
+  assert "1 start(s); the last at" in status
   resumed = helpers.run_main(FMNIST, workdir, _flags(fmnist_dir, saved + 1))
   assert f"at step {saved}" in resumed.stderr and "lease.json" not in resumed.stderr
   assert not (workdir / "lease.json").exists()

@@ -1,0 +1,112 @@
+"""Where a run stands, read from its workdir alone (local or gs://), from any machine.
+
+  python -m sasa_jax.tools.status WORKDIR [WORKDIR ...]
+
+For each workdir: whether a run holds it now (its lease: run, host, pid, SLURM job, how long
+ago it was renewed), the last logged step of the steps it trains to, its speed and the time
+left at that speed, how long ago metrics.jsonl was last written, the checkpoints, the last
+evaluation and the starts (starts.jsonl). Nothing is imported from jax: it answers in a
+second.
+"""
+import datetime
+import json
+import sys
+import time
+
+from absl import app
+from etils import epath
+
+from sasa_jax import workdir_lease
+
+
+def _rows(path: epath.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  if seconds < 120:
+    return f"{seconds} s"
+  minutes = seconds // 60
+  if minutes < 120:
+    return f"{minutes} min"
+  return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _holder(workdir: epath.Path, lease_s: float) -> str:
+  lease = workdir_lease.read(workdir)
+  if lease is None:
+    return "not running (no run holds the workdir)"
+  if time.time() - lease.get("renewed", 0.0) > lease_s:
+    return (f"not running: the lease of {workdir_lease.describe(lease)} has lapsed (its run "
+            "was killed; the next start takes over)")
+  return f"running: {workdir_lease.describe(lease)}"
+
+
+def _last(rows: list[dict], key: str) -> dict | None:
+  return next((r for r in reversed(rows) if key in r), None)
+
+
+def report(workdir: epath.PathLike) -> list[str]:
+  """The status lines of one workdir."""
+  workdir = epath.Path(workdir)
+  if not (workdir / "config.json").exists():
+    return [f"{workdir}: no config.json: not a sasa_jax run directory (yet)"]
+  config = json.loads((workdir / "config.json").read_text())
+  starts = _rows(workdir / "starts.jsonl")
+  flags = [a for a in (starts[-1]["argv"] if starts else []) if a.startswith("--config")]
+  lines = [f"{workdir}: {' '.join(flags) or config['dataset']['name']}"]
+  lines.append("  " + _holder(workdir, float(config.get("workdir_lease_s") or 60.0)))
+  total = starts[-1].get("num_train_steps") if starts else None
+  metrics_path = workdir / "metrics.jsonl"
+  metrics = _rows(metrics_path)
+  train = _last(metrics, "train/loss")
+  if train:
+    line = f"  step {train['step']:,}" + (f" of {total:,} ({train['step'] / total:.1%})"
+                                         if total else "")
+    line += f": train/loss {train['train/loss']:.4g}"
+    speed = _last(metrics, "steps_per_sec")
+    if speed:
+      line += f", {speed['steps_per_sec']:.3g} steps/s"
+      images = _last(metrics, "images_per_sec")
+      if images:
+        line += (f" ({images['images_per_sec']:,.0f} images/s, "
+                 f"{images['images_per_sec_per_device']:,.0f} per device)")
+      if total and total > train["step"]:
+        line += f", {_duration((total - train['step']) / speed['steps_per_sec'])} left at that speed"
+    lines.append(line)
+    written = time.time() - metrics_path.stat().mtime
+    lines.append(f"  metrics.jsonl last written {_duration(written)} ago")
+  else:
+    lines.append("  no training step logged yet")
+  checkpoints = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*")
+                       if p.name.isdigit()) if (workdir / "checkpoints").exists() else []
+  lines.append("  checkpoints: " + (", ".join(f"{s:,}" for s in checkpoints) or "none"))
+  evaluation = next((r for r in reversed(metrics) if any(k.startswith("eval/") for k in r)),
+                    None)
+  if evaluation:
+    values = ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items()
+                       if k.startswith("eval/") and k != "eval/num_examples")
+    lines.append(f"  last evaluation at step {evaluation['step']:,}: {values}")
+  if starts:
+    last = starts[-1]
+    hosts = list(dict.fromkeys(last["hosts"]))  # distinct, in process order
+    lines.append(f"  {len(starts)} start(s); the last at {last['time']}, from step "
+                 f"{last['start_step']:,}, {last['devices']} {last['device_kind']} device(s) "
+                 f"in {last['processes']} process(es) on {', '.join(hosts[:4])}"
+                 + (f" and {len(hosts) - 4} more hosts" if len(hosts) > 4 else ""))
+  return lines
+
+
+def main(argv):
+  if len(argv) < 2:
+    raise app.UsageError("give one or more workdirs: python -m sasa_jax.tools.status WORKDIR")
+  for workdir in argv[1:]:
+    print("\n".join(report(workdir)))
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)
