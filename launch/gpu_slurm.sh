@@ -13,11 +13,13 @@
 # the nodes). One job of a name runs at a time (--dependency=singleton): a second submission
 # for the same WORKDIR waits for the first. --dry-run prints the batch script, submits nothing.
 # At the time limit the job saves a checkpoint, requeues itself and resumes where it stopped;
-# `scancel --signal=TERM JOBID` saves and ends it. Logs: LOGDIR/JOB_JOBID_rankN.log (one per
-# rank, lines labelled, appended across requeues) and LOGDIR/JOB_JOBID.batch.log.
+# `scancel --signal=TERM JOBID` saves and ends it. A run that hangs (no progress for the
+# config's hang_timeout_s: every rank exits with status 75) starts again in the same
+# allocation, up to HANG_RESTARTS times (default 2). Logs: LOGDIR/JOB_JOBID_rankN.log (one
+# per rank, lines labelled, appended across requeues) and LOGDIR/JOB_JOBID.batch.log.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 PER_GPU=0; DRY_RUN=0; ARGS=()
 for a in "$@"; do
   case "$a" in
@@ -72,12 +74,19 @@ echo \"[\$(date -Is)] job \$SLURM_JOB_ID starts on \$SLURM_JOB_NODELIST (restart
 # Near the time limit SLURM sends USR1 here: every rank saves (TERM), then the job requeues.
 requeue=0
 trap 'echo \"[\$(date -Is)] time limit near: ranks save, then the job requeues\"; requeue=1; scancel --signal=TERM \$SLURM_JOB_ID' USR1
-srun --kill-on-bad-exit=1 --label --open-mode=append --output=$LOGS/%x_%j_rank%t.log \\
-  $TRAIN &
-srun_pid=\$!
-rc=0
-while kill -0 \$srun_pid 2>/dev/null; do wait \$srun_pid && rc=0 || rc=\$?; done
-echo \"[\$(date -Is)] ranks exited with status \$rc\"
+hung_restarts=0
+while :; do
+  srun --kill-on-bad-exit=1 --label --open-mode=append --output=$LOGS/%x_%j_rank%t.log \\
+    $TRAIN &
+  srun_pid=\$!
+  rc=0
+  while kill -0 \$srun_pid 2>/dev/null; do wait \$srun_pid && rc=0 || rc=\$?; done
+  echo \"[\$(date -Is)] ranks exited with status \$rc\"
+  # 75: the run hung (no progress for hang_timeout_s): start it again in this allocation.
+  [[ \$rc == 75 && \$requeue == 0 && \$hung_restarts -lt ${HANG_RESTARTS:-2} ]] || break
+  hung_restarts=\$((hung_restarts + 1))
+  echo \"[\$(date -Is)] the run hung: starting it again (\$hung_restarts of ${HANG_RESTARTS:-2}), from its last checkpoint\"
+done
 if [[ \$requeue == 1 && \$rc == 0 ]]; then scontrol requeue \$SLURM_JOB_ID; fi
 exit \$rc"
 SCRIPT=$(echo "$SCRIPT" | sed '/^$/d')

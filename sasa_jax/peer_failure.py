@@ -23,6 +23,10 @@ from absl import logging
 
 KEY_DIR = "sasa_jax/failed"
 POLL_SECONDS = 2.0
+# A hung run (sasa_jax/watchdog.py) exits with EX_TEMPFAIL, every process with it: a launcher
+# may start it again, where a failure (status 1) would fail the same way.
+HUNG = "Hung"
+HUNG_STATUS = 75
 
 
 def _client():
@@ -47,12 +51,17 @@ def failed_peers(client, me: int) -> list[tuple[int, str]]:
   return sorted((index, what) for index, what in published if index != me)
 
 
-def _leave(me: int) -> None:
-  """Exits with status 1; process 0 hosts the service, so it waits until a failed peer, which
-  reads the service until it exits, is gone."""
+def _status_of(what: str) -> int:
+  """The exit status that a peer's published "host: error" calls for."""
+  return HUNG_STATUS if what.split(": ", 2)[1:2] == [HUNG] else 1
+
+
+def _leave(me: int, what: str) -> None:
+  """Exits as the failed peer's `what` calls for; process 0 hosts the service, so it waits
+  until a failed peer, which reads the service until it exits, is gone."""
   if me == 0:
     time.sleep(2 * POLL_SECONDS + 1)
-  _exit(1)
+  _exit(_status_of(what))
 
 
 def _poll(client, me: int, stop: threading.Event) -> None:
@@ -63,7 +72,7 @@ def _poll(client, me: int, stop: threading.Event) -> None:
       return
     if failed:
       logging.error("process %d failed (%s); process %d stops too", *failed[0], me)
-      _leave(me)
+      _leave(me, failed[0][1])
 
 
 def watch() -> None:
@@ -105,30 +114,31 @@ def stop_all_on_error():
     if failed:  # this error follows from a peer's (its collectives broke off, say)
       logging.error("process %d failed (%s); process %d stops too, after %s: %s", *failed[0],
                     me, type(e).__name__, line)
-      _leave(me)
+      _leave(me, failed[0][1])
     logging.exception("process %d failed; stopping every process", me)
     _publish_and_exit(client, me, f"{type(e).__name__}: {line}")
 
 
 def _publish_and_exit(client, me: int, line: str) -> None:
-  client.key_value_set(f"{KEY_DIR}/{me}", f"{socket.gethostname()}: {line}",
-                       allow_overwrite=True)
+  what = f"{socket.gethostname()}: {line}"
+  client.key_value_set(f"{KEY_DIR}/{me}", what, allow_overwrite=True)
   time.sleep(2 * POLL_SECONDS)  # the others read it, even when this process hosts the service
-  _exit(1)
+  _exit(_status_of(what))
 
 
-def stop_every_process(line: str) -> None:
-  """Ends this process with status 1 from any thread, after publishing `line` (what went
-  wrong, one line) for the other processes' watch; with one process, at once."""
+def stop_every_process_hung(message: str) -> None:
+  """Ends this process, from any thread, with HUNG_STATUS after publishing "Hung: message"
+  for the other processes' watch, which end with the same status; with one process, at
+  once."""
   client = _client()
   if client is None or jax.process_count() == 1:
-    _exit(1)
+    _exit(HUNG_STATUS)
   me = jax.process_index()
   try:
     failed = failed_peers(client, me)
   except Exception:  # noqa: BLE001 - the service is gone with process 0: nobody to tell
-    _exit(1)
+    _exit(HUNG_STATUS)
   if failed:
     logging.error("process %d failed (%s); process %d stops too", *failed[0], me)
-    _leave(me)
-  _publish_and_exit(client, me, line)
+    _leave(me, failed[0][1])
+  _publish_and_exit(client, me, f"{HUNG}: {message}")

@@ -8,8 +8,8 @@ after each step, evaluation batch and checkpoint save (host-side: a hung device 
 within `log_every_steps` steps, where the loop waits for the metrics), and a thread checks
 every few seconds. After `timeout_s` seconds without progress it logs what came last and
 how long ago, writes every thread's Python stack to stderr (faulthandler), tells the other
-processes (`peer_failure.stop_every_process`) and exits with status 1: a launcher that
-restarts the run resumes from the last checkpoint.
+processes, which stop too, and exits with status 75 (EX_TEMPFAIL, `peer_failure.HUNG_STATUS`,
+every process alike): a launcher that starts the run again resumes from the last checkpoint.
 
 It is armed by the first `progress` call, which the loop makes after its first step, so
 compilation before it is not timed.
@@ -52,12 +52,13 @@ class Watchdog:
   def _fire(self, what: str, idle: float) -> None:
     message = (f"no progress for {idle:.0f} s since {what} ({self._field}="
                f"{self.timeout_s:g}): the run is hung")
-    logging.error("%s; every thread's stack follows, then this process exits with status 1 "
-                  "(a restart resumes from the last checkpoint)", message)
+    logging.error("%s; every thread's stack follows, then this process exits with status %d "
+                  "(a restart resumes from the last checkpoint)", message,
+                  peer_failure.HUNG_STATUS)
     logging.flush()
     sys.stderr.flush()
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-    peer_failure.stop_every_process(f"Hung: {message}")
+    peer_failure.stop_every_process_hung(message)
 
   def stop(self) -> None:
     self._stop.set()

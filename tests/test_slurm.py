@@ -3,6 +3,7 @@ GPUs, the ranks training on the CPU (one CPU device per GPU of a task)."""
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def cluster(tmp_path_factory):
 
 
 def _submit(cluster, workdir, data_dir, steps, *, per_gpu, ckpt_every=1000, job_name="sasa",
-            gpus=slurm_cluster.GPUS, **environ):
+            gpus=slurm_cluster.GPUS, extra_flags=(), eval_every=1000, **environ):
   """Submits through launch/gpu_slurm.sh with `environ` added to its environment; job_name
   None: the launcher's own name."""
   env = helpers.env()
@@ -34,7 +35,8 @@ def _submit(cluster, workdir, data_dir, steps, *, per_gpu, ckpt_every=1000, job_
              WORKDIR=str(workdir), TFDS_DATA_DIR=data_dir, PYTHON=sys.executable,
              CPUS_PER_TASK="1", MEM="1024", **({"JOB_NAME": job_name} if job_name else {}),
              **environ)
-  flags = helpers.tiny_flags(data_dir, steps, batch=12, ckpt_every=ckpt_every)
+  flags = helpers.tiny_flags(data_dir, steps, batch=12, ckpt_every=ckpt_every,
+                             eval_every=eval_every) + list(extra_flags)
   flags = [f for f in flags if not f.startswith("--config.dataset.data_dir")]  # TFDS_DATA_DIR
   proc = subprocess.run([os.path.join(helpers.ROOT, "launch", "gpu_slurm.sh"),
                          *(["--per-gpu"] if per_gpu else []), f"--config={FMNIST}", *flags],
@@ -146,6 +148,42 @@ def test_a_second_job_for_one_workdir_waits_for_the_first(cluster, fmnist_dir, t
   (log,) = _rank_logs(workdir / "logs", second, name).values()
   assert f"resumed from {workdir}/checkpoints at step 12" in log
   assert "nothing to train" in log
+
+
+def test_a_hung_run_starts_again_in_its_allocation_and_finishes(cluster, fmnist_dir, tmp_path):
+  """Both ranks read their evaluation data from a named pipe nobody writes (reading blocks,
+  as on a hung NFS mount) at step 3: hang_timeout_s later both exit 75 and the batch script
+  starts them again in the same allocation (HANG_RESTARTS=1). Meanwhile the mount "recovers"
+  (the pipe is replaced by the real file): the second attempt resumes from the checkpoint of
+  step 2 and the job completes, with no requeue."""
+  data = tmp_path / "tfds"
+  shutil.copytree(fmnist_dir, data)
+  (test_file,) = data.glob("fashion_mnist/*/fashion_mnist-test.tfrecord-*")
+  real = test_file.with_name("real")
+  test_file.rename(real)
+  os.mkfifo(test_file)
+  workdir = tmp_path / "run"
+  job = _submit(cluster, workdir, str(data), 6, per_gpu=True, ckpt_every=2, eval_every=3,
+                extra_flags=["--config.hang_timeout_s=15"], HANG_RESTARTS="1")
+  batch = workdir / "logs" / f"sasa_{job}.batch.log"
+  deadline = time.time() + 300
+  while not (batch.exists() and "the run hung: starting it again" in batch.read_text()):
+    assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), (
+        cluster.job(job), _rank_logs(workdir / "logs", job))
+    time.sleep(0.5)
+  os.replace(real, test_file)
+  info = cluster.wait_for(job, timeout=300)
+  logs = _rank_logs(workdir / "logs", job)
+  assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", (info, logs)
+  text = batch.read_text()
+  assert re.search(r"ranks exited with status 75\n.* the run hung: starting it again \(1 of 1\), "
+                   r"from its last checkpoint\n(.*\n)*.* ranks exited with status 0", text), text
+  assert any(re.search(r"no progress for \d+ s since step 3 \(config.hang_timeout_s=15\)", t)
+             for t in logs.values()), logs
+  for t in logs.values():
+    assert f"resumed from {workdir}/checkpoints at step 2" in t
+  finals = _finals(logs)
+  assert finals[0][-1] == finals[1][-1] and finals[0][-1][0] == "6"
 
 
 def test_workdir_and_data_on_object_storage_logs_on_a_shared_directory(cluster, gcs, tmp_path):
