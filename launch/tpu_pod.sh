@@ -16,10 +16,11 @@
 # Required: TPU_NAME, ZONE; to start also WORKDIR and TFDS_DATA_DIR (gs://, shared by all
 # workers). Optional: PROJECT, ACCELERATOR_TYPE (default v4-32), RUNTIME_VERSION (default:
 # the one for the accelerator generation), SPOT=1 (a Spot slice), PYTHON_VERSION (3.11),
-# PIP_EXTRAS (tpu). After a preemption, run the same start command again: it resumes.
+# PIP_EXTRAS (tpu), HANG_RESTARTS (default 2: a run that hangs starts again that often,
+# launch/restart_when_hung.sh). After a preemption, run the same start command again: it resumes.
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 ACTION=start; CREATE=0; DRY_RUN=0; WORKER=0; ARGS=()
 for a in "$@"; do
   case "$a" in
@@ -117,7 +118,7 @@ on_workers all "$SETUP"
 TRAIN=$(printf '%q ' -m sasa_jax.main "${ARGS[@]}" --workdir="$WORKDIR" \
   --config.dataset.data_dir="$TFDS_DATA_DIR")
 START="mkdir -p ~/sasa_logs && cd ~/sasa_jax
-nohup setsid ~/sasa_venv/bin/python $TRAIN >> $LOG 2>&1 < /dev/null & echo \$! > $PIDFILE
+nohup setsid launch/restart_when_hung.sh ${HANG_RESTARTS:-2} ~/sasa_venv/bin/python $TRAIN >> $LOG 2>&1 < /dev/null & echo \$! > $PIDFILE
 echo \"\$(hostname): started pid \$(cat $PIDFILE); log $LOG\""
 echo "# every one of the $WORKERS workers of $ACCELERATOR_TYPE ($RUNTIME_VERSION) runs: python $TRAIN"
 on_workers all "$START"

@@ -101,11 +101,45 @@ def test_missing_variable_or_tool_is_named(name, env, missing, tmp_path):
 
 
 def test_help_is_the_scripts_whole_header_comment():
-  for name in ("local.sh", "tpu_pod.sh", "gpu_slurm.sh"):
+  names = sorted(n for n in os.listdir(LAUNCH) if n.endswith(".sh"))
+  assert len(names) == 4
+  for name in names:
     with open(os.path.join(LAUNCH, name)) as f:
-      header = [line[2:].rstrip() for line in f.read().split("\nset -euo")[0].splitlines()[1:]]
-    assert "--dry-run" in "\n".join(header)
+      header = [line[2:].rstrip() for line in f.read().split("\nset -")[0].splitlines()[1:]]
+    assert name == "restart_when_hung.sh" or "--dry-run" in "\n".join(header)
     assert script(name, "--help").stdout.splitlines() == header
+
+
+def test_restart_when_hung_starts_a_hung_run_again_until_it_finishes(fmnist_dir, tmp_path):
+  """launch/restart_when_hung.sh (what tpu_pod.sh runs on every worker) around a real run
+  whose evaluation data hangs (a named pipe nobody writes) at step 3: it exits 75 and starts
+  again; the "mount" recovers meanwhile (the real file replaces the pipe), and the second
+  start resumes from step 2 and finishes with status 0."""
+  data = tmp_path / "tfds"
+  shutil.copytree(fmnist_dir, data)
+  (test_file,) = data.glob("fashion_mnist/*/fashion_mnist-test.tfrecord-*")
+  real = test_file.with_name("real")
+  test_file.rename(real)
+  os.mkfifo(test_file)
+  workdir = tmp_path / "run"
+  flags = helpers.tiny_flags(str(data), 6, ckpt_every=2, eval_every=3) + [
+      "--config.hang_timeout_s=10"]
+  proc = subprocess.Popen([os.path.join(LAUNCH, "restart_when_hung.sh"), "1",
+                           *helpers.main_cmd(f"configs/fashion_mnist.py:{helpers.TINY_MODEL}",
+                                             workdir, flags)],
+                          cwd=helpers.ROOT, env=helpers.env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    restarted = proc.stdout.readline()  # the script's own line, once the run exited 75
+    os.replace(real, test_file)
+    _, stderr = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert "the run hung (status 75): starting it again (1 of 1)" in restarted, restarted
+  assert proc.returncode == 0, stderr[-3000:]
+  assert re.search(r"no progress for \d+ s since step 3 \(config.hang_timeout_s=10\)", stderr)
+  assert f"resumed from {workdir}/checkpoints at step 2" in stderr
+  assert helpers.restore_params(workdir)[0] == 6
 
 
 def _fingerprints(logdir):
