@@ -18,19 +18,25 @@ def _flags(fmnist_dir, steps, **kw):
   return helpers.tiny_flags(fmnist_dir, steps, **kw) + [f"--config.workdir_lease_s={LEASE_S}"]
 
 
-def _start(workdir, flags):
-  """A training run in the background, once it has trained a step."""
-  proc = subprocess.Popen(helpers.main_cmd(FMNIST, workdir, flags), cwd=helpers.ROOT,
-                          env=helpers.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+def _start(workdir, flags, processes=1):
+  """A training run of `processes` processes in the background, once it has trained a step;
+  the list of processes, process 0 first."""
+  port = helpers.free_port()
+  joined = lambda i: dict(SASA_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",  # noqa: E731
+                          SASA_NUM_PROCESSES=str(processes), SASA_PROCESS_ID=str(i))
+  procs = [subprocess.Popen(helpers.main_cmd(FMNIST, workdir, flags), cwd=helpers.ROOT,
+                            env=helpers.env(**(joined(i) if processes > 1 else {})),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(processes)]
   deadline = time.time() + 300
   metrics = workdir / "metrics.jsonl"
   while not (metrics.exists() and '"train/loss"' in metrics.read_text()):
-    if proc.poll() is not None or time.time() > deadline:
-      proc.kill()
-      raise AssertionError(proc.stderr.read()[-3000:])
+    if any(p.poll() is not None for p in procs) or time.time() > deadline:
+      for p in procs:
+        p.kill()
+      raise AssertionError([p.stderr.read()[-3000:] for p in procs])
     time.sleep(0.1)
-  return proc
+  return procs
 
 
 def _status(workdir):
@@ -48,7 +54,7 @@ def test_a_second_run_stops_naming_the_first_which_trains_on_and_releases_the_wo
   untouched. Stopped with SIGTERM, it saves and releases the workdir, and the next start
   resumes from its checkpoint without waiting."""
   workdir = tmp_path / "run"
-  first = _start(workdir, _flags(fmnist_dir, 100_000, log_every=5))
+  (first,) = _start(workdir, _flags(fmnist_dir, 100_000, log_every=5))
   try:
     held = _lease(workdir)
     assert held["pid"] == first.pid and held["host"] == os.uname().nodename
@@ -92,7 +98,7 @@ def test_the_lease_of_a_run_that_is_gone_is_taken_over(fmnist_dir, tmp_path, hol
   config.workdir_lease_s seconds without a renewal."""
   workdir = tmp_path / "run"
   if holder == "killed_here":
-    gone = _start(workdir, _flags(fmnist_dir, 100_000))
+    (gone,) = _start(workdir, _flags(fmnist_dir, 100_000))
     gone.kill()
     gone.communicate()
     held = _lease(workdir)
@@ -117,24 +123,30 @@ def test_the_lease_of_a_run_that_is_gone_is_taken_over(fmnist_dir, tmp_path, hol
   assert not (workdir / "lease.json").exists()
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 def test_a_run_whose_workdir_is_taken_over_stops_without_writing_to_it_again(
-    fmnist_dir, tmp_path):
+    fmnist_dir, tmp_path, processes):
   """Another run's lease written over this run's (as when this run stalled past
-  config.workdir_lease_s and was taken over): at its next renewal the run sees it and stops
-  before its next step, saving nothing more and leaving the other run's lease in place."""
+  config.workdir_lease_s and was taken over): at its next renewal process 0 sees it and
+  stops before its next step, with every other process; nothing more is saved and the other
+  run's lease stays in place."""
   workdir = tmp_path / "run"
-  run = _start(workdir, _flags(fmnist_dir, 100_000, ckpt_every=3))
+  procs = _start(workdir, _flags(fmnist_dir, 100_000, ckpt_every=3), processes)
   other = dict(_lease(workdir), run="fedcba987654", host="worker-elsewhere", pid=4242,
                renewed=time.time(), renewals=0)
   (workdir / "lease.json").write_text(json.dumps(other))
   taken_over = time.time()
   try:
-    stderr = run.communicate(timeout=60)[1]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
   finally:
-    run.kill()
-  assert run.returncode == 1, stderr[-3000:]
-  assert re.search(r"WorkdirLeaseLostError: .*lease.json now names run fedcba987654 on host "
-                   r"worker-elsewhere \(pid 4242\)", stderr), stderr[-3000:]
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [1] * processes, [e[-3000:] for e in errors]
+  lost = (r"WorkdirLeaseLostError: .*lease.json now names run fedcba987654 on host "
+          r"worker-elsewhere \(pid 4242\)")
+  assert re.search(lost, errors[0]), errors[0][-3000:]
+  if processes == 2:
+    assert re.search(r"process 0 failed \(.*: " + lost, errors[1]), errors[1][-3000:]
   assert _lease(workdir) == other
   saved = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
   assert all(p.stat().st_mtime < taken_over + LEASE_S / 6 + 1 for p in saved)
