@@ -15,13 +15,18 @@
 | anything else                                         | nothing: one process                  |
 
 SASA_HEARTBEAT_TIMEOUT (seconds, default 100): how soon the others fail when one process dies;
-one that raises stops every process within seconds (peer_failure.py).
+one that raises stops every process within seconds (peer_failure.py). SASA_STARTUP_TIMEOUT
+(seconds, default 300, jax's own): how long processes wait for every other to join; when one
+never does (its host failed to start it, or cannot reach process 0's), each says so in a
+line before jax aborts it.
 Check a cluster with `python -m sasa_jax.distributed` on every host: it prints what it decided,
 the process index and count, and the local and global devices.
 """
+import contextlib
 import dataclasses
 import glob
 import os
+import threading
 import urllib.error
 import urllib.request
 from typing import Callable, Mapping
@@ -83,7 +88,8 @@ def plan_startup(environ: Mapping[str, str] = os.environ,
                  metadata: Callable[[str], str | None] = tpu_vm_metadata,
                  tpu_chips: Callable[[], bool] = has_tpu_chips) -> Startup:
   """Decides how this process starts from its environment (pure apart from the callables)."""
-  heartbeat = int(environ.get("SASA_HEARTBEAT_TIMEOUT", "100"))
+  timeouts = dict(heartbeat_timeout_seconds=int(environ.get("SASA_HEARTBEAT_TIMEOUT", "100")),
+                  initialization_timeout=int(environ.get("SASA_STARTUP_TIMEOUT", "300")))
   num = int(environ.get("SASA_NUM_PROCESSES", "1"))
   if num > 1:
     address = environ.get("SASA_COORDINATOR_ADDRESS")
@@ -92,21 +98,20 @@ def plan_startup(environ: Mapping[str, str] = os.environ,
       raise ValueError(f"SASA_NUM_PROCESSES={num} needs {' and '.join(missing)} in the "
                        "environment (host:port of process 0, and this process's index 0..N-1)")
     return Startup("explicit", dict(coordinator_address=address, num_processes=num,
-                                    process_id=int(environ["SASA_PROCESS_ID"]),
-                                    heartbeat_timeout_seconds=heartbeat))
+                                    process_id=int(environ["SASA_PROCESS_ID"]), **timeouts))
   if "SLURM_JOB_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
-    kwargs = dict(heartbeat_timeout_seconds=heartbeat)
+    kwargs = dict(timeouts)
     ids = _slurm_local_device_ids(environ)
     if ids is not None:
       kwargs["local_device_ids"] = ids
     return Startup("slurm", kwargs)
   hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
   if "," in hosts:
-    return Startup("gke_tpu", dict(heartbeat_timeout_seconds=heartbeat))
+    return Startup("gke_tpu", dict(timeouts))
   if tpu_chips():
     endpoints = metadata("worker-network-endpoints") or ""
     if "," in endpoints:
-      return Startup("tpu_vm", dict(heartbeat_timeout_seconds=heartbeat))
+      return Startup("tpu_vm", dict(timeouts))
   return Startup("single")
 
 
@@ -119,6 +124,31 @@ def _rehearse_gpus_on_cpu(environ=os.environ) -> None:
   flags = environ.get("XLA_FLAGS", "")
   if ids and "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={len(ids)}"
+
+
+@contextlib.contextmanager
+def _said_if_not_joined(startup: Startup):
+  """Logs an error a few seconds before jax's start-up timeout, if the block is still
+  waiting then: jax itself aborts with a C++ stack and "DEADLINE_EXCEEDED ... RegisterTask"."""
+  timeout = startup.kwargs["initialization_timeout"]
+  joined = threading.Event()
+
+  def say():
+    if not joined.wait(max(timeout - 3, 1)):
+      where = startup.kwargs.get("coordinator_address", "process 0's host")
+      logging.error(
+          "start-up %s: not every process joined the run's coordinator (%s) within %d s "
+          "(SASA_STARTUP_TIMEOUT): a process never started (a host that failed, or the "
+          "launcher did not start it there: the hosts without a 'start-up %s: process i of N' "
+          "line in their log) or cannot reach it (firewall, proxy). jax aborts every "
+          "process now.", startup.kind, where, timeout, startup.kind)
+      logging.flush()
+
+  threading.Thread(target=say, name="startup_timeout", daemon=True).start()
+  try:
+    yield
+  finally:
+    joined.set()
 
 
 def initialize_from_env() -> Startup:
@@ -134,7 +164,8 @@ def initialize_from_env() -> Startup:
     # hang. gRPC reads grpc_proxy before https_proxy and takes an empty one as "no proxy";
     # HTTP clients (TensorFlow's GCS, tensorstore, google-cloud-storage) ignore it.
     os.environ.setdefault("grpc_proxy", "")
-    jax.distributed.initialize(**startup.kwargs)
+    with _said_if_not_joined(startup):
+      jax.distributed.initialize(**startup.kwargs)
     from sasa_jax import peer_failure  # noqa: PLC0415
     peer_failure.watch()
   logging.info("start-up %s: process %d of %d (pid %d), %d local / %d global devices",

@@ -62,9 +62,11 @@ def test_single_process_starts_nothing():
 
 def test_explicit_variables():
   plan = _plan({"SASA_NUM_PROCESSES": "4", "SASA_COORDINATOR_ADDRESS": "h:1234",
-                "SASA_PROCESS_ID": "3", "SASA_HEARTBEAT_TIMEOUT": "30"})
+                "SASA_PROCESS_ID": "3", "SASA_HEARTBEAT_TIMEOUT": "30",
+                "SASA_STARTUP_TIMEOUT": "600"})
   assert plan.kind == "explicit" and plan.kwargs == dict(
-      coordinator_address="h:1234", num_processes=4, process_id=3, heartbeat_timeout_seconds=30)
+      coordinator_address="h:1234", num_processes=4, process_id=3, heartbeat_timeout_seconds=30,
+      initialization_timeout=600)
   with pytest.raises(ValueError, match="SASA_NUM_PROCESSES=2 needs SASA_PROCESS_ID"):
     _plan({"SASA_NUM_PROCESSES": "2", "SASA_COORDINATOR_ADDRESS": "h:1"})
 
@@ -81,6 +83,22 @@ def test_start_up_goes_around_an_http_proxy_set_for_the_internet():
         lambda i: [helpers.sys.executable, "-m", "sasa_jax.distributed"], 2, timeout=120,
         https_proxy=proxy, http_proxy=proxy, no_proxy="", NO_PROXY="")
   assert codes == [0, 0], errors  # each printed its process index and the 2 global devices
+
+
+def test_a_process_that_never_joins_is_said_before_jax_aborts():
+  """Process 1 of 2 never starts (its host failed): process 0 waits SASA_STARTUP_TIMEOUT
+  seconds, says what is missing and where to look, then jax aborts it."""
+  port = helpers.free_port()
+  proc = subprocess.run(
+      [sys.executable, "-m", "sasa_jax.distributed"], cwd=helpers.ROOT, capture_output=True,
+      text=True, timeout=120, env=helpers.env(
+          SASA_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", SASA_NUM_PROCESSES="2",
+          SASA_PROCESS_ID="0", SASA_STARTUP_TIMEOUT="8"))
+  assert proc.returncode != 0
+  said = proc.stderr.index(
+      f"start-up explicit: not every process joined the run's coordinator (127.0.0.1:{port}) "
+      "within 8 s (SASA_STARTUP_TIMEOUT): a process never started")
+  assert said < proc.stderr.index("DEADLINE_EXCEEDED")  # before jax's own abort
 
 
 def test_slurm_gives_a_task_every_gpu_of_its_node():
