@@ -1,5 +1,7 @@
 """Shared test helpers: tiny training runs through the real command line."""
 import os
+import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -57,6 +59,18 @@ def run_main(config_arg, workdir, flags, devices=1, check=True, timeout=600,
     e.pop(k, None) if v is None else e.__setitem__(k, v)
   return run_module("sasa_jax.main", main_cmd(config_arg, workdir, flags)[3:], environ=e,
                     check=check, timeout=timeout)
+
+
+def hanging_eval_copy(data_dir, dest):
+  """A copy at `dest` of the TFDS data_dir `data_dir` whose fashion_mnist test file is a named
+  pipe nobody writes: reading it blocks, as a read from a hung NFS mount does. Returns
+  recover(), which puts the real file in the pipe's place."""
+  shutil.copytree(data_dir, dest)
+  (test_file,) = pathlib.Path(dest).glob("fashion_mnist/*/fashion_mnist-test.tfrecord-*")
+  real = test_file.with_name("real")
+  test_file.rename(real)
+  os.mkfifo(test_file)
+  return lambda: os.replace(real, test_file)
 
 
 def free_port() -> int:

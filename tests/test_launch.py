@@ -116,11 +116,7 @@ def test_restart_when_hung_starts_a_hung_run_again_until_it_finishes(fmnist_dir,
   again; the "mount" recovers meanwhile (the real file replaces the pipe), and the second
   start resumes from step 2 and finishes with status 0."""
   data = tmp_path / "tfds"
-  shutil.copytree(fmnist_dir, data)
-  (test_file,) = data.glob("fashion_mnist/*/fashion_mnist-test.tfrecord-*")
-  real = test_file.with_name("real")
-  test_file.rename(real)
-  os.mkfifo(test_file)
+  recover = helpers.hanging_eval_copy(fmnist_dir, data)
   workdir = tmp_path / "run"
   flags = helpers.tiny_flags(str(data), 6, ckpt_every=2, eval_every=3) + [
       "--config.hang_timeout_s=10"]
@@ -131,7 +127,7 @@ def test_restart_when_hung_starts_a_hung_run_again_until_it_finishes(fmnist_dir,
                           stderr=subprocess.PIPE, text=True)
   try:
     restarted = proc.stdout.readline()  # the script's own line, once the run exited 75
-    os.replace(real, test_file)
+    recover()
     _, stderr = proc.communicate(timeout=300)
   finally:
     proc.kill()
@@ -190,10 +186,7 @@ def test_a_hung_process_stops_every_process_with_every_threads_stack(fmnist_dir,
   thread was and exits 75 (EX_TEMPFAIL: worth starting again), and process 0 (given a longer
   timeout, so that process 1 acts first) exits 75 too, naming process 1's hang."""
   copy = tmp_path / "hung_tfds"
-  shutil.copytree(fmnist_dir, copy)
-  (test_file,) = copy.glob("fashion_mnist/*/fashion_mnist-test.tfrecord-*")
-  test_file.unlink()
-  os.mkfifo(test_file)
+  helpers.hanging_eval_copy(fmnist_dir, copy)
   flags = helpers.tiny_flags(fmnist_dir, 1000, eval_every=3)
   cmd = helpers.main_cmd(f"configs/fashion_mnist.py:{helpers.TINY_MODEL}", tmp_path / "run",
                          flags)

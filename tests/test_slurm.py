@@ -3,7 +3,6 @@ GPUs, the ranks training on the CPU (one CPU device per GPU of a task)."""
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -157,11 +156,7 @@ def test_a_hung_run_starts_again_in_its_allocation_and_finishes(cluster, fmnist_
   (the pipe is replaced by the real file): the second attempt resumes from the checkpoint of
   step 2 and the job completes, with no requeue."""
   data = tmp_path / "tfds"
-  shutil.copytree(fmnist_dir, data)
-  (test_file,) = data.glob("fashion_mnist/*/fashion_mnist-test.tfrecord-*")
-  real = test_file.with_name("real")
-  test_file.rename(real)
-  os.mkfifo(test_file)
+  recover = helpers.hanging_eval_copy(fmnist_dir, data)
   workdir = tmp_path / "run"
   job = _submit(cluster, workdir, str(data), 6, per_gpu=True, ckpt_every=2, eval_every=3,
                 extra_flags=["--config.hang_timeout_s=15"], HANG_RESTARTS="1")
@@ -171,7 +166,7 @@ def test_a_hung_run_starts_again_in_its_allocation_and_finishes(cluster, fmnist_
     assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), (
         cluster.job(job), _rank_logs(workdir / "logs", job))
     time.sleep(0.5)
-  os.replace(real, test_file)
+  recover()
   info = cluster.wait_for(job, timeout=300)
   logs = _rank_logs(workdir / "logs", job)
   assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", (info, logs)
