@@ -56,8 +56,10 @@ def report(workdir: epath.PathLike) -> list[str]:
     return [f"{workdir}: no config.json: not a sasa_jax run directory (yet)"]
   config = json.loads((workdir / "config.json").read_text())
   starts = _rows(workdir / "starts.jsonl")
-  flags = [a for a in (starts[-1]["argv"] if starts else []) if a.startswith("--config")]
-  lines = [f"{workdir}: {' '.join(flags) or config['dataset']['name']}"]
+  argv = starts[-1]["argv"] if starts else []
+  command = (" ".join(a for a in argv[1:] if a.startswith("--config"))
+             if argv and argv[0].endswith("main.py") else " ".join(argv))  # or a tool's run
+  lines = [f"{workdir}: {command or config['dataset']['name']}"]
   lines.append("  " + _holder(workdir, float(config.get("workdir_lease_s") or 60.0)))
   total = starts[-1].get("num_train_steps") if starts else None
   metrics_path = workdir / "metrics.jsonl"
