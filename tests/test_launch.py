@@ -119,7 +119,7 @@ def test_restart_when_hung_starts_a_hung_run_again_until_it_finishes(fmnist_dir,
   recover = helpers.hanging_eval_copy(fmnist_dir, data)
   workdir = tmp_path / "run"
   flags = helpers.tiny_flags(str(data), 6, ckpt_every=2, eval_every=3) + [
-      "--config.hang_timeout_s=10"]
+      "--config.hang_timeout_s=20"]
   proc = subprocess.Popen([os.path.join(LAUNCH, "restart_when_hung.sh"), "1",
                            *helpers.main_cmd(f"configs/fashion_mnist.py:{helpers.TINY_MODEL}",
                                              workdir, flags)],
@@ -133,7 +133,7 @@ def test_restart_when_hung_starts_a_hung_run_again_until_it_finishes(fmnist_dir,
     proc.kill()
   assert "the run hung (status 75): starting it again (1 of 1)" in restarted, restarted
   assert proc.returncode == 0, stderr[-3000:]
-  assert re.search(r"no progress for \d+ s since step 3 \(config.hang_timeout_s=10\)", stderr)
+  assert re.search(r"no progress for \d+ s since step 3 \(config.hang_timeout_s=20\)", stderr)
   assert f"resumed from {workdir}/checkpoints at step 2" in stderr
   assert helpers.restore_params(workdir)[0] == 6
 

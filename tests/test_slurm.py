@@ -159,7 +159,7 @@ def test_a_hung_run_starts_again_in_its_allocation_and_finishes(cluster, fmnist_
   recover = helpers.hanging_eval_copy(fmnist_dir, data)
   workdir = tmp_path / "run"
   job = _submit(cluster, workdir, str(data), 6, per_gpu=True, ckpt_every=2, eval_every=3,
-                extra_flags=["--config.hang_timeout_s=15"], HANG_RESTARTS="1")
+                extra_flags=["--config.hang_timeout_s=20"], HANG_RESTARTS="1")
   batch = workdir / "logs" / f"sasa_{job}.batch.log"
   deadline = time.time() + 300
   while not (batch.exists() and "the run hung: starting it again" in batch.read_text()):
@@ -173,7 +173,7 @@ def test_a_hung_run_starts_again_in_its_allocation_and_finishes(cluster, fmnist_
   text = batch.read_text()
   assert re.search(r"ranks exited with status 75\n.* the run hung: starting it again \(1 of 1\), "
                    r"from its last checkpoint\n(.*\n)*.* ranks exited with status 0", text), text
-  assert any(re.search(r"no progress for \d+ s since step 3 \(config.hang_timeout_s=15\)", t)
+  assert any(re.search(r"no progress for \d+ s since step 3 \(config.hang_timeout_s=20\)", t)
              for t in logs.values()), logs
   for t in logs.values():
     assert f"resumed from {workdir}/checkpoints at step 2" in t
