@@ -8,9 +8,9 @@ claims the workdir before it restores anything:
 - no lease (none yet, or its holder released it: it ended, was preempted or failed):
   claimed at once;
 - a lease whose holder is gone for sure: its process is not running on this host, it
-  belongs to this SLURM job (SLURM never runs one job twice at once: a requeued job), or it
-  was last renewed more than `expire_s` + CLOCK_SKEW_S ago by this machine's clock: taken
-  over at once;
+  belongs to an earlier start of this SLURM job (a requeued job: another
+  SLURM_RESTART_COUNT), or it was last renewed more than `expire_s` + CLOCK_SKEW_S ago by
+  this machine's clock: taken over at once;
 - otherwise the lease is watched for `expire_s` seconds. A renewal means a live run: this
   one stops with WorkdirInUseError naming it. None means its holder was killed without
   releasing it (a preempted VM, `kill -9`): this run takes over.
@@ -90,6 +90,7 @@ class WorkdirLease:
     self.poll_s = min(poll_s, self.expire_s / RENEWALS_PER_EXPIRY) if self.active else poll_s
     self.mine = {"run": uuid.uuid4().hex[:12], "host": socket.gethostname(),
                  "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                 "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"),
                  "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
                      timespec="seconds"), "renewed": time.time(), "renewals": 0}
     self.lost: dict | None = None  # what the lease file held when this run saw it lost
@@ -116,8 +117,10 @@ class WorkdirLease:
     same_host = held.get("host") == self.mine["host"]
     if same_host and (held.get("pid") == self.mine["pid"] or _pid_gone(held.get("pid"))):
       return f"its process {held.get('pid')} is not running on this host"
-    if held.get("slurm_job_id") and held["slurm_job_id"] == self.mine["slurm_job_id"]:
-      return f"it belongs to this SLURM job ({held['slurm_job_id']}), restarted"
+    if (held.get("slurm_job_id") and held["slurm_job_id"] == self.mine["slurm_job_id"]
+        and held.get("slurm_restart_count") != self.mine["slurm_restart_count"]):
+      return (f"it belongs to start {held.get('slurm_restart_count')} of this SLURM job "
+              f"({held['slurm_job_id']}), requeued since")
     age = time.time() - held.get("renewed", 0.0)
     if age > self.expire_s + CLOCK_SKEW_S:
       return f"it was last renewed {age:.0f} s ago"

@@ -150,3 +150,28 @@ def test_a_run_whose_workdir_is_taken_over_stops_without_writing_to_it_again(
   assert _lease(workdir) == other
   saved = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
   assert all(p.stat().st_mtime < taken_over + LEASE_S / 6 + 1 for p in saved)
+
+
+@pytest.mark.parametrize("holder,gone", [
+    (dict(host="elsewhere", pid=1, slurm_job_id="77", slurm_restart_count="0"),
+     "it belongs to start 0 of this SLURM job (77), requeued since"),
+    (dict(host="elsewhere", pid=1, slurm_job_id="77", slurm_restart_count="1"), None),
+    (dict(host="elsewhere", pid=1, slurm_job_id="78", slurm_restart_count="0"), None),
+    (dict(host="elsewhere", pid=1, renewed_ago=LEASE_S + 200), "it was last renewed 20"),
+    (dict(host="here", pid=os.getpid()), f"its process {os.getpid()} is not running"),
+])
+def test_which_holders_are_gone_for_sure(tmp_path, monkeypatch, holder, gone):
+  """This process is start 1 of SLURM job 77 on host "here": a lease of start 0 of that job is
+  a requeued job's (taken over at once); one of start 1 is a second job step of this very
+  start, running beside it, and one of another job may be running: both are watched."""
+  from sasa_jax import workdir_lease
+  monkeypatch.setenv("SLURM_JOB_ID", "77")
+  monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+  monkeypatch.setattr(workdir_lease.socket, "gethostname", lambda: "here")
+  lease = workdir_lease.WorkdirLease(tmp_path, LEASE_S)
+  held = dict(holder, renewed=time.time() - holder.pop("renewed_ago", 0))
+  reason = lease._gone(held)  # pylint: disable=protected-access
+  if gone is None:
+    assert reason is None, reason
+  else:
+    assert reason and reason.startswith(gone), reason
