@@ -11,8 +11,9 @@ how long ago, writes every thread's Python stack to stderr (faulthandler), tells
 processes, which stop too, and exits with status 75 (EX_TEMPFAIL, `peer_failure.HUNG_STATUS`,
 every process alike): a launcher that starts the run again resumes from the last checkpoint.
 
-It is armed by the first `progress` call, which the loop makes after its first step, so
-compilation before it is not timed.
+It is armed by the first `progress` call, which the loop makes once its first step has
+compiled and been dispatched: the compilation is not timed, the step's execution is (where
+NCCL sets up its communicators on a GPU cluster).
 """
 import faulthandler
 import sys
