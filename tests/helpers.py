@@ -61,16 +61,16 @@ def run_main(config_arg, workdir, flags, devices=1, check=True, timeout=600,
                     check=check, timeout=timeout)
 
 
-def hanging_eval_copy(data_dir, dest):
-  """A copy at `dest` of the TFDS data_dir `data_dir` whose fashion_mnist test file is a named
-  pipe nobody writes: reading it blocks, as a read from a hung NFS mount does. Returns
+def hanging_copy(data_dir, dest, split="test"):
+  """A copy at `dest` of the TFDS data_dir `data_dir` whose fashion_mnist `split` file is a
+  named pipe nobody writes: reading it blocks, as a read from a hung NFS mount does. Returns
   recover(), which puts the real file in the pipe's place."""
   shutil.copytree(data_dir, dest)
-  (test_file,) = pathlib.Path(dest).glob("fashion_mnist/*/fashion_mnist-test.tfrecord-*")
-  real = test_file.with_name("real")
-  test_file.rename(real)
-  os.mkfifo(test_file)
-  return lambda: os.replace(real, test_file)
+  (file,) = pathlib.Path(dest).glob(f"fashion_mnist/*/fashion_mnist-{split}.tfrecord-*")
+  real = file.with_name("real")
+  file.rename(real)
+  os.mkfifo(file)
+  return lambda: os.replace(real, file)
 
 
 def free_port() -> int:

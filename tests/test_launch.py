@@ -116,7 +116,7 @@ def test_restart_when_hung_starts_a_hung_run_again_until_it_finishes(fmnist_dir,
   again; the "mount" recovers meanwhile (the real file replaces the pipe), and the second
   start resumes from step 2 and finishes with status 0."""
   data = tmp_path / "tfds"
-  recover = helpers.hanging_eval_copy(fmnist_dir, data)
+  recover = helpers.hanging_copy(fmnist_dir, data)
   workdir = tmp_path / "run"
   flags = helpers.tiny_flags(str(data), 6, ckpt_every=2, eval_every=3) + [
       "--config.hang_timeout_s=20"]
@@ -186,7 +186,7 @@ def test_a_hung_process_stops_every_process_with_every_threads_stack(fmnist_dir,
   thread was and exits 75 (EX_TEMPFAIL: worth starting again), and process 0 (given a longer
   timeout, so that process 1 acts first) exits 75 too, naming process 1's hang."""
   copy = tmp_path / "hung_tfds"
-  helpers.hanging_eval_copy(fmnist_dir, copy)
+  helpers.hanging_copy(fmnist_dir, copy)
   flags = helpers.tiny_flags(fmnist_dir, 1000, eval_every=3)
   cmd = helpers.main_cmd(f"configs/fashion_mnist.py:{helpers.TINY_MODEL}", tmp_path / "run",
                          flags)
@@ -204,6 +204,24 @@ def test_a_hung_process_stops_every_process_with_every_threads_stack(fmnist_dir,
   assert re.search(rf"process 1 failed \({re.escape(os.uname().nodename)}: Hung: {hung}\); "
                    r"process 0 stops too", errors[0]), errors[0][-3000:]
   assert not any("Aborted" in e or "Fatal Python error" in e for e in errors)
+
+
+def test_a_first_step_that_never_completes_is_a_hang_too(fmnist_dir, tmp_path):
+  """Process 1's training data hangs, so it never joins the first step's all-reduce, while
+  process 0 has compiled and dispatched that step and waits in it (as NCCL set-up hangs on a
+  GPU cluster). Process 0's watchdog, armed once the step was dispatched, stops both."""
+  copy = tmp_path / "hung_tfds"
+  helpers.hanging_copy(fmnist_dir, copy, split="train")
+  cmd = helpers.main_cmd(f"configs/fashion_mnist.py:{helpers.TINY_MODEL}", tmp_path / "run",
+                         helpers.tiny_flags(fmnist_dir, 1000) + ["--config.hang_timeout_s=15"])
+  codes, errors = helpers.run_processes(
+      lambda i: cmd + [f"--config.dataset.data_dir={copy}"] * (i == 1), 2, timeout=150,
+      SASA_HEARTBEAT_TIMEOUT="100")
+  assert codes == [75, 75], [e[-3000:] for e in errors]
+  hung = r"no progress for \d+ s since step 1 \(config.hang_timeout_s=15\): the run is hung"
+  assert re.search(hung, errors[0]), errors[0][-3000:]
+  assert re.search(rf"process 0 failed \(.*: Hung: {hung}\); process 1 stops too", errors[1]), (
+      errors[1][-3000:])
 
 
 def test_killed_peer_fails_the_other_then_the_pair_and_one_process_resume(fmnist_dir, tmp_path):

@@ -156,7 +156,7 @@ def test_a_hung_run_starts_again_in_its_allocation_and_finishes(cluster, fmnist_
   (the pipe is replaced by the real file): the second attempt resumes from the checkpoint of
   step 2 and the job completes, with no requeue."""
   data = tmp_path / "tfds"
-  recover = helpers.hanging_eval_copy(fmnist_dir, data)
+  recover = helpers.hanging_copy(fmnist_dir, data)
   workdir = tmp_path / "run"
   job = _submit(cluster, workdir, str(data), 6, per_gpu=True, ckpt_every=2, eval_every=3,
                 extra_flags=["--config.hang_timeout_s=20"], HANG_RESTARTS="1")
