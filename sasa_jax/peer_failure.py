@@ -6,9 +6,10 @@ barrier times out (5 minutes), then aborts with a C++ stack. Instead, `stop_all_
 makes a failing process log its traceback, publish one line (host, error) in the
 coordination service's key-value store and exit with status 1; `watch` runs a thread in
 every process that reads that store every POLL_SECONDS and, when a peer has failed, logs
-which process failed, where and with what, and exits with status 1 too. A process that dies
-outright (killed, out of host memory) publishes nothing: jax's heartbeat
-(SASA_HEARTBEAT_TIMEOUT) stops the others then.
+which process failed, where and with what, and exits with status 1 too. A hung process
+(watchdog.py) does the same through `stop_every_process_hung`, and every process exits with
+HUNG_STATUS instead. A process that dies outright (killed, out of host memory) publishes
+nothing: jax's heartbeat (SASA_HEARTBEAT_TIMEOUT) stops the others then.
 """
 import atexit
 import contextlib
