@@ -93,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 5_000
   config.checkpoint_every_steps = 1_000
   config.keep_checkpoints = 3
+  config.keep_checkpoint_every_steps = 0  # > 0: every checkpoint at a multiple is kept too
   config.seed = 0
   config.profile = False
   config.compilation_cache_dir = config_dict.placeholder(str)  # None: WORKDIR/compilation_cache

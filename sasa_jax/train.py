@@ -55,7 +55,8 @@ REQUIRED_FIELDS = (
     "model", "dataset", "batch_size", "num_epochs", "num_train_steps", "optimizer", "schedule",
     "label_smoothing", "ema_decay", "bn_momentum", "log_every_steps", "eval_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "seed", "dtype", "profile",
-    "compilation_cache_dir", "num_microbatches", "batch_norm_group_size")
+    "compilation_cache_dir", "num_microbatches", "batch_norm_group_size",
+    "keep_checkpoint_every_steps", "workdir_lease_s", "hang_timeout_s")
 DATASET_FIELDS = ("name", "data_dir", "image_size", "train_split", "eval_split", "shuffle_buffer")
 # jax's own switch for its compilation cache as this process started
 # (JAX_ENABLE_COMPILATION_CACHE): a run with config.compilation_cache_dir="" turns the cache
@@ -216,6 +217,11 @@ def validate_config(config: ml_collections.ConfigDict, devices: int | None = Non
   for f in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[f] <= 0:
       raise ValueError(f"config.{f}={config[f]} must be > 0")
+  every = config.keep_checkpoint_every_steps
+  if not isinstance(every, int) or every < 0 or every % config.checkpoint_every_steps:
+    raise ValueError(f"config.keep_checkpoint_every_steps={every!r} must be 0 (keep the last "
+                     "config.keep_checkpoints only) or a multiple of "
+                     f"config.checkpoint_every_steps={config.checkpoint_every_steps}")
   optim.validate(config.optimizer, config.schedule)
   model = create_model(config)  # model fields: raises ValueError naming the field
   size = config.dataset.image_size
@@ -487,6 +493,16 @@ def _write_small_arrays_whole() -> None:
       min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
 
 
+def preservation_policy(config):
+  """Which checkpoints orbax keeps: the last config.keep_checkpoints, and with
+  config.keep_checkpoint_every_steps > 0 every one at a multiple of it as well."""
+  latest = ocp.checkpoint_managers.LatestN(config.keep_checkpoints)
+  if not config.keep_checkpoint_every_steps:
+    return latest
+  return ocp.checkpoint_managers.AnyPreservationPolicy(
+      [latest, ocp.checkpoint_managers.EveryNSteps(config.keep_checkpoint_every_steps)])
+
+
 def initial_state(config, model, tx, mesh, image_shape):
   """(init, abstract, shardings): init() makes the TrainState (jit it with
   out_shardings=shardings to build it straight into them), abstract is its
@@ -702,7 +718,8 @@ def _train(config, workdir: epath.Path, builder, steps_per_epoch: int, num_steps
   ckpt = ocp.CheckpointManager(
       workdir / "checkpoints", item_handlers=ocp.StandardCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every_steps,
+          preservation_policy=preservation_policy(config),
+          save_interval_steps=config.checkpoint_every_steps,
           enable_async_checkpointing=True, create=True))
   latest = ckpt.latest_step()
   if latest is not None:

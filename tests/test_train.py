@@ -198,6 +198,14 @@ def test_killed_on_object_storage_and_preempted_runs_resume_to_the_same_paramete
       np.testing.assert_allclose(params[k], v, rtol=1e-6, atol=1e-7, err_msg=f"{sig.name}: {k}")
 
 
+def test_checkpoints_at_a_multiple_of_keep_checkpoint_every_steps_stay(fmnist_dir, tmp_path):
+  """A checkpoint every step, the last 2 kept, and those at multiples of 3 as well."""
+  workdir = tmp_path / "run"
+  helpers.run_main(FMNIST, workdir, helpers.tiny_flags(fmnist_dir, 9, ckpt_every=1) + [
+      "--config.keep_checkpoints=2", "--config.keep_checkpoint_every_steps=3"])
+  assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [3, 6, 8, 9]
+
+
 def test_ctrl_c_saves_the_next_step_and_exits(fmnist_dir, tmp_path):
   """Ctrl-C (SIGINT) to a one-process run: as a preemption notice, the next step is saved
   and the run exits cleanly, so that nothing since the last periodic checkpoint is lost."""
@@ -295,6 +303,9 @@ def _config(**changes):
      r"config.batch_norm_group_size=64 must be 0 \(statistics over the whole microbatch\) or a "
      r"divisor of the 32 images .*\(config.batch_size=128 / num_microbatches=4 / 1\)"),
     ({"batch_norm_group_size": -1}, r"config.batch_norm_group_size=-1 must be 0"),
+    ({"keep_checkpoint_every_steps": 300}, r"config.keep_checkpoint_every_steps=300 must be 0 "
+                                           r"\(keep the last config.keep_checkpoints only\) or a "
+                                           r"multiple of config.checkpoint_every_steps=200"),
     ({"model.width_multiplier": 0.005}, r"config.model: width_multiplier=0.005 is not allowed; "
                                         r"it must be more than 0.0078125 \(at least one channel "
                                         r"where 1.0 has 64\)"),
