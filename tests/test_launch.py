@@ -197,7 +197,7 @@ def test_a_hung_process_stops_every_process_with_every_threads_stack(fmnist_dir,
   assert codes == [75, 75], [e[-3000:] for e in errors]
   hung = r"no progress for (\d+) s since step 3 \(config.hang_timeout_s=15\): the run is hung"
   waited = re.search(hung, errors[1])
-  assert waited and 15 <= int(waited.group(1)) <= 25, errors[1][-3000:]
+  assert waited and 15 <= int(waited.group(1)) <= 30, errors[1][-3000:]
   # every thread's Python stack: the main thread's waits in the evaluation's input
   assert re.search(r"Thread 0x\w+ \(most recent call first\):\n(  File .*\n)*  File "
                    r'".*/sasa_jax/train.py", line \d+ in evaluate_split', errors[1])

@@ -149,7 +149,7 @@ def test_a_run_whose_workdir_is_taken_over_stops_without_writing_to_it_again(
     assert re.search(r"process 0 failed \(.*: " + lost, errors[1]), errors[1][-3000:]
   assert _lease(workdir) == other
   saved = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
-  assert all(p.stat().st_mtime < taken_over + LEASE_S / 6 + 1 for p in saved)
+  assert all(p.stat().st_mtime < taken_over + LEASE_S / 6 + 5 for p in saved)
 
 
 @pytest.mark.parametrize("holder,gone", [
