@@ -1,6 +1,7 @@
 """The demo, the small-scale tables, run plots and attention maps on real Fashion-MNIST."""
 
 import re
+import shutil
 
 import matplotlib.image
 import numpy as np
@@ -79,6 +80,22 @@ def test_plot_run(demo_run, tmp_path):
   out = tmp_path / "curves.png"
   _run("sasa_jax.tools.plot_run", str(workdir), str(workdir), f"--out={out}")
   assert matplotlib.image.imread(out).shape[2] in (3, 4)
+
+
+def test_status_of_a_finished_run_and_of_one_writing_its_metrics(demo_run, tmp_path):
+  """tools/status on the demo's run: finished, not held; then on a copy whose metrics.jsonl
+  ends in a row being written (a local file read mid-append): that row is left out."""
+  workdir, _, _ = demo_run
+  out = _run("sasa_jax.tools.status", str(workdir)).stdout
+  assert re.search(r"tools/demo.py --workdir=.*\n  not running \(no run holds the workdir\)\n"
+                   r"  step 4 of 4 \(100.0%\): train/loss [\d.]+", out), out
+  assert "checkpoints: 4\n" in out and "last evaluation at step 4: eval/loss" in out
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  with open(copy / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "train/lo')
+  out = _run("sasa_jax.tools.status", str(copy)).stdout
+  assert "  step 4 of 4 (100.0%)" in out, out
 
 
 def test_series_follow_the_last_start_of_a_resumed_run():

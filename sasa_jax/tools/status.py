@@ -20,9 +20,16 @@ from sasa_jax import workdir_lease
 
 
 def _rows(path: epath.Path) -> list[dict]:
+  """The JSON rows of a .jsonl file; a last line still being written is left out."""
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  rows = [json.loads(line) for line in lines[:-1]]
+  try:
+    rows += [json.loads(line) for line in lines[-1:]]
+  except json.JSONDecodeError:
+    pass
+  return rows
 
 
 def _duration(seconds: float) -> str:
