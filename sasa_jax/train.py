@@ -690,14 +690,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   workdir.mkdir(parents=True, exist_ok=True)
   shared_workdir.check(workdir)  # every process sees it, or all fail now
-  with workdir_lease.held(workdir, config.workdir_lease_s,  # one run per workdir
-                          active=jax.process_index() == 0) as lease:
-    return _train(config, workdir, builder, steps_per_epoch, num_steps, lease, started)
+  with (workdir_lease.held(workdir, config.workdir_lease_s,  # one run per workdir
+                           active=jax.process_index() == 0) as lease,
+        Watchdog(config.hang_timeout_s) as watchdog):  # a hung run stops
+    return _train(config, workdir, builder, steps_per_epoch, num_steps, lease, watchdog,
+                  started)
 
 
 def _train(config, workdir: epath.Path, builder, steps_per_epoch: int, num_steps: int,
-           lease: workdir_lease.WorkdirLease, started: float) -> TrainState:
-  """train_and_evaluate's loop, in a workdir this run holds the lease of."""
+           lease: workdir_lease.WorkdirLease, watchdog: Watchdog, started: float) -> TrainState:
+  """train_and_evaluate's loop, in a workdir this run holds the lease of, reporting its
+  progress to `watchdog`."""
   set_compilation_cache(config, workdir)
   is_main = jax.process_index() == 0
   writer = create_writer(workdir, is_main)
@@ -772,8 +775,6 @@ def _train(config, workdir: epath.Path, builder, steps_per_epoch: int, num_steps
                                             state_sharding, batch_sharding))
   p_eval = under_mesh(mesh, jit_eval_step(config, task, model, state_sharding, batch_sharding))
 
-  watchdog = Watchdog(config.hang_timeout_s)  # armed by the first step's progress
-
   def evaluate(step):
     result = evaluate_split(
         p_eval, state, builder, task, split=config.dataset.eval_split, batch_size=eval_batch,
@@ -815,8 +816,10 @@ def _train(config, workdir: epath.Path, builder, steps_per_epoch: int, num_steps
       while step < num_steps:
         lease.check()  # process 0; the others stop with it (peer_failure)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          state, metrics = p_train(state, data_lib.to_global(throughput.next_batch(train_iter),
-                                                             batch_sharding))
+          batch = data_lib.to_global(throughput.next_batch(train_iter), batch_sharding)
+          with (watchdog.paused("the training step's compilation") if step == start_step
+                else contextlib.nullcontext()):
+            state, metrics = p_train(state, batch)
         step += 1
         watchdog.progress(f"step {step}")
         if step == start_step + 1:
@@ -858,7 +861,6 @@ def _train(config, workdir: epath.Path, builder, steps_per_epoch: int, num_steps
   finally:
     ckpt.wait_until_finished()
     ckpt.close()
-    watchdog.stop()
     preemption.restore()
     writer.flush()
     writer.close()

@@ -158,8 +158,9 @@ def test_a_run_whose_workdir_is_taken_over_stops_without_writing_to_it_again(
     (dict(host="elsewhere", pid=1, slurm_job_id="77", slurm_restart_count="1"), None),
     (dict(host="elsewhere", pid=1, slurm_job_id="78", slurm_restart_count="0"), None),
     (dict(host="elsewhere", pid=1, renewed_ago=LEASE_S + 200), "it was last renewed 20"),
-    (dict(host="here", pid=os.getpid()), f"its process {os.getpid()} is not running"),
-])
+    (dict(host="here", pid="this process's"), "its process {pid} is not running"),
+], ids=["earlier_start_of_this_job", "this_start_of_this_job", "another_job", "long_silent",
+        "this_process"])
 def test_which_holders_are_gone_for_sure(tmp_path, monkeypatch, holder, gone):
   """This process is start 1 of SLURM job 77 on host "here": a lease of start 0 of that job is
   a requeued job's (taken over at once); one of start 1 is a second job step of this very
@@ -170,6 +171,8 @@ def test_which_holders_are_gone_for_sure(tmp_path, monkeypatch, holder, gone):
   monkeypatch.setattr(workdir_lease.socket, "gethostname", lambda: "here")
   lease = workdir_lease.WorkdirLease(tmp_path, LEASE_S)
   held = dict(holder, renewed=time.time() - holder.pop("renewed_ago", 0))
+  if held["pid"] == "this process's":  # a lease of this process (an earlier run in it)
+    held["pid"], gone = os.getpid(), gone.format(pid=os.getpid())
   reason = lease._gone(held)  # pylint: disable=protected-access
   if gone is None:
     assert reason is None, reason
