@@ -8,7 +8,6 @@ left at that speed, how long ago metrics.jsonl was last written, the checkpoints
 evaluation and the starts (starts.jsonl). Nothing is imported from jax: it answers in a
 second.
 """
-import datetime
 import json
 import sys
 import time
