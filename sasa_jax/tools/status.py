@@ -83,7 +83,8 @@ def report(workdir: epath.PathLike) -> list[str]:
         line += (f" ({images['images_per_sec']:,.0f} images/s, "
                  f"{images['images_per_sec_per_device']:,.0f} per device)")
       if total and total > train["step"]:
-        line += f", {_duration((total - train['step']) / speed['steps_per_sec'])} left at that speed"
+        left = (total - train["step"]) / speed["steps_per_sec"]
+        line += f", {_duration(left)} left at that speed"
     lines.append(line)
     written = time.time() - metrics_path.stat().mtime
     lines.append(f"  metrics.jsonl last written {_duration(written)} ago")
