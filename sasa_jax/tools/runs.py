@@ -24,9 +24,26 @@ def save_figure(fig, path, dpi: int = 100) -> str:
   return str(path)
 
 
+def read_jsonl(path: epath.PathLike) -> list[dict]:
+  """The JSON rows of a .jsonl file (none if it does not exist); a last line still being
+  written (a local file read mid-append) is left out."""
+  path = epath.Path(path)
+  if not path.exists():
+    return []
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  rows = [json.loads(line) for line in lines[:-1]]
+  try:
+    rows += [json.loads(line) for line in lines[-1:]]
+  except json.JSONDecodeError:
+    pass
+  return rows
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  text = (_path(workdir) / "metrics.jsonl").read_text()
-  return [json.loads(line) for line in text.splitlines() if line.strip()]
+  path = _path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a sasa_jax run directory?")
+  return read_jsonl(path)
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

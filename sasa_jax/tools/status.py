@@ -16,19 +16,7 @@ from absl import app
 from etils import epath
 
 from sasa_jax import workdir_lease
-
-
-def _rows(path: epath.Path) -> list[dict]:
-  """The JSON rows of a .jsonl file; a last line still being written is left out."""
-  if not path.exists():
-    return []
-  lines = [line for line in path.read_text().splitlines() if line.strip()]
-  rows = [json.loads(line) for line in lines[:-1]]
-  try:
-    rows += [json.loads(line) for line in lines[-1:]]
-  except json.JSONDecodeError:
-    pass
-  return rows
+from sasa_jax.tools.runs import read_jsonl
 
 
 def _duration(seconds: float) -> str:
@@ -61,7 +49,7 @@ def report(workdir: epath.PathLike) -> list[str]:
   if not (workdir / "config.json").exists():
     return [f"{workdir}: no config.json: not a sasa_jax run directory (yet)"]
   config = json.loads((workdir / "config.json").read_text())
-  starts = _rows(workdir / "starts.jsonl")
+  starts = read_jsonl(workdir / "starts.jsonl")
   argv = starts[-1]["argv"] if starts else []
   command = (" ".join(a for a in argv[1:] if a.startswith("--config"))
              if argv and argv[0].endswith("main.py") else " ".join(argv))  # or a tool's run
@@ -69,7 +57,7 @@ def report(workdir: epath.PathLike) -> list[str]:
   lines.append("  " + _holder(workdir, float(config.get("workdir_lease_s") or 60.0)))
   total = starts[-1].get("num_train_steps") if starts else None
   metrics_path = workdir / "metrics.jsonl"
-  metrics = _rows(metrics_path)
+  metrics = read_jsonl(metrics_path)
   train = _last(metrics, "train/loss")
   if train:
     line = f"  step {train['step']:,}" + (f" of {total:,} ({train['step'] / total:.1%})"
