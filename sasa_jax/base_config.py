@@ -101,7 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   # on the workdir stops, unless the lease goes this long unrenewed (its run was killed).
   config.workdir_lease_s = 60.0  # 0: no lease
   # A run with no step, evaluation batch or checkpoint save for this long (a hung device,
-  # collective or filesystem) dumps every thread's stack and exits 1, every process with it.
+  # collective or filesystem) dumps every thread's stack and exits 75, every process with it.
   config.hang_timeout_s = 1800.0  # 0: waits for ever; the step's compilation is not timed
   # Detection only (config.task = "detection"): pipeline, loss and post-processing.
   config.detection = ml_collections.ConfigDict(dict(

@@ -106,25 +106,9 @@ def stop_all_on_error():
     client = _client()
     if client is None or isinstance(e, SystemExit) and not e.code:
       raise
-    me, line = jax.process_index(), (str(e).strip().splitlines() or [""])[0]
-    try:
-      failed = failed_peers(client, me)
-    except Exception:  # noqa: BLE001 - the service is gone with process 0: nobody to tell
-      logging.exception("process %d failed", me)
-      _exit(1)
-    if failed:  # this error follows from a peer's (its collectives broke off, say)
-      logging.error("process %d failed (%s); process %d stops too, after %s: %s", *failed[0],
-                    me, type(e).__name__, line)
-      _leave(me, failed[0][1])
-    logging.exception("process %d failed; stopping every process", me)
-    _publish_and_exit(client, me, f"{type(e).__name__}: {line}")
-
-
-def _publish_and_exit(client, me: int, line: str) -> None:
-  what = f"{socket.gethostname()}: {line}"
-  client.key_value_set(f"{KEY_DIR}/{me}", what, allow_overwrite=True)
-  time.sleep(2 * POLL_SECONDS)  # the others read it, even when this process hosts the service
-  _exit(_status_of(what))
+    line = (str(e).strip().splitlines() or [""])[0]
+    _stop_every_process(client, f"{type(e).__name__}: {line}", status=1,
+                        log_own=logging.exception, after=f", after {type(e).__name__}: {line}")
 
 
 def stop_every_process_hung(message: str) -> None:
@@ -134,12 +118,26 @@ def stop_every_process_hung(message: str) -> None:
   client = _client()
   if client is None or jax.process_count() == 1:
     _exit(HUNG_STATUS)
+  _stop_every_process(client, f"{HUNG}: {message}", status=HUNG_STATUS)
+
+
+def _stop_every_process(client, line: str, *, status: int, log_own=None, after: str = ""):
+  """Exits, as a peer's failure calls for where one came first (this one follows from it:
+  its collectives broke off, say; logged with `after`), else after publishing `line` for the
+  others, with `status`. log_own(message, me) logs this process's own failure."""
   me = jax.process_index()
   try:
     failed = failed_peers(client, me)
   except Exception:  # noqa: BLE001 - the service is gone with process 0: nobody to tell
-    _exit(HUNG_STATUS)
+    if log_own:
+      log_own("process %d failed", me)
+    _exit(status)
   if failed:
-    logging.error("process %d failed (%s); process %d stops too", *failed[0], me)
+    logging.error("process %d failed (%s); process %d stops too%s", *failed[0], me, after)
     _leave(me, failed[0][1])
-  _publish_and_exit(client, me, f"{HUNG}: {message}")
+  if log_own:
+    log_own("process %d failed; stopping every process", me)
+  client.key_value_set(f"{KEY_DIR}/{me}", f"{socket.gethostname()}: {line}",
+                       allow_overwrite=True)
+  time.sleep(2 * POLL_SECONDS)  # the others read it, even when this process hosts the service
+  _exit(status)
