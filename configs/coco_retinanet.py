@@ -16,6 +16,8 @@ Table 2 rows (heads + FPN / backbone):
   conv / full attention:         :backbone_variant=full_attention,heads=conv
   attention / conv-stem + attn:  :backbone_variant=conv_stem_attention,heads=attention
   attention / full attention:    :backbone_variant=full_attention,heads=attention
+Every run under gs://BUCKET/sasa in its row, next to the paper's AP:
+  python -m sasa_jax.tools.compare_paper gs://BUCKET/sasa
 Arguments: any create_retinanet keyword (depth, head_kernel_size, p6_input, aspect_ratios=
 0.5-1.0-2.0, ...), seed, batch_size, num_epochs, dtype, num_microbatches,
 batch_norm_group_size; each equals its flag

@@ -16,6 +16,8 @@ Ablations (ResNet-50 conv-stem + attention unless stated), held-out 4% of train 
   Table 7: :variant=full_attention,stem_type=conv_values
 A held-out run's validation accuracy, once trained:
   python -m sasa_jax.tools.evaluate --workdir=gs://BUCKET/sasa/RUN --split=validation
+Every run under gs://BUCKET/sasa in its paper row, next to the paper's number:
+  python -m sasa_jax.tools.compare_paper gs://BUCKET/sasa
 Arguments: any create_resnet keyword, seed, batch_size, num_epochs, dtype, num_microbatches,
 batch_norm_group_size and holdout; each model argument equals its flag
 (--config.model.kernel_size=5). Batch 4096 on fewer chips than its memory needs:

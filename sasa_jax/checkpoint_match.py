@@ -49,14 +49,22 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
+def flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+  """{dotted field: value} of a config, or of a config.json's dict, as config.json holds
+  them (sequences as lists, references resolved)."""
+  if isinstance(config, ml_collections.ConfigDict):
+    config = json.loads(config.to_json_best_effort())
+  return _flat(config)
+
+
 def config_differences(saved: epath.Path, config: ml_collections.ConfigDict) -> list[str]:
   """The fields (dotted) whose values differ between a run's saved config.json (`saved`;
   none where it does not exist) and `config`, at most SHOWN, as "field: old there, new
   here"."""
   if not saved.exists():
     return []
-  old = _flat(json.loads(saved.read_text()))
-  new = _flat(json.loads(config.to_json_best_effort()))
+  old = flat_config(json.loads(saved.read_text()))
+  new = flat_config(config)
   changed = [f"{key}: {old.get(key)!r} there, {new.get(key)!r} here"
              for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
   return changed[:SHOWN] + ([f"... {len(changed)} fields differ in all"]

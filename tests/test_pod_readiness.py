@@ -327,3 +327,9 @@ def test_two_processes_on_object_storage(gcs, tmp_path):
                            ["--workdir=gs://sasa/two", "--image=1"], environ=environ).stdout
   assert out.split() == ["gs://sasa/two/attention_image1_group3_block1.png"]
   assert len(gcs.read_object("sasa", "two/attention_image1_group3_block1.png")) > 10_000
+  # The bucket's root as a folder of runs (tfds/ holds none), its report written beside them.
+  report = helpers.run_module("sasa_jax.tools.compare_paper",
+                              ["gs://sasa", "--out=gs://sasa/report.md"], environ=environ).stdout
+  assert "1 run(s) read: 0 count for paper rows, 1 for none." in report
+  assert "- gs://sasa/two: fashion_mnist, not a dataset of the paper's tables" in report
+  assert gcs.read_object("sasa", "report.md").decode() + "\n" == report

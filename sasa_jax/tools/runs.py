@@ -1,11 +1,25 @@
 """Running the demos and reading finished runs: metrics.jsonl, config.json, checkpoints."""
 import gc
+import importlib.util
 import io
 import json
 
 import ml_collections
 import numpy as np
 from etils import epath
+
+
+CONFIGS = epath.Path(__file__).parents[2] / "configs"  # the checkout's; not a package
+
+
+def load_config(file: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """configs/FILE's get_config(arg): load_config("imagenet.py", "depth=26") is the config
+  of --config=configs/imagenet.py:depth=26."""
+  path = CONFIGS / file
+  spec = importlib.util.spec_from_file_location(f"configs.{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def _path(workdir) -> epath.Path:

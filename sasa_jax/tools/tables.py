@@ -18,7 +18,6 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import time
 
 import matplotlib
@@ -27,10 +26,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sasa_jax.models import QUICK_DEPTH  # noqa: E402
-from sasa_jax.tools import paper  # noqa: E402
+from sasa_jax.tools import paper, runs  # noqa: E402
 from sasa_jax.tools.runs import final, read_metrics, series  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPTH = 26
 QUICK_MODEL = f",depth={QUICK_DEPTH},width_multiplier=0.125,num_heads=2"  # --quick's model
 # name: (config-string arguments, {table: paper row label})
@@ -64,9 +62,7 @@ TABLE_TITLES = {1: "Table 1: model variants (ResNet-26)",
 
 
 def load_config(arg: str):
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import fashion_mnist  # noqa: PLC0415
-  return fashion_mnist.get_config(arg)
+  return runs.load_config("fashion_mnist.py", arg)
 
 
 def run_config(name, seed, args):
