@@ -104,4 +104,8 @@ def test_a_real_run_in_its_row_from_its_workdir(tmp_path):
           "(bfloat16); num_train_steps: 2 (-1); +1 more |") in text.splitlines(), text
   assert "1 run(s) read: 1 count for paper rows, 0 for none." in text
   assert out.read_text() + "\n" == text
+  # tools/status takes the folder of runs too.
+  status = helpers.run_module("sasa_jax.tools.status", [str(tmp_path / "runs")]).stdout
+  assert status.startswith(f"{workdir}: --config=configs/imagenet.py:depth=26,variant=baseline ")
+  assert "\n  step 2 of 2 (100.0%)" in status and "not_a_run" not in status
   assert json.loads((workdir / "config.json").read_text())["model"]["depth"] == 26

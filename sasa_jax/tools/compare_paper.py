@@ -166,21 +166,6 @@ def read_run(workdir: epath.Path) -> Run:
              starts[-1].get("num_train_steps") if starts else None)
 
 
-def find_runs(paths: list[str]) -> list[Run]:
-  """The runs at `paths`: each a workdir (it holds config.json) or a folder of workdirs."""
-  found = []
-  for path in paths:
-    path = epath.Path(path) if "://" in path else epath.Path(path).absolute()
-    if (path / "config.json").exists():
-      found.append(path)
-      continue
-    inside = sorted(p for p in path.iterdir() if (p / "config.json").exists()) \
-        if path.is_dir() else []
-    if not inside:
-      raise FileNotFoundError(f"{path}: no config.json in it or in its subfolders: not a "
-                              "sasa_jax run directory, nor a folder of them")
-    found += inside
-  return [read_run(p) for p in found]
 
 
 def counts_for(run: Run, row: Row) -> bool:
@@ -291,7 +276,7 @@ def report(found: list[Run], rows: list[Row], show_all: bool) -> str:
 def main(argv):
   if len(argv) < 2 and not FLAGS.all:
     raise app.UsageError("give workdirs, or folders of them (or --all for every paper row)")
-  text = report(find_runs(argv[1:]), paper_rows(), FLAGS.all)
+  text = report([read_run(p) for p in runs.workdirs(argv[1:])], paper_rows(), FLAGS.all)
   print(text)
   if FLAGS.out:
     out = epath.Path(FLAGS.out)

@@ -27,6 +27,23 @@ def _path(workdir) -> epath.Path:
   return path if "://" in str(workdir) else path.absolute()
 
 
+def workdirs(paths: list[str]) -> list[epath.Path]:
+  """The run directories at `paths` (local or URLs): each a workdir (it holds config.json)
+  or a folder whose subfolders are, in name order."""
+  found = []
+  for path in map(_path, paths):
+    if (path / "config.json").exists():
+      found.append(path)
+      continue
+    inside = sorted(p for p in path.iterdir() if (p / "config.json").exists()) \
+        if path.is_dir() else []
+    if not inside:
+      raise FileNotFoundError(f"{path}: no config.json in it or in its subfolders: not a "
+                              "sasa_jax run directory, nor a folder of them")
+    found += inside
+  return found
+
+
 def save_figure(fig, path, dpi: int = 100) -> str:
   """Writes a matplotlib figure as PNG to `path`, a local path or a URL (gs://bucket/run/x.png:
   matplotlib itself writes local files only); returns the path."""

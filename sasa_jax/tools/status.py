@@ -1,12 +1,12 @@
 """Where a run stands, read from its workdir alone (local or gs://), from any machine.
 
-  python -m sasa_jax.tools.status WORKDIR [WORKDIR ...]
+  python -m sasa_jax.tools.status WORKDIR [WORKDIR ...]   # or a folder of workdirs
 
-For each workdir: whether a run holds it now (its lease: run, host, pid, SLURM job, how long
-ago it was renewed), the last logged step of the steps it trains to, its speed and the time
-left at that speed, how long ago metrics.jsonl was last written, the checkpoints, the last
-evaluation and the starts (starts.jsonl). Nothing is imported from jax: it answers in a
-second.
+For each workdir (or each run in a folder of them): whether a run holds it now (its lease:
+run, host, pid, SLURM job, how long ago it was renewed), the last logged step of the steps it
+trains to, its speed and the time left at that speed, how long ago metrics.jsonl was last
+written, the checkpoints, the last evaluation and the starts (starts.jsonl). Nothing is
+imported from jax: it answers in a second.
 """
 import json
 import sys
@@ -16,7 +16,7 @@ from absl import app
 from etils import epath
 
 from sasa_jax import workdir_lease
-from sasa_jax.tools.runs import read_jsonl
+from sasa_jax.tools.runs import read_jsonl, workdirs
 
 
 def _duration(seconds: float) -> str:
@@ -99,9 +99,15 @@ def report(workdir: epath.PathLike) -> list[str]:
 
 def main(argv):
   if len(argv) < 2:
-    raise app.UsageError("give one or more workdirs: python -m sasa_jax.tools.status WORKDIR")
-  for workdir in argv[1:]:
-    print("\n".join(report(workdir)))
+    raise app.UsageError("give one or more workdirs (or folders of them): "
+                         "python -m sasa_jax.tools.status WORKDIR")
+  for path in argv[1:]:
+    try:
+      found = workdirs([path])
+    except FileNotFoundError:
+      found = [path]  # not a run (yet): report() says so
+    for workdir in found:
+      print("\n".join(report(workdir)))
   sys.stdout.flush()
 
 
