@@ -8,6 +8,8 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
+from sasa_jax.checkpoint_match import flat_config
+
 
 class JsonlWriter(metric_writers.MetricWriter):
   """Appends one JSON object per write_scalars call: {"step": s, "name": value, ...}.
@@ -50,6 +52,18 @@ class JsonlWriter(metric_writers.MetricWriter):
   def close(self):
     self.flush()
     self._files.close()
+
+
+def hparams(config) -> dict:
+  """Every config field, dotted (model.kernel_size, schedule.peak_value, ...), as
+  TensorBoard's HParams dashboard takes them (bool, int, float or str): a sequence in its
+  flag form ("2,3,4", "()"), None as "none". The dashboard then tells ablations apart by the
+  fields they change."""
+  def value(v):
+    if isinstance(v, (list, tuple)):
+      return ",".join(str(x) for x in v) or "()"
+    return "none" if v is None else v
+  return {k: value(v) for k, v in flat_config(config).items()}
 
 
 def create_writer(workdir: epath.PathLike, is_main: bool) -> metric_writers.MetricWriter:

@@ -45,7 +45,7 @@ from sasa_jax import workdir_lease
 from sasa_jax.base_config import LOOP_SET_MODEL_FIELDS
 from sasa_jax.device_memory import peak_memory
 from sasa_jax.data.detection import DetectionOptions
-from sasa_jax.metric_writers import create_writer
+from sasa_jax.metric_writers import create_writer, hparams
 from sasa_jax.watchdog import Watchdog
 from sasa_jax.models.resnet import batch_norm_across
 from sasa_jax.run_once import run_once
@@ -760,8 +760,7 @@ def _train(config, workdir: epath.Path, builder, steps_per_epoch: int, num_steps
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("model %s: %.3fM parameters; %d steps, %d per epoch", dict(config.model),
                  n_params / 1e6, num_steps, steps_per_epoch)
-    writer.write_hparams({k: v for k, v in config.to_dict().items()
-                          if isinstance(v, (int, float, str, bool))})
+    writer.write_hparams(hparams(config))
   if is_main:
     devices, processes, num = jax.device_count(), jax.process_count(), config.num_microbatches
     group, local = config.batch_norm_group_size, config.batch_size // devices // num

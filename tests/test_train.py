@@ -101,6 +101,21 @@ def test_fake_imagenet_end_to_end(tmp_path):
            jax.profiler.ProfileData.from_file(str(trace)).planes
            for line in plane.lines for e in line.events if e.name == "train"]
   assert steps == [1]  # StepTraceAnnotation's 0-based number of step 2
+  # TensorBoard's HParams dashboard gets every field, the model's and the recipe's included.
+  import tensorflow as tf
+  from tensorboard.plugins.hparams import plugin_data_pb2
+  (events,) = workdir.glob("events.out.tfevents.*")
+  (start,) = [data.session_start_info.hparams
+              for event in tf.compat.v1.train.summary_iterator(str(events))
+              for value in event.summary.value
+              if value.metadata.plugin_data.plugin_name == "hparams"
+              for data in [plugin_data_pb2.HParamsPluginData.FromString(
+                  value.metadata.plugin_data.content)] if data.HasField("session_start_info")]
+  assert start["model.kernel_size"].string_value == "3"
+  assert start["model.variant"].string_value == "full_attention"
+  assert start["model.attention_groups"].string_value == "none"  # the variant's
+  assert start["schedule.peak_value"].number_value == 0.1 * 4 / 256
+  assert start["dataset.image_size"].number_value == 64
 
 
 def test_one_and_four_devices_follow_the_same_trajectory(fmnist_dir, tmp_path):
