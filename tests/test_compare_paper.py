@@ -58,9 +58,14 @@ def test_the_report_averages_finished_runs_and_names_what_differs():
                   {"top-1": 79.0}, workdir="/r/held")
   heads = _run(load_config("imagenet.py", "variant=conv_stem_attention,num_heads=4"), {},
                eval_step=None, workdir="/r/heads4")
-  text = compare_paper.report([*seeds, partial, held_out, heads], rows, show_all=False)
+  unbuildable = load_config("imagenet.py", "depth=26,variant=baseline")
+  unbuildable.model.depth = 27  # (a config.json of some other version, say)
+  broken = _run(unbuildable, {"top-1": 1.0}, workdir="/r/broken")
+  text = compare_paper.report([*seeds, partial, held_out, heads, broken], rows, show_all=False)
   lines = text.splitlines()
-  assert "5 run(s) read: 4 count for paper rows, 1 for none." in text
+  assert "6 run(s) read: 4 count for paper rows, 2 for none." in text
+  assert ("- /r/broken (done): nearest Table 1, ResNet-26 baseline; differs in model.depth: "
+          "27 (26)") in lines
   assert "| ResNet-50 baseline | 76.9 | 76.50 ± 0.50 | -0.40 | base_s0 (done), base_s1 (done) " \
          "| none |" in lines
   assert ("| ResNet-26 full_attention | 74.8 | 70.25 so far | -4.55 | r26_full (step 5,000 "

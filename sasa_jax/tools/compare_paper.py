@@ -68,6 +68,10 @@ class Row:
   def config(self):
     return runs.load_config(self.config_file, self.arg)
 
+  @functools.cached_property
+  def network(self):
+    return network(self.config)
+
 
 def _arg_value(value) -> str:
   if isinstance(value, (tuple, list)):
@@ -93,10 +97,14 @@ def paper_rows() -> list[Row]:
 
 def network(config):
   """The Flax module config.model builds, with impl, dtype and BN momentum fixed: equal
-  modules are the same network."""
+  modules are the same network. None where the fields build none (a config.json of a
+  version whose fields differ): the run then counts for no row."""
   from sasa_jax import tasks  # noqa: PLC0415 (jax and the data pipeline: not for --help)
   factory = tasks.TASKS[_task(config)].factory
-  return factory(**{**config.model, "impl": "reference"}, dtype="float32", bn_momentum=0.9)
+  try:
+    return factory(**{**config.model, "impl": "reference"}, dtype="float32", bn_momentum=0.9)
+  except (TypeError, ValueError):
+    return None
 
 
 def _task(config) -> str:
@@ -133,6 +141,10 @@ class Run:
   eval_step: int | None
   total_steps: int | None
 
+  @functools.cached_property
+  def network(self):
+    return network(self.config)
+
   @property
   def name(self) -> str:
     return self.workdir.rstrip("/").rsplit("/", 1)[-1]
@@ -166,11 +178,9 @@ def read_run(workdir: epath.Path) -> Run:
              starts[-1].get("num_train_steps") if starts else None)
 
 
-
-
 def counts_for(run: Run, row: Row) -> bool:
   return (_task(run.config) == _task(row.config) and evaluated_on(run.config) ==
-          evaluated_on(row.config) and network(run.config) == network(row.config))
+          evaluated_on(row.config) and run.network is not None and run.network == row.network)
 
 
 def nearest(run: Run, rows: list[Row]) -> tuple[Row, list[str]]:
