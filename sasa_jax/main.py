@@ -11,7 +11,7 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sasa_jax import distributed, peer_failure  # noqa: E402
+from sasa_jax import cli, distributed, peer_failure  # noqa: E402
 from sasa_jax.logs import quiet_orbax  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -35,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

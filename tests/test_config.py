@@ -294,3 +294,14 @@ def test_validate_detection_config_names_the_field(changes, match):
   from sasa_jax.train import validate_config
   with pytest.raises(ValueError, match=match):
     validate_config(_train_config("fashion_mnist_detection", None, **changes))
+
+
+@pytest.mark.parametrize("module", ["sasa_jax.main", "sasa_jax.tools.step_memory"])
+def test_a_config_flag_naming_no_field_is_one_line_with_the_suggestion(module, tmp_path):
+  args = ["--config=configs/imagenet.py", "--config.model.kernal_size=5",
+          f"--workdir={tmp_path}"][:3 if module == "sasa_jax.main" else 2]
+  proc = helpers.run_module(module, args, check=False, timeout=120)
+  assert proc.returncode == 1
+  assert ("FATAL Flags parsing error: --config.model.kernal_size: the config has no field "
+          "'kernal_size'; did you mean 'kernel_size'?\n") in proc.stderr, proc.stderr
+  assert "Traceback" not in proc.stderr

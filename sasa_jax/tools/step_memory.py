@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from sasa_jax import data as data_lib
-from sasa_jax import optim, tasks, train
+from sasa_jax import cli, optim, tasks, train
 from sasa_jax.tools.bench import memory_plan, tree_bytes
 
 MIB = 2**20
@@ -133,4 +133,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
