@@ -1,28 +1,68 @@
 """What the command-line entry points share: their flag parsing (no jax import)."""
 import re
 import sys
+import textwrap
 
-from absl import app
+import ml_collections
+from absl import flags
+
+WHILST = ": Error whilst parsing config file:"  # ml_collections' wording, traceback after it
+
+
+def _no_field(error: Exception, argv: list[str]) -> str | None:
+  """"--config.X: the config has no field 'X'; did you mean 'Y'?" for ml_collections'
+  KeyError/AttributeError about a --config.X flag; None for any other error."""
+  cause = error
+  while cause.args and isinstance(cause.args[0], BaseException):
+    cause = cause.args[0]
+  name, _, hint = str(cause.args[0] if cause.args else "").partition("\n")
+  name = name.strip("'\"")
+  flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+               and name in a.split("=")[0].split(".")), None)
+  if flag is None:
+    return None
+  suggestion = re.search(r'Did you mean "([^"]+)"', hint)
+  return (f"{flag}: the config has no field {name!r}"
+          + (f"; did you mean {suggestion[1]!r}?" if suggestion else ""))
+
+
+def _without_traceback(message: str) -> str:
+  """A config file's ValueError (a bad config-string argument: base_config.apply_arg) as
+  its flag and its own line; other errors, a fork's bug say, keep their traceback."""
+  head, whilst, rest = message.partition(WHILST)
+  last = rest.strip().splitlines()[-1].strip() if whilst and rest.strip() else ""
+  return f"{head}: {last[len('ValueError: '):]}" if last.startswith("ValueError: ") else message
+
+
+def _fail(message: str):
+  """As absl's app.parse_flags_with_usage says a flags error, then exits with status 1."""
+  sys.stderr.write(f"FATAL Flags parsing error:\n{textwrap.indent(message, '  ')}\n"
+                   if "\n" in message else f"FATAL Flags parsing error: {message}\n")
+  sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
+  sys.exit(1)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, for app.run(main, flags_parser=parse_flags): a --config.FIELD flag
-  that names no field of the config is a flags error in one line, with ml_collections'
-  suggestion ("did you mean ..."), instead of the traceback ml_collections raises it with."""
+  """absl's flag parsing, for app.run(main, flags_parser=parse_flags), with config errors
+  in one line: a bad config-string argument (`configs/X.py:kernal_size=5`) as its message
+  alone, and a --config.FIELD flag that names no field with ml_collections' suggestion
+  ("did you mean ...") in place of the traceback ml_collections raises it with; a config
+  file that does not load (a wrong path) before anything starts."""
   try:
-    return app.parse_flags_with_usage(argv)
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(_without_traceback(str(e)))
   except (AttributeError, KeyError) as e:
-    cause = e
-    while cause.args and isinstance(cause.args[0], BaseException):
-      cause = cause.args[0]
-    name, _, hint = str(cause.args[0] if cause.args else "").partition("\n")
-    name = name.strip("'\"")
-    flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-                 and name in a.split("=")[0].split(".")), None)
-    if flag is None:  # not a flag's field: an error of the config file's own
+    message = _no_field(e, argv)
+    if message is None:  # not a flag's field: an error of the config file's own
       raise
-    suggestion = re.search(r'Did you mean "([^"]+)"', hint)
-    sys.stderr.write(f"FATAL Flags parsing error: {flag}: the config has no field {name!r}"
-                     f"{f'; did you mean {suggestion[1]!r}?' if suggestion else ''}\n"
-                     "Pass --helpshort or --helpfull to see help on flags.\n")
-    sys.exit(1)
+    _fail(message)
+  # A config file that does not load is no parse error to ml_collections: it stands in a
+  # value that raises at first use, after start-up and the heavy imports.
+  config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+  if config is not None and not isinstance(config, ml_collections.ConfigDict):
+    try:
+      config.get("task")
+    except OSError as e:
+      _fail(f"--config: {e.__cause__ or e}")
+  return rest

@@ -296,12 +296,25 @@ def test_validate_detection_config_names_the_field(changes, match):
     validate_config(_train_config("fashion_mnist_detection", None, **changes))
 
 
+
 @pytest.mark.parametrize("module", ["sasa_jax.main", "sasa_jax.tools.step_memory"])
-def test_a_config_flag_naming_no_field_is_one_line_with_the_suggestion(module, tmp_path):
-  args = ["--config=configs/imagenet.py", "--config.model.kernal_size=5",
-          f"--workdir={tmp_path}"][:3 if module == "sasa_jax.main" else 2]
-  proc = helpers.run_module(module, args, check=False, timeout=120)
+@pytest.mark.parametrize("args, line", [
+    (["--config=configs/imagenet.py", "--config.model.kernal_size=5"],
+     ": --config.model.kernal_size: the config has no field 'kernal_size'; did you mean "
+     "'kernel_size'?\n"),
+    (["--config=configs/imagenet.py:kernal_size=5"],
+     ": flag --config=configs/imagenet.py:kernal_size=5: config argument 'kernal_size' is not "
+     "allowed; choose among ['attention_groups', "),
+    (["--config=configs/imagenet.py:kernel_size=x"],
+     ": flag --config=configs/imagenet.py:kernel_size=x: config argument kernel_size='x': "
+     "expected ints joined by '-' (e.g. 2-3-4) or none\n"),
+    (["--config=configs/imagenett.py"],
+     ":\n  --config: Failed loading config file config_config\n"),
+], ids=["flag", "argument", "value", "file"])
+def test_a_config_error_is_a_flags_error_without_a_traceback(module, args, line, tmp_path):
+  """Before start-up and the heavy imports, in absl's form for flag errors."""
+  workdir = [f"--workdir={tmp_path}"] if module == "sasa_jax.main" else []
+  proc = helpers.run_module(module, args + workdir, check=False, timeout=120)
   assert proc.returncode == 1
-  assert ("FATAL Flags parsing error: --config.model.kernal_size: the config has no field "
-          "'kernal_size'; did you mean 'kernel_size'?\n") in proc.stderr, proc.stderr
-  assert "Traceback" not in proc.stderr
+  assert "FATAL Flags parsing error" + line in proc.stderr, proc.stderr
+  assert "Traceback" not in proc.stderr and "start-up" not in proc.stderr
