@@ -5,6 +5,7 @@ import textwrap
 
 import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
 WHILST = ": Error whilst parsing config file:"  # ml_collections' wording, traceback after it
 
@@ -40,6 +41,20 @@ def _fail(message: str):
                    if "\n" in message else f"FATAL Flags parsing error: {message}\n")
   sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
   sys.exit(1)
+
+
+def define_config(default: str | None = None, help_text: str = "Training config file.",
+                  lock_config: bool = True):
+  """--config=configs/X.py[:ARGS] and its --config.FIELD overrides (ml_collections), their
+  errors as parse_flags says them: ml_collections applies the overrides to a default config
+  file when the flag is defined, at import."""
+  try:
+    config_flags.DEFINE_config_file("config", default, help_text, lock_config=lock_config)
+  except (AttributeError, KeyError) as e:
+    message = _no_field(e, sys.argv)
+    if message is None:
+      raise
+    _fail(message)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

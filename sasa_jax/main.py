@@ -9,14 +9,13 @@ if __name__ == "__main__":
   gc.disable()
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from sasa_jax import cli, distributed, peer_failure  # noqa: E402
 from sasa_jax.logs import quiet_orbax  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
-config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+cli.define_config()
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -297,7 +297,8 @@ def test_validate_detection_config_names_the_field(changes, match):
 
 
 
-@pytest.mark.parametrize("module", ["sasa_jax.main", "sasa_jax.tools.step_memory"])
+@pytest.mark.parametrize("module", ["sasa_jax.main", "sasa_jax.tools.step_memory",
+                                    "sasa_jax.tools.demo"])
 @pytest.mark.parametrize("args, line", [
     (["--config=configs/imagenet.py", "--config.model.kernal_size=5"],
      ": --config.model.kernal_size: the config has no field 'kernal_size'; did you mean "

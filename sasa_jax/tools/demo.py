@@ -20,7 +20,6 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from sasa_jax import cli  # noqa: E402
 from sasa_jax.tools.runs import read_metrics, train_or_resume  # noqa: E402
@@ -29,8 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "Where the run lives.")
 flags.DEFINE_bool("fresh", False, "Delete --workdir first instead of resuming it.")
-config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "fashion_mnist.py"),
-                                "Training config.", lock_config=True)
+cli.define_config(os.path.join(ROOT, "configs", "fashion_mnist.py"), "Training config.")
 
 
 def summary(workdir: str) -> dict:

@@ -18,7 +18,6 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from sasa_jax import cli  # noqa: E402
 
@@ -27,9 +26,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/detect", "Where the run lives.")
 flags.DEFINE_bool("fresh", False, "Delete --workdir first instead of resuming it.")
 flags.DEFINE_integer("images", 8, "Held-out images drawn in detections.png.")
-config_flags.DEFINE_config_file(
-    "config", os.path.join(ROOT, "configs", "fashion_mnist_detection.py"), "Training config.",
-    lock_config=True)
+cli.define_config(os.path.join(ROOT, "configs", "fashion_mnist_detection.py"),
+                  "Training config.")
 
 
 def predict(config, variables, images):
@@ -115,4 +113,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

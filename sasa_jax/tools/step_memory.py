@@ -21,7 +21,6 @@ import jax
 import numpy as np
 from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from ml_collections import config_flags
 
 from sasa_jax import data as data_lib
 from sasa_jax import cli, optim, tasks, train
@@ -110,7 +109,7 @@ flags.DEFINE_list("microbatches", ["1", "2", "4", "8"],
                   "Values of config.num_microbatches to plan, comma-separated.")
 flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
 # --config=FILE[:ARGS] and --config.FIELD=VALUE, parsed as sasa_jax.main parses them.
-config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=False)
+cli.define_config(lock_config=False)
 flags.mark_flags_as_required(["config"])
 
 
