@@ -17,9 +17,11 @@
 # config's hang_timeout_s: every rank exits with status 75) starts again in the same
 # allocation, up to HANG_RESTARTS times (default 2). Logs: LOGDIR/JOB_JOBID_rankN.log (one
 # per rank, lines labelled, appended across requeues) and LOGDIR/JOB_JOBID.batch.log.
+# Before submitting, `python -m sasa_jax.tools.preflight` checks the config for NODES x
+# GPUS_PER_NODE GPUs, the dataset and the workdir here (PYTHON; PREFLIGHT=0 skips it).
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 PER_GPU=0; DRY_RUN=0; ARGS=()
 for a in "$@"; do
   case "$a" in
@@ -96,5 +98,8 @@ if [[ $DRY_RUN == 1 ]]; then
   echo "# submit with: sbatch <this script>"
   exit 0
 fi
+source "$ROOT/launch/preflight.bash"
+preflight gpu_slurm.sh $(( NODES * GPUS_PER_NODE )) "${ARGS[@]}" --workdir="$WORKDIR" \
+  ${TFDS_DATA_DIR:+--config.dataset.data_dir="$TFDS_DATA_DIR"}
 mkdir -p "$LOGDIR"
 echo "$SCRIPT" | sbatch

@@ -18,9 +18,11 @@
 # the one for the accelerator generation), SPOT=1 (a Spot slice), PYTHON_VERSION (3.11),
 # PIP_EXTRAS (tpu), HANG_RESTARTS (default 2: a run that hangs starts again that often,
 # launch/restart_when_hung.sh). After a preemption, run the same start command again: it resumes.
+# Before creating or starting anything, `python -m sasa_jax.tools.preflight` checks the config
+# for the slice's chips, the dataset and the workdir here (PYTHON; PREFLIGHT=0 skips it).
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 ACTION=start; CREATE=0; DRY_RUN=0; WORKER=0; ARGS=()
 for a in "$@"; do
   case "$a" in
@@ -53,12 +55,14 @@ fi
 ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v4-32}
 GENERATION=${ACCELERATOR_TYPE%%-*}
 SIZE=${ACCELERATOR_TYPE##*-}
-case "$GENERATION" in  # runtime image and hosts of each generation (suffix: cores or chips)
-  v2|v3) DEFAULT_RUNTIME=tpu-ubuntu2204-base; WORKERS=$(( (SIZE + 7) / 8 )) ;;
-  v4) DEFAULT_RUNTIME=tpu-ubuntu2204-base; WORKERS=$(( (SIZE + 7) / 8 )) ;;
-  v5p) DEFAULT_RUNTIME=v2-alpha-tpuv5; WORKERS=$(( (SIZE + 7) / 8 )) ;;
-  v5litepod) DEFAULT_RUNTIME=v2-alpha-tpuv5-lite; WORKERS=$(( SIZE <= 8 ? 1 : SIZE / 4 )) ;;
-  v6e) DEFAULT_RUNTIME=v2-alpha-tpuv6e; WORKERS=$(( SIZE <= 8 ? 1 : SIZE / 4 )) ;;
+# Runtime image, hosts and JAX devices of each generation (the suffix counts TensorCores up to
+# v5p, whose two cores per chip are one device, and chips from v5e on).
+case "$GENERATION" in
+  v2|v3) DEFAULT_RUNTIME=tpu-ubuntu2204-base; WORKERS=$(( (SIZE + 7) / 8 )); DEVICES=$SIZE ;;
+  v4) DEFAULT_RUNTIME=tpu-ubuntu2204-base; WORKERS=$(( (SIZE + 7) / 8 )); DEVICES=$(( SIZE / 2 )) ;;
+  v5p) DEFAULT_RUNTIME=v2-alpha-tpuv5; WORKERS=$(( (SIZE + 7) / 8 )); DEVICES=$(( SIZE / 2 )) ;;
+  v5litepod) DEFAULT_RUNTIME=v2-alpha-tpuv5-lite; WORKERS=$(( SIZE <= 8 ? 1 : SIZE / 4 )); DEVICES=$SIZE ;;
+  v6e) DEFAULT_RUNTIME=v2-alpha-tpuv6e; WORKERS=$(( SIZE <= 8 ? 1 : SIZE / 4 )); DEVICES=$SIZE ;;
   *) echo "tpu_pod.sh: ACCELERATOR_TYPE=$ACCELERATOR_TYPE is not one of v2-N, v3-N, v4-N, v5p-N, v5litepod-N, v6e-N" >&2; exit 2 ;;
 esac
 RUNTIME_VERSION=${RUNTIME_VERSION:-$DEFAULT_RUNTIME}
@@ -96,6 +100,9 @@ case "$ACTION" in
     exit ;;
 esac
 
+source "$ROOT/launch/preflight.bash"
+[[ $DRY_RUN == 1 ]] || preflight tpu_pod.sh "$DEVICES" "${ARGS[@]}" --workdir="$WORKDIR" \
+  --config.dataset.data_dir="$TFDS_DATA_DIR"
 if [[ $CREATE == 1 ]]; then
   run "${GC[@]}" create "$TPU_NAME" "${WHERE[@]}" --accelerator-type="$ACCELERATOR_TYPE" \
     --version="$RUNTIME_VERSION" ${SPOT:+--spot}
@@ -120,6 +127,6 @@ TRAIN=$(printf '%q ' -m sasa_jax.main "${ARGS[@]}" --workdir="$WORKDIR" \
 START="mkdir -p ~/sasa_logs && cd ~/sasa_jax
 nohup setsid launch/restart_when_hung.sh ${HANG_RESTARTS:-2} ~/sasa_venv/bin/python $TRAIN >> $LOG 2>&1 < /dev/null & echo \$! > $PIDFILE
 echo \"\$(hostname): started pid \$(cat $PIDFILE); log $LOG\""
-echo "# every one of the $WORKERS workers of $ACCELERATOR_TYPE ($RUNTIME_VERSION) runs: python $TRAIN"
+echo "# every one of the $WORKERS workers of $ACCELERATOR_TYPE ($RUNTIME_VERSION, $DEVICES JAX devices) runs: python $TRAIN"
 on_workers all "$START"
 [[ $DRY_RUN == 1 ]] || echo "tpu_pod.sh: started; follow with --status, --logs [--worker=N]; stop with --stop"

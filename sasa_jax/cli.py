@@ -8,6 +8,7 @@ from absl import flags
 from ml_collections import config_flags
 
 WHILST = ": Error whilst parsing config file:"  # ml_collections' wording, traceback after it
+ERROR_STATUS = 1  # the exit status of a flags error (absl's); tools/preflight sets its own
 
 
 def _no_field(error: Exception, argv: list[str]) -> str | None:
@@ -36,11 +37,12 @@ def _without_traceback(message: str) -> str:
 
 
 def _fail(message: str):
-  """As absl's app.parse_flags_with_usage says a flags error, then exits with status 1."""
+  """As absl's app.parse_flags_with_usage says a flags error, then exits with
+  ERROR_STATUS."""
   sys.stderr.write(f"FATAL Flags parsing error:\n{textwrap.indent(message, '  ')}\n"
                    if "\n" in message else f"FATAL Flags parsing error: {message}\n")
   sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
-  sys.exit(1)
+  sys.exit(ERROR_STATUS)
 
 
 def define_config(default: str | None = None, help_text: str = "Training config file.",

@@ -15,6 +15,7 @@ never reaches. A non-finite loss or gradient stops the run at the next log or ch
 step, before anything non-finite is saved.
 """
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import shlex
@@ -149,11 +150,11 @@ def advise_when_out_of_memory(config, devices: int):
         f"{str(e).splitlines()[0]}\n{out_of_memory_advice(config, devices, sys.argv)}") from e
 
 
-def validate_config(config: ml_collections.ConfigDict, devices: int | None = None) -> None:
+def validate_config(config: ml_collections.ConfigDict, devices: int | None = None) -> int:
   """Raises ValueError naming the bad field, its value and what is allowed, before any data
   is read or anything compiled: the model is built abstractly (jax.eval_shape), so that a
   layer or implementation that cannot take the config fails here. devices: the run's device
-  count (None: jax.device_count())."""
+  count (None: jax.device_count()). Returns the model's parameter count."""
   missing = [f for f in REQUIRED_FIELDS if f not in config]
   if missing:
     raise ValueError(f"config is missing field(s) {missing} (configs start from "
@@ -233,6 +234,7 @@ def validate_config(config: ml_collections.ConfigDict, devices: int | None = Non
   except (ValueError, TypeError, NotImplementedError) as e:
     raise ValueError(f"config.model {dict(config.model)} cannot be built for "
                      f"{size}x{size} images: {e}") from e
+  return sum(x.size for x in jax.tree.leaves(variables["params"]))
 
 
 def create_model(config):
@@ -663,13 +665,25 @@ def split_size(builder, config, field: str) -> int:
   return size
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains config's model on config's dataset in workdir, resuming from its checkpoints.
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """What a run's config and workdir make, checked before anything is created or compiled."""
+  workdir: epath.Path   # absolute, or a URL
+  num_params: int       # the model's
+  builder: Any          # the prepared TFDS builder
+  num_train: int        # examples of config.dataset.train_split
+  num_eval: int         # examples of config.dataset.eval_split
+  steps_per_epoch: int
+  num_steps: int        # the steps the run trains to
 
-  workdir: a local directory or a URL that etils.epath, orbax and TensorFlow read
-  (gs://bucket/run); shared by all processes."""
-  started = time.time()
-  validate_config(config)
+
+def plan_run(config: ml_collections.ConfigDict, workdir: str,
+             devices: int | None = None) -> RunPlan:
+  """Checks the config (validate_config, for `devices`: None, jax.device_count()), the
+  workdir's path and the dataset (prepared in data_dir, both splits readable and not empty),
+  and counts the steps; ValueError or FileNotFoundError naming what to change. Creates
+  nothing: train_and_evaluate's start, and tools/preflight's before a job is submitted."""
+  num_params = validate_config(config, devices)
   workdir = epath.Path(workdir)
   if not workdir.is_absolute() and "://" not in str(workdir):
     workdir = workdir.absolute()
@@ -677,7 +691,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     raise ValueError(f"the workdir {workdir} is a file; give a directory (new or a run's)")
   builder = data_lib.get_builder(config.dataset.name, config.dataset.data_dir)
   num_train = split_size(builder, config, "train_split")
-  split_size(builder, config, "eval_split")  # a typo fails now, not at the first evaluation
+  num_eval = split_size(builder, config, "eval_split")  # a typo fails now, not when evaluating
   steps_per_epoch = num_train // config.batch_size
   num_steps = (config.num_train_steps if config.num_train_steps > 0
                else int(config.num_epochs * steps_per_epoch))
@@ -687,7 +701,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         f"{config.dataset.train_split!r} ({num_train} examples, {steps_per_epoch} steps of "
         f"config.batch_size={config.batch_size} per epoch) makes no training step: train on "
         "more examples, more epochs, or set config.num_train_steps")
+  return RunPlan(workdir, num_params, builder, num_train, num_eval, steps_per_epoch, num_steps)
 
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains config's model on config's dataset in workdir, resuming from its checkpoints.
+
+  workdir: a local directory or a URL that etils.epath, orbax and TensorFlow read
+  (gs://bucket/run); shared by all processes."""
+  started = time.time()
+  plan = plan_run(config, workdir)
+  workdir, builder = plan.workdir, plan.builder
+  steps_per_epoch, num_steps = plan.steps_per_epoch, plan.num_steps
   workdir.mkdir(parents=True, exist_ok=True)
   shared_workdir.check(workdir)  # every process sees it, or all fail now
   with (workdir_lease.held(workdir, config.workdir_lease_s,  # one run per workdir

@@ -25,15 +25,16 @@ def cluster(tmp_path_factory):
 
 
 def _submit(cluster, workdir, data_dir, steps, *, per_gpu, ckpt_every=1000, job_name="sasa",
-            gpus=slurm_cluster.GPUS, extra_flags=(), eval_every=1000, **environ):
-  """Submits through launch/gpu_slurm.sh with `environ` added to its environment; job_name
-  None: the launcher's own name."""
+            gpus=slurm_cluster.GPUS, extra_flags=(), eval_every=1000, output=None, **environ):
+  """Submits through launch/gpu_slurm.sh with `environ` added to its environment (its
+  preflight check off unless PREFLIGHT=1 is given); job_name None: the launcher's own name;
+  output: a list the launcher's stdout is appended to."""
   env = helpers.env()
   env["XLA_FLAGS"] = env["LOCAL_XLA_FLAGS"]  # device counts come from the task's GPUs
   env.update(cluster.env, NODES="1", GPUS_PER_NODE=str(gpus),
              WORKDIR=str(workdir), TFDS_DATA_DIR=data_dir, PYTHON=sys.executable,
-             CPUS_PER_TASK="1", MEM="1024", **({"JOB_NAME": job_name} if job_name else {}),
-             **environ)
+             CPUS_PER_TASK="1", MEM="1024",
+             **({"JOB_NAME": job_name} if job_name else {}), **{"PREFLIGHT": "0", **environ})
   flags = helpers.tiny_flags(data_dir, steps, batch=12, ckpt_every=ckpt_every,
                              eval_every=eval_every) + list(extra_flags)
   flags = [f for f in flags if not f.startswith("--config.dataset.data_dir")]  # TFDS_DATA_DIR
@@ -41,6 +42,8 @@ def _submit(cluster, workdir, data_dir, steps, *, per_gpu, ckpt_every=1000, job_
                          *(["--per-gpu"] if per_gpu else []), f"--config={FMNIST}", *flags],
                         cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr
+  if output is not None:
+    output.append(proc.stdout)
   return re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
 
 
@@ -185,9 +188,14 @@ def test_workdir_and_data_on_object_storage_logs_on_a_shared_directory(cluster, 
   """WORKDIR and TFDS_DATA_DIR on gs:// (the GCS API emulator, its address in the submitting
   environment, which sbatch passes on), the logs in LOGDIR: both ranks train, write their
   parts of each checkpoint there and end at one set of parameters."""
-  logdir = tmp_path / "logs"
+  logdir, output = tmp_path / "logs", []
   job = _submit(cluster, "gs://sasa/slurm", "gs://sasa/tfds", 4, per_gpu=True, ckpt_every=2,
-                LOGDIR=str(logdir), **gcs.env)
+                LOGDIR=str(logdir), PREFLIGHT="1", output=output, **gcs.env)
+  # The launcher's preflight check read the data and the workdir there before submitting.
+  assert re.search(r"  batch: 12 = 6 per device on 2 device\(s\)\n  data: fashion_mnist in "
+                   r"gs://sasa/tfds/fashion_mnist/3.0.1: train\[:256\] 256 examples, "
+                   r"test\[:100\] 100\n  steps: 4 .*\n  workdir gs://sasa/slurm: new\n"
+                   r"preflight: OK\n", output[0]), output[0]
   info = cluster.wait_for(job, timeout=600)
   logs = _rank_logs(logdir, job)
   assert info["JobState"] == "COMPLETED", (info, logs)
@@ -196,3 +204,21 @@ def test_workdir_and_data_on_object_storage_logs_on_a_shared_directory(cluster, 
   saved = gcs.list_objects("sasa", "slurm/checkpoints/")
   assert {name.split("/")[2] for name in saved} - {""} == {"2", "4"}, saved
   assert (logdir / f"sasa_{job}.batch.log").exists()
+
+
+def test_a_run_that_would_fail_is_not_submitted(cluster, fmnist_dir, tmp_path):
+  """The launcher's preflight check: a misspelt flag, or a batch that the job's GPUs do not
+  divide, stops it before sbatch (no job, no log directory)."""
+  env = dict(helpers.env(), **cluster.env, NODES="1", GPUS_PER_NODE="2", PYTHON=sys.executable,
+             WORKDIR=str(tmp_path / "run"), TFDS_DATA_DIR=fmnist_dir, JOB_NAME="never")
+  for flag, error in [("--config.model.kernal_size=3", "the config has no field 'kernal_size'"),
+                      ("--config.batch_size=13", "config.batch_size=13 must be a positive "
+                                                 "multiple of the device count 2")]:
+    proc = subprocess.run([os.path.join(helpers.ROOT, "launch", "gpu_slurm.sh"),
+                           f"--config={FMNIST}", flag], cwd=helpers.ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert error in proc.stderr and "gpu_slurm.sh: nothing submitted or started" in proc.stderr
+  assert "never" not in subprocess.run(["squeue", "-h", "-o", "%j"], env=env, text=True,
+                                       capture_output=True).stdout
+  assert not (tmp_path / "run").exists()

@@ -279,3 +279,29 @@ def test_evaluate_reproduces_the_loops_evaluation_and_takes_any_split(demo_run):
   bad = helpers.run_module("sasa_jax.tools.evaluate", [f"--workdir={workdir}", "--weights=ema"],
                            check=False)
   assert bad.returncode != 0 and "kept no EMA weights (config.ema_decay = 0)" in bad.stderr
+
+
+def test_preflight_of_a_runs_workdir_and_of_missing_data(demo_run, tmp_path):
+  """tools/preflight (what the launchers run before submitting): the plan for 2 devices, the
+  demo's workdir as a run this start resumes, with the fields it changes; an ImageNet run
+  whose data_dir holds no ImageNet fails with status 3 and how to prepare it."""
+  workdir, flags, _ = demo_run
+  proc = _run("sasa_jax.tools.preflight", "--config=configs/fashion_mnist.py", *flags,
+              "--config.num_train_steps=6", "--devices=2")
+  out = proc.stdout
+  assert re.search(r"  model: ResNet-14 conv_stem_attention, 0\.\d+M parameters, float32\n"
+                   r"  batch: 32 = 16 per device on 2 device\(s\)\n"
+                   r"  data: fashion_mnist in .*/fashion_mnist/3.0.1: train\[:384\] 384 "
+                   r"examples, test\[:200\] 200\n  steps: 6 \(0.5 epochs of 12 steps\)\n"
+                   rf"  workdir {workdir}: a run's; this start resumes it\n", out), out
+  assert "    step 4 of 4 (100.0%)" in out and "    checkpoints: 4\n" in out
+  assert ("  config fields this start changes: num_train_steps: 4 there, 6 here\n"
+          "preflight: OK\n") in out
+  missing = helpers.run_module(
+      "sasa_jax.tools.preflight", ["--config=configs/imagenet.py", f"--workdir={tmp_path}/r",
+                                   f"--config.dataset.data_dir={tmp_path}", "--devices=8"],
+      check=False)
+  assert missing.returncode == 3
+  assert (f"preflight: FAILED: dataset 'imagenet2012' is not prepared in "
+          f"config.dataset.data_dir='{tmp_path}'") in missing.stderr
+  assert not (tmp_path / "r").exists()

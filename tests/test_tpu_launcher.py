@@ -66,15 +66,18 @@ def test_dry_run_prints_every_command_and_each_parses_in_real_gcloud(tmp_path):
     assert "active account" in proc.stderr or "credential" in proc.stderr.lower(), proc.stderr
 
 
-@pytest.mark.parametrize("accelerator,runtime,workers", [
-    ("v4-32", "tpu-ubuntu2204-base", 4), ("v5litepod-16", "v2-alpha-tpuv5-lite", 4),
-    ("v5litepod-8", "v2-alpha-tpuv5-lite", 1), ("v5p-128", "v2-alpha-tpuv5", 16),
-    ("v6e-64", "v2-alpha-tpuv6e", 16), ("v3-128", "tpu-ubuntu2204-base", 16)])
-def test_accelerator_defaults_fit_each_generation(accelerator, runtime, workers):
+@pytest.mark.parametrize("accelerator,runtime,workers,devices", [
+    ("v4-32", "tpu-ubuntu2204-base", 4, 16), ("v5litepod-16", "v2-alpha-tpuv5-lite", 4, 16),
+    ("v5litepod-8", "v2-alpha-tpuv5-lite", 1, 8), ("v5p-128", "v2-alpha-tpuv5", 16, 64),
+    ("v6e-64", "v2-alpha-tpuv6e", 16, 64), ("v3-128", "tpu-ubuntu2204-base", 16, 128)])
+def test_accelerator_defaults_fit_each_generation(accelerator, runtime, workers, devices):
+  """Runtime image, hosts and JAX devices (what the preflight check divides the batch by:
+  chips, the two TensorCores of a v4 or v5p chip being one device)."""
   proc = _launch("--create", "--dry-run", f"--config={FMNIST}",
                  env={**BASE, "ACCELERATOR_TYPE": accelerator})
   assert f"--version={runtime}" in proc.stdout
-  assert f"every one of the {workers} workers of {accelerator}" in proc.stdout
+  assert (f"every one of the {workers} workers of {accelerator} ({runtime}, {devices} JAX "
+          "devices) runs:") in proc.stdout
   override = _launch("--create", "--dry-run", f"--config={FMNIST}",
                      env={**BASE, "ACCELERATOR_TYPE": accelerator, "RUNTIME_VERSION": "mine"})
   assert "--version=mine" in override.stdout
@@ -101,7 +104,8 @@ def _wait(predicate, timeout, what):
     time.sleep(1)
 
 
-def test_whole_flow_on_a_fake_slice(fmnist_dir, tmp_path):
+def _fake_gcloud(tmp_path):
+  """(its root, a PATH with tests/fake_gcloud.py as gcloud first)."""
   root = tmp_path / "gcloud"
   bindir = tmp_path / "bin"
   root.mkdir()
@@ -109,6 +113,25 @@ def test_whole_flow_on_a_fake_slice(fmnist_dir, tmp_path):
   (bindir / "gcloud").write_text(
       f"#!/bin/sh\nexec {sys.executable} {helpers.ROOT}/tests/fake_gcloud.py \"$@\"\n")
   (bindir / "gcloud").chmod(0o755)
+  return root, f"{bindir}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_a_run_that_would_fail_creates_and_starts_nothing(fmnist_dir, tmp_path):
+  """The preflight check, for the slice's 16 JAX devices (a v4-32: 32 TensorCores, two per
+  chip): a batch they do not divide stops the launcher before any gcloud call."""
+  root, path = _fake_gcloud(tmp_path)
+  env = {**BASE, "WORKDIR": str(tmp_path / "run"), "TFDS_DATA_DIR": fmnist_dir,
+         "ACCELERATOR_TYPE": "v4-32", "PYTHON": sys.executable,
+         "FAKE_GCLOUD_ROOT": str(root), "PATH": path}
+  proc = _launch("--create", f"--config={FMNIST}", "--config.batch_size=24", env=env)
+  assert proc.returncode == 3, proc.stdout + proc.stderr
+  assert ("config.batch_size=24 must be a positive multiple of the device count 16"
+          in proc.stderr and "tpu_pod.sh: nothing submitted or started" in proc.stderr)
+  assert not (root / "calls.jsonl").exists()
+
+
+def test_whole_flow_on_a_fake_slice(fmnist_dir, tmp_path):
+  root, path = _fake_gcloud(tmp_path)
   # The fake workers (each with its own HOME) share the test runner's uv cache, at uv's own
   # default place, as `make install` shares pip's: clones on one machine reuse it.
   uv_cache = os.environ.get("UV_CACHE_DIR") or os.path.join(
@@ -116,12 +139,15 @@ def test_whole_flow_on_a_fake_slice(fmnist_dir, tmp_path):
   env = helpers.env(FAKE_GCLOUD_ROOT=str(root), FAKE_GCLOUD_WORKERS="2", PIP_EXTRAS="",
                     UV_CACHE_DIR=uv_cache,
                     TPU_NAME="pod", ZONE="z", WORKDIR=str(tmp_path / "run"),
-                    TFDS_DATA_DIR=fmnist_dir, SASA_HEARTBEAT_TIMEOUT="30")
-  env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
+                    TFDS_DATA_DIR=fmnist_dir, SASA_HEARTBEAT_TIMEOUT="30",
+                    PYTHON=sys.executable)
+  env["PATH"] = path
   flags = [f for f in helpers.tiny_flags(fmnist_dir, 4) if "data_dir" not in f]
 
   first = _launch("--create", f"--config={FMNIST}", *flags, env=env, timeout=900)
   assert first.returncode == 0, first.stdout + first.stderr
+  assert "batch: 16 = 1 per device on 16 device(s)\n" in first.stdout  # v4-32: 16 chips
+  assert "preflight: OK\n" in first.stdout
   assert first.stdout.count("code and Python ready (Python 3.11") == 2
   calls = [json.loads(line)[3] for line in (root / "calls.jsonl").read_text().splitlines()]
   assert calls == ["create", "scp", "ssh", "ssh"]
