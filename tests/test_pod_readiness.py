@@ -188,6 +188,23 @@ def test_images_cross_to_the_device_as_uint8(fmnist_dir):
   assert ev["image"].dtype == np.uint8 and list(ev["mask"]) == [1] * 10 + [0] * 6
 
 
+def test_the_training_stream_has_no_autotune_model_and_every_cpu(fmnist_dir, monkeypatch):
+  """An endless iterator with tf.data's autotune model waits, GIL held, for the model
+  thread's next round when deleted (up to a minute: every run's end and preemption paid it;
+  TensorFlow 2.21). The training stream runs without the model, its map on the CPUs the
+  process may use (a SLURM task's share: 3 of them here)."""
+  from sasa_jax import data
+  monkeypatch.setattr(input_pipeline.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+  builder = data.get_builder("fashion_mnist", fmnist_dir)
+  ds = data.train_dataset(builder, split="train[:64]", per_host_batch=16, image_size=28, seed=0)
+  assert ds.options().autotune.enabled is False
+  graph = tf.compat.v1.GraphDef.FromString(ds._as_serialized_graph().numpy())  # noqa: SLF001
+  nodes = {n.name: n for n in graph.node}
+  (parallel_map,) = [n for n in graph.node if n.op == "ParallelMapDatasetV2"]
+  calls = nodes[parallel_map.input[-1]]  # its num_parallel_calls input, a constant
+  assert tf.make_ndarray(calls.attr["value"].tensor) == 3
+
+
 def test_divergence_stops_at_the_next_check_and_keeps_finite_checkpoints(fmnist_dir, tmp_path):
   flags = helpers.tiny_flags(fmnist_dir, 40, ckpt_every=2, log_every=5)
   flags += ["--config.schedule.peak_value=62.5", "--config.schedule.warmup_epochs=2",
