@@ -682,7 +682,8 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str,
   """Checks the config (validate_config, for `devices`: None, jax.device_count()), the
   workdir's path and the dataset (prepared in data_dir, both splits readable and not empty),
   and counts the steps; ValueError or FileNotFoundError naming what to change. Creates
-  nothing: train_and_evaluate's start, and tools/preflight's before a job is submitted."""
+  nothing (but a dataset that prepares itself where it is missing: Fashion-MNIST's):
+  train_and_evaluate's start, and tools/preflight's before a job is submitted."""
   num_params = validate_config(config, devices)
   workdir = epath.Path(workdir)
   if not workdir.is_absolute() and "://" not in str(workdir):
