@@ -225,15 +225,25 @@ def test_ctrl_c_saves_the_next_step_and_exits(fmnist_dir, tmp_path):
   """Ctrl-C (SIGINT) to a one-process run: as a preemption notice, the next step is saved
   and the run exits cleanly, so that nothing since the last periodic checkpoint is lost."""
   workdir = tmp_path / "run"
-  proc = subprocess.Popen(
-      helpers.main_cmd(FMNIST, workdir, helpers.tiny_flags(fmnist_dir, 10_000, ckpt_every=10_000)),
-      cwd=helpers.ROOT, env=helpers.env(), stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while not (workdir / "metrics.jsonl").exists() or len(helpers.read_metrics(workdir)) < 3:
-    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
-    time.sleep(0.1)
-  proc.send_signal(signal.SIGINT)
-  stderr = proc.communicate(timeout=120)[1]
+  # Its log goes to a file: a pipe nobody reads until the end fills and blocks the run.
+  log = tmp_path / "stderr.log"
+  with open(log, "w") as err:
+    proc = subprocess.Popen(
+        helpers.main_cmd(FMNIST, workdir,
+                         helpers.tiny_flags(fmnist_dir, 10_000, ckpt_every=10_000)),
+        cwd=helpers.ROOT, env=helpers.env(PYTHONFAULTHANDLER="1"), stderr=err, text=True)
+  try:
+    deadline = time.time() + 300
+    while not (workdir / "metrics.jsonl").exists() or len(helpers.read_metrics(workdir)) < 3:
+      assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+      time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+  except subprocess.TimeoutExpired:
+    proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to the log
+    proc.wait()
+    raise AssertionError(f"no exit 120 s after Ctrl-C:\n{log.read_text()[-6000:]}") from None
+  stderr = log.read_text()
   assert proc.returncode == 0, stderr[-3000:]
   assert "Ctrl-C: saving a checkpoint at the next step" in stderr
   saved = int(re.search(r"preempted: checkpoint at step (\d+) written", stderr).group(1))
