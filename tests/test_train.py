@@ -227,11 +227,18 @@ def test_ctrl_c_saves_the_next_step_and_exits(fmnist_dir, tmp_path):
   workdir = tmp_path / "run"
   # Its log goes to a file: a pipe nobody reads until the end fills and blocks the run.
   log = tmp_path / "stderr.log"
-  with open(log, "w") as err:
-    proc = subprocess.Popen(
-        helpers.main_cmd(FMNIST, workdir,
-                         helpers.tiny_flags(fmnist_dir, 10_000, ckpt_every=10_000)),
-        cwd=helpers.ROOT, env=helpers.env(PYTHONFAULTHANDLER="1"), stderr=err, text=True)
+  # Started as from a terminal: a test runner started in the background by a shell without
+  # job control ignores SIGINT, its children inherit that, and a run started so keeps
+  # ignoring Ctrl-C (as Python itself does). An exec resets a handler, not an ignore.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with open(log, "w") as err:
+      proc = subprocess.Popen(
+          helpers.main_cmd(FMNIST, workdir,
+                           helpers.tiny_flags(fmnist_dir, 10_000, ckpt_every=10_000)),
+          cwd=helpers.ROOT, env=helpers.env(PYTHONFAULTHANDLER="1"), stderr=err, text=True)
+  finally:
+    signal.signal(signal.SIGINT, previous)
   try:
     deadline = time.time() + 300
     while not (workdir / "metrics.jsonl").exists() or len(helpers.read_metrics(workdir)) < 3:
