@@ -161,6 +161,8 @@ def test_whole_flow_on_a_fake_slice(fmnist_dir, tmp_path):
         lambda: _launch("--status", env=env).stdout)
 
   # A second start replaces the shipped code; --stop saves one agreed step on every worker.
+  # (The preflight check ran above; the later starts skip it.)
+  env["PREFLIGHT"] = "0"
   flags = [f for f in helpers.tiny_flags(fmnist_dir, 100_000, ckpt_every=100_000)
            if "data_dir" not in f]
   second = _launch(f"--config={FMNIST}", *flags, env={**env, "WORKDIR": str(tmp_path / "b")},
