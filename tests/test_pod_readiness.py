@@ -190,7 +190,7 @@ def test_images_cross_to_the_device_as_uint8(fmnist_dir):
 
 def test_the_training_stream_has_no_autotune_model_and_every_cpu(fmnist_dir, monkeypatch):
   """An endless iterator with tf.data's autotune model waits, GIL held, for the model
-  thread's next round when deleted (up to a minute: every run's end and preemption paid it;
+  thread's next round when deleted (up to a minute, at every run's end and preemption;
   TensorFlow 2.21). The training stream runs without the model, its map on the CPUs the
   process may use (a SLURM task's share: 3 of them here)."""
   from sasa_jax import data
