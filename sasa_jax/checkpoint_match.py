@@ -57,6 +57,12 @@ def flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
   return _flat(config)
 
 
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """The fields, sorted, whose values differ between two flat configs (flat_config's; a
+  field only one of them has counts)."""
+  return [key for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+
+
 def config_differences(saved: epath.Path, config: ml_collections.ConfigDict) -> list[str]:
   """The fields (dotted) whose values differ between a run's saved config.json (`saved`;
   none where it does not exist) and `config`, at most SHOWN, as "field: old there, new
@@ -66,6 +72,6 @@ def config_differences(saved: epath.Path, config: ml_collections.ConfigDict) -> 
   old = flat_config(json.loads(saved.read_text()))
   new = flat_config(config)
   changed = [f"{key}: {old.get(key)!r} there, {new.get(key)!r} here"
-             for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+             for key in changed_fields(old, new)]
   return changed[:SHOWN] + ([f"... {len(changed)} fields differ in all"]
                             if len(changed) > SHOWN else [])

@@ -45,6 +45,15 @@ def _fail(message: str):
   sys.exit(ERROR_STATUS)
 
 
+def _fail_if_no_field(error: Exception, argv: list[str]):
+  """Inside an `except`: a flags error for a --config.X flag naming no field; anything else
+  (an error of the config file's own) raised again."""
+  message = _no_field(error, argv)
+  if message is None:
+    raise error
+  _fail(message)
+
+
 def define_config(default: str | None = None, help_text: str = "Training config file.",
                   lock_config: bool = True):
   """--config=configs/X.py[:ARGS] and its --config.FIELD overrides (ml_collections), their
@@ -53,10 +62,7 @@ def define_config(default: str | None = None, help_text: str = "Training config 
   try:
     config_flags.DEFINE_config_file("config", default, help_text, lock_config=lock_config)
   except (AttributeError, KeyError) as e:
-    message = _no_field(e, sys.argv)
-    if message is None:
-      raise
-    _fail(message)
+    _fail_if_no_field(e, sys.argv)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -70,10 +76,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     _fail(_without_traceback(str(e)))
   except (AttributeError, KeyError) as e:
-    message = _no_field(e, argv)
-    if message is None:  # not a flag's field: an error of the config file's own
-      raise
-    _fail(message)
+    _fail_if_no_field(e, argv)
   # A config file that does not load is no parse error to ml_collections: it stands in a
   # value that raises at first use, after start-up and the heavy imports.
   config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None

@@ -26,7 +26,7 @@ import statistics
 from absl import app, flags
 from etils import epath
 
-from sasa_jax.checkpoint_match import flat_config
+from sasa_jax.checkpoint_match import changed_fields, flat_config
 from sasa_jax.detection.coco_eval import METRIC_NAMES
 from sasa_jax.tools import paper, runs
 
@@ -121,9 +121,8 @@ def differences(config, reference, prefix: str = "", skip: tuple = ()) -> list[s
   ours, theirs = flat_config(config), flat_config(reference)
   left_out = (*OPERATIONAL, *skip)
   return [f"{k}: {_arg_value(ours.get(k))} ({_arg_value(theirs.get(k))})"
-          for k in sorted(ours.keys() | theirs.keys())
-          if k.startswith(prefix) and ours.get(k) != theirs.get(k)
-          and not any(k == f or k.startswith(f + ".") for f in left_out)]
+          for k in changed_fields(ours, theirs)
+          if k.startswith(prefix) and not any(k == f or k.startswith(f + ".") for f in left_out)]
 
 
 def recipe_differences(run: "Run", row: Row) -> list[str]:
@@ -236,8 +235,7 @@ def table_lines(table: int, rows: list[Row], matches: dict) -> list[str]:
                    + (" |" if len(metrics) == 1 else ""))
       continue
     run_cells = [f"{r.name} ({r.state})" for r in matched]
-    diffs = [f"{r.name}: {_shown(recipe_differences(r, row))}" for r in matched
-             if recipe_differences(r, row)]
+    diffs = [f"{r.name}: {_shown(d)}" for r in matched if (d := recipe_differences(r, row))]
     if len(metrics) == 1:
       text, mean, so_far = _ours(matched, metrics[0])
       paper_value = row.paper[metrics[0]]
@@ -271,9 +269,10 @@ def report(found: list[Run], rows: list[Row], show_all: bool) -> str:
       lines += table_lines(table, in_table, matches)
   if unmatched:
     lines += ["## Runs that count for no paper row", ""]
+    datasets = {row.config.dataset.name for row in rows}
     for run in unmatched:
       dataset = run.config.dataset.name
-      if dataset not in {row.config.dataset.name for row in rows}:
+      if dataset not in datasets:
         lines.append(f"- {run.workdir}: {dataset}, not a dataset of the paper's tables")
         continue
       row, diff = nearest(run, rows)
