@@ -144,73 +144,98 @@ def _restore_in_subprocess(workdir, env, out):
     return int(f["step"]), {k: f[k] for k in f.files if k != "step"}
 
 
-def test_killed_on_object_storage_and_preempted_runs_resume_to_the_same_parameters(
+def test_runs_killed_while_committing_a_checkpoint_and_preempted_resume_to_the_same_parameters(
     gcs, fmnist_dir, tmp_path):
-  """A run with its workdir and data on gs:// (the GCS API emulator, tests/gcs_emulator.py)
-  is killed with SIGKILL, a local run gets SIGTERM, each after its step-4 checkpoint; both
-  resume to an uninterrupted run's parameters."""
+  """Two runs are killed (SIGKILL) in the middle of committing their step-8 checkpoint
+  (tests/stalled_commit.py: its arrays written, the commit never finishing), as a run that
+  the watchdog, a failed peer or the OOM killer stops may be: one with its workdir and data on
+  gs:// (the GCS API emulator, tests/gcs_emulator.py: orbax commits with commit_success.txt),
+  one on local disk (a temporary directory renamed). A third, local, gets SIGTERM after its
+  step-4 checkpoint. The killed runs resume from step 4, the preempted one from the step it
+  saved, and all three end with an uninterrupted run's parameters."""
   steps = 40
   flags = lambda data_dir: helpers.tiny_flags(data_dir, steps, ckpt_every=4)  # noqa: E731
   helpers.run_main(FMNIST, tmp_path / "straight", flags(fmnist_dir))
   reference = helpers.restore_params(tmp_path / "straight")
 
-  runs = {  # signal: (workdir, flags, environment variables added)
-      signal.SIGKILL: ("gs://sasa/run", flags("gs://sasa/tfds"), gcs.env),
-      signal.SIGTERM: (tmp_path / "preempted", flags(fmnist_dir), {})}
+  def stalled(name):  # the environment of a run whose step-8 checkpoint never commits
+    return {"SASA_TEST_STALL_STEP": "8", "SASA_TEST_STALL_MARKER": str(tmp_path / name)}
+  runs = {  # name: (workdir, flags, environment variables added, signal)
+      "gs_cut": ("gs://sasa/run", flags("gs://sasa/tfds"), {**gcs.env, **stalled("gs_cut")},
+                 signal.SIGKILL),
+      "local_cut": (tmp_path / "cut", flags(fmnist_dir), stalled("local_cut"), signal.SIGKILL),
+      "preempted": (tmp_path / "preempted", flags(fmnist_dir), {}, signal.SIGTERM)}
 
-  def checkpoint_4_written(sig):
-    if sig == signal.SIGKILL:  # on object storage a finished step has commit_success.txt
-      return "run/checkpoints/4/commit_success.txt" in gcs.list_objects("sasa", "run/")
-    ckpts = runs[sig][0] / "checkpoints"
+  def due(name):  # the moment to signal the run
+    if runs[name][3] == signal.SIGKILL:  # the commit of step 8 has begun and waits
+      return (tmp_path / name).exists()
+    ckpts = runs[name][0] / "checkpoints"
     return ckpts.exists() and "4" in os.listdir(ckpts)
 
-  procs = {sig: subprocess.Popen(  # side by side, from scratch as a user's run
-      helpers.main_cmd(FMNIST, workdir, run_flags), cwd=helpers.ROOT, env=helpers.env(**extra),
-      stderr=subprocess.PIPE, text=True) for sig, (workdir, run_flags, extra) in runs.items()}
+  procs = {name: subprocess.Popen(  # side by side, from scratch as a user's run
+      [sys.executable, "-m", "tests.stalled_commit" if sig == signal.SIGKILL else "sasa_jax.main",
+       *helpers.main_cmd(FMNIST, workdir, run_flags)[3:]], cwd=helpers.ROOT,
+      env=helpers.env(**extra), stderr=subprocess.PIPE, text=True)
+      for name, (workdir, run_flags, extra, sig) in runs.items()}
   waiting = list(runs)
   deadline = time.time() + 300
-  while waiting:  # each signalled as soon as its step-4 checkpoint is written
-    for sig in list(waiting):
-      if checkpoint_4_written(sig):
-        procs[sig].send_signal(sig)
-        waiting.remove(sig)
-      elif procs[sig].poll() is not None:
-        raise AssertionError(f"run ended early: {procs[sig].stderr.read()[-3000:]}")
-    assert time.time() < deadline, "timed out"
+  while waiting:  # each signalled as soon as it is due
+    for name in list(waiting):
+      if due(name):
+        procs[name].send_signal(runs[name][3])
+        waiting.remove(name)
+      elif procs[name].poll() is not None:
+        raise AssertionError(f"{name} ended early: {procs[name].stderr.read()[-3000:]}")
+    assert time.time() < deadline, f"timed out waiting for {waiting}"
     time.sleep(0.05)
-  for sig, proc in procs.items():
+  for name, proc in procs.items():
     proc.wait(timeout=120)
     stderr = proc.stderr.read()
-    if sig == signal.SIGTERM:
+    if name == "preempted":
       assert proc.returncode == 0, stderr[-3000:]
       assert "preempted: checkpoint at step" in stderr
-      assert 4 <= helpers.restore_params(runs[sig][0])[0] < steps
+      assert 4 <= helpers.restore_params(runs[name][0])[0] < steps
+    else:
+      assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
+  # What the killed runs left: step 8's arrays, uncommitted.
+  local = os.listdir(tmp_path / "cut" / "checkpoints")
+  assert "8" not in local and any(n.startswith("8.orbax-checkpoint-tmp") for n in local), local
+  names = gcs.list_objects("sasa", "run/checkpoints/8/")
+  assert any(n.startswith("run/checkpoints/8/default/") for n in names), names
+  assert "run/checkpoints/8/commit_success.txt" not in names, names
 
   resumed_at = {}
-  for sig, (workdir, run_flags, extra) in runs.items():
+  for name, (workdir, run_flags, extra, _) in runs.items():
+    extra = {k: v for k, v in extra.items() if not k.startswith("SASA_TEST_STALL")}
     resumed = helpers.run_main(FMNIST, workdir, run_flags, env_overrides=extra)
     at = re.search(rf"resumed from {re.escape(str(workdir))}/checkpoints at step (\d+)",
                    resumed.stderr)
-    assert at and 4 <= int(at.group(1)) < steps, (sig.name, resumed.stderr[-3000:])
-    resumed_at[sig] = int(at.group(1))
+    assert at and 4 <= int(at.group(1)) < steps, (name, resumed.stderr[-3000:])
+    resumed_at[name] = int(at.group(1))
+  assert resumed_at["gs_cut"] == resumed_at["local_cut"] == 4, resumed_at
   names = gcs.list_objects("sasa", "run/")
   assert "run/config.json" in names and "run/metrics.jsonl" in names
+  kept = {n.split("/")[2] for n in names if n.startswith("run/checkpoints/") and n.count("/") > 2}
+  assert kept and all(f"run/checkpoints/{s}/commit_success.txt" in names for s in kept), names
+  local = os.listdir(tmp_path / "cut" / "checkpoints")
+  assert local and all(n.isdigit() for n in local), local  # no uncommitted step is left
   # starts.jsonl: one row per start, on object storage too.
   from sasa_jax import run_info
   starts = [json.loads(line) for line in
             gcs.read_object("sasa", "run/starts.jsonl").decode().splitlines()]
-  assert [r["start_step"] for r in starts] == [0, resumed_at[signal.SIGKILL]]
+  assert [r["start_step"] for r in starts] == [0, 4]
   assert all(r["code"] == run_info.code_version() and r["devices"] == 1 for r in starts)
   assert any(n.startswith("run/events.out.tfevents") for n in names)
   assert any(n.startswith(f"run/checkpoints/{steps}/") for n in names)
   assert not os.path.exists(os.path.join(helpers.ROOT, "gs:"))  # nothing went to a local path
-  results = {signal.SIGKILL: _restore_in_subprocess("gs://sasa/run", helpers.env(**gcs.env),
-                                                    tmp_path / "gcs_params.npz"),
-             signal.SIGTERM: helpers.restore_params(runs[signal.SIGTERM][0])}
-  for sig, (step, params) in results.items():
+  results = {"gs_cut": _restore_in_subprocess("gs://sasa/run", helpers.env(**gcs.env),
+                                              tmp_path / "gcs_params.npz"),
+             "local_cut": helpers.restore_params(runs["local_cut"][0]),
+             "preempted": helpers.restore_params(runs["preempted"][0])}
+  for name, (step, params) in results.items():
     assert step == reference[0] == steps
     for k, v in reference[1].items():
-      np.testing.assert_allclose(params[k], v, rtol=1e-6, atol=1e-7, err_msg=f"{sig.name}: {k}")
+      np.testing.assert_allclose(params[k], v, rtol=1e-6, atol=1e-7, err_msg=f"{name}: {k}")
 
 
 def test_checkpoints_at_a_multiple_of_keep_checkpoint_every_steps_stay(fmnist_dir, tmp_path):
