@@ -712,21 +712,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   (gs://bucket/run); shared by all processes."""
   started = time.time()
   plan = plan_run(config, workdir)
-  workdir, builder = plan.workdir, plan.builder
-  steps_per_epoch, num_steps = plan.steps_per_epoch, plan.num_steps
-  workdir.mkdir(parents=True, exist_ok=True)
-  shared_workdir.check(workdir)  # every process sees it, or all fail now
-  with (workdir_lease.held(workdir, config.workdir_lease_s,  # one run per workdir
+  plan.workdir.mkdir(parents=True, exist_ok=True)
+  shared_workdir.check(plan.workdir)  # every process sees it, or all fail now
+  with (workdir_lease.held(plan.workdir, config.workdir_lease_s,  # one run per workdir
                            active=jax.process_index() == 0) as lease,
         Watchdog(config.hang_timeout_s) as watchdog):  # a hung run stops
-    return _train(config, workdir, builder, steps_per_epoch, num_steps, lease, watchdog,
-                  started)
+    return _train(config, plan, lease, watchdog, started)
 
 
-def _train(config, workdir: epath.Path, builder, steps_per_epoch: int, num_steps: int,
-           lease: workdir_lease.WorkdirLease, watchdog: Watchdog, started: float) -> TrainState:
-  """train_and_evaluate's loop, in a workdir this run holds the lease of, reporting its
-  progress to `watchdog`."""
+def _train(config, plan: RunPlan, lease: workdir_lease.WorkdirLease, watchdog: Watchdog,
+           started: float) -> TrainState:
+  """train_and_evaluate's loop for `plan`, in a workdir this run holds the lease of,
+  reporting its progress to `watchdog`."""
+  workdir, builder = plan.workdir, plan.builder
+  steps_per_epoch, num_steps = plan.steps_per_epoch, plan.num_steps
   set_compilation_cache(config, workdir)
   is_main = jax.process_index() == 0
   writer = create_writer(workdir, is_main)
@@ -783,9 +782,8 @@ def _train(config, workdir: epath.Path, builder, steps_per_epoch: int, num_steps
                                          if code["uncommitted_changes"] else ""))
                  if code else "not from a git checkout")
   if is_main and start_step == 0:
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("model %s: %.3fM parameters; %d steps, %d per epoch", dict(config.model),
-                 n_params / 1e6, num_steps, steps_per_epoch)
+                 plan.num_params / 1e6, num_steps, steps_per_epoch)
     writer.write_hparams(hparams(config))
   if is_main:
     devices, processes, num = jax.device_count(), jax.process_count(), config.num_microbatches

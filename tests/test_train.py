@@ -44,6 +44,9 @@ def test_fashion_mnist_end_to_end_then_rerun(fmnist_dir, tmp_path):
   # Run again: a save that died half-way (a temporary directory, at a later step) is never
   # picked, and a finished run resumes from its last step without training.
   params = helpers.restore_params(workdir)
+  count = sum(v.size for v in params[1].values())
+  assert re.search(rf"model .*: {count / 1e6:.3f}M parameters; 6 steps, 16 per epoch",
+                   proc.stderr)
   (workdir / "checkpoints" / "9.orbax-checkpoint-tmp-1234").mkdir()
   (workdir / "checkpoints" / "9.orbax-checkpoint-tmp-1234" / "garbage").write_text("x")
   again = helpers.run_main(FMNIST, workdir, flags)
