@@ -19,10 +19,11 @@
 # PIP_EXTRAS (tpu), HANG_RESTARTS (default 2: a run that hangs starts again that often,
 # launch/restart_when_hung.sh). After a preemption, run the same start command again: it resumes.
 # Before creating or starting anything, `python -m sasa_jax.tools.preflight` checks the config
-# for the slice's chips, the dataset and the workdir here (PYTHON; PREFLIGHT=0 skips it).
+# for the slice's chips, the dataset and the workdir here, and with --create (or PLAN_MEMORY=1)
+# the step's memory on one chip, where libtpu is installed here (PYTHON; PREFLIGHT=0 skips it).
 set -euo pipefail
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 ACTION=start; CREATE=0; DRY_RUN=0; WORKER=0; ARGS=()
 for a in "$@"; do
   case "$a" in
@@ -101,8 +102,12 @@ case "$ACTION" in
 esac
 
 source "$ROOT/launch/preflight.bash"
+# With --create (or PLAN_MEMORY=1) the step's memory is planned for one chip of the
+# generation too: a compile of the whole step here, a minute or more for a ResNet-50.
+case "$GENERATION" in v5litepod) CHIP=v5e ;; v4|v5p|v6e) CHIP=$GENERATION ;; *) CHIP= ;; esac
+[[ $CREATE == 1 || ${PLAN_MEMORY:-0} == 1 ]] || CHIP=
 [[ $DRY_RUN == 1 ]] || preflight tpu_pod.sh "$DEVICES" "${ARGS[@]}" --workdir="$WORKDIR" \
-  --config.dataset.data_dir="$TFDS_DATA_DIR"
+  --config.dataset.data_dir="$TFDS_DATA_DIR" ${CHIP:+--tpu=$CHIP}
 if [[ $CREATE == 1 ]]; then
   run "${GC[@]}" create "$TPU_NAME" "${WHERE[@]}" --accelerator-type="$ACCELERATOR_TYPE" \
     --version="$RUNTIME_VERSION" ${SPOT:+--spot}

@@ -22,12 +22,14 @@ from sasa_jax.models.factory import RETINANET_OVERRIDES, create_retinanet
 from sasa_jax.ops import default_impl
 
 
-def _create_model(factory, config):
+def _create_model(factory, config, platform: str | None = None):
   """config.model's network, with impl="auto" resolved for this process's backend: the
   loop compiles for that backend alone, and an unresolved "auto" would trace every
-  platform's kernels (jax.lax.platform_dependent traces each branch) at each start."""
+  platform's kernels (jax.lax.platform_dependent traces each branch) at each start.
+  platform: another one that the model is compiled for (a TPU's, from a CPU host): there
+  "auto" stays, resolved as it is lowered (the blocked op's chunks sized for it too)."""
   model = dict(config.model)
-  if model.get("impl", "auto") == "auto":
+  if model.get("impl", "auto") == "auto" and platform in (None, jax.default_backend()):
     model["impl"] = default_impl()
   return factory(**model, dtype=config.dtype, bn_momentum=config.bn_momentum)
 
@@ -41,8 +43,8 @@ class Classification:
   def __init__(self, config):
     self.config = config
 
-  def create_model(self):
-    return _create_model(self.factory, self.config)
+  def create_model(self, platform: str | None = None):
+    return _create_model(self.factory, self.config, platform)
 
   def check(self, model, variables, image_shape):
     del model, variables, image_shape
@@ -109,8 +111,8 @@ class Detection:
     """[N, 4] anchors of config.dataset.image_size images (numpy)."""
     return anchors_lib.generate_anchors(self.anchor_spec, self.config.dataset.image_size)
 
-  def create_model(self):
-    return _create_model(self.factory, self.config)
+  def create_model(self, platform: str | None = None):
+    return _create_model(self.factory, self.config, platform)
 
   def check(self, model, variables, image_shape):
     """The model's anchors per image must be the anchor generator's."""

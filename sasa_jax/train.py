@@ -146,8 +146,21 @@ def advise_when_out_of_memory(config, devices: int):
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
+    first = str(e).splitlines()[0]
+    if "memory space vmem" in str(e):  # a TPU's on-chip memory: per kernel, not per batch
+      raise DeviceOutOfMemoryError(f"{first}\n{vmem_advice(config)}") from e
     raise DeviceOutOfMemoryError(
-        f"{str(e).splitlines()[0]}\n{out_of_memory_advice(config, devices, sys.argv)}") from e
+        f"{first}\n{out_of_memory_advice(config, devices, sys.argv)}") from e
+
+
+def vmem_advice(config) -> str:
+  """What to change when a kernel of the step does not fit in a TPU core's VMEM."""
+  advice = ("a kernel of the step needs more of the TPU's on-chip memory (VMEM) than it has; "
+            "the batch size and microbatches do not change that")
+  if config.model.get("impl") == "pallas":
+    advice += ("; the Pallas attention kernels hold whole per-head maps there: "
+               "--config.model.impl=auto runs the blocked XLA form (docs/models.md)")
+  return advice
 
 
 def validate_config(config: ml_collections.ConfigDict, devices: int | None = None) -> int:
@@ -702,6 +715,12 @@ def plan_run(config: ml_collections.ConfigDict, workdir: str,
         f"{config.dataset.train_split!r} ({num_train} examples, {steps_per_epoch} steps of "
         f"config.batch_size={config.batch_size} per epoch) makes no training step: train on "
         "more examples, more epochs, or set config.num_train_steps")
+  if steps_per_epoch == 0:  # config.num_train_steps without one whole batch per epoch
+    raise ValueError(
+        f"config.batch_size={config.batch_size} is larger than config.dataset.train_split="
+        f"{config.dataset.train_split!r} ({num_train} examples): an epoch holds no whole "
+        "batch, and the schedule counts its epochs in batches; use a smaller batch or a "
+        "larger split")
   return RunPlan(workdir, num_params, builder, num_train, num_eval, steps_per_epoch, num_steps)
 
 

@@ -147,8 +147,8 @@ def test_tiling_satisfies_each_backends_layout_rules(flavour, hw, d, k, dtype):
     assert t.nq >= 16 and t.dp >= 16 and t.nq * t.nk <= 16384
 
 
-def test_auto_picks_pallas_on_tpu_and_model_impl_selects_it():
-  assert default_impl("tpu") == "pallas" and default_impl("gpu") == "xla"
+def test_auto_picks_xla_on_accelerators_and_model_impl_selects_pallas():
+  assert default_impl("tpu") == default_impl("gpu") == "xla"
   assert default_impl("cpu") == "cpu"  # the compiled kernel (tests/test_ops.py checks it)
   from sasa_jax.models import create_resnet
   model = create_resnet(26, "full_attention", width_multiplier=0.125, num_heads=2,
@@ -249,8 +249,8 @@ def test_an_export_for_cpu_tpu_and_cuda_runs_the_cpu_branch_here():
 
 
 def test_auto_resolves_per_lowering_platform():
-  """impl="auto": Pallas kernels when lowered for TPU, the blocked XLA op for CUDA (it beat
-  the Triton kernels on an H200), the compiled C++ kernel for the CPU, all from one jitted
+  """impl="auto": the blocked XLA op when lowered for TPU and CUDA (tools/tpu_compile and an
+  H200 chose it over the kernels), the compiled C++ kernel for the CPU, all from one jitted
   function."""
   args, _ = _inputs((1, 9, 7, 16, 2, 5))
   step = _op_grads("auto")
@@ -259,7 +259,7 @@ def test_auto_resolves_per_lowering_platform():
   cpu = export.export(step, platforms=["cpu"], disabled_checks=[
       export.DisabledSafetyCheck.custom_call(f"sasa_local_attention_{p}")
       for p in ("fwd", "bwd")])(*args).mlir_module()
-  assert tpu.count("tpu_custom_call") == 3 and "sasa_local_attention" not in tpu
+  assert "tpu_custom_call" not in tpu and "sasa_local_attention" not in tpu
   assert "tpu_custom_call" not in cuda and "__gpu$xla.gpu.triton" not in cuda
   assert "sasa_local_attention" not in cuda
   assert cpu.count("sasa_local_attention_fwd") == 1 and cpu.count("sasa_local_attention_bwd") == 1
@@ -279,14 +279,14 @@ def test_auto_sizes_the_blocked_ops_chunks_for_the_lowering_platform(monkeypatch
 
   def op(*a):
     return local_attention(*a, kernel_size=7, num_heads=8, impl="auto")
-  def branches(a):  # of the platform dispatch
-    (cond,) = [e for e in jax.make_jaxpr(op)(*a).eqns if e.primitive.name == "cond"]
-    return len(cond.params["branches"])
+  def branches(a):  # of the platform dispatch; 1: none, one op for every platform
+    conds = [e for e in jax.make_jaxpr(op)(*a).eqns if e.primitive.name == "cond"]
+    return len(conds[0].params["branches"]) if conds else 1
   args, _ = _inputs((1, 56, 56, 64, 8, 7))
   small, _ = _inputs((1, 9, 7, 64, 8, 7))
   assert not same_chunks_everywhere((1, 56, 56, 64), 7, 8)
   assert same_chunks_everywhere((1, 9, 7, 64), 7, 8)
-  assert (branches(small), branches(args)) == (2, 3)  # TPU, default (+ CPU of its own)
+  assert (branches(small), branches(args)) == (1, 2)  # default (+ the CPU's own)
   step = jax.jit(op)
   cpu = _exported(step, args, ["cpu"]).mlir_module()
   cuda = _exported(step, args, ["cuda"]).mlir_module()

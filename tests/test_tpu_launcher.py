@@ -130,6 +130,27 @@ def test_a_run_that_would_fail_creates_and_starts_nothing(fmnist_dir, tmp_path):
   assert not (root / "calls.jsonl").exists()
 
 
+def test_a_step_too_large_for_a_chip_creates_and_starts_nothing(fmnist_dir, tmp_path):
+  """The preflight check plans the step on one chip of the slice's generation with libtpu's
+  compiler: 8192 images per v5e chip of a wider model need more than its 16 GiB of HBM, and
+  the launcher stops before any gcloud call, saying what to change."""
+  from sasa_jax.tools import tpu_compile
+  require(None if tpu_compile.libtpu_available() else
+          "libtpu is not installed (`make test` installs it: make tpu-compiler)")
+  root, path = _fake_gcloud(tmp_path)
+  env = {**BASE, "WORKDIR": str(tmp_path / "run"), "TFDS_DATA_DIR": fmnist_dir,
+         "ACCELERATOR_TYPE": "v5litepod-4", "PYTHON": sys.executable,
+         "FAKE_GCLOUD_ROOT": str(root), "PATH": path}
+  proc = _launch("--create", f"--config={FMNIST}", "--config.model.width_multiplier=2.0",
+                 "--config.batch_size=32768", env=env)
+  assert proc.returncode == 3, proc.stdout + proc.stderr
+  assert ("memory: the step on a TPU v5 lite chip does not compile: RESOURCE_EXHAUSTED: Ran "
+          "out of memory on HBM" in proc.stderr), proc.stderr
+  assert "--config.num_microbatches=2: the same step" in proc.stderr
+  assert "tpu_pod.sh: nothing submitted or started" in proc.stderr
+  assert not (root / "calls.jsonl").exists()
+
+
 def test_whole_flow_on_a_fake_slice(fmnist_dir, tmp_path):
   root, path = _fake_gcloud(tmp_path)
   # The fake workers (each with its own HOME) share the test runner's uv cache, at uv's own
@@ -148,6 +169,9 @@ def test_whole_flow_on_a_fake_slice(fmnist_dir, tmp_path):
   assert first.returncode == 0, first.stdout + first.stderr
   assert "batch: 16 = 1 per device on 16 device(s)\n" in first.stdout  # v4-32: 16 chips
   assert "preflight: OK\n" in first.stdout
+  from sasa_jax.tools import tpu_compile
+  assert re.search(r"\n  memory: [\d,]+ MiB per TPU v4 chip of its 32,768 \(state " if
+                   tpu_compile.libtpu_available() else "\n  memory: not planned", first.stdout)
   assert first.stdout.count("code and Python ready (Python 3.11") == 2
   calls = [json.loads(line)[3] for line in (root / "calls.jsonl").read_text().splitlines()]
   assert calls == ["create", "scp", "ssh", "ssh"]

@@ -389,11 +389,15 @@ def test_bad_config_fails_before_compiling(changes, match, tmp_path):
      r"60000, test: 10000"),
     ({"dataset.train_split": "train[70000:]"},
      r"config.dataset.train_split='train\[70000:\]': Requested slice"),
+    ({"dataset.train_split": "train[:50]", "num_train_steps": 10},
+     r"config.batch_size=128 is larger than config.dataset.train_split='train\[:50\]' \(50 "
+     r"examples\): an epoch holds no whole batch"),
 ])
 def test_splits_that_make_no_run_fail_before_creating_anything(fmnist_dir, tmp_path, changes,
                                                                match):
-  """An epoch count that makes no step of the split (50 images, batch 128), a split TFDS
-  cannot read and an empty one are named, and nothing is created."""
+  """An epoch count that makes no step of the split (50 images, batch 128), a batch larger
+  than the split, a split TFDS cannot read and an empty one are named, and nothing is
+  created."""
   from sasa_jax import train
   config = _config(**{"dataset.data_dir": fmnist_dir, **changes})
   with pytest.raises(ValueError, match=match):

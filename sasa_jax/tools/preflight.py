@@ -1,12 +1,15 @@
 """Checks a run before it is submitted: what the loop checks at its start, on this machine.
 
   python -m sasa_jax.tools.preflight --config=configs/imagenet.py:depth=50 \
-      --workdir=gs://B/sasa/r50 --devices=64 [--config.dataset.data_dir=gs://B/tfds ...]
+      --workdir=gs://B/sasa/r50 --devices=64 [--tpu=v5e] [--config.dataset.data_dir=...]
 
 The config (every field; the model built abstractly; the batch against `--devices`, the
 run's device count, with microbatches and BatchNorm groups), the dataset (prepared in
 data_dir, both splits readable and not empty) and the steps it trains, then the workdir: new,
 or a run's (its state as tools/status says it, and the config fields this start changes).
+With --tpu=GEN (what launch/tpu_pod.sh passes), also the training step's memory on one chip
+of that TPU generation, compiled by libtpu's XLA:TPU compiler where libtpu is installed here
+(`make tpu-compiler`; tools/step_memory --tpu): a step that does not fit the chip fails.
 `launch/gpu_slurm.sh` and `launch/tpu_pod.sh` run it before they submit or start anything,
 so that a typo or a missing dataset fails in seconds rather than after a queue wait.
 Exit status 0, or 3 with the error (what `train_and_evaluate` would stop with). It runs on
@@ -28,6 +31,8 @@ cli.ERROR_STATUS = FAILED  # a bad flag or config argument too
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run's workdir (local or gs://).")
 flags.DEFINE_integer("devices", 0, "The run's device count (0: this machine's).")
+flags.DEFINE_string("tpu", None, "The TPU generation the run is for (v4, v5e, v5p, v6e): "
+                    "plan the step on one of its chips, where libtpu is installed here.")
 cli.define_config()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -50,6 +55,30 @@ def describe(config, plan, devices: int) -> list[str]:
            f"  steps: {plan.num_steps:,} ({plan.num_steps / plan.steps_per_epoch:.4g} epochs of "
            f"{plan.steps_per_epoch:,} steps)"]
   return lines
+
+
+def tpu_memory_lines(config, devices: int, generation: str) -> tuple[list[str], bool]:
+  """(lines, whether the run would fail): the training step compiled for one chip of a TPU
+  `generation` by libtpu (tools/step_memory's plan), against the chip's HBM."""
+  from sasa_jax import train  # noqa: PLC0415
+  from sasa_jax.tools import step_memory, tpu_compile  # noqa: PLC0415
+  if generation not in tpu_compile.GENERATIONS:
+    return [f"  memory: not planned for TPU {generation} (tools/tpu_compile knows "
+            f"{', '.join(tpu_compile.GENERATIONS)})"], False
+  if not tpu_compile.libtpu_available():
+    return ["  memory: not planned (libtpu, the TPU compiler, is not installed here: "
+            "make tpu-compiler)"], False
+  device = tpu_compile.tpu_device(generation)
+  limit = tpu_compile.GENERATIONS[generation][2]
+  (row,) = step_memory.plan_rows(config, devices, [config.num_microbatches], limit, device)
+  if "skipped" in row:
+    advice = (train.vmem_advice(config) if "vmem" in row["skipped"]
+              else train.out_of_memory_advice(config, devices, sys.argv))
+    return [f"  memory: the step on a {device.device_kind} chip {row['skipped']}",
+            f"  {advice}"], True
+  return [f"  memory: {row['total_mib']:,.0f} MiB per {device.device_kind} chip of its "
+          f"{limit / 2**20:,.0f} (state {row['state_mib']:,.0f}, temporaries "
+          f"{row['temp_mib']:,.0f}; XLA:TPU's plan)"], not row["fits"]
 
 
 def workdir_lines(config, workdir) -> list[str]:
@@ -79,8 +108,16 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:
     print(f"preflight: FAILED: {e}", file=sys.stderr)
     sys.exit(FAILED)
-  print("\n".join(describe(config, plan, devices)
-                  + workdir_lines(config, plan.workdir)) + "\npreflight: OK", flush=True)
+  lines = describe(config, plan, devices)
+  if FLAGS.tpu:
+    memory, failed = tpu_memory_lines(config, devices, FLAGS.tpu)
+    if failed:
+      print("\n".join(lines + memory) + "\npreflight: FAILED: the step does not fit",
+            file=sys.stderr)
+      sys.exit(FAILED)
+    lines += memory
+  print("\n".join(lines + workdir_lines(config, plan.workdir)) + "\npreflight: OK",
+        flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
   python -m sasa_jax.tools.step_memory --config=configs/imagenet.py:depth=50 --devices=64
   python -m sasa_jax.tools.step_memory --config=configs/fashion_mnist.py --microbatches=1,2,4
+  python -m sasa_jax.tools.step_memory --config=configs/imagenet.py:depth=50 --devices=32 \
+      --tpu=v5e      # compiled for a TPU v5e chip by libtpu, on any machine (make tpu-compiler)
 
 Compiles `train.train_step` (the config's model, optimizer, EMA and task) for one local
 device at the batch each of --devices devices holds (config.batch_size / devices: the loop
@@ -12,7 +14,10 @@ backend reports it; and the gradient bytes each step all-reduces over the device
 groups across devices (config.batch_norm_group_size a multiple of the microbatch per device)
 are planned as statistics over each device's own images, the same work per device. Memory
 plans differ between backends (and the attention op's implementation with them): run it on
-a machine of the kind the run will use. No data is read; nothing runs.
+a machine of the kind the run will use, or with --tpu=GEN, which compiles for one device of
+a TPU generation with libtpu's XLA:TPU compiler (tools/tpu_compile), `impl="auto"` resolved
+as on that TPU, against the chip's HBM; a step that cannot fit fails to compile there, and
+its row says so. No data is read; nothing runs.
 """
 import copy
 import json
@@ -24,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sasa_jax import data as data_lib
 from sasa_jax import cli, optim, tasks, train
+from sasa_jax.tools import tpu_compile
 from sasa_jax.tools.bench import memory_plan, tree_bytes
 
 MIB = 2**20
@@ -34,22 +40,25 @@ def device_bytes() -> int | None:
   return (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
 
 
-def plan_rows(config, devices: int, microbatches, limit: int | None = None) -> list[dict]:
+def plan_rows(config, devices: int, microbatches, limit: int | None = None,
+              device=None) -> list[dict]:
   """One row per value of `microbatches` (see the module docstring), sizes in MiB, each
-  total against `limit` bytes where given. `config` itself is left as it is."""
+  total against `limit` bytes where given. device: the device to compile for (default this
+  machine's first; a TPU from tools/tpu_compile.tpu_device). `config` is left as it is."""
   config = copy.deepcopy(config)
+  device = device or jax.local_devices()[0]
   if config.batch_size % devices:
     raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of "
                      f"--devices={devices}")
   per_device = config.batch_size // devices
   train.validate_config(config, devices)  # names a bad field before anything compiles
   task = tasks.get(config)
-  model = task.create_model()
+  model = task.create_model(device.platform)  # impl="auto" as on that device
   size = config.dataset.image_size
   image_shape = (size, size, len(data_lib.DATASETS[config.dataset.name].mean))
   schedule = optim.create_schedule(config.schedule, steps_per_epoch=1000, num_steps=10_000)
   tx = optim.create_optimizer(config.optimizer, schedule)
-  mesh = Mesh(np.asarray(jax.local_devices()[:1]), ("data",))
+  mesh = Mesh(np.asarray([device]), ("data",))
   _, state, state_sharding = train.initial_state(config, model, tx, mesh, image_shape)
   batch = task.train_batch_spec(per_device, image_shape)
   state_bytes, grad_bytes = tree_bytes(state), tree_bytes(state.params)
@@ -73,8 +82,13 @@ def plan_rows(config, devices: int, microbatches, limit: int | None = None) -> l
       config.batch_norm_group_size = 0 if group > micro else group
     step = train.jit_train_step(config, task, model, tx, schedule, state_sharding,
                                 NamedSharding(mesh, P("data")))
-    with jax.set_mesh(mesh):
-      plan = memory_plan(step.lower(state, batch).compile())
+    try:
+      with jax.set_mesh(mesh):
+        plan = memory_plan(step.lower(state, batch).compile())
+    except jax.errors.JaxRuntimeError as e:  # XLA:TPU's verdict on memory, among others
+      rows.append({**row, "microbatch_per_device": micro,
+                   "skipped": f"does not compile: {tpu_compile.first_line(str(e))}"})
+      continue
     row.update(state_mib=state_bytes / MIB, temp_mib=plan["temp"] / MIB,
                total_mib=plan["footprint"] / MIB, allreduce_mib=grad_bytes / MIB)
     if limit:
@@ -104,13 +118,19 @@ def format_rows(rows) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("devices", None, "Devices the run will use (default: this machine's).")
-flags.DEFINE_list("microbatches", ["1", "2", "4", "8"],
-                  "Values of config.num_microbatches to plan, comma-separated.")
-flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
-# --config=FILE[:ARGS] and --config.FIELD=VALUE, parsed as sasa_jax.main parses them.
-cli.define_config(lock_config=False)
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags():  # as a program only: tools/preflight imports this module beside its own
+  flags.DEFINE_integer("devices", None, "Devices the run will use (default: this machine's).")
+  flags.DEFINE_list("microbatches", ["1", "2", "4", "8"],
+                    "Values of config.num_microbatches to plan, comma-separated.")
+  flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
+  flags.DEFINE_enum("tpu", None, list(tpu_compile.GENERATIONS),
+                    "Plan for one chip of this TPU generation (libtpu's compiler; "
+                    "`make tpu-compiler`) instead of this machine's device.")
+  # --config=FILE[:ARGS] and --config.FIELD=VALUE, parsed as sasa_jax.main parses them.
+  cli.define_config(lock_config=False)
+  flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -123,13 +143,23 @@ def main(argv):
   if not microbatches or min(microbatches) < 1:
     raise app.UsageError(f"--microbatches={','.join(FLAGS.microbatches)}: positive integers, "
                          "comma-separated", exitcode=2)
+  device = limit = None
+  if not FLAGS.tpu:
+    limit = device_bytes()
+  else:
+    try:
+      device = tpu_compile.tpu_device(FLAGS.tpu)
+    except RuntimeError as e:  # no libtpu
+      raise app.UsageError(f"--tpu={FLAGS.tpu}: {e}", exitcode=2) from e
+    limit = tpu_compile.GENERATIONS[FLAGS.tpu][2]
   try:
-    rows = plan_rows(FLAGS.config, FLAGS.devices or jax.device_count(), microbatches,
-                     device_bytes())
+    rows = plan_rows(FLAGS.config, FLAGS.devices or jax.device_count(), microbatches, limit,
+                     device)
   except ValueError as e:  # a bad config or device count: the message names the field
     raise app.UsageError(str(e), exitcode=2) from e
   print(json.dumps(rows, indent=1) if FLAGS.format == "json" else format_rows(rows))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)

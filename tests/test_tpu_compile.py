@@ -1,0 +1,84 @@
+"""Compiling for Cloud TPUs on this CPU-only machine with libtpu's own XLA:TPU compiler
+(tools/tpu_compile, tools/step_memory --tpu): the compiler's verdicts on VMEM and HBM."""
+import json
+
+from tests import helpers
+from tests.conftest import require
+
+
+def _libtpu():
+  from sasa_jax.tools import tpu_compile  # noqa: PLC0415
+  require(None if tpu_compile.libtpu_available() else
+          "libtpu is not installed (`make test` installs it: make tpu-compiler)")
+
+
+def _rows(*args):
+  out = helpers.run_module("sasa_jax.tools.tpu_compile", [*args, "--format=json"]).stdout
+  return json.loads(out)
+
+
+def test_impl_auto_compiles_for_every_tpu_generation_where_the_kernels_overflow_vmem():
+  """impl="auto" (the blocked XLA form on TPU) compiles at ResNet-50's 56x56x64 stage for a
+  chip of every generation; the Mosaic kernels there need more than v5e's 16 MiB of scoped
+  VMEM (why "auto" does not take them: ops/local_attention.py), and compile at 7x7x512."""
+  _libtpu()
+  auto = _rows("--impls=auto", "--dtypes=bfloat16", "--batch=8", "--stages=56x64")
+  assert [(r["tpu"], r["shape"], r["compiled"]) for r in auto] == [
+      (g, "8x56x56x64", True) for g in ("v4", "v5e", "v5p", "v6e")]
+  assert all(r["tpu_custom_calls"] == 0 and r["hbm_temp_mib"] > 0 for r in auto)
+  assert [r["device"] for r in auto] == ["TPU v4", "TPU v5 lite", "TPU v5", "TPU v6 lite"]
+  wide, small = _rows("--tpu=v5e", "--impls=pallas", "--dtypes=bfloat16", "--batch=8",
+                      "--stages=56x64,7x512")
+  assert not wide["compiled"] and "vmem" in wide["error"] and "sasa_dkv_kernel" in wide["error"]
+  assert small["compiled"] and small["tpu_custom_calls"] == 3  # fwd, dq, dk/dv
+
+
+def test_step_memory_plans_a_tpu_chip_and_says_when_the_step_does_not_fit():
+  """step_memory --tpu=v5e: the loop's step compiled for a v5e chip, against its 16 GiB; a
+  batch whose activations outgrow the HBM does not compile, and its row says so."""
+  _libtpu()
+  config = [f"--config=configs/fashion_mnist.py:{helpers.TINY_MODEL}", "--devices=1",
+            "--tpu=v5e", "--format=json"]
+  (fits,) = json.loads(helpers.run_module(
+      "sasa_jax.tools.step_memory", [*config, "--config.batch_size=64", "--microbatches=1"]
+  ).stdout)
+  assert fits["fits"] and fits["device_mib"] == 16384 and 0 < fits["temp_mib"] < 1024
+  (too_big,) = json.loads(helpers.run_module(
+      "sasa_jax.tools.step_memory", [*config, "--config.batch_size=131072", "--microbatches=1"]
+  ).stdout)
+  assert too_big["skipped"].startswith("does not compile: RESOURCE_EXHAUSTED: Ran out of "
+                                       "memory on HBM"), too_big
+
+
+VMEM = """
+import jax, jax.numpy as jnp, ml_collections
+from sasa_jax import train
+from sasa_jax.ops import local_attention
+from sasa_jax.tools import tpu_compile
+
+def loss(*args):
+  y = local_attention(*args, kernel_size=7, num_heads=8, impl="pallas")
+  return jnp.sum(jnp.square(y.astype(jnp.float32)))
+maps = jax.ShapeDtypeStruct((8, 56, 56, 64), jnp.bfloat16)
+rel = jax.ShapeDtypeStruct((7, 4), jnp.bfloat16)
+args = tpu_compile.placed(tpu_compile.tpu_device("v5e"), maps, maps, maps, rel, rel)
+config = ml_collections.ConfigDict({"model": {"impl": "pallas"}, "batch_size": 8})
+try:
+  with train.advise_when_out_of_memory(config, 1):
+    jax.jit(jax.grad(loss, argnums=range(5))).lower(*args).compile()
+except train.DeviceOutOfMemoryError as e:
+  print(e)
+"""
+
+
+def test_a_kernel_that_overflows_vmem_is_not_blamed_on_the_batch():
+  """The loop's advice for XLA's RESOURCE_EXHAUSTED: a VMEM overflow (the Pallas kernels at
+  56x56x64 on v5e, compiled by libtpu) points at impl, not at microbatches."""
+  _libtpu()
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  out = subprocess.run([sys.executable, "-c", VMEM], env=helpers.env(), cwd=helpers.ROOT,
+                       capture_output=True, text=True, timeout=300, check=True).stdout
+  assert "RESOURCE_EXHAUSTED" in out and "(VMEM)" in out, out
+  assert "--config.model.impl=auto" in out and "microbatches do not change that" in out
+  assert "--config.num_microbatches=" not in out
