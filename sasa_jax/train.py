@@ -158,8 +158,8 @@ def vmem_advice(config) -> str:
   advice = ("a kernel of the step needs more of the TPU's on-chip memory (VMEM) than it has; "
             "the batch size and microbatches do not change that")
   if config.model.get("impl") == "pallas":
-    advice += ("; the Pallas attention kernels hold whole per-head maps there: "
-               "--config.model.impl=auto runs the blocked XLA form (docs/models.md)")
+    advice += ("; with the Pallas attention kernels, --config.model.impl=auto runs the "
+               "blocked XLA form instead (docs/models.md)")
   return advice
 
 

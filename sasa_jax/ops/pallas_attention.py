@@ -461,12 +461,13 @@ def _offsets(refs, t: Tiling, form: str, dot, *, keys_in_slab: bool):
 
 
 def _slab(ref, t: Tiling, flavour: str):
-  """This program's kh x kw slab of a padded map ref [hs, ws, c] -> [kh * kw, c]."""
-  by, bx = pl.program_id(1), pl.program_id(2)
-  col = bx * t.bw
+  """This program's kh x kw slab -> [kh * kw, c]: on TPU the ref is the slab itself (its
+  window, `_Launch.map_spec`); on GPU the whole padded map [hs, ws, c], sliced here."""
   if flavour == "tpu":
-    col = pl.multiple_of(col, 8)
-  x = ref[pl.ds(by * t.bh, t.kh), pl.ds(col, t.kw), :]
+    x = ref[...]
+  else:
+    by, bx = pl.program_id(1), pl.program_id(2)
+    x = ref[pl.ds(by * t.bh, t.kh), pl.ds(bx * t.bw, t.kw), :]
   return x.reshape(t.nk, x.shape[-1])
 
 
@@ -620,7 +621,14 @@ class _Launch:
     return pl.BlockSpec((None, t.bh, t.bw, channels), lambda i, y, x: (i, y, x, 0))
 
   def map_spec(self, channels):
-    hs, ws = self.tiling.slab_map
+    """A padded map [BN, hs, ws, c] as each program reads it. TPU: its own kh x kw slab, an
+    overlapping window (element offsets y * bh, x * bw) that the pipeline copies into VMEM,
+    so VMEM holds a slab and not the map. GPU: the whole map, sliced in the kernel."""
+    t = self.tiling
+    if t.flavour == "tpu":
+      return pl.BlockSpec((None, pl.Element(t.kh), pl.Element(t.kw), pl.Element(channels)),
+                          lambda i, y, x: (i, y * t.bh, x * t.bw, 0))
+    hs, ws = t.slab_map
     return pl.BlockSpec((None, hs, ws, channels), lambda i, y, x: (i, 0, 0, 0))
 
   @staticmethod
