@@ -146,11 +146,17 @@ def advise_when_out_of_memory(config, devices: int):
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    first = str(e).splitlines()[0]
-    if "memory space vmem" in str(e):  # a TPU's on-chip memory: per kernel, not per batch
-      raise DeviceOutOfMemoryError(f"{first}\n{vmem_advice(config)}") from e
     raise DeviceOutOfMemoryError(
-        f"{first}\n{out_of_memory_advice(config, devices, sys.argv)}") from e
+        f"{str(e).splitlines()[0]}\n{memory_advice(config, devices, str(e))}") from e
+
+
+def memory_advice(config, devices: int, error: str) -> str:
+  """What to change for XLA's RESOURCE_EXHAUSTED `error`: a TPU's on-chip memory (VMEM) is
+  per kernel, not per batch (vmem_advice); anything else is the batch's
+  (out_of_memory_advice)."""
+  if "memory space vmem" in error:
+    return vmem_advice(config)
+  return out_of_memory_advice(config, devices, sys.argv)
 
 
 def vmem_advice(config) -> str:

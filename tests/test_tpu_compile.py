@@ -1,6 +1,8 @@
 """Compiling for Cloud TPUs on this CPU-only machine with libtpu's own XLA:TPU compiler
 (tools/tpu_compile, tools/step_memory --tpu): the compiler's verdicts on VMEM and HBM."""
 import json
+import subprocess
+import sys
 
 from tests import helpers
 from tests.conftest import require
@@ -10,6 +12,14 @@ def _libtpu():
   from sasa_jax.tools import tpu_compile  # noqa: PLC0415
   require(None if tpu_compile.libtpu_available() else
           "libtpu is not installed (`make test` installs it: make tpu-compiler)")
+
+
+def _script(code: str) -> str:
+  """stdout of `python -c code` in the tests' environment (libtpu kept out of this process)."""
+  proc = subprocess.run([sys.executable, "-c", code], env=helpers.env(), cwd=helpers.ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
 
 
 def _rows(*args):
@@ -84,10 +94,7 @@ def test_a_kernel_that_overflows_vmem_is_not_blamed_on_the_batch():
   blocks far larger than the planner's, compiled by libtpu for v5e) points at impl, not at
   microbatches."""
   _libtpu()
-  import subprocess  # noqa: PLC0415
-  import sys  # noqa: PLC0415
-  out = subprocess.run([sys.executable, "-c", VMEM], env=helpers.env(), cwd=helpers.ROOT,
-                       capture_output=True, text=True, timeout=300, check=True).stdout
+  out = _script(VMEM)
   assert "RESOURCE_EXHAUSTED" in out and "(VMEM)" in out, out
   assert "--config.model.impl=auto" in out and "microbatches do not change that" in out
   assert "--config.num_microbatches=" not in out
@@ -137,12 +144,7 @@ def test_the_loops_step_compiles_for_a_v5e_slice_with_batch_norm_groups_of_neigh
   of 16 images, two chips' 8 each (all-reduces within chip pairs, each pair ICI neighbours on
   one host); and as 2 microbatches with groups of 4 within each chip's microbatch."""
   _libtpu()
-  import subprocess  # noqa: PLC0415
-  import sys  # noqa: PLC0415
-  out = subprocess.run([sys.executable, "-c", SLICE % helpers.TINY_MODEL], env=helpers.env(),
-                       cwd=helpers.ROOT, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.splitlines()[-1])
+  result = json.loads(_script(SLICE % helpers.TINY_MODEL).splitlines()[-1])
   pairs = [g for g in result["16/1"] if g.count("{") == 5]  # {{a,b},{c,d},{e,f},{g,h}}
   assert pairs, result
   for pair in pairs[0].strip("{}").split("},{"):

@@ -460,10 +460,10 @@ def _offsets(refs, t: Tiling, form: str, dot, *, keys_in_slab: bool):
   return _FactoredOffsets(t, *refs[:2], keys_in_slab=keys_in_slab, dot=dot), refs[2:]
 
 
-def _slab(ref, t: Tiling, flavour: str):
+def _slab(ref, t: Tiling):
   """This program's kh x kw slab -> [kh * kw, c]: on TPU the ref is the slab itself (its
   window, `_Launch.map_spec`); on GPU the whole padded map [hs, ws, c], sliced here."""
-  if flavour == "tpu":
+  if t.flavour == "tpu":
     x = ref[...]
   else:
     by, bx = pl.program_id(1), pl.program_id(2)
@@ -487,7 +487,7 @@ def _fwd_kernel(*refs, t: Tiling, form: str, f32_dot: str):
   offsets, (q_ref, k_ref, v_ref, rh_ref, rw_ref, o_ref, lse_ref) = _offsets(
       refs, t, form, dot, keys_in_slab=True)
   q = _block(q_ref, t)
-  kk, vv = _slab(k_ref, t, t.flavour), _slab(v_ref, t, t.flavour)
+  kk, vv = _slab(k_ref, t), _slab(v_ref, t)
   s, valid = _query_logits(offsets, dot, q, kk, rh_ref, rw_ref)
   m = jnp.max(s, axis=1, keepdims=True)
   p = jnp.where(valid, jnp.exp(s - m), 0.0)
@@ -502,7 +502,7 @@ def _dq_kernel(*refs, t: Tiling, form: str, f32_dot: str):
   offsets, (q_ref, k_ref, v_ref, rh_ref, rw_ref, do_ref, lse_ref, dd_ref, dq_ref, drh_ref,
             drw_ref) = _offsets(refs, t, form, dot, keys_in_slab=True)
   q = _block(q_ref, t)
-  kk, vv = _slab(k_ref, t, t.flavour), _slab(v_ref, t, t.flavour)
+  kk, vv = _slab(k_ref, t), _slab(v_ref, t)
   s, valid = _query_logits(offsets, dot, q, kk, rh_ref, rw_ref)
   lse, dd = _block(lse_ref, t), _block(dd_ref, t)
   p = jnp.where(valid, jnp.exp(s - lse), 0.0)
@@ -518,8 +518,8 @@ def _dkv_kernel(*refs, t: Tiling, form: str, f32_dot: str):
   dot = functools.partial(_dot, f32_dot=f32_dot)
   offsets, (q_ref, do_ref, lse_ref, dd_ref, k_ref, v_ref, rh_ref, rw_ref, dk_ref,
             dv_ref) = _offsets(refs, t, form, dot, keys_in_slab=False)
-  qs, dos = _slab(q_ref, t, t.flavour), _slab(do_ref, t, t.flavour)   # [nk, dp]
-  lse, dd = _slab(lse_ref, t, t.flavour), _slab(dd_ref, t, t.flavour)  # [nk, 1]
+  qs, dos = _slab(q_ref, t), _slab(do_ref, t)      # [nk, dp]
+  lse, dd = _slab(lse_ref, t), _slab(dd_ref, t)    # [nk, 1]
   kb, vb = _block(k_ref, t), _block(v_ref, t)                          # [nq, dp]
   rel, valid = offsets.logit_terms(qs, rh_ref, rw_ref)                 # [nk, nq]
   s = dot(qs, kb, (1, 1)) + rel

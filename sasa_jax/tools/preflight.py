@@ -66,16 +66,13 @@ def tpu_memory_lines(config, devices: int, generation: str) -> tuple[list[str], 
     return [f"  memory: not planned for TPU {generation} (tools/tpu_compile knows "
             f"{', '.join(tpu_compile.GENERATIONS)})"], False
   if not tpu_compile.libtpu_available():
-    return ["  memory: not planned (libtpu, the TPU compiler, is not installed here: "
-            "make tpu-compiler)"], False
+    return [f"  memory: not planned ({tpu_compile.NOT_INSTALLED})"], False
   device = tpu_compile.tpu_device(generation)
   limit = tpu_compile.GENERATIONS[generation][2]
   (row,) = step_memory.plan_rows(config, devices, [config.num_microbatches], limit, device)
   if "skipped" in row:
-    advice = (train.vmem_advice(config) if "vmem" in row["skipped"]
-              else train.out_of_memory_advice(config, devices, sys.argv))
     return [f"  memory: the step on a {device.device_kind} chip {row['skipped']}",
-            f"  {advice}"], True
+            f"  {train.memory_advice(config, devices, row['skipped'])}"], True
   return [f"  memory: {row['total_mib']:,.0f} MiB per {device.device_kind} chip of its "
           f"{limit / 2**20:,.0f} (state {row['state_mib']:,.0f}, temporaries "
           f"{row['temp_mib']:,.0f}; XLA:TPU's plan)"], not row["fits"]

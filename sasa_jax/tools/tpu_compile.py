@@ -31,6 +31,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LIBTPU_DIR = os.environ.get("SASA_LIBTPU_DIR", os.path.join(ROOT, ".venv", "tpu_compiler"))
+NOT_INSTALLED = (f"libtpu is not installed: `make tpu-compiler` puts it in {LIBTPU_DIR}, or "
+                 "pip install 'jax[tpu]'")
 
 # A small slice of each generation (libtpu's topology names) and the HBM of one of its JAX
 # devices: a chip (v4 and v5p: its two TensorCores as one megacore device).
@@ -57,8 +59,7 @@ def tpu_device(generation: str):
   if generation not in GENERATIONS:
     raise ValueError(f"TPU generation {generation!r} is not one of {sorted(GENERATIONS)}")
   if not libtpu_available():
-    raise RuntimeError(f"libtpu is not installed: `make tpu-compiler` puts it in {LIBTPU_DIR}, "
-                       "or pip install 'jax[tpu]'")
+    raise RuntimeError(NOT_INSTALLED)
   from jax.experimental import topologies  # noqa: PLC0415
   if jax.default_backend() != "tpu":  # no TPU here to guard or to ask about
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # the VM's metadata server
@@ -157,8 +158,7 @@ def main(argv):
     if name not in GENERATIONS:
       raise app.UsageError(f"--tpu={name}: not one of {sorted(GENERATIONS)}", exitcode=2)
   if not libtpu_available():
-    raise app.UsageError(f"libtpu is not installed: `make tpu-compiler` puts it in "
-                         f"{LIBTPU_DIR}, or pip install 'jax[tpu]'", exitcode=2)
+    raise app.UsageError(NOT_INSTALLED, exitcode=2)
   try:
     stages = [tuple(int(n) for n in s.split("x")) for s in FLAGS.stages]
   except ValueError:
