@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 3
 apt_install = (apt-get install -y -qq $(1) >/dev/null 2>&1 || \
   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq $(1) >/dev/null 2>&1))
 
-.PHONY: install kernel test test-deps tpu-compiler demo detect-demo tables bench model-table gpu-check data allocator clean
+.PHONY: install kernel test test-deps tpu-compiler gpu-compiler demo detect-demo tables bench model-table gpu-check data allocator clean
 
 install: $(STAMP) data allocator kernel
 
@@ -61,7 +61,7 @@ WITH_JEMALLOC = lib=$$(ls /usr/lib/*/libjemalloc.so.2 2>/dev/null | head -n 1); 
 # the GCS emulator's certificate. Installed where apt works (as root); elsewhere those tests
 # skip, saying why (CI, through .ci/run, fails them instead).
 TEST_DEBS := slurm-wlm munge openssl
-test-deps: tpu-compiler | $(STAMP)
+test-deps: tpu-compiler gpu-compiler | $(STAMP)
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q -e ".[census]"
 	@missing=""; for c in slurmctld slurmd munged openssl; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -77,6 +77,15 @@ tpu-compiler: | $(STAMP)
 	@test -d $(LIBTPU_DIR)/libtpu || $(PY) -m pip install -q --no-deps --target $(LIBTPU_DIR) \
 	  "$$($(PY) -c 'import importlib.metadata as m; print(next(r.split(";")[0].strip() for r in m.requires("jax") if r.startswith("libtpu")))')" || \
 	  echo "warning: could not install libtpu (Linux x86-64 only); the TPU compile tests will skip"
+
+# jax's CUDA plugin (XLA:GPU and Triton, about 480 MB) at jaxlib's own version, without the
+# CUDA libraries, into its own directory: tools/gpu_compile and tools/step_memory --gpu
+# compile for NVIDIA GPUs with it, on a machine without one.
+GPU_COMPILER_DIR := $(VENV)/gpu_compiler
+gpu-compiler: | $(STAMP)
+	@test -d $(GPU_COMPILER_DIR)/jax_plugins || { v=$$($(PY) -c 'import jaxlib.version as v; print(v.__version__)') && \
+	  $(PY) -m pip install -q --no-deps --target $(GPU_COMPILER_DIR) "jax-cuda12-plugin==$$v" "jax-cuda12-pjrt==$$v"; } || \
+	  echo "warning: could not install jax's CUDA plugin (Linux x86-64 only); the GPU compile tests will skip"
 
 # Three pytest workers on the 2-core machines measured: the multi-process tests wait on gloo
 # round trips and process start-up, and a third worker fills those waits (docs/testing.md).

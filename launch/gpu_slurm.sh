@@ -18,10 +18,12 @@
 # allocation, up to HANG_RESTARTS times (default 2). Logs: LOGDIR/JOB_JOBID_rankN.log (one
 # per rank, lines labelled, appended across requeues) and LOGDIR/JOB_JOBID.batch.log.
 # Before submitting, `python -m sasa_jax.tools.preflight` checks the config for NODES x
-# GPUS_PER_NODE GPUs, the dataset and the workdir here (PYTHON; PREFLIGHT=0 skips it).
+# GPUS_PER_NODE GPUs, the dataset and the workdir here (PYTHON; PREFLIGHT=0 skips it); with
+# GPU_TYPE (h100, h200 or a100) also the training step's memory on one such GPU, compiled
+# here by jax's CUDA plugin with no GPU (`make gpu-compiler`; a ResNet-50 step takes minutes).
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 PER_GPU=0; DRY_RUN=0; ARGS=()
 for a in "$@"; do
   case "$a" in
@@ -100,6 +102,6 @@ if [[ $DRY_RUN == 1 ]]; then
 fi
 source "$ROOT/launch/preflight.bash"
 preflight gpu_slurm.sh $(( NODES * GPUS_PER_NODE )) "${ARGS[@]}" --workdir="$WORKDIR" \
-  ${TFDS_DATA_DIR:+--config.dataset.data_dir="$TFDS_DATA_DIR"}
+  ${TFDS_DATA_DIR:+--config.dataset.data_dir="$TFDS_DATA_DIR"} ${GPU_TYPE:+--gpu="$GPU_TYPE"}
 mkdir -p "$LOGDIR"
 echo "$SCRIPT" | sbatch

@@ -40,7 +40,7 @@ def _submit(cluster, workdir, data_dir, steps, *, per_gpu, ckpt_every=1000, job_
   flags = [f for f in flags if not f.startswith("--config.dataset.data_dir")]  # TFDS_DATA_DIR
   proc = subprocess.run([os.path.join(helpers.ROOT, "launch", "gpu_slurm.sh"),
                          *(["--per-gpu"] if per_gpu else []), f"--config={FMNIST}", *flags],
-                        cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=60)
+                        cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=240)
   assert proc.returncode == 0, proc.stderr
   if output is not None:
     output.append(proc.stdout)
@@ -187,15 +187,19 @@ def test_a_hung_run_starts_again_in_its_allocation_and_finishes(cluster, fmnist_
 def test_workdir_and_data_on_object_storage_logs_on_a_shared_directory(cluster, gcs, tmp_path):
   """WORKDIR and TFDS_DATA_DIR on gs:// (the GCS API emulator, its address in the submitting
   environment, which sbatch passes on), the logs in LOGDIR: both ranks train, write their
-  parts of each checkpoint there and end at one set of parameters."""
+  parts of each checkpoint there and end at one set of parameters. GPU_TYPE=h100: the
+  preflight check planned the step's memory on an H100 (jax's CUDA plugin, where installed)."""
+  from sasa_jax.tools import gpu_compile  # noqa: PLC0415
   logdir, output = tmp_path / "logs", []
   job = _submit(cluster, "gs://sasa/slurm", "gs://sasa/tfds", 4, per_gpu=True, ckpt_every=2,
-                LOGDIR=str(logdir), PREFLIGHT="1", output=output, **gcs.env)
+                LOGDIR=str(logdir), PREFLIGHT="1", GPU_TYPE="h100", output=output, **gcs.env)
   # The launcher's preflight check read the data and the workdir there before submitting.
+  memory = (r"  memory: [\d,.]+ MiB per NVIDIA H100 80GB HBM3 of the 60,746 MiB .*\n"
+            if gpu_compile.available() else r"  memory: not planned .*\n")
   assert re.search(r"  batch: 12 = 6 per device on 2 device\(s\)\n  data: fashion_mnist in "
                    r"gs://sasa/tfds/fashion_mnist/3.0.1: train\[:256\] 256 examples, "
-                   r"test\[:100\] 100\n  steps: 4 .*\n  workdir gs://sasa/slurm: new\n"
-                   r"preflight: OK\n", output[0]), output[0]
+                   r"test\[:100\] 100\n  steps: 4 .*\n" + memory +
+                   r"  workdir gs://sasa/slurm: new\npreflight: OK\n", output[0]), output[0]
   info = cluster.wait_for(job, timeout=600)
   logs = _rank_logs(logdir, job)
   assert info["JobState"] == "COMPLETED", (info, logs)

@@ -10,7 +10,7 @@ from tests.conftest import require
 
 def _libtpu():
   from sasa_jax.tools import tpu_compile  # noqa: PLC0415
-  require(None if tpu_compile.libtpu_available() else
+  require(None if tpu_compile.available() else
           "libtpu is not installed (`make test` installs it: make tpu-compiler)")
 
 
@@ -34,15 +34,15 @@ def test_the_op_compiles_for_every_tpu_generation_with_and_without_the_kernels()
   at 7x7x512 too (one block per map)."""
   _libtpu()
   rows = _rows("--impls=auto,pallas", "--dtypes=bfloat16", "--batch=8", "--stages=56x64")
-  assert [(r["tpu"], r["impl"], r["compiled"]) for r in rows] == [
+  assert [(r["target"], r["impl"], r["compiled"]) for r in rows] == [
       (g, impl, True) for g in ("v4", "v5e", "v5p", "v6e") for impl in ("auto", "pallas")]
   assert [r["device"] for r in rows[::2]] == ["TPU v4", "TPU v5 lite", "TPU v5", "TPU v6 lite"]
   for r in rows:
-    assert r["tpu_custom_calls"] == (3 if r["impl"] == "pallas" else 0), r  # fwd, dq, dk/dv
-    assert r["hbm_temp_mib"] > 0, r
+    assert r["kernels"] == (3 if r["impl"] == "pallas" else 0), r  # fwd, dq, dk/dv
+    assert r["temp_mib"] > 0, r
   (small,) = _rows("--tpu=v5e", "--impls=pallas", "--dtypes=float32", "--batch=8",
                    "--stages=7x512")
-  assert small["compiled"] and small["tpu_custom_calls"] == 3
+  assert small["compiled"] and small["kernels"] == 3
 
 
 def test_step_memory_plans_a_tpu_chip_and_says_when_the_step_does_not_fit():
@@ -66,7 +66,7 @@ VMEM = """
 import jax, jax.numpy as jnp, ml_collections
 from sasa_jax import train
 from sasa_jax.ops import pallas_attention as pa
-from sasa_jax.tools import tpu_compile
+from sasa_jax.tools import aot, tpu_compile
 
 # Blocks of at least 500K logits (the planner's hold 12K): their float32 logits, probabilities
 # and offset tables need more than v5e's 16 MiB of scoped VMEM.
@@ -79,7 +79,7 @@ def loss(*args):
   return jnp.sum(jnp.square(y.astype(jnp.float32)))
 maps = jax.ShapeDtypeStruct((8, 56, 56, 64), jnp.bfloat16)
 rel = jax.ShapeDtypeStruct((7, 4), jnp.bfloat16)
-args = tpu_compile.placed(tpu_compile.tpu_device("v5e"), maps, maps, maps, rel, rel)
+args = aot.placed(tpu_compile.device("v5e"), maps, maps, maps, rel, rel)
 config = ml_collections.ConfigDict({"model": {"impl": "pallas"}, "batch_size": 8})
 try:
   with train.advise_when_out_of_memory(config, 1):
@@ -109,7 +109,7 @@ from sasa_jax.tools import tpu_compile
 from sasa_jax.tools.tables import load_config
 from jax.experimental import topologies
 
-tpu_compile.tpu_device("v5e")  # libtpu loaded
+tpu_compile.device("v5e")  # libtpu loaded
 devices = topologies.get_topology_desc("v5e:2x4", "tpu").devices  # 8 chips, 2 hosts
 mesh = Mesh(np.asarray(devices), ("data",))
 config = load_config("%s")

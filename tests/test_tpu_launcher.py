@@ -135,7 +135,7 @@ def test_a_step_too_large_for_a_chip_creates_and_starts_nothing(fmnist_dir, tmp_
   compiler: 8192 images per v5e chip of a wider model need more than its 16 GiB of HBM, and
   the launcher stops before any gcloud call, saying what to change."""
   from sasa_jax.tools import tpu_compile
-  require(None if tpu_compile.libtpu_available() else
+  require(None if tpu_compile.available() else
           "libtpu is not installed (`make test` installs it: make tpu-compiler)")
   root, path = _fake_gcloud(tmp_path)
   env = {**BASE, "WORKDIR": str(tmp_path / "run"), "TFDS_DATA_DIR": fmnist_dir,
@@ -171,7 +171,7 @@ def test_whole_flow_on_a_fake_slice(fmnist_dir, tmp_path):
   assert "preflight: OK\n" in first.stdout
   from sasa_jax.tools import tpu_compile
   assert re.search(r"\n  memory: [\d,]+ MiB per TPU v4 chip of its 32,768 \(state " if
-                   tpu_compile.libtpu_available() else "\n  memory: not planned", first.stdout)
+                   tpu_compile.available() else "\n  memory: not planned", first.stdout)
   assert first.stdout.count("code and Python ready (Python 3.11") == 2
   calls = [json.loads(line)[3] for line in (root / "calls.jsonl").read_text().splitlines()]
   assert calls == ["create", "scp", "ssh", "ssh"]

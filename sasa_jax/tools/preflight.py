@@ -10,6 +10,8 @@ or a run's (its state as tools/status says it, and the config fields this start 
 With --tpu=GEN (what launch/tpu_pod.sh passes), also the training step's memory on one chip
 of that TPU generation, compiled by libtpu's XLA:TPU compiler where libtpu is installed here
 (`make tpu-compiler`; tools/step_memory --tpu): a step that does not fit the chip fails.
+--gpu=h100|h200|a100 (launch/gpu_slurm.sh's GPU_TYPE) does the same for one such GPU with
+jax's CUDA plugin (`make gpu-compiler`; tools/step_memory --gpu).
 `launch/gpu_slurm.sh` and `launch/tpu_pod.sh` run it before they submit or start anything,
 so that a typo or a missing dataset fails in seconds rather than after a queue wait.
 Exit status 0, or 3 with the error (what `train_and_evaluate` would stop with). It runs on
@@ -33,6 +35,8 @@ flags.DEFINE_string("workdir", None, "The run's workdir (local or gs://).")
 flags.DEFINE_integer("devices", 0, "The run's device count (0: this machine's).")
 flags.DEFINE_string("tpu", None, "The TPU generation the run is for (v4, v5e, v5p, v6e): "
                     "plan the step on one of its chips, where libtpu is installed here.")
+flags.DEFINE_string("gpu", None, "The GPU the run is for (h100, h200, a100): plan the step "
+                    "on one, where jax's CUDA plugin is installed here.")
 cli.define_config()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -57,25 +61,33 @@ def describe(config, plan, devices: int) -> list[str]:
   return lines
 
 
-def tpu_memory_lines(config, devices: int, generation: str) -> tuple[list[str], bool]:
-  """(lines, whether the run would fail): the training step compiled for one chip of a TPU
-  `generation` by libtpu (tools/step_memory's plan), against the chip's HBM."""
+def memory_lines(config, devices: int, kind: str, name: str) -> tuple[list[str], bool]:
+  """(lines, whether the run would fail): the training step compiled for one device `name`
+  of `kind` ("tpu": a chip of that generation, by libtpu; "gpu": that GPU, by jax's CUDA
+  plugin: tools/step_memory's plan), against its memory."""
   from sasa_jax import train  # noqa: PLC0415
-  from sasa_jax.tools import step_memory, tpu_compile  # noqa: PLC0415
-  if generation not in tpu_compile.GENERATIONS:
-    return [f"  memory: not planned for TPU {generation} (tools/tpu_compile knows "
-            f"{', '.join(tpu_compile.GENERATIONS)})"], False
-  if not tpu_compile.libtpu_available():
-    return [f"  memory: not planned ({tpu_compile.NOT_INSTALLED})"], False
-  device = tpu_compile.tpu_device(generation)
-  limit = tpu_compile.GENERATIONS[generation][2]
+  from sasa_jax.tools import step_memory  # noqa: PLC0415
+  compiler = step_memory.COMPILERS[kind]
+  if name not in compiler.TARGETS:
+    return [f"  memory: not planned for {kind.upper()} {name} (tools/{kind}_compile knows "
+            f"{', '.join(compiler.TARGETS)})"], False
+  if not compiler.available():
+    return [f"  memory: not planned ({compiler.NOT_INSTALLED})"], False
+  device = compiler.device(name)
+  limit = compiler.memory_bytes(name)
   (row,) = step_memory.plan_rows(config, devices, [config.num_microbatches], limit, device)
+  what = f"{device.device_kind} chip" if kind == "tpu" else device.device_kind
   if "skipped" in row:
-    return [f"  memory: the step on a {device.device_kind} chip {row['skipped']}",
+    return [f"  memory: the step on a {what} {row['skipped']}",
             f"  {train.memory_advice(config, devices, row['skipped'])}"], True
-  return [f"  memory: {row['total_mib']:,.0f} MiB per {device.device_kind} chip of its "
-          f"{limit / 2**20:,.0f} (state {row['state_mib']:,.0f}, temporaries "
-          f"{row['temp_mib']:,.0f}; XLA:TPU's plan)"], not row["fits"]
+  of = (f"of its {limit / 2**20:,.0f}" if kind == "tpu" else
+        f"of the {limit / 2**20:,.0f} MiB that jax's allocator takes on it")
+  lines = [f"  memory: {row['total_mib']:,.0f} MiB per {what} {of} (state "
+           f"{row['state_mib']:,.0f}, temporaries {row['temp_mib']:,.0f}; "
+           f"XLA:{kind.upper()}'s plan)"]
+  if not row["fits"]:
+    lines.append(f"  {train.out_of_memory_advice(config, devices, sys.argv)}")
+  return lines, not row["fits"]
 
 
 def workdir_lines(config, workdir) -> list[str]:
@@ -106,8 +118,10 @@ def main(argv):
     print(f"preflight: FAILED: {e}", file=sys.stderr)
     sys.exit(FAILED)
   lines = describe(config, plan, devices)
-  if FLAGS.tpu:
-    memory, failed = tpu_memory_lines(config, devices, FLAGS.tpu)
+  for kind in ("tpu", "gpu"):
+    if not getattr(FLAGS, kind):
+      continue
+    memory, failed = memory_lines(config, devices, kind, getattr(FLAGS, kind))
     if failed:
       print("\n".join(lines + memory) + "\npreflight: FAILED: the step does not fit",
             file=sys.stderr)

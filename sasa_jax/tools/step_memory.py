@@ -4,6 +4,8 @@
   python -m sasa_jax.tools.step_memory --config=configs/fashion_mnist.py --microbatches=1,2,4
   python -m sasa_jax.tools.step_memory --config=configs/imagenet.py:depth=50 --devices=32 \
       --tpu=v5e      # compiled for a TPU v5e chip by libtpu, on any machine (make tpu-compiler)
+  python -m sasa_jax.tools.step_memory --config=configs/imagenet.py:depth=50 --devices=64 \
+      --gpu=h100     # compiled for an H100 by jax's CUDA plugin, no GPU (make gpu-compiler)
 
 Compiles `train.train_step` (the config's model, optimizer, EMA and task) for one local
 device at the batch each of --devices devices holds (config.batch_size / devices: the loop
@@ -16,8 +18,11 @@ are planned as statistics over each device's own images, the same work per devic
 plans differ between backends (and the attention op's implementation with them): run it on
 a machine of the kind the run will use, or with --tpu=GEN, which compiles for one device of
 a TPU generation with libtpu's XLA:TPU compiler (tools/tpu_compile), `impl="auto"` resolved
-as on that TPU, against the chip's HBM; a step that cannot fit fails to compile there, and
-its row says so. No data is read; nothing runs.
+as on that TPU, against the chip's HBM (a step that cannot fit fails to compile there, and
+its row says so), or with --gpu=h100|h200|a100, which compiles for one such GPU with XLA:GPU
+from jax's CUDA plugin (tools/gpu_compile), against the memory jax's allocator takes of it
+(75% unless XLA_PYTHON_CLIENT_MEM_FRACTION, read here, says otherwise). No data is read;
+nothing runs.
 """
 import copy
 import json
@@ -29,10 +34,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sasa_jax import data as data_lib
 from sasa_jax import cli, optim, tasks, train
-from sasa_jax.tools import tpu_compile
+from sasa_jax.tools import aot, gpu_compile, tpu_compile
 from sasa_jax.tools.bench import memory_plan, tree_bytes
 
 MIB = 2**20
+COMPILERS = {"tpu": tpu_compile, "gpu": gpu_compile}  # --tpu, --gpu: a device not here
 
 
 def device_bytes() -> int | None:
@@ -44,7 +50,8 @@ def plan_rows(config, devices: int, microbatches, limit: int | None = None,
               device=None) -> list[dict]:
   """One row per value of `microbatches` (see the module docstring), sizes in MiB, each
   total against `limit` bytes where given. device: the device to compile for (default this
-  machine's first; a TPU from tools/tpu_compile.tpu_device). `config` is left as it is."""
+  machine's first; a TPU or GPU from tools/tpu_compile or tools/gpu_compile). `config` is
+  left as it is."""
   config = copy.deepcopy(config)
   device = device or jax.local_devices()[0]
   if config.batch_size % devices:
@@ -87,7 +94,7 @@ def plan_rows(config, devices: int, microbatches, limit: int | None = None,
         plan = memory_plan(step.lower(state, batch).compile())
     except jax.errors.JaxRuntimeError as e:  # XLA:TPU's verdict on memory, among others
       rows.append({**row, "microbatch_per_device": micro,
-                   "skipped": f"does not compile: {tpu_compile.first_line(str(e))}"})
+                   "skipped": f"does not compile: {aot.first_line(str(e))}"})
       continue
     row.update(state_mib=state_bytes / MIB, temp_mib=plan["temp"] / MIB,
                total_mib=plan["footprint"] / MIB, allreduce_mib=grad_bytes / MIB)
@@ -125,9 +132,12 @@ def define_flags():  # as a program only: tools/preflight imports this module be
   flags.DEFINE_list("microbatches", ["1", "2", "4", "8"],
                     "Values of config.num_microbatches to plan, comma-separated.")
   flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
-  flags.DEFINE_enum("tpu", None, list(tpu_compile.GENERATIONS),
+  flags.DEFINE_enum("tpu", None, list(tpu_compile.TARGETS),
                     "Plan for one chip of this TPU generation (libtpu's compiler; "
                     "`make tpu-compiler`) instead of this machine's device.")
+  flags.DEFINE_enum("gpu", None, list(gpu_compile.TARGETS),
+                    "Plan for one GPU of this kind (jax's CUDA plugin; `make gpu-compiler`) "
+                    "instead of this machine's device.")
   # --config=FILE[:ARGS] and --config.FIELD=VALUE, parsed as sasa_jax.main parses them.
   cli.define_config(lock_config=False)
   flags.mark_flags_as_required(["config"])
@@ -143,15 +153,16 @@ def main(argv):
   if not microbatches or min(microbatches) < 1:
     raise app.UsageError(f"--microbatches={','.join(FLAGS.microbatches)}: positive integers, "
                          "comma-separated", exitcode=2)
-  device = limit = None
-  if not FLAGS.tpu:
-    limit = device_bytes()
-  else:
+  targets = [(kind, getattr(FLAGS, kind)) for kind in COMPILERS if getattr(FLAGS, kind)]
+  if len(targets) > 1:
+    raise app.UsageError("--tpu and --gpu: one device to plan for, not both", exitcode=2)
+  device, limit = None, device_bytes()
+  for kind, name in targets:
     try:
-      device = tpu_compile.tpu_device(FLAGS.tpu)
-    except RuntimeError as e:  # no libtpu
-      raise app.UsageError(f"--tpu={FLAGS.tpu}: {e}", exitcode=2) from e
-    limit = tpu_compile.GENERATIONS[FLAGS.tpu][2]
+      device = COMPILERS[kind].device(name)
+    except RuntimeError as e:  # its compiler is not installed
+      raise app.UsageError(f"--{kind}={name}: {e}", exitcode=2) from e
+    limit = COMPILERS[kind].memory_bytes(name)
   try:
     rows = plan_rows(FLAGS.config, FLAGS.devices or jax.device_count(), microbatches, limit,
                      device)
