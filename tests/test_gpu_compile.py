@@ -40,9 +40,9 @@ def test_the_triton_kernels_compile_for_hopper_and_ampere():
   assert small["compiled"] and small["kernels"] == 3, small
 
 
-def _step_memory(*args, environ=None):
-  config = ["--config=configs/fashion_mnist.py", "--devices=1", "--gpu=h100", "--format=json",
-            "--microbatches=1"]
+def _step_memory(*args, environ=None, config_arg=""):
+  config = [f"--config=configs/fashion_mnist.py{config_arg}", "--devices=1", "--gpu=h100",
+            "--format=json", "--microbatches=1"]
   return helpers.run_module("sasa_jax.tools.step_memory", [*config, *args], environ=environ,
                             check=False)
 
@@ -57,8 +57,8 @@ def test_step_memory_plans_an_h100_against_what_jax_takes_of_it():
   assert fits.returncode == 0, fits.stderr[-3000:]
   (row,) = json.loads(fits.stdout)
   assert row["fits"] and round(row["device_mib"]) == 60746 and 0 < row["temp_mib"] < 1024, row
-  half = _step_memory("--config.batch_size=128",
-                      environ=helpers.env(XLA_PYTHON_CLIENT_MEM_FRACTION="0.5"))
+  half = _step_memory(environ=helpers.env(XLA_PYTHON_CLIENT_MEM_FRACTION="0.5"),
+                      config_arg=f":{helpers.TINY_MODEL}")
   assert round(json.loads(half.stdout)[0]["device_mib"]) == 40497
   wide = _step_memory("--config.batch_size=32768", "--config.model.width_multiplier=1")
   (row,) = json.loads(wide.stdout)
