@@ -1,4 +1,5 @@
 """Shared test helpers: tiny training runs through the real command line."""
+import json
 import os
 import pathlib
 import shutil
@@ -167,3 +168,14 @@ def prepare_fake_coco(data_dir):
   builder = FakeCoco(config="2017", data_dir=data_dir)
   builder.download_and_prepare()
   return builder
+
+
+def mesh_step(kind: str, name: str, topology: str) -> dict:
+  """tests/mesh_step.py's JSON for the loop's step (TINY_MODEL) on the devices of a described
+  TPU slice or GPU cluster, run in its own process (libtpu or the CUDA plugin kept out of
+  this one)."""
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "mesh_step.py"), kind,
+                         name, topology, TINY_MODEL], env=env(), cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.splitlines()[-1])

@@ -100,55 +100,17 @@ def test_a_kernel_that_overflows_vmem_is_not_blamed_on_the_batch():
   assert "--config.num_microbatches=" not in out
 
 
-SLICE = """
-import json
-import jax, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from sasa_jax import optim, tasks, train
-from sasa_jax.tools import tpu_compile
-from sasa_jax.tools.tables import load_config
-from jax.experimental import topologies
-
-tpu_compile.device("v5e")  # libtpu loaded
-devices = topologies.get_topology_desc("v5e:2x4", "tpu").devices  # 8 chips, 2 hosts
-mesh = Mesh(np.asarray(devices), ("data",))
-config = load_config("%s")
-config.batch_size = 8 * len(devices)
-out = {"chips": {d.id: [d.process_index, *d.coords] for d in devices}}
-for group, micro in [(0, 1), (16, 1), (4, 2)]:
-  config.batch_norm_group_size, config.num_microbatches = group, micro
-  task = tasks.get(config)
-  model = task.create_model("tpu")
-  schedule = optim.create_schedule(config.schedule, 10, 100)
-  tx = optim.create_optimizer(config.optimizer, schedule)
-  _, state, shardings = train.initial_state(config, model, tx, mesh, (28, 28, 1))
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       state, shardings)
-  data = NamedSharding(mesh, P("data"))
-  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=data),
-                       task.train_batch_spec(config.batch_size, (28, 28, 1)))
-  step = train.jit_train_step(config, task, model, tx, schedule, shardings, data)
-  with jax.set_mesh(mesh):
-    hlo = step.lower(state, batch).compile().as_text()
-  groups = sorted({line.split("replica_groups=")[1].split("}},")[0] + "}}"
-                   for line in hlo.splitlines()
-                   if "all-reduce(" in line and "replica_groups={{" in line})
-  out[f"{group}/{micro}"] = groups
-print(json.dumps(out))
-"""
-
-
 def test_the_loops_step_compiles_for_a_v5e_slice_with_batch_norm_groups_of_neighbour_chips():
   """The loop's own step (train.jit_train_step) compiled by libtpu for the 8 chips of a
   v5e-8 slice (two hosts) on the loop's 1-D mesh: BatchNorm over the whole batch; over groups
   of 16 images, two chips' 8 each (all-reduces within chip pairs, each pair ICI neighbours on
   one host); and as 2 microbatches with groups of 4 within each chip's microbatch."""
   _libtpu()
-  result = json.loads(_script(SLICE % helpers.TINY_MODEL).splitlines()[-1])
+  result = helpers.mesh_step("tpu", "v5e", "v5e:2x4")
   pairs = [g for g in result["16/1"] if g.count("{") == 5]  # {{a,b},{c,d},{e,f},{g,h}}
   assert pairs, result
   for pair in pairs[0].strip("{}").split("},{"):
-    a, b = (result["chips"][i] for i in pair.split(","))
+    a, b = (result["devices"][i] for i in pair.split(","))
     assert a[0] == b[0], (pair, a, b)  # one host
     assert sum(abs(x - y) for x, y in zip(a[1:], b[1:])) == 1, (pair, a, b)  # neighbours
   assert "{{0,1,2,3,4,5,6,7}}" in result["4/2"] and "{{0,1,2,3,4,5,6,7}}" in result["16/1"]

@@ -116,15 +116,21 @@ def _register_plugin():
 
 def device(gpu: str):
   """A JAX device of a `gpu` (TARGETS), for compiling only."""
+  return cluster(gpu)[0]
+
+
+def cluster(gpu: str, hosts: int = 1, per_host: int = 1) -> list:
+  """The JAX devices of `hosts` machines with `per_host` `gpu`s each (TARGETS), for compiling
+  only, in jax's global order: by host (`process_index`), then by GPU."""
   if gpu not in TARGETS:
     raise ValueError(f"GPU {gpu!r} is not one of {sorted(TARGETS)}")
   if not available():
     raise RuntimeError(NOT_INSTALLED)
   _register_plugin()
   from jax.experimental import topologies  # noqa: PLC0415
-  config = TARGETS[gpu].target_config()
-  return topologies.get_topology_desc(platform="cuda", target_config=config,
-                                      topology="1x1x1").devices[0]
+  return list(topologies.get_topology_desc(platform="cuda",
+                                           target_config=TARGETS[gpu].target_config(),
+                                           topology=f"{hosts}x1x{per_host}").devices)
 
 
 if __name__ == "__main__":
