@@ -103,7 +103,10 @@ def test_scancel_term_and_term_to_ranks_at_different_moments_save_one_step(
 
 
 def test_time_limit_saves_requeues_and_resumes_to_the_end(cluster, fmnist_dir, tmp_path):
-  total = 24
+  """SLURM's time-limit signal: both ranks save one step, the job requeues and the ranks
+  resume there and train to the end. Enough steps that the signal's path (batch script, then
+  TERM to the ranks: about 2 s) cannot outlast the run at the tiny model's 10 steps/s."""
+  total = 120
   job = _submit(cluster, tmp_path, fmnist_dir, total, per_gpu=True)
   _wait_for_training(tmp_path / "logs", job, 2, cluster)
   # What SLURM does TIME_WARNING seconds before the limit (--signal=B:USR1@...).
