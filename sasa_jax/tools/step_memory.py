@@ -156,13 +156,15 @@ def main(argv):
   targets = [(kind, getattr(FLAGS, kind)) for kind in COMPILERS if getattr(FLAGS, kind)]
   if len(targets) > 1:
     raise app.UsageError("--tpu and --gpu: one device to plan for, not both", exitcode=2)
-  device, limit = None, device_bytes()
-  for kind, name in targets:
+  if targets:
+    (kind, name), = targets
     try:
       device = COMPILERS[kind].device(name)
     except RuntimeError as e:  # its compiler is not installed
       raise app.UsageError(f"--{kind}={name}: {e}", exitcode=2) from e
     limit = COMPILERS[kind].memory_bytes(name)
+  else:
+    device, limit = None, device_bytes()
   try:
     rows = plan_rows(FLAGS.config, FLAGS.devices or jax.device_count(), microbatches, limit,
                      device)
