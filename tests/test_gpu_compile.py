@@ -112,7 +112,7 @@ def test_xla_gpu_0_10_crashes_on_the_resnets_backward_unless_triton_gemm_is_off(
 def test_preflight_plans_the_step_on_a_gpu_of_the_runs_kind(fmnist_dir, tmp_path):
   """preflight --gpu=h100 (launch/gpu_slurm.sh's GPU_TYPE): the memory line names the GPU and
   the share jax takes of it; a step that outgrows it fails the check (status 3) with the
-  microbatch advice; an unknown GPU is named and not planned."""
+  microbatch advice; an unknown GPU is named and not planned; --tpu beside it is refused."""
   _plugin()
   base = [f"--config=configs/fashion_mnist.py:{helpers.TINY_MODEL}",
           f"--config.dataset.data_dir={fmnist_dir}", f"--workdir={tmp_path / 'run'}"]
@@ -128,4 +128,8 @@ def test_preflight_plans_the_step_on_a_gpu_of_the_runs_kind(fmnist_dir, tmp_path
   other = helpers.run_module("sasa_jax.tools.preflight", [*base, "--devices=2", "--gpu=v100"])
   assert "memory: not planned for GPU v100 (tools/gpu_compile knows h100, h200, a100)" in \
       other.stdout
+  both = helpers.run_module("sasa_jax.tools.preflight",
+                            [*base, "--devices=2", "--gpu=h100", "--tpu=v5e"], check=False)
+  assert both.returncode == 3 and "--tpu and --gpu: one device to plan for, not both" in \
+      both.stderr, both.stderr[-2000:]
   assert not os.path.exists(tmp_path / "run")

@@ -10,8 +10,8 @@ or a run's (its state as tools/status says it, and the config fields this start 
 With --tpu=GEN (what launch/tpu_pod.sh passes), also the training step's memory on one chip
 of that TPU generation, compiled by libtpu's XLA:TPU compiler where libtpu is installed here
 (`make tpu-compiler`; tools/step_memory --tpu): a step that does not fit the chip fails.
---gpu=h100|h200|a100 (launch/gpu_slurm.sh's GPU_TYPE) does the same for one such GPU with
-jax's CUDA plugin (`make gpu-compiler`; tools/step_memory --gpu).
+--gpu=h100|h200|a100 (launch/gpu_slurm.sh's GPU_TYPE) does the same for one such GPU
+instead, with jax's CUDA plugin (`make gpu-compiler`; tools/step_memory --gpu).
 `launch/gpu_slurm.sh` and `launch/tpu_pod.sh` run it before they submit or start anything,
 so that a typo or a missing dataset fails in seconds rather than after a queue wait.
 Exit status 0, or 3 with the error (what `train_and_evaluate` would stop with). It runs on
@@ -104,6 +104,9 @@ def workdir_lines(config, workdir) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.tpu and FLAGS.gpu:
+    raise app.UsageError("--tpu and --gpu: one device to plan for, not both",
+                         exitcode=FAILED)
   logging.set_verbosity(logging.WARNING)
   import jax  # noqa: PLC0415
 
@@ -118,9 +121,8 @@ def main(argv):
     print(f"preflight: FAILED: {e}", file=sys.stderr)
     sys.exit(FAILED)
   lines = describe(config, plan, devices)
-  for kind in ("tpu", "gpu"):
-    if not getattr(FLAGS, kind):
-      continue
+  kind = "tpu" if FLAGS.tpu else "gpu" if FLAGS.gpu else None
+  if kind:
     memory, failed = memory_lines(config, devices, kind, getattr(FLAGS, kind))
     if failed:
       print("\n".join(lines + memory) + "\npreflight: FAILED: the step does not fit",
