@@ -88,10 +88,11 @@ gpu-compiler: | $(STAMP)
 	  echo "warning: could not install jax's CUDA plugin (Linux x86-64 only); the GPU compile tests will skip"
 
 # Three pytest workers on the 2-core machines measured: the multi-process tests wait on gloo
-# round trips and process start-up, and a third worker fills those waits (docs/testing.md).
+# round trips and process start-up, and a third worker fills those waits; an idle worker
+# takes half of the busiest one's queue (worksteal), so no worker ends alone (docs/testing.md).
 TEST_WORKERS ?= 3
 test: install test-deps
-	$(WITH_JEMALLOC) SASA_TEST_TFDS_DIR=$(TFDS_DIR) JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=20 tests
+	$(WITH_JEMALLOC) SASA_TEST_TFDS_DIR=$(TFDS_DIR) JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=20 tests
 
 # The main job: a SASA ResNet learns real Fashion-MNIST on the CPU (FRESH=1 starts over).
 demo: install

@@ -37,7 +37,8 @@ os.environ.setdefault("SASA_KERNEL_CACHE", str(local_attention_cpu.cache_dir().a
 # that the pytest workers do not end the suite waiting on one of them.
 SLOW_FIRST = ("test_train.py", "test_preemption.py", "test_tpu_launcher.py", "test_detection.py",
               "test_tools.py", "test_launch.py", "test_gpu_check.py", "test_slurm.py",
-              "test_pod_readiness.py", "test_workdir_lease.py")
+              "test_pod_readiness.py", "test_workdir_lease.py", "test_tpu_compile.py",
+              "test_gpu_compile.py")
 
 
 @pytest.hookimpl(wrapper=True)
