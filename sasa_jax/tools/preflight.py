@@ -104,13 +104,15 @@ def workdir_lines(config, workdir) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if FLAGS.tpu and FLAGS.gpu:
-    raise app.UsageError("--tpu and --gpu: one device to plan for, not both",
-                         exitcode=FAILED)
   logging.set_verbosity(logging.WARNING)
   import jax  # noqa: PLC0415
 
   from sasa_jax import train  # noqa: PLC0415
+  from sasa_jax.tools import step_memory  # noqa: PLC0415
+  try:
+    target = step_memory.planned_device(FLAGS)
+  except ValueError as e:
+    raise app.UsageError(str(e), exitcode=FAILED) from e
   config = FLAGS.config
   devices = FLAGS.devices or jax.device_count()
   print(f"preflight: {' '.join(a for a in sys.argv[1:] if a.startswith('--config'))} on "
@@ -121,9 +123,8 @@ def main(argv):
     print(f"preflight: FAILED: {e}", file=sys.stderr)
     sys.exit(FAILED)
   lines = describe(config, plan, devices)
-  kind = "tpu" if FLAGS.tpu else "gpu" if FLAGS.gpu else None
-  if kind:
-    memory, failed = memory_lines(config, devices, kind, getattr(FLAGS, kind))
+  if target:
+    memory, failed = memory_lines(config, devices, *target)
     if failed:
       print("\n".join(lines + memory) + "\npreflight: FAILED: the step does not fit",
             file=sys.stderr)

@@ -127,6 +127,16 @@ def format_rows(rows) -> str:
 FLAGS = flags.FLAGS
 
 
+def planned_device(flag_values) -> tuple[str, str] | None:
+  """(kind, name) of the device that --tpu or --gpu names (COMPILERS' kinds; step_memory's
+  and tools/preflight's flags), None where neither does; ValueError where both do."""
+  targets = [(kind, getattr(flag_values, kind)) for kind in COMPILERS
+             if getattr(flag_values, kind)]
+  if len(targets) > 1:
+    raise ValueError("--tpu and --gpu: one device to plan for, not both")
+  return targets[0] if targets else None
+
+
 def define_flags():  # as a program only: tools/preflight imports this module beside its own
   flags.DEFINE_integer("devices", None, "Devices the run will use (default: this machine's).")
   flags.DEFINE_list("microbatches", ["1", "2", "4", "8"],
@@ -153,11 +163,12 @@ def main(argv):
   if not microbatches or min(microbatches) < 1:
     raise app.UsageError(f"--microbatches={','.join(FLAGS.microbatches)}: positive integers, "
                          "comma-separated", exitcode=2)
-  targets = [(kind, getattr(FLAGS, kind)) for kind in COMPILERS if getattr(FLAGS, kind)]
-  if len(targets) > 1:
-    raise app.UsageError("--tpu and --gpu: one device to plan for, not both", exitcode=2)
-  if targets:
-    (kind, name), = targets
+  try:
+    target = planned_device(FLAGS)
+  except ValueError as e:
+    raise app.UsageError(str(e), exitcode=2) from e
+  if target:
+    kind, name = target
     try:
       device = COMPILERS[kind].device(name)
     except RuntimeError as e:  # its compiler is not installed
