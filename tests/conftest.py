@@ -79,6 +79,12 @@ def require(reason: str | None, *, in_ci: bool = True) -> None:
   pytest.skip(reason)
 
 
+def require_compiler(compiler) -> None:
+  """require()s the compiler of tools/tpu_compile (libtpu) or tools/gpu_compile (jax's CUDA
+  plugin), `compiler` being that module: `make test` installs both."""
+  require(None if compiler.available() else f"{compiler.NOT_INSTALLED} (`make test` installs it)")
+
+
 @pytest.fixture(scope="session")
 def detection_dir(fmnist_dir):
   """A TFDS data_dir holding fashion_mnist_detection (generated from the real

@@ -7,13 +7,12 @@ import subprocess
 import sys
 
 from tests import helpers
-from tests.conftest import require
+from tests.conftest import require_compiler
 
 
 def _plugin():
   from sasa_jax.tools import gpu_compile  # noqa: PLC0415
-  require(None if gpu_compile.available() else
-          "jax's CUDA plugin is not installed (`make test` installs it: make gpu-compiler)")
+  require_compiler(gpu_compile)
 
 
 def _rows(*args):

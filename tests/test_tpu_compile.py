@@ -5,13 +5,12 @@ import subprocess
 import sys
 
 from tests import helpers
-from tests.conftest import require
+from tests.conftest import require_compiler
 
 
 def _libtpu():
   from sasa_jax.tools import tpu_compile  # noqa: PLC0415
-  require(None if tpu_compile.available() else
-          "libtpu is not installed (`make test` installs it: make tpu-compiler)")
+  require_compiler(tpu_compile)
 
 
 def _script(code: str) -> str:

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests import helpers
-from tests.conftest import require
+from tests.conftest import require, require_compiler
 
 SCRIPT = os.path.join(helpers.ROOT, "launch", "tpu_pod.sh")
 FMNIST = f"configs/fashion_mnist.py:{helpers.TINY_MODEL}"
@@ -135,8 +135,7 @@ def test_a_step_too_large_for_a_chip_creates_and_starts_nothing(fmnist_dir, tmp_
   compiler: 8192 images per v5e chip of a wider model need more than its 16 GiB of HBM, and
   the launcher stops before any gcloud call, saying what to change."""
   from sasa_jax.tools import tpu_compile
-  require(None if tpu_compile.available() else
-          "libtpu is not installed (`make test` installs it: make tpu-compiler)")
+  require_compiler(tpu_compile)
   root, path = _fake_gcloud(tmp_path)
   env = {**BASE, "WORKDIR": str(tmp_path / "run"), "TFDS_DATA_DIR": fmnist_dir,
          "ACCELERATOR_TYPE": "v5litepod-4", "PYTHON": sys.executable,
