@@ -1,7 +1,7 @@
 """The loop's training step compiled for the devices of a TPU slice or GPU cluster that this
 machine only describes (libtpu, jax's CUDA plugin): which devices each all-reduce joins.
 
-  python tests/mesh_step.py tpu v5e v5e:2x4 CONFIG_ARG
+  python tests/mesh_step.py tpu v5e 2x4 CONFIG_ARG         # a v5e slice of 2x4 chips
   python tests/mesh_step.py gpu h100 2x8 CONFIG_ARG        # 2 hosts of 8 GPUs
 
 Prints one JSON object: "devices" {id: [host, *coords]} and, per "GROUP/MICROBATCHES" (config
@@ -13,7 +13,6 @@ import sys
 
 import jax
 import numpy as np
-from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sasa_jax import optim, tasks, train
@@ -23,8 +22,7 @@ from sasa_jax.tools.tables import load_config
 
 def described_devices(kind: str, name: str, topology: str) -> list:
   if kind == "tpu":
-    tpu_compile.device(name)  # libtpu loaded
-    return list(topologies.get_topology_desc(topology, "tpu").devices)
+    return tpu_compile.slice_devices(name, topology)
   hosts, per_host = (int(n) for n in topology.split("x"))
   return gpu_compile.cluster(name, hosts, per_host)
 

@@ -110,7 +110,7 @@ def test_the_loops_step_compiles_for_a_v5e_slice_with_batch_norm_groups_of_neigh
   of 16 images, two chips' 8 each (all-reduces within chip pairs, each pair ICI neighbours on
   one host); and as 2 microbatches with groups of 4 within each chip's microbatch."""
   _libtpu()
-  result = helpers.mesh_step("tpu", "v5e", "v5e:2x4")
+  result = helpers.mesh_step("tpu", "v5e", "2x4")
   pairs = [g for g in result["16/1"] if g.count("{") == 5]  # {{a,b},{c,d},{e,f},{g,h}}
   assert pairs, result
   for pair in pairs[0].strip("{}").split("},{"):

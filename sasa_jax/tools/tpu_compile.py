@@ -50,6 +50,12 @@ def available() -> bool:
 
 def device(generation: str):
   """One JAX device of a `generation` TPU slice (TARGETS), for compiling only."""
+  return slice_devices(generation)[0]
+
+
+def slice_devices(generation: str, shape: str | None = None) -> list:
+  """The JAX devices of a `generation` TPU slice of `shape` chips ("2x4"; TARGETS' small slice
+  if None), for compiling only, in jax's global order."""
   if generation not in TARGETS:
     raise ValueError(f"TPU generation {generation!r} is not one of {sorted(TARGETS)}")
   if not available():
@@ -62,7 +68,9 @@ def device(generation: str):
     # killed process): compiling processes side by side is safe without a TPU.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   name, options, _ = TARGETS[generation]
-  return topologies.get_topology_desc(name, "tpu", **options).devices[0]
+  if shape is not None:
+    name = f"{generation}:{shape}"
+  return list(topologies.get_topology_desc(name, "tpu", **options).devices)
 
 
 def memory_bytes(generation: str) -> int:
