@@ -15,11 +15,8 @@ from tests import helpers
 
 BLOCK = """
 import sys
-class Block:
-  def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'clu', 'ml_collections'):
-      raise ImportError(f'{name} is not on the accelerator image')
-sys.meta_path.insert(0, Block())
+# What `import X` and importlib.util.find_spec("X") meet where X is not installed.
+sys.modules.update(dict.fromkeys(['tensorflow', 'tensorflow_datasets', 'clu', 'ml_collections']))
 from sasa_jax.tools import gpu_check
 sys.exit(gpu_check.main(sys.argv[1:]))
 """
@@ -69,6 +66,11 @@ def test_cpu_smoke_writes_results(tmp_path):
   assert len(tune) == 4 and sum(r["planned"] for r in tune) == 1  # 2 launches x 2 forms
   assert sorted(r["form"] for r in tune) == sorted(2 * pa.FORMS)
   assert all(r["ms"] > 0 and r["grad_error"] < 1e-4 for r in tune)
+  # each kernel's profiled time, in the tune rows and for impl="pallas" in the op rows
+  for r in tune:
+    assert all(r[f"{part}_ms"] > 0 for part in pa.KERNELS) and r["rest_ms"] >= 0, r
+  for r in ops:
+    assert all(r[f"split_{part}_ms"] > 0 for part in pa.KERNELS), r
   markdown = (tmp_path / "results.md").read_text()
   assert "## correctness" in markdown and "## train_step" in markdown and "## tune" in markdown
   assert "## decisions" in markdown and "- tune " in markdown
@@ -119,9 +121,11 @@ def test_a_budget_spent_while_compiling_still_runs_what_was_compiled():
 
 
 def test_decisions_name_the_fastest_right_launches(monkeypatch):
-  """results.md's decisions: per op row the fastest kernel launch; how often each launch
-  impl="pallas" does not run beats the one it runs, and some launch beats impl="xla"; per
-  tune shape the fastest launch whose gradients are right."""
+  """results.md's decisions: per op row the fastest kernel launch (and how impl="pallas"'s
+  time splits between its kernels, where profiled); how often each launch impl="pallas"
+  does not run beats the one it runs, and some launch beats impl="xla"; per tune shape the
+  fastest launch whose gradients are right, and each kernel's fastest warps in its form,
+  tiling and stages."""
   from sasa_jax.tools import gpu_check  # noqa: PLC0415
   monkeypatch.setattr(pa, "GPU_FORM", "tables")
   monkeypatch.setattr(pa, "GPU_F32_DOT", "ieee")
@@ -130,20 +134,27 @@ def test_decisions_name_the_fastest_right_launches(monkeypatch):
           "block": "8x8", "num_warps": "4/4/4", "num_stages": 1}
   rows = [
       {**op, "shape": "a", "dtype": "bfloat16", "pallas_ms": 10, "pallas_factored_ms": 5,
-       "xla_ms": 6},
+       "xla_ms": 6, "split_fwd_ms": 2, "split_dq_ms": 6, "split_dkv_ms": 1.5,
+       "split_rest_ms": 0.5},
       {**op, "shape": "b", "dtype": "bfloat16", "pallas_ms": 10, "pallas_factored_ms": 12,
        "xla_ms": 4},
       {**op, "shape": "c", "dtype": "float32", "pallas_ms": 10, "pallas_factored_ms": 11,
        "pallas_tables_bf16x3_ms": 4, "pallas_factored_bf16x3_ms": 3, "xla_ms": 5},
       {**tune, "planned": True, "ms": 3.0, "grad_error": 1e-3},
       {**tune, "planned": False, "ms": 1.0, "grad_error": 0.5, "block": "4x4"},  # wrong
-      {**tune, "planned": False, "ms": 2.5, "grad_error": 1e-3, "block": "2x8"},
+      {**tune, "planned": False, "ms": 2.5, "grad_error": 1e-3, "block": "2x8",
+       "fwd_ms": 0.5, "dq_ms": 1.5, "dkv_ms": 0.5},
+      {**tune, "planned": False, "ms": 2.6, "grad_error": 1e-3, "block": "2x8",
+       "num_warps": "1/1/4", "fwd_ms": 0.4, "dq_ms": 1.7, "dkv_ms": 0.5},
+      {**tune, "planned": False, "ms": 2.7, "grad_error": 1e-3, "block": "2x8",
+       "num_warps": "2/2/4", "num_stages": 2, "fwd_ms": 0.1, "dq_ms": 0.1, "dkv_ms": 0.1},
       {"kind": "op", "shape": "d", "dtype": "bfloat16", "skipped": "time budget"},
   ]
   lines = gpu_check.decisions(rows)
   runs, auto = 'impl="pallas" (tables, ieee)', repr(default_impl("gpu"))
   assert lines == [
-      f'- op a bfloat16: fastest kernels `pallas_factored` 5 ms; {runs} 10 ms; impl="xla" 6 ms',
+      f"- op a bfloat16: fastest kernels `pallas_factored` 5 ms; {runs} 10 ms (profiled, ms: "
+      'fwd 2, dq 6, dkv 1.5, rest 0.5); impl="xla" 6 ms',
       f'- op b bfloat16: fastest kernels `pallas` 10 ms; {runs} 10 ms; impl="xla" 4 ms',
       f'- op c float32: fastest kernels `pallas_factored_bf16x3` 3 ms; {runs} 10 ms; '
       'impl="xla" 5 ms',
@@ -157,6 +168,8 @@ def test_decisions_name_the_fastest_right_launches(monkeypatch):
       f"{auto} on GPUs)",
       "- tune 32x7x7x512: fastest factored, 2x8 blocks, 4/4/4 warps, 1 stage(s): 2.5 ms "
       "against the planned launch's 3",
+      "- tune 32x7x7x512, factored with 2x8 blocks, 1 stage(s), per kernel (profiled): fwd at "
+      "1 warps (0.4 ms), dq at 4 warps (1.5 ms), dkv at 4 warps (0.5 ms)",
   ], lines
 
 

@@ -153,6 +153,15 @@ def test_hlo_profile_counts_loop_iterations_and_skips_the_loop():
   logit_products = [r for r in rows if "dot" in r.contents and r.shape.endswith(",16,36]")]
   assert logit_products and all(r.calls == 2 for r in logit_products)
   assert len(hlo_profile(exe, x, x, x, runs=1, top=3)) == 3
+  # Rows name the JAX code they came from (not those the compiler made up, such as copies);
+  # the CPU backend records no device events.
+  sources = [r.source for r in rows]
+  assert all(s == "" or s.startswith("jit(loss)/") for s in sources), sources
+  assert sum(s.startswith("jit(loss)/") for s in sources) > len(rows) / 2, sources
+  assert any(s.startswith("jit(loss)/jvp()/while") for s in sources) and any(
+      s.startswith("jit(loss)/transpose(jvp())/while") for s in sources)  # fwd and bwd loops
+  assert hlo_profile(exe, x, x, x, runs=1, planes="device") == []
+  assert len(hlo_profile(exe, x, x, x, runs=1, planes="host")) == len(rows)
 
 
 def test_bench_quick_prints_ratios():

@@ -73,8 +73,8 @@ def memory_plan(exe) -> dict[str, int]:
 
 def compiled_with_memory(fn, *args):
   """(run, memory, output) as `compiled`; memory: XLA's plan in bytes, {"temp": temporaries,
-  "footprint": arguments + outputs - donated + temporaries}. run.profile(top) lists the
-  program's `top` most expensive XLA operations (`hlo_profile`)."""
+  "footprint": arguments + outputs - donated + temporaries}. run.profile(top, **kw) lists
+  the program's `top` most expensive XLA operations (`hlo_profile`'s keywords)."""
   exe = jax.jit(fn).lower(*args).compile()
   memory = memory_plan(exe)
   out = jax.block_until_ready(exe(*args))
@@ -83,7 +83,7 @@ def compiled_with_memory(fn, *args):
     t = time.perf_counter()
     jax.block_until_ready(exe(*args))
     return time.perf_counter() - t
-  run.profile = lambda top: hlo_profile(exe, *args, top=top)
+  run.profile = lambda top=None, **kw: hlo_profile(exe, *args, top=top, **kw)
   return run, memory, out
 
 

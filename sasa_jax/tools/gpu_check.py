@@ -16,7 +16,9 @@ result comes:
    kernels in the launches impl="pallas" does not run: the other form
    (pallas_attention.FORMS: offset tables read, or offsets computed in the kernel and
    factored by axis) and, for float32, the other matmuls (F32_DOTS: exact, or three
-   bfloat16 tensor-core products);
+   bfloat16 tensor-core products); and, from a profile of impl="pallas"'s program, how its
+   time splits between the three Triton kernels (fwd, dq, dkv) and the XLA operations
+   around them;
 3. torch: where PyTorch is installed, the same op shapes as an exact SASA by unfold and
    timm's HaloAttn (block 8, halo 3), fwd+bwd;
 4. export: one jitted layer training step exported for ["tpu"], ["cuda"] and both at once;
@@ -24,8 +26,8 @@ result comes:
    baseline, conv-stem + attention and full attention with impl pallas and xla: images/s
    and XLA's planned device memory;
 6. tune (with --tune): the Triton kernels' candidate tilings, launch settings (warps,
-   pipeline stages) and forms at the stage shapes, fwd+bwd time and gradient error against
-   impl=xla.
+   pipeline stages) and forms at the stage shapes, fwd+bwd time, each kernel's time and
+   gradient error against impl=xla.
 Each section compiles all its programs first, --jobs at a time, then runs its rows one by one.
 A row that raises is recorded with its error and the check goes on; past --budget-s seconds
 no more rows are compiled, and those are recorded as skipped (rows already compiled are
@@ -41,6 +43,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -173,6 +176,32 @@ def _gpu_variant_programs(size, width, batch, dtype):
   return programs
 
 
+def kernel_split(run) -> dict[str, float]:
+  """{"fwd": ms, "dq": ms, "dkv": ms, "rest": ms}: where one fwd+bwd of a fused op's program
+  (`run`: a `bench.compiled` run) goes, from its profile (`hlo_profile`): each Triton kernel
+  (pallas_attention.KERNELS, told by its pallas_call's name, `sasa_<kernel>_kernel`, in the
+  source of the instruction) and the rest (XLA's operations around them). On an accelerator
+  only the device's own events count; a profiler that recorded none raises."""
+  planes = "host" if jax.default_backend() == "cpu" else "device"
+  rows = run.profile(None, planes=planes)
+  if not rows:
+    raise RuntimeError(f"the profiler recorded no {planes} events of the program")
+  split = dict.fromkeys([*pa.KERNELS, "rest"], 0.0)
+  for r in rows:
+    kernel = re.search(r"sasa_(\w+?)_kernel", r.source)
+    split[kernel.group(1) if kernel and kernel.group(1) in pa.KERNELS else "rest"] += r.ms
+  return split
+
+
+def _split_fields(run, prefix: str) -> dict:
+  """kernel_split(run) as row fields "<prefix><part>_ms", or its failure as "split_error"
+  (the row's timings stand without it)."""
+  try:
+    return {f"{prefix}{part}_ms": ms for part, ms in kernel_split(run).items()}
+  except Exception as e:  # noqa: BLE001 - recorded
+    return {"split_error": f"{type(e).__name__}: {e}"[:300]}
+
+
 def op_rows(stages, batch, dtype, repeats):
   """One row per stage: every program's fwd+bwd ms and temporary MB, and ratios. A program
   that fails to build or to run is recorded as <name>_error and the others are still timed."""
@@ -214,6 +243,8 @@ def op_rows(stages, batch, dtype, repeats):
           row[f"{name}_ms"] = 1e3 * sec
           if not name.endswith("_fwd"):
             row[f"{name}_temp_mb"] = temp / 2**20
+        if "pallas" in programs:  # where impl="pallas"'s time goes: split_fwd_ms, ...
+          row.update(_split_fields(programs["pallas"][0], "split_"))
         for a, b in [("pallas", "conv"), ("xla", "conv"), ("pallas", "xla"),
                      *((name, "xla") for name in variants)]:
           if f"{a}_ms" in row and f"{b}_ms" in row:
@@ -382,7 +413,7 @@ def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
         go, temp, got = compiled(fn, *args)
         error = max(relative_error(g, w) for g, w in zip(got, want))
         return lambda: {"ms": 1e3 * _medians([go], repeats)[0], "temp_mb": temp / 2**20,
-                        "grad_error": error}
+                        "grad_error": error, **_split_fields(go, "")}
       yield labels, prepare
 
 
@@ -402,9 +433,12 @@ def decisions(rows) -> list[str]:
   for r in ops:
     times = _kernel_times(r)
     best = min(times, key=times.get)
+    split = ", ".join(f"{part} {r[f'split_{part}_ms']:.3g}" for part in (*pa.KERNELS, "rest")
+                      if f"split_{part}_ms" in r)
     lines.append(f"- op {r['shape']} {r['dtype']}: fastest kernels `{best}` "
-                 f"{times[best]:.3g} ms; {runs} {r['pallas_ms']:.3g} ms; impl=\"xla\" "
-                 f"{r['xla_ms']:.3g} ms")
+                 f"{times[best]:.3g} ms; {runs} {r['pallas_ms']:.3g} ms"
+                 + (f" (profiled, ms: {split})" if split else "")
+                 + f"; impl=\"xla\" {r['xla_ms']:.3g} ms")
   for dtype in ("bfloat16", "float32"):
     here = [r for r in ops if r["dtype"] == dtype]
     for launch in sorted({n for r in here for n in _kernel_times(r)} - {"pallas"}):
@@ -425,7 +459,26 @@ def decisions(rows) -> list[str]:
       lines.append(f"- tune {shape}: fastest {best['form']}, {best['block']} blocks, "
                    f"{best['num_warps']} warps, {best['num_stages']} stage(s): "
                    f"{best['ms']:.3g} ms against the planned launch's {planned[0]['ms']:.3g}")
+      lines += _per_kernel_warps(shape, best, right)
   return lines
+
+
+def _per_kernel_warps(shape, best, rows) -> list[str]:
+  """Among the tune `rows` of `best`'s form, tiling and stages, the warps at which each kernel
+  ran fastest (their profiled times): a decision line where those rows tried more than one
+  warp count, since `kernel_warps` sets each kernel's warps on its own."""
+  launch = ("form", "block", "slab", "num_stages")
+  same = [r for r in rows if all(r.get(k) == best.get(k) for k in launch)
+          and all(f"{kernel}_ms" in r for kernel in pa.KERNELS)]
+  if len({r["num_warps"] for r in same}) < 2:
+    return []
+  parts = []
+  for i, kernel in enumerate(pa.KERNELS):
+    fastest = min(same, key=lambda r, kernel=kernel: r[f"{kernel}_ms"])
+    parts.append(f"{kernel} at {fastest['num_warps'].split('/')[i]} warps "
+                 f"({fastest[f'{kernel}_ms']:.3g} ms)")
+  return [f"- tune {shape}, {best['form']} with {best['block']} blocks, "
+          f"{best['num_stages']} stage(s), per kernel (profiled): {', '.join(parts)}"]
 
 
 def to_markdown(report) -> str:
