@@ -5,8 +5,8 @@
 Runs the executable under `jax.profiler.trace`, reads the trace back with
 `jax.profiler.ProfileData` and sums, per HLO instruction of that program, the time of the
 events the runtime recorded for it (on the CPU: one per executed thunk; inside a loop, one
-per iteration; on a GPU or TPU: the device's own events, its kernels, rather than the host's
-launches of them). Control flow (while, conditional, call) is left out, since its events
+per iteration; on a GPU: the device's own events, its kernels as CUPTI timed them, rather
+than the host's launches of them). Control flow (while, conditional, call) is left out, since its events
 contain its body's. Each row names what the instruction computes: its result shape and, for
 a fusion, the operations fused into it, so that a slow product can be told from a slow
 layout copy. Under the profiler every operation runs a little slower; the shares, not the
@@ -84,8 +84,8 @@ def hlo_profile(executable, *args, runs: int = 3, top: int | None = None,
   runs: profiled executions (after one unprofiled warm-up) that the times are averaged over;
   top: how many rows to return (None: all); planes: whose events count: "device" (the
   accelerators' own: "/device:GPU:0", ...; none on the CPU backend, or on a GPU whose
-  profiler, CUPTI, recorded nothing), "host" (the CPU's: the CPU backend's thunks, an
-  accelerator's launches), "auto" (the devices' where they hold any, else the host's)."""
+  profiler, CUPTI, recorded nothing), "host" (the CPU's: the CPU backend's thunks, a GPU's
+  launches), "auto" (the devices' where they hold any, else the host's)."""
   if planes not in ("auto", "device", "host"):
     raise ValueError(f"planes={planes!r}: one of 'auto', 'device', 'host'")
   hlo_text = executable.as_text()
