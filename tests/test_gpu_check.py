@@ -188,6 +188,30 @@ def test_a_run_cut_short_leaves_its_results(tmp_path, monkeypatch):
   assert "## env" in (tmp_path / "results.md").read_text()
 
 
+def test_a_row_that_never_finishes_ends_the_check_naming_it(tmp_path):
+  """A row whose run outlasts --row-timeout-s (here one that sleeps, as a GPU kernel that
+  never finishes would wait) ends the check with status 1 and every thread's stack, and
+  results.json holds the rows before it and that row, marked as unfinished."""
+  script = """
+import sys, time
+from sasa_jax.tools import gpu_check
+def hangs():
+  def run():
+    time.sleep(120)
+  yield {"platforms": "tpu"}, lambda: run
+gpu_check.export_rows = hangs
+sys.exit(gpu_check.main(sys.argv[1:]))
+"""
+  proc = subprocess.run([sys.executable, "-c", script, "--cpu-smoke", "--sections=env,export",
+                         "--row-timeout-s=3", f"--out={tmp_path}"], cwd=helpers.ROOT,
+                        env=helpers.env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert "Timeout (0:00:03)!" in proc.stderr and "in run" in proc.stderr, proc.stderr[-3000:]
+  rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+  assert [r["kind"] for r in rows] == ["env", "export"] and "error" not in rows[0]
+  assert rows[1]["platforms"] == "tpu" and "did not finish within 3 s" in rows[1]["error"]
+
+
 def test_the_tune_plan_crosses_both_forms_with_the_rows_rule():
   """--tune's launches at 56 x 56 (none compiled here): the 4 cheapest tilings x (each
   form's own warps, one warp per 16 rows, 4, 8) x both forms, plus two pipeline stages,

@@ -32,10 +32,13 @@ Each section compiles all its programs first, --jobs at a time, then runs its ro
 A row that raises is recorded with its error and the check goes on; past --budget-s seconds
 no more rows are compiled, and those are recorded as skipped (rows already compiled are
 still run: seconds, where compiling takes minutes). Writes results.json and results.md in
---out after every row: the tables, and what they decide about the kernels' defaults. Exit
-status 1 if a correctness row fails or errs.
+--out after every row: the tables, and what they decide about the kernels' defaults. A row
+whose run outlasts --row-timeout-s (a kernel that never finishes) ends the check with every
+thread's stack, and results.json names it. Exit status 1 if a correctness row fails or
+errs, or a row outlasts its time.
 """
 import argparse
+import faulthandler
 import functools
 import gc
 import importlib
@@ -513,11 +516,12 @@ def _error(row, kind):
   return row
 
 
-def _section_rows(kind, make_rows, jobs, over_budget):
+def _section_rows(kind, make_rows, jobs, over_budget, starting=lambda row: None):
   """The section's rows: every row's programs compiled first, `jobs` at a time, then each
-  row run in order (so that no compilation competes with a timing). The budget is checked as
-  each row's compilation would start, where the time goes: a row compiled in time is still
-  checked or timed (seconds), the others are recorded as skipped."""
+  row run in order (so that no compilation competes with a timing), `starting(row)` called
+  before each run. The budget is checked as each row's compilation would start, where the
+  time goes: a row compiled in time is still checked or timed (seconds), the others are
+  recorded as skipped."""
   try:
     pairs = list(make_rows())
   except Exception:  # noqa: BLE001 - a section that cannot set up is one error row
@@ -536,6 +540,7 @@ def _section_rows(kind, make_rows, jobs, over_budget):
       if run is None:
         row["skipped"] = "time budget"
       else:
+        starting(row)
         row.update(run())
     except Exception:  # noqa: BLE001
       _error(row, kind)
@@ -553,6 +558,10 @@ def main(argv=None):
                  help="compile no more rows after this many seconds (recorded as skipped)")
   p.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                  help="programs compiled at once (train steps: at most 3)")
+  p.add_argument("--row-timeout-s", type=float, default=120,
+                 help="a row whose run (its programs compiled) takes longer, such as a kernel "
+                      "that never finishes, ends the check with every thread's stack, "
+                      "named in results.json; the rows before it stand (0: no limit)")
   args = p.parse_args(argv)
   # In the order given; --tune adds "tune" at the end unless --sections places it.
   sections = list(dict.fromkeys([s for s in args.sections.split(",") if s]
@@ -601,19 +610,32 @@ def main(argv=None):
   # compiled programs, mostly) is frozen out of the garbage collector's full passes, which
   # otherwise walk it again and again (3.6 of 43 CPU seconds in the CPU smoke).
   gc.freeze()
+
+  def save(rows):
+    """What is done so far, so that a run cut short by a time limit still leaves both."""
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+      json.dump({**report, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+      f.write(to_markdown({**report, "rows": rows}))
+
+  def starting(row):
+    """Before a row runs: on disk as unfinished, and under the watchdog (faulthandler's: it
+    writes every thread's stack and exits with status 1, whatever the thread waits in)."""
+    if args.row_timeout_s:
+      save([*report["rows"], {**row, "error": (
+          f"did not finish within {args.row_timeout_s:g} s (--row-timeout-s): the check "
+          "stopped here, every thread's stack in its output")}])
+      faulthandler.dump_traceback_later(args.row_timeout_s, exit=True)
   for section in sections:
     jobs = min(args.jobs, 3) if section == "train_step" else args.jobs  # device memory
-    for row in _section_rows(section, makers[section], jobs, over_budget):
+    for row in _section_rows(section, makers[section], jobs, over_budget, starting):
+      faulthandler.cancel_dump_traceback_later()
       row["at_s"] = round(time.perf_counter() - start, 1)
       print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
       if "traceback" in row:
         print(row["traceback"], flush=True)
       report["rows"].append(row)
-      # What is done so far, so that a run cut short by a time limit still leaves both.
-      with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(report, f, indent=1)
-      with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(to_markdown(report))
+      save(report["rows"])
     gc.collect()
     gc.freeze()
   bad = [r for r in report["rows"] if r["kind"] == "correctness" and not r.get("ok", True)]
