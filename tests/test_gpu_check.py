@@ -71,9 +71,11 @@ def test_cpu_smoke_writes_results(tmp_path):
     assert all(r[f"{part}_ms"] > 0 for part in pa.KERNELS) and r["rest_ms"] >= 0, r
   for r in ops:
     assert all(r[f"split_{part}_ms"] > 0 for part in pa.KERNELS), r
+    assert len(r["xla_top_ops"]) == 6 and all(" ms x" in line for line in r["xla_top_ops"])
   markdown = (tmp_path / "results.md").read_text()
   assert "## correctness" in markdown and "## train_step" in markdown and "## tune" in markdown
   assert "## decisions" in markdown and "- tune " in markdown
+  assert markdown.count("xla_top_ops, ") == 4 and "| xla_top_ops |" not in markdown
 
 
 def test_a_row_that_raises_is_recorded_and_the_check_goes_on(tmp_path, monkeypatch):

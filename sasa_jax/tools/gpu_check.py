@@ -16,9 +16,9 @@ result comes:
    kernels in the launches impl="pallas" does not run: the other form
    (pallas_attention.FORMS: offset tables read, or offsets computed in the kernel and
    factored by axis) and, for float32, the other matmuls (F32_DOTS: exact, or three
-   bfloat16 tensor-core products); and, from a profile of impl="pallas"'s program, how its
-   time splits between the three Triton kernels (fwd, dq, dkv) and the XLA operations
-   around them;
+   bfloat16 tensor-core products); and, from profiles: how impl="pallas"'s time splits
+   between the three Triton kernels (fwd, dq, dkv) and the XLA operations around them, and
+   the XLA operations impl="xla" spends most time in;
 3. torch: where PyTorch is installed, the same op shapes as an exact SASA by unfold and
    timm's HaloAttn (block 8, halo 3), fwd+bwd;
 4. export: one jitted layer training step exported for ["tpu"], ["cuda"] and both at once;
@@ -196,6 +196,18 @@ def kernel_split(run) -> dict[str, float]:
   return split
 
 
+def top_ops(run, top: int = 6) -> list[str]:
+  """The `top` XLA operations one run of a program (`run`: a `bench.compiled` run) spends
+  most time in, profiled (`hlo_profile`; on an accelerator its own events), as lines: share,
+  ms, executions, what is fused, result shape and the JAX code it came from."""
+  planes = "host" if jax.default_backend() == "cpu" else "device"
+  rows = run.profile(top, planes=planes)
+  if not rows:
+    raise RuntimeError(f"the profiler recorded no {planes} events of the program")
+  return [f"{100 * r.share:.0f}% {r.ms:.3g} ms x{r.calls} {r.contents} {r.shape} <- "
+          + "/".join(r.source.split("/")[-3:]) for r in rows]
+
+
 def _split_fields(run, prefix: str) -> dict:
   """kernel_split(run) as row fields "<prefix><part>_ms", or its failure as "split_error"
   (the row's timings stand without it)."""
@@ -248,6 +260,11 @@ def op_rows(stages, batch, dtype, repeats):
             row[f"{name}_temp_mb"] = temp / 2**20
         if "pallas" in programs:  # where impl="pallas"'s time goes: split_fwd_ms, ...
           row.update(_split_fields(programs["pallas"][0], "split_"))
+        if "xla" in programs:  # and impl="xla"'s (what impl="auto" runs on GPUs)
+          try:
+            row["xla_top_ops"] = top_ops(programs["xla"][0])
+          except Exception as e:  # noqa: BLE001 - recorded; the timings stand
+            row["xla_top_ops_error"] = f"{type(e).__name__}: {e}"[:300]
         for a, b in [("pallas", "conv"), ("xla", "conv"), ("pallas", "xla"),
                      *((name, "xla") for name in variants)]:
           if f"{a}_ms" in row and f"{b}_ms" in row:
@@ -492,8 +509,9 @@ def to_markdown(report) -> str:
     rows = [r for r in report["rows"] if r["kind"] == kind]
     if not rows:
       continue
-    keys = list(dict.fromkeys(k for r in rows for k in r
-                              if k not in ("kind", "traceback", "at_s")))
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items()
+                              if k not in ("kind", "traceback", "at_s")
+                              and not isinstance(v, list)))
     keys.append("at_s")  # last: rows differ in the other keys they hold
     lines += [f"## {kind}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
@@ -501,6 +519,10 @@ def to_markdown(report) -> str:
                str(r.get(k, "")).replace("|", "/").replace("\n", " ") for k in keys)
       lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    for r in rows:  # list fields (an op row's xla_top_ops) below the table, one per row
+      for k, items in ((k, v) for k, v in r.items() if isinstance(v, list)):
+        lines += [f"{k}, {r.get('shape', '')} {r.get('dtype', '')}:", "",
+                  *(f"- {item}" for item in items), ""]
   decided = decisions(report["rows"])
   if decided:
     lines += ["## decisions", "", *decided, ""]
