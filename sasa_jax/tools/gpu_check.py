@@ -179,18 +179,24 @@ def _gpu_variant_programs(size, width, batch, dtype):
   return programs
 
 
+def _profiled(run, top: int | None = None) -> list:
+  """`run.profile`'s rows (`hlo_profile`): the device's own events on an accelerator, the
+  host's on the CPU; a profiler that recorded none raises."""
+  planes = "host" if jax.default_backend() == "cpu" else "device"
+  rows = run.profile(top, planes=planes)
+  if not rows:
+    raise RuntimeError(f"the profiler recorded no {planes} events of the program")
+  return rows
+
+
 def kernel_split(run) -> dict[str, float]:
   """{"fwd": ms, "dq": ms, "dkv": ms, "rest": ms}: where one fwd+bwd of a fused op's program
   (`run`: a `bench.compiled` run) goes, from its profile (`hlo_profile`): each Triton kernel
   (pallas_attention.KERNELS, told by its pallas_call's name, `sasa_<kernel>_kernel`, in the
   source of the instruction) and the rest (XLA's operations around them). On an accelerator
   only the device's own events count; a profiler that recorded none raises."""
-  planes = "host" if jax.default_backend() == "cpu" else "device"
-  rows = run.profile(None, planes=planes)
-  if not rows:
-    raise RuntimeError(f"the profiler recorded no {planes} events of the program")
   split = dict.fromkeys([*pa.KERNELS, "rest"], 0.0)
-  for r in rows:
+  for r in _profiled(run):
     kernel = re.search(r"sasa_(\w+?)_kernel", r.source)
     split[kernel.group(1) if kernel and kernel.group(1) in pa.KERNELS else "rest"] += r.ms
   return split
@@ -200,12 +206,8 @@ def top_ops(run, top: int = 6) -> list[str]:
   """The `top` XLA operations one run of a program (`run`: a `bench.compiled` run) spends
   most time in, profiled (`hlo_profile`; on an accelerator its own events), as lines: share,
   ms, executions, what is fused, result shape and the JAX code it came from."""
-  planes = "host" if jax.default_backend() == "cpu" else "device"
-  rows = run.profile(top, planes=planes)
-  if not rows:
-    raise RuntimeError(f"the profiler recorded no {planes} events of the program")
   return [f"{100 * r.share:.0f}% {r.ms:.3g} ms x{r.calls} {r.contents} {r.shape} <- "
-          + "/".join(r.source.split("/")[-3:]) for r in rows]
+          + "/".join(r.source.split("/")[-3:]) for r in _profiled(run, top)]
 
 
 def _split_fields(run, prefix: str) -> dict:
