@@ -28,6 +28,7 @@ def test_cpu_smoke_writes_results(tmp_path):
                         cwd=helpers.ROOT, env=helpers.env(), capture_output=True, text=True,
                         timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "; budget none" in proc.stdout.splitlines()[0]  # the GPU run's default: 360 s
   report = json.loads((tmp_path / "results.json").read_text())
   kinds = [r["kind"] for r in report["rows"]]
   checks = [r for r in report["rows"] if r["kind"] == "correctness"]  # 2 shapes x 2 dtypes,

@@ -30,8 +30,9 @@ result comes:
    gradient error against impl=xla.
 Each section compiles all its programs first, --jobs at a time, then runs its rows one by one.
 A row that raises is recorded with its error and the check goes on; past --budget-s seconds
-no more rows are compiled, and those are recorded as skipped (rows already compiled are
-still run: seconds, where compiling takes minutes). Writes results.json and results.md in
+(default 360: the check ends within about 7 minutes) no more rows are compiled, and those
+are recorded as skipped (rows already compiled are still run: seconds, where compiling
+takes minutes). Writes results.json and results.md in
 --out after every row: the tables, and what they decide about the kernels' defaults. A row
 whose run outlasts --row-timeout-s (a kernel that never finishes) ends the check with every
 thread's stack, and results.json names it. Exit status 1 if a correctness row fails or
@@ -69,6 +70,9 @@ TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}  # max |a - b| / max |b|
 ODD_SHAPES = [  # (batch, H, W, C, heads, k): window > map, non-square, 1 head
     (2, 5, 5, 32, 4, 7), (2, 9, 20, 64, 8, 7), (2, 13, 11, 16, 1, 5)]
 SECTIONS = ("env", "correctness", "op", "torch", "export", "train_step", "tune")
+# --budget-s's default: rows compiled by then still run, and compilations under way finish
+# (a minute at most: ResNet-50 training steps took 25-55 s on an H200).
+DEFAULT_BUDGET_S = 360
 
 
 def _operands(shape, heads, k, dtype, seed=0):
@@ -578,8 +582,10 @@ def main(argv=None):
   p.add_argument("--tune", action="store_true", help="also time the kernels' launch options")
   p.add_argument("--sections", default=",".join(s for s in SECTIONS if s != "tune"),
                  help=f"comma-separated, from {','.join(SECTIONS)}")
-  p.add_argument("--budget-s", type=float, default=0,
-                 help="compile no more rows after this many seconds (recorded as skipped)")
+  p.add_argument("--budget-s", type=float, default=None,
+                 help="compile no more rows after this many seconds (recorded as skipped); "
+                      f"default {DEFAULT_BUDGET_S:g} (so that the check ends within about 7 "
+                      "minutes), none with --cpu-smoke; 0: none")
   p.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                  help="programs compiled at once (train steps: at most 3)")
   p.add_argument("--row-timeout-s", type=float, default=120,
@@ -594,6 +600,7 @@ def main(argv=None):
   if unknown:
     p.error(f"--sections: unknown {unknown}; choose from {list(SECTIONS)}")
   smoke, start = args.cpu_smoke, time.perf_counter()
+  budget_s = args.budget_s if args.budget_s is not None else 0 if smoke else DEFAULT_BUDGET_S
   stages = [(8, 16), (4, 32)] if smoke else STAGES
   shapes = ([(1, 6, 5, 16, 2, 3), (1, 4, 4, 8, 1, 5)] if smoke
             else [(2, s, s, c, 8, 7) for s, c in STAGES] + ODD_SHAPES)
@@ -604,7 +611,8 @@ def main(argv=None):
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "mode": "cpu smoke" if smoke else "full", "rows": []}
   print(f"gpu_check: {report['device']} ({jax.default_backend()}), jax {jax.__version__}; "
-        f"sections {','.join(sections)}", flush=True)
+        f"sections {','.join(sections)}; budget "
+        + (f"{budget_s:g} s" if budget_s else "none"), flush=True)
   makers = {
       "env": lambda: env_rows(smoke),
       "correctness": lambda: itertools.chain(
@@ -629,7 +637,7 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
 
   def over_budget():
-    return bool(args.budget_s) and time.perf_counter() - start > args.budget_s
+    return bool(budget_s) and time.perf_counter() - start > budget_s
   # What the imports and each finished section leave alive (jax's caches of traced and
   # compiled programs, mostly) is frozen out of the garbage collector's full passes, which
   # otherwise walk it again and again (3.6 of 43 CPU seconds in the CPU smoke).
