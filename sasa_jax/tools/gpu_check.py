@@ -32,11 +32,11 @@ Each section compiles all its programs first, --jobs at a time, then runs its ro
 A row that raises is recorded with its error and the check goes on; past --budget-s seconds
 (default 360: the check ends within about 7 minutes) no more rows are compiled, and those
 are recorded as skipped (rows already compiled are still run: seconds, where compiling
-takes minutes). Writes results.json and results.md in
---out after every row: the tables, and what they decide about the kernels' defaults. A row
-whose run outlasts --row-timeout-s (a kernel that never finishes) ends the check with every
-thread's stack, and results.json names it. Exit status 1 if a correctness row fails or
-errs, or a row outlasts its time.
+takes minutes). A row whose run outlasts --row-timeout-s (a kernel that never finishes)
+ends the check with every thread's stack, and results.json names it. Writes results.json
+and results.md in --out after every row: the tables, and what they decide about the
+kernels' defaults. Exit status 1 if a correctness row fails or errs, or a row outlasts its
+time.
 """
 import argparse
 import faulthandler
