@@ -215,6 +215,21 @@ sys.exit(gpu_check.main(sys.argv[1:]))
   assert rows[1]["platforms"] == "tpu" and "did not finish within 3 s" in rows[1]["error"]
 
 
+def test_on_a_tpu_the_gpu_kernels_sections_stand_aside(tmp_path, monkeypatch):
+  """Where impl="pallas" runs the Mosaic kernels (a TPU VM), the check leaves out what only
+  the Triton kernels have: the other form's correctness rows, the op rows' other launches
+  and the tune section (one skipped row); impl="pallas" itself is still checked."""
+  from sasa_jax.tools import gpu_check  # noqa: PLC0415
+  monkeypatch.setattr(gpu_check, "_gpu_kernels_run_here", lambda: False)
+  assert gpu_check._gpu_variant_programs(8, 16, 2, jnp.float32) == {}
+  status = gpu_check.main(["--cpu-smoke", "--sections=correctness,tune", f"--out={tmp_path}"])
+  rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+  assert status == 0
+  assert [(r["kind"], r.get("form")) for r in rows] == [("correctness", pa.TPU_FORM)] * 4 + [
+      ("tune", None)]
+  assert all(r["ok"] for r in rows[:4]) and "a GPU's" in rows[-1]["skipped"]
+
+
 def test_the_tune_plan_crosses_both_forms_with_the_rows_rule():
   """--tune's launches at 56 x 56 (none compiled here): the 4 cheapest tilings x (each
   form's own warps, one warp per 16 rows, 4, 8) x both forms, plus two pipeline stages,

@@ -448,8 +448,9 @@ class _FactoredOffsets:
 
 FORMS = ("tables", "factored")
 _MIN_DOT = 16  # Triton's smallest matmul dimension
-# What `impl="pallas"` runs on GPUs (tools/gpu_check.py --tune times both).
+# What `impl="pallas"` runs on GPUs (tools/gpu_check.py --tune times both) and on TPUs.
 GPU_FORM = "tables"
+TPU_FORM = "tables"
 
 
 def _offsets(refs, t: Tiling, form: str, dot, *, keys_in_slab: bool):
@@ -782,7 +783,7 @@ def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
     gpu = flavour == "gpu"
     return functools.partial(_attention, _Launch(
         b, num_heads, d, tiling, interpret, tpu_interpreter,
-        form=GPU_FORM if gpu else "tables", f32_dot=GPU_F32_DOT if gpu else "ieee"))
+        form=GPU_FORM if gpu else TPU_FORM, f32_dot=GPU_F32_DOT if gpu else "ieee"))
 
   def or_blocked(flavour, interpret, **kw):
     """Every branch is traced whatever the platform: a shape that a flavour's tiling cannot

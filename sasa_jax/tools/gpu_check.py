@@ -1,5 +1,8 @@
 """The prepared accelerator check: is impl="pallas" right and fast on this GPU?
 
+On a TPU VM the same check tests and times the Mosaic kernels (impl="pallas" there) and
+leaves out what only the Triton kernels have (their other launches, tune) and PyTorch.
+
   make gpu-check                      # GPU_CHECK_OUT=dir (default runs/gpu_check)
   PYTHONPATH=. python -m sasa_jax.tools.gpu_check --out DIR [--cpu-smoke] [--tune]
 
@@ -143,7 +146,7 @@ def correctness_rows(shapes, dtype, form=None):
   plans (`fused_attention`; interpreted off a GPU)."""
   for b, h, w, c, heads, k in shapes:
     labels = {"shape": f"{b}x{h}x{w}x{c}", "heads": heads, "k": k,
-              "dtype": jnp.dtype(dtype).name, "form": form or pa.GPU_FORM}
+              "dtype": jnp.dtype(dtype).name, "form": form or (pa.GPU_FORM if _gpu_kernels_run_here() else pa.TPU_FORM)}
 
     def prepare(b=b, h=h, w=w, c=c, heads=heads, k=k):
       args, cot = _operands((b, h, w, c), heads, k, dtype)
@@ -162,11 +165,24 @@ def correctness_rows(shapes, dtype, form=None):
     yield labels, prepare
 
 
+def _gpu_kernels_run_here() -> bool:
+  """Whether the GPU (Triton) kernels run on this backend: compiled on a GPU, interpreted on
+  the CPU (the smoke run); not on a TPU, where impl="pallas" runs the Mosaic kernels."""
+  return jax.default_backend() != "tpu"
+
+
+def _skipped(reason: str):
+  """A section's one row, recorded as skipped for `reason`."""
+  yield {}, lambda: lambda: {"skipped": reason}
+
+
 def _gpu_variant_programs(size, width, batch, dtype):
   """{name: make}, make() -> (run, temp bytes): the fwd+bwd program of `op_programs` with the
   GPU kernels in each launch impl="pallas" does not run, at the tiling it plans: the other
   form (pallas_attention.FORMS), and for float32 operands each form with the other matmuls
-  (F32_DOTS); named pallas_<form>[_<f32 dot>]. Interpreted off a GPU."""
+  (F32_DOTS); named pallas_<form>[_<f32 dot>]. Interpreted on the CPU; none on a TPU."""
+  if not _gpu_kernels_run_here():
+    return {}
   (_, args), _ = op_programs(size, width, batch, 7, 8, "pallas", dtype)
   f32_dots = pa.F32_DOTS if jnp.dtype(dtype) == jnp.float32 else (pa.GPU_F32_DOT,)
   programs = {}
@@ -183,9 +199,15 @@ def _gpu_variant_programs(size, width, batch, dtype):
   return programs
 
 
+def _profiles_read_here() -> bool:
+  """Whether `hlo_profile` reads this backend's events: the CPU's, a GPU's (CUPTI's); a
+  TPU's are laid out otherwise and not read yet."""
+  return jax.default_backend() in ("cpu", "gpu")
+
+
 def _profiled(run, top: int | None = None) -> list:
-  """`run.profile`'s rows (`hlo_profile`): the device's own events on an accelerator, the
-  host's on the CPU; a profiler that recorded none raises."""
+  """`run.profile`'s rows (`hlo_profile`): the device's own events on a GPU, the host's on
+  the CPU; a profiler that recorded none raises."""
   planes = "host" if jax.default_backend() == "cpu" else "device"
   rows = run.profile(top, planes=planes)
   if not rows:
@@ -264,9 +286,9 @@ def op_rows(stages, batch, dtype, repeats):
           row[f"{name}_ms"] = 1e3 * sec
           if not name.endswith("_fwd"):
             row[f"{name}_temp_mb"] = temp / 2**20
-        if "pallas" in programs:  # where impl="pallas"'s time goes: split_fwd_ms, ...
-          row.update(_split_fields(programs["pallas"][0], "split_"))
-        if "xla" in programs:  # and impl="xla"'s (what impl="auto" runs on GPUs)
+        if "pallas" in programs and _profiles_read_here():  # where impl="pallas"'s time
+          row.update(_split_fields(programs["pallas"][0], "split_"))  # goes: split_fwd_ms, ...
+        if "xla" in programs and _profiles_read_here():  # and impl="xla"'s (impl="auto"'s)
           try:
             row["xla_top_ops"] = top_ops(programs["xla"][0])
           except Exception as e:  # noqa: BLE001 - recorded; the timings stand
@@ -287,9 +309,13 @@ def torch_rows(stages, batch, dtype_name, repeats):
     import torch  # noqa: PLC0415
     import torch.nn.functional as F  # noqa: PLC0415, N812
   except ImportError:
-    yield {}, lambda: lambda: {"skipped": "PyTorch is not installed"}
+    yield from _skipped("PyTorch is not installed")
     return
   device = "cuda" if torch.cuda.is_available() else "cpu"
+  if device == "cpu" and jax.default_backend() != "cpu":
+    yield from _skipped(f"PyTorch sees no GPU: its CPU times compare with nothing on this "
+                        f"{jax.default_backend().upper()}")
+    return
   dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
 
   def timeit(fn):
@@ -618,7 +644,8 @@ def main(argv=None):
       "correctness": lambda: itertools.chain(
           (r for dt in (jnp.float32, jnp.bfloat16) for r in correctness_rows(shapes, dt)),
           # the other form at the odd shapes (`tune` checks it at the stage shapes)
-          correctness_rows(odd_shapes, jnp.float32, form=other_form)),
+          correctness_rows(odd_shapes, jnp.float32, form=other_form)
+          if _gpu_kernels_run_here() else ()),
       "op": lambda: (r for dt in (jnp.bfloat16, jnp.float32)
                      for r in op_rows(stages, op_batch, dt, repeats)),
       "torch": lambda: torch_rows(stages, op_batch, "float32" if smoke else "bfloat16",
@@ -629,7 +656,9 @@ def main(argv=None):
                           num_heads=2,
                           cases=[("baseline", "xla"), ("full_attention", "pallas")])
           if smoke else train_step_rows(50, 128, 224, jnp.bfloat16, 5)),
-      "tune": lambda: (tune_rows(stages[:1], op_batch, jnp.float32, 2, 1, (None,),
+      "tune": lambda: (_skipped("the Triton kernels' launches: a GPU's")
+                       if not _gpu_kernels_run_here() else
+                       tune_rows(stages[:1], op_batch, jnp.float32, 2, 1, (None,),
                                  interpret=True) if smoke else
                        tune_rows(STAGES, op_batch, jnp.bfloat16, repeats, 4,
                                  (None, "rows", 4, 8))),
