@@ -58,6 +58,12 @@ def test_cpu_smoke_writes_results(tmp_path):
         jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))["params"]
     assert r["grad_mb"] == pytest.approx(
         4 * sum(p.size for p in jax.tree.leaves(params)) / 2**20), r
+  # the step's time by part of the model: the attention layers' in the attention model's
+  steps = {r["model"].split()[-1]: r for r in report["rows"] if r["kind"] == "train_step"}
+  assert any(line.endswith("% blocks/attention") for line in steps["full_attention"][
+      "step_parts"]) and any(line.endswith("% blocks/conv2") for line in steps["baseline"][
+          "step_parts"]), steps
+  assert not any("attention" in line for line in steps["baseline"]["step_parts"])
   env, = [r for r in report["rows"] if r["kind"] == "env"]
   assert env["backend"] == "cpu" and env["auto_impl"] == "cpu"
   exports = {r["platforms"]: r for r in report["rows"] if r["kind"] == "export"}
@@ -77,6 +83,7 @@ def test_cpu_smoke_writes_results(tmp_path):
   assert "## correctness" in markdown and "## train_step" in markdown and "## tune" in markdown
   assert "## decisions" in markdown and "- tune " in markdown
   assert markdown.count("xla_top_ops, ") == 4 and "| xla_top_ops |" not in markdown
+  assert "step_parts, ResNet-14 full_attention pallas float32:" in markdown
 
 
 def test_a_row_that_raises_is_recorded_and_the_check_goes_on(tmp_path, monkeypatch):

@@ -26,8 +26,8 @@ result comes:
    timm's HaloAttn (block 8, halo 3), fwd+bwd;
 4. export: one jitted layer training step exported for ["tpu"], ["cuda"] and both at once;
 5. train_step: ResNet-50 training steps (batch 128, bfloat16, 224 px, random data):
-   baseline, conv-stem + attention and full attention with impl pallas and xla: images/s
-   and XLA's planned device memory;
+   baseline, conv-stem + attention and full attention with impl pallas and xla: images/s,
+   XLA's planned device memory and, profiled, the step's time by part of the model;
 6. tune (with --tune): the Triton kernels' candidate tilings, launch settings (warps,
    pipeline stages) and forms at the stage shapes, fwd+bwd time, each kernel's time and
    gradient error against impl=xla.
@@ -236,6 +236,28 @@ def top_ops(run, top: int = 6) -> list[str]:
           + "/".join(r.source.split("/")[-3:]) for r in _profiled(run, top)]
 
 
+def step_parts(run, scope: str, top: int = 8) -> list[str]:
+  """Where one training step (`run`: a `bench.compiled` run) goes, profiled, by the part of
+  the model each operation came from (its source's name scope under the model's, `scope`):
+  "stem_conv", "head", a residual block's layer summed over every block
+  ("blocks/attention", "blocks/conv1", "blocks/BatchNorm_0", ...), or outside the model
+  (the loss and the optimizer's update); the `top` largest as "share% part" lines."""
+  shares = {}
+  for r in _profiled(run):
+    names = r.source.split("/")
+    at = next((i for i, name in enumerate(names) if scope in name), None)
+    inner = names[at + 1:] if at is not None else []
+    if at is None:
+      part = "outside the model" if r.source else "(no source)"
+    elif inner and inner[0].startswith("group") and len(inner) > 1:
+      part = f"blocks/{inner[1]}"
+    else:
+      part = inner[0] if inner else scope
+    shares[part] = shares.get(part, 0.0) + r.share
+  ranked = sorted(shares.items(), key=lambda kv: -kv[1])[:top]
+  return [f"{100 * share:.1f}% {part}" for part, share in ranked]
+
+
 def _split_fields(run, prefix: str) -> dict:
   """kernel_split(run) as row fields "<prefix><part>_ms", or its failure as "split_error"
   (the row's timings stand without it)."""
@@ -398,14 +420,19 @@ def train_step_rows(depth, batch, image_size, dtype, repeats, cases=None, **mode
               "image_size": image_size, "dtype": jnp.dtype(dtype).name}
 
     def prepare(variant=variant, impl=impl):
-      case = model_step_case(resnet(variant, depth, impl, dtype, **model_kw), batch,
-                             image_size)
+      model = resnet(variant, depth, impl, dtype, **model_kw)
+      case = model_step_case(model, batch, image_size)
 
       def run():
         sec = _medians([case.run], repeats)[0]
         row = {"ms": 1e3 * sec, "images_per_s": batch / sec,
                "memory_gb": case.footprint / 2**30, "temp_gb": case.temp / 2**30,
                "grad_mb": case.grad_bytes / 2**20, "compile_s": case.compile_s}
+        if _profiles_read_here():  # where the step goes, by part of the model
+          try:
+            row["step_parts"] = step_parts(case.run, type(model).__name__)
+          except Exception as e:  # noqa: BLE001 - recorded; the timings stand
+            row["step_parts_error"] = f"{type(e).__name__}: {e}"[:300]
         if variant == "baseline":
           baseline.update(row)
         elif baseline:
@@ -551,10 +578,10 @@ def to_markdown(report) -> str:
                str(r.get(k, "")).replace("|", "/").replace("\n", " ") for k in keys)
       lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    for r in rows:  # list fields (an op row's xla_top_ops) below the table, one per row
+    for r in rows:  # list fields (xla_top_ops, step_parts) below the table, one per row
+      named = " ".join(str(r[k]) for k in ("shape", "model", "impl", "dtype") if k in r)
       for k, items in ((k, v) for k, v in r.items() if isinstance(v, list)):
-        lines += [f"{k}, {r.get('shape', '')} {r.get('dtype', '')}:", "",
-                  *(f"- {item}" for item in items), ""]
+        lines += [f"{k}, {named}:", "", *(f"- {item}" for item in items), ""]
   decided = decisions(report["rows"])
   if decided:
     lines += ["## decisions", "", *decided, ""]
