@@ -6,10 +6,10 @@ Runs the executable under `jax.profiler.trace`, reads the trace back with
 `jax.profiler.ProfileData` and sums, per HLO instruction of that program, the time of the
 events the runtime recorded for it (on the CPU: one per executed thunk; inside a loop, one
 per iteration; on a GPU: the device's own events, its kernels as CUPTI timed them, rather
-than the host's launches of them). Control flow (while, conditional, call) is left out, since its events
-contain its body's. Each row names what the instruction computes: its result shape and, for
-a fusion, the operations fused into it, so that a slow product can be told from a slow
-layout copy. Under the profiler every operation runs a little slower; the shares, not the
+than the host's launches of them). Control flow (while, conditional, call) is left out,
+since its events contain its body's. Each row names what the instruction computes: its
+result shape and, for a fusion, the operations fused into it, so that a slow product can be
+told from a slow layout copy, and the JAX code it came from. Under the profiler every operation runs a little slower; the shares, not the
 absolute times, are the guide.
 """
 import collections
