@@ -146,7 +146,8 @@ def correctness_rows(shapes, dtype, form=None):
   plans (`fused_attention`; interpreted off a GPU)."""
   for b, h, w, c, heads, k in shapes:
     labels = {"shape": f"{b}x{h}x{w}x{c}", "heads": heads, "k": k,
-              "dtype": jnp.dtype(dtype).name, "form": form or (pa.GPU_FORM if _gpu_kernels_run_here() else pa.TPU_FORM)}
+              "dtype": jnp.dtype(dtype).name,
+              "form": form or (pa.GPU_FORM if _gpu_kernels_run_here() else pa.TPU_FORM)}
 
     def prepare(b=b, h=h, w=w, c=c, heads=heads, k=k):
       args, cot = _operands((b, h, w, c), heads, k, dtype)

@@ -9,8 +9,8 @@ per iteration; on a GPU: the device's own events, its kernels as CUPTI timed the
 than the host's launches of them). Control flow (while, conditional, call) is left out,
 since its events contain its body's. Each row names what the instruction computes: its
 result shape and, for a fusion, the operations fused into it, so that a slow product can be
-told from a slow layout copy, and the JAX code it came from. Under the profiler every operation runs a little slower; the shares, not the
-absolute times, are the guide.
+told from a slow layout copy, and the JAX code it came from. Under the profiler every
+operation runs a little slower; the shares, not the absolute times, are the guide.
 """
 import collections
 import re
