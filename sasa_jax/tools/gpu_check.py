@@ -260,13 +260,13 @@ def step_parts(run, scope: str, top: int = 8) -> list[str]:
   return [f"{100 * share:.1f}% {part}" for part, share in ranked]
 
 
-def _split_fields(run, prefix: str) -> dict:
-  """kernel_split(run) as row fields "<prefix><part>_ms", or its failure as "split_error"
-  (the row's timings stand without it)."""
+def _profile_fields(name: str, fields) -> dict:
+  """fields() (the row fields of a profile: kernel_split's, top_ops', step_parts'), or its
+  failure as "<name>_error": the row's timings stand without them."""
   try:
-    return {f"{prefix}{part}_ms": ms for part, ms in kernel_split(run).items()}
+    return fields()
   except Exception as e:  # noqa: BLE001 - recorded
-    return {"split_error": f"{type(e).__name__}: {e}"[:300]}
+    return {f"{name}_error": f"{type(e).__name__}: {e}"[:300]}
 
 
 def op_rows(stages, batch, dtype, repeats):
@@ -311,12 +311,11 @@ def op_rows(stages, batch, dtype, repeats):
           if not name.endswith("_fwd"):
             row[f"{name}_temp_mb"] = temp / 2**20
         if "pallas" in programs and _profiles_read_here():  # where impl="pallas"'s time
-          row.update(_split_fields(programs["pallas"][0], "split_"))  # goes: split_fwd_ms, ...
+          row.update(_profile_fields("split", lambda: {  # goes: split_fwd_ms, ...
+              f"split_{part}_ms": ms for part, ms in kernel_split(programs["pallas"][0]).items()}))
         if "xla" in programs and _profiles_read_here():  # and impl="xla"'s (impl="auto"'s)
-          try:
-            row["xla_top_ops"] = top_ops(programs["xla"][0])
-          except Exception as e:  # noqa: BLE001 - recorded; the timings stand
-            row["xla_top_ops_error"] = f"{type(e).__name__}: {e}"[:300]
+          row.update(_profile_fields("xla_top_ops", lambda: {
+              "xla_top_ops": top_ops(programs["xla"][0])}))
         for a, b in [("pallas", "conv"), ("xla", "conv"), ("pallas", "xla"),
                      *((name, "xla") for name in variants)]:
           if f"{a}_ms" in row and f"{b}_ms" in row:
@@ -431,10 +430,8 @@ def train_step_rows(depth, batch, image_size, dtype, repeats, cases=None, **mode
                "memory_gb": case.footprint / 2**30, "temp_gb": case.temp / 2**30,
                "grad_mb": case.grad_bytes / 2**20, "compile_s": case.compile_s}
         if _profiles_read_here():  # where the step goes, by part of the model
-          try:
-            row["step_parts"] = step_parts(case.run, type(model).__name__)
-          except Exception as e:  # noqa: BLE001 - recorded; the timings stand
-            row["step_parts_error"] = f"{type(e).__name__}: {e}"[:300]
+          row.update(_profile_fields("step_parts", lambda: {
+              "step_parts": step_parts(case.run, type(model).__name__)}))
         if variant == "baseline":
           baseline.update(row)
         elif baseline:
@@ -494,7 +491,8 @@ def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
         go, temp, got = compiled(fn, *args)
         error = max(relative_error(g, w) for g, w in zip(got, want))
         return lambda: {"ms": 1e3 * _medians([go], repeats)[0], "temp_mb": temp / 2**20,
-                        "grad_error": error, **_split_fields(go, "")}
+                        "grad_error": error, **_profile_fields("split", lambda: {
+                            f"{part}_ms": ms for part, ms in kernel_split(go).items()})}
       yield labels, prepare
 
 
