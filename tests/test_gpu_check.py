@@ -79,9 +79,14 @@ def test_cpu_smoke_writes_results(tmp_path):
   for r in ops:
     assert all(r[f"split_{part}_ms"] > 0 for part in pa.KERNELS), r
     assert len(r["xla_top_ops"]) == 6 and all(" ms x" in line for line in r["xla_top_ops"])
+  # impl="xla" in other block plans: 4x4 (planned here), 4x12 and 12x12 blocks at 12 x 12
+  blocks = [r for r in report["rows"] if r["kind"] == "blocks"]
+  assert [(r["block"], r["planned"]) for r in blocks] == [
+      ("4x4", True), ("4x12", False), ("12x12", False)]
+  assert all(r["ms"] > 0 and r["grad_error"] < 1e-5 for r in blocks)
   markdown = (tmp_path / "results.md").read_text()
   assert "## correctness" in markdown and "## train_step" in markdown and "## tune" in markdown
-  assert "## decisions" in markdown and "- tune " in markdown
+  assert "## decisions" in markdown and "- tune " in markdown and "- KV_COST over 1 " in markdown
   assert markdown.count("xla_top_ops, ") == 4 and "| xla_top_ops |" not in markdown
   assert "step_parts, ResNet-14 full_attention pallas float32:" in markdown
 
@@ -181,6 +186,41 @@ def test_decisions_name_the_fastest_right_launches(monkeypatch):
       "- tune 32x7x7x512, factored with 2x8 blocks, 1 stage(s), per kernel (profiled): fwd at "
       "1 warps (0.4 ms), dq at 4 warps (1.5 ms), dkv at 4 warps (0.5 ms)",
   ], lines
+
+
+def test_block_decisions_name_the_fastest_right_layout_and_kv_cost():
+  """Per shape the fastest layout whose gradients are right, against the planned one; the
+  KV_COST whose plans (each at its fastest chunks) sum to the least time over the shapes,
+  named for blocked.ACCELERATOR_KV_COST on the check's platform; and how often fewer
+  sequential chunks ran faster."""
+  from sasa_jax.tools import gpu_check  # noqa: PLC0415
+  row = {"kind": "blocks", "dtype": "bfloat16", "grad_error": 1e-3, "planned": False}
+  a, b = {**row, "shape": "32x56x56x64"}, {**row, "shape": "32x28x28x128"}
+  rows = [
+      {"kind": "env", "backend": "gpu"},
+      {**a, "block": "4x4", "window": "10x10", "chunks": 2, "kv_costs": "0.4", "ms": 4.0,
+       "planned": True},
+      {**a, "block": "4x4", "window": "10x10", "chunks": 1, "kv_costs": "0.4", "ms": 3.8},
+      {**a, "block": "8x8", "window": "14x14", "chunks": 4, "kv_costs": "6.4", "ms": 2.0},
+      {**a, "block": "8x8", "window": "14x14", "chunks": 1, "kv_costs": "6.4", "ms": 2.2},
+      {**a, "block": "14x14", "window": "20x20", "chunks": 8, "kv_costs": "25.6", "ms": 1.0,
+       "grad_error": 0.5},  # wrong
+      {**b, "block": "4x4", "window": "10x10", "chunks": 1, "kv_costs": "0.4", "ms": 1.2,
+       "planned": True},
+      {**b, "block": "7x28", "window": "13x28", "chunks": 2, "kv_costs": "6.4/25.6",
+       "ms": 1.5},
+      {**b, "block": "28x28", "window": "28x28", "chunks": 4, "kv_costs": "25.6",
+       "skipped": "time budget"},
+  ]
+  assert gpu_check.decisions(rows) == [
+      "- blocks 32x56x56x64 bfloat16: fastest 8x8 blocks (14x14 windows, 4 chunk(s); KV_COST "
+      "6.4) 2 ms against the planned 4x4's (2 chunk(s)) 4 ms",
+      "- blocks 32x28x28x128 bfloat16: fastest 4x4 blocks (10x10 windows, 1 chunk(s); KV_COST "
+      "0.4) 1.2 ms against the planned 4x4's (1 chunk(s)) 1.2 ms",
+      "- KV_COST over 2 shape(s), each plan at its fastest chunks: 6.4 3.5 ms against the "
+      "planned 0.4's 5 ms: blocked.ACCELERATOR_KV_COST['cuda'] = 6.4",
+      "- fewer sequential chunks ran faster in 1 of 2 pairs of one plan (chunk limit now "
+      "67,108,864 logits)"]
 
 
 def test_a_run_cut_short_leaves_its_results(tmp_path, monkeypatch):

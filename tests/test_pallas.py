@@ -273,7 +273,7 @@ def test_auto_sizes_the_blocked_ops_chunks_for_the_lowering_platform(monkeypatch
   jitted function lowered for CUDA runs it in one chunk (small sequential chunks would
   starve a GPU). Where both cut alike, one branch serves."""
   from sasa_jax.ops import local_attention_cpu
-  from sasa_jax.ops.blocked import same_chunks_everywhere
+  from sasa_jax.ops.blocked import platform_layout
   monkeypatch.setattr(local_attention_cpu, "available", lambda: False)
   assert default_impl("cpu") == "xla"
 
@@ -284,8 +284,9 @@ def test_auto_sizes_the_blocked_ops_chunks_for_the_lowering_platform(monkeypatch
     return len(conds[0].params["branches"]) if conds else 1
   args, _ = _inputs((1, 56, 56, 64, 8, 7))
   small, _ = _inputs((1, 9, 7, 64, 8, 7))
-  assert not same_chunks_everywhere((1, 56, 56, 64), 7, 8)
-  assert same_chunks_everywhere((1, 9, 7, 64), 7, 8)
+  def same_everywhere(shape):
+    return platform_layout(shape, 7, 8, "cpu") == platform_layout(shape, 7, 8, "cuda")
+  assert not same_everywhere((1, 56, 56, 64)) and same_everywhere((1, 9, 7, 64))
   assert (branches(small), branches(args)) == (1, 2)  # default (+ the CPU's own)
   step = jax.jit(op)
   cpu = _exported(step, args, ["cpu"]).mlir_module()
@@ -294,6 +295,31 @@ def test_auto_sizes_the_blocked_ops_chunks_for_the_lowering_platform(monkeypatch
   assert "sasa_local_attention" not in cpu
   _assert_close(step(*args), local_attention(*args, kernel_size=7, num_heads=8,
                                             impl="reference"), 1e-4)
+
+
+def test_auto_plans_the_blocked_ops_blocks_with_the_lowering_platforms_kv_cost(monkeypatch):
+  """A KV_COST of CUDA's own (`ACCELERATOR_KV_COST`, which a GPU's timings set) plans other
+  blocks there only: the same jitted function lowered for CUDA cuts ResNet-50's 56 x 56 stage
+  into 14 x 14 blocks with 20 x 20 key windows (400 keys a query), for TPU into the planned
+  4 x 4 blocks with 10 x 10 windows (100 keys), and runs right either way."""
+  from sasa_jax.ops import blocked
+  from sasa_jax.ops.blocked import platform_layout
+  monkeypatch.setitem(blocked.ACCELERATOR_KV_COST, "cuda", 25.6)
+  assert blocked.kv_cost_for("gpu") == 25.6 and blocked.kv_cost_for("tpu") == blocked.KV_COST
+  shape = (1, 56, 56, 64)
+  cuda, tpu = (platform_layout(shape, 7, 8, p)[:2] for p in ("cuda", "tpu"))
+  assert [(p.block, p.window) for p in cuda] == [(14, 20)] * 2
+  assert [(p.block, p.window) for p in tpu] == [(4, 10)] * 2
+  args, kw = _inputs((1, 56, 56, 64, 8, 7))
+  step = jax.jit(lambda *a: local_attention(*a, **kw, impl="auto"))
+  keys = lambda module: {n for n in (100, 400) if f"x{n}x" in module or f"x{n}>" in module}
+  assert keys(_exported(step, args, ["cuda"]).mlir_module()) == {400}
+  assert keys(_exported(step, args, ["tpu"]).mlir_module()) == {100}
+  cuda_op = jax.jit(lambda *a: _output_and_grads(lambda *b: blocked.local_attention_blocked(
+      *b, **kw, platform="gpu"), a))  # CUDA's blocks, run here
+  for got, want in zip(jax.tree.leaves(cuda_op(*args)),
+                       jax.tree.leaves(_reference_output_and_grads(args, kw)), strict=True):
+    _assert_close(got, want, 1e-4)
 
 
 SHARDED = """

@@ -46,9 +46,20 @@ class AxisPlan:
 
 
 # Relative cost of moving one key/value channel of a window versus one logit, fitted to
-# fwd+bwd timings on XLA:CPU at the ResNet-50 stage shapes (see tools/bench.py).
+# fwd+bwd timings on XLA:CPU at the ResNet-50 stage shapes (see tools/bench.py). A larger
+# value plans larger blocks: fewer re-read windows, more masked logits.
 KV_COST = 0.4
+# KV_COST per lowering platform ("cuda", "rocm", "tpu") where a timing there chose another:
+# `tools/gpu_check`'s `blocks` rows time the plans of other values on a GPU. A platform not
+# named here plans with KV_COST.
+ACCELERATOR_KV_COST: dict[str, float] = {}
 MIN_BLOCK = 4
+
+
+def kv_cost_for(platform: str) -> float:
+  """KV_COST on `platform` (a jax backend or lowering platform name: "cpu", "gpu" (read as
+  CUDA), "cuda", "rocm", "tpu")."""
+  return ACCELERATOR_KV_COST.get("cuda" if platform == "gpu" else platform, KV_COST)
 
 
 def _axis_plan(size: int, radius: int, block: int) -> AxisPlan:
@@ -69,9 +80,10 @@ def plan_axis(size: int, radius: int, min_block: int = MIN_BLOCK,
   return _axis_plan(size, radius, min(candidates, key=lambda b: (cost(b), -b)))
 
 
-def plan_blocks(h: int, w: int, radius: int, channels: int, num_heads: int):
+def plan_blocks(h: int, w: int, radius: int, channels: int, num_heads: int,
+                kv_cost: float = KV_COST):
   """(plan_h, plan_w) minimising the memory traffic per query pixel:
-  padding x [heads x window logits + KV_COST x 2C x window / block] (k and v windows
+  padding x [heads x window logits + kv_cost x 2C x window / block] (k and v windows
   are re-read once per block they overlap)."""
   def options(size):
     return {_axis_plan(size, radius, b) for b in [size] + list(range(min(MIN_BLOCK, size), size))}
@@ -79,7 +91,7 @@ def plan_blocks(h: int, w: int, radius: int, channels: int, num_heads: int):
   def cost(ph, pw):
     window, block = ph.window * pw.window, ph.block * pw.block
     padding = ph.num_blocks * ph.block * pw.num_blocks * pw.block / (h * w)
-    return padding * (num_heads * window + KV_COST * 2 * channels * window / block)
+    return padding * (num_heads * window + kv_cost * 2 * channels * window / block)
 
   pairs = [(ph, pw) for ph in options(h) for pw in options(w)]
   return min(pairs, key=lambda p: (cost(*p), -p[0].block * p[1].block, p[0].block))
@@ -426,7 +438,7 @@ def strip_rows(plan_h: AxisPlan, per_block_row: int, limit: int) -> int:
 
 def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
                             plan_h: AxisPlan | None = None, plan_w: AxisPlan | None = None,
-                            chunk_logits: int | None = None):
+                            chunk_logits: int | None = None, platform: str | None = None):
   """See `sasa_jax.ops.local_attention`. Inputs already validated.
 
   Matrix multiplies run in the input dtype with float32 accumulation; the softmax is
@@ -437,14 +449,17 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
   CHUNK_LOGITS, of horizontal strips of query-block rows whose keys and values carry a
   halo of r rows: each chunk is sliced from the (once padded) inputs, attended and, in the
   backward, its gradients written (dk, dv: added) in place while it is in cache, which
-  bounds the op's temporary memory too. chunk_logits: the most logits per chunk; default
-  `chunk_logits_for` jax's default backend (`impl="auto"` passes the lowering platform's).
+  bounds the op's temporary memory too. platform: whose planning constants size the blocks
+  (`kv_cost_for`) and chunks (`chunk_logits_for`); default jax's default backend
+  (`impl="auto"` passes the lowering platform). plan_h, plan_w, chunk_logits (the most
+  logits per chunk): given, they replace the platform's.
   """
   bsz, h, w, c = q.shape
+  platform = platform or jax.default_backend()
   if plan_h is None or plan_w is None:
-    plan_h, plan_w = plan_blocks(h, w, kernel_size // 2, c, num_heads)
-  limit = chunk_logits or chunk_logits_for(jax.default_backend())
-  ch = plan_chunks(q.shape, num_heads, plan_h, plan_w, limit)
+    plan_h, plan_w = plan_blocks(h, w, kernel_size // 2, c, num_heads, kv_cost_for(platform))
+  ch = plan_chunks(q.shape, num_heads, plan_h, plan_w,
+                   chunk_logits or chunk_logits_for(platform))
   if ch.strips == 1:  # whole images
     inner_h, keys_padded = plan_h, False
     masks = _axis_mask(plan_h)[None]
@@ -473,12 +488,12 @@ def plan_chunks(shape, num_heads: int, plan_h: AxisPlan, plan_w: AxisPlan,
   return _Chunks(1, bsz, -(-plan_h.num_blocks // rows), rows * plan_h.block, plan_h.radius)
 
 
-def same_chunks_everywhere(shape, kernel_size: int, num_heads: int) -> bool:
-  """Whether the CPU and accelerators cut an input of this shape into the same chunks (so
-  one traced op serves both)."""
-  plans = plan_blocks(shape[1], shape[2], kernel_size // 2, shape[3], num_heads)
-  return (plan_chunks(shape, num_heads, *plans, CHUNK_LOGITS)
-          == plan_chunks(shape, num_heads, *plans, ACCELERATOR_CHUNK_LOGITS))
+def platform_layout(shape, kernel_size: int, num_heads: int, platform: str):
+  """(plan_h, plan_w, chunks): how `platform` (as `local_attention_blocked`'s) cuts a
+  [B, H, W, C] input; platforms with equal layouts trace the op alike (one branch serves)."""
+  plans = plan_blocks(shape[1], shape[2], kernel_size // 2, shape[3], num_heads,
+                      kv_cost_for(platform))
+  return (*plans, plan_chunks(shape, num_heads, *plans, chunk_logits_for(platform)))
 
 
 # Logits per sequential chunk (float32): one chunk's logits and probabilities stay in a

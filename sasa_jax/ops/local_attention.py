@@ -1,4 +1,5 @@
 """The one local-attention contract and its implementations."""
+import collections
 import functools
 
 import jax
@@ -6,8 +7,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sasa_jax.ops import local_attention_cpu as cpu_kernel
-from sasa_jax.ops.blocked import (chunk_logits_for, local_attention_blocked,
-                                  same_chunks_everywhere)
+from sasa_jax.ops.blocked import local_attention_blocked, platform_layout
 from sasa_jax.ops.pallas_attention import local_attention_pallas
 from sasa_jax.ops.reference import local_attention_reference
 
@@ -19,7 +19,7 @@ def _cpu(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
   _, h, w, _ = q.shape
   if kernel_size // 2 >= max(h, w) - 1:
     return local_attention_blocked(q, k, v, rel_h, rel_w, kernel_size=kernel_size,
-                                   num_heads=num_heads, chunk_logits=chunk_logits_for("cpu"))
+                                   num_heads=num_heads, platform="cpu")
   return cpu_kernel.local_attention_cpu(q, k, v, rel_h, rel_w, kernel_size=kernel_size,
                                         num_heads=num_heads)
 
@@ -58,25 +58,35 @@ def default_impl(backend: str | None = None) -> str:
   return ACCELERATOR_IMPL.get("cuda" if backend == "gpu" else backend, "xla")
 
 
+# The lowering platforms `impl="auto"` tells apart (jax.lax.platform_dependent's names).
+PLATFORMS = ("tpu", "cuda", "rocm", "cpu")
+
+
 def _auto(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
   """impl="auto", chosen per lowering platform (so one jitted function exports for each):
-  the blocked op's chunks too are sized for the platform, not for the tracing host."""
+  the blocked op's blocks and chunks too are sized for the platform, not for the tracing
+  host. Platforms that would trace alike share one branch, the commonest the default."""
   kw = dict(kernel_size=kernel_size, num_heads=num_heads)
+  impls = {p: cpu_impl() if p == "cpu" else ACCELERATOR_IMPL.get(p, "xla") for p in PLATFORMS}
 
-  def branch(platform, impl):
-    if impl == "pallas":  # that platform's compiled kernels, with no second dispatch
-      flavour = "tpu" if platform == "tpu" else "gpu"
-      return functools.partial(local_attention_pallas, platform=flavour, **kw)
+  def runs_as(platform):
+    impl = impls[platform]
     if impl == "xla":
-      return functools.partial(local_attention_blocked,
-                               chunk_logits=chunk_logits_for(platform or "gpu"), **kw)
+      return impl, platform_layout(q.shape, kernel_size, num_heads, platform)
+    return impl, "tpu" if platform == "tpu" else "gpu" if impl == "pallas" else None
+
+  def branch(platform):
+    impl = impls[platform]
+    if impl == "pallas":  # that platform's compiled kernels, with no second dispatch
+      return functools.partial(local_attention_pallas, platform=runs_as(platform)[1], **kw)
+    if impl == "xla":
+      return functools.partial(local_attention_blocked, platform=platform, **kw)
     return functools.partial(IMPLEMENTATIONS[impl], **kw)
-  branches = {p: branch(p, impl) for p, impl in {**ACCELERATOR_IMPL, "cpu": cpu_impl()}.items()
-              if impl != "xla"}
-  if "cpu" not in branches and not same_chunks_everywhere(q.shape, kernel_size, num_heads):
-    branches["cpu"] = branch("cpu", "xla")  # else the default branch serves the CPU too
-  return jax.lax.platform_dependent(q, k, v, rel_h, rel_w, **branches,
-                                    default=branch(None, "xla"))
+  keys = {p: runs_as(p) for p in PLATFORMS}
+  common = collections.Counter(keys.values()).most_common(1)[0][0]  # ties: the first platform's
+  branches = {p: branch(p) for p in PLATFORMS if keys[p] != common}
+  default = branch(next(p for p in PLATFORMS if keys[p] == common))
+  return jax.lax.platform_dependent(q, k, v, rel_h, rel_w, **branches, default=default)
 
 
 def _check(q, k, v, rel_h, rel_w, kernel_size, num_heads, impl):

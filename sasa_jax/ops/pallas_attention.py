@@ -791,11 +791,9 @@ def local_attention_pallas(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int,
     try:
       return flavoured(flavour, interpret, **kw)
     except ValueError:
-      from sasa_jax.ops.blocked import (chunk_logits_for,  # noqa: PLC0415
-                                        local_attention_blocked)
+      from sasa_jax.ops.blocked import local_attention_blocked  # noqa: PLC0415
       return functools.partial(local_attention_blocked, kernel_size=kernel_size,
-                               num_heads=num_heads,
-                               chunk_logits=chunk_logits_for("cpu" if interpret else flavour))
+                               num_heads=num_heads, platform="cpu" if interpret else flavour)
 
   args = (q, k, v, rel_h, rel_w)
   if _TARGET is not None:

@@ -22,13 +22,16 @@ result comes:
    bfloat16 tensor-core products); and, from profiles: how impl="pallas"'s time splits
    between the three Triton kernels (fwd, dq, dkv) and the XLA operations around them, and
    the XLA operations impl="xla" spends most time in;
-3. torch: where PyTorch is installed, the same op shapes as an exact SASA by unfold and
+3. blocks: impl="xla", the blocked form impl="auto" runs on accelerators, in the block
+   plans of other blocked.KV_COST values and with fewer sequential chunks, fwd+bwd time at
+   the stage shapes in bfloat16: which KV_COST this platform should plan with;
+4. torch: where PyTorch is installed, the same op shapes as an exact SASA by unfold and
    timm's HaloAttn (block 8, halo 3), fwd+bwd;
-4. export: one jitted layer training step exported for ["tpu"], ["cuda"] and both at once;
-5. train_step: ResNet-50 training steps (batch 128, bfloat16, 224 px, random data):
+5. export: one jitted layer training step exported for ["tpu"], ["cuda"] and both at once;
+6. train_step: ResNet-50 training steps (batch 128, bfloat16, 224 px, random data):
    baseline, conv-stem + attention and full attention with impl pallas and xla: images/s,
    XLA's planned device memory and, profiled, the step's time by part of the model;
-6. tune (with --tune): the Triton kernels' candidate tilings, launch settings (warps,
+7. tune (with --tune): the Triton kernels' candidate tilings, launch settings (warps,
    pipeline stages) and forms at the stage shapes, fwd+bwd time, each kernel's time and
    gradient error against impl=xla.
 Each section compiles all its programs first, --jobs at a time, then runs its rows one by one.
@@ -65,6 +68,7 @@ import numpy as np
 from sasa_jax.device_memory import peak_memory
 from sasa_jax.models import QUICK_DEPTH
 from sasa_jax.ops import default_impl, local_attention
+from sasa_jax.ops import blocked
 from sasa_jax.ops import pallas_attention as pa
 from sasa_jax.tools.bench import (STAGES, compiled, medians, model_step_case, op_programs,
                                   relative_error, resnet)
@@ -72,7 +76,12 @@ from sasa_jax.tools.bench import (STAGES, compiled, medians, model_step_case, op
 TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}  # max |a - b| / max |b|
 ODD_SHAPES = [  # (batch, H, W, C, heads, k): window > map, non-square, 1 head
     (2, 5, 5, 32, 4, 7), (2, 9, 20, 64, 8, 7), (2, 13, 11, 16, 1, 5)]
-SECTIONS = ("env", "correctness", "op", "torch", "export", "train_step", "tune")
+SECTIONS = ("env", "correctness", "op", "blocks", "torch", "export", "train_step", "tune")
+# The `blocks` rows: impl="xla" in the block plans of these KV_COST values (blocked.plan_blocks;
+# at ResNet-50's 56 x 56 stage 4x4, 4x7, 7x7, 8x8 and 14x14 blocks), each at the accelerators'
+# chunk limit and at a 4x larger one (fewer sequential chunks).
+BLOCK_KV_COSTS = (blocked.KV_COST, 1.6, 3.2, 6.4, 25.6)
+BLOCK_CHUNK_LOGITS = (blocked.ACCELERATOR_CHUNK_LOGITS, 4 * blocked.ACCELERATOR_CHUNK_LOGITS)
 # --budget-s's default: rows compiled by then still run, and compilations under way finish
 # (a minute at most: ResNet-50 training steps took 25-55 s on an H200).
 DEFAULT_BUDGET_S = 360
@@ -442,6 +451,66 @@ def train_step_rows(depth, batch, image_size, dtype, repeats, cases=None, **mode
     yield labels, prepare
 
 
+def _grads(op, cot):
+  """The five gradients of sum(op(q, k, v, rel_h, rel_w) * cot), as a function of the five."""
+  return jax.grad(lambda *a: jnp.sum(op(*a).astype(jnp.float32) * cot), argnums=range(5))
+
+
+def _xla_gradients(args, cot, heads, k):
+  """get() -> impl="xla"'s five gradients at args (`_grads`), computed by the first call;
+  rows compiling on other threads meanwhile wait for it."""
+  lock, done = threading.Lock(), []
+
+  def get():
+    with lock:
+      if not done:
+        done.extend(jax.jit(_grads(lambda *a: local_attention(
+            *a, kernel_size=k, num_heads=heads, impl="xla"), cot))(*args))
+    return done
+  return get
+
+
+def blocks_rows(stages, batch, dtype, repeats):
+  """impl="xla", the blocked form impl="auto" runs on GPUs and TPUs, cut otherwise at each
+  stage shape (k = 7, 8 heads): the block plans of BLOCK_KV_COSTS and of this platform's
+  KV_COST, each with the sequential chunks of this platform's limit and of
+  BLOCK_CHUNK_LOGITS; layouts that cut alike are timed once, shapes with one layout not at
+  all. fwd+bwd ms, temporary MB and gradient error against impl="xla" as planned."""
+  platform = jax.default_backend()
+  heads, k = 8, 7
+  kv_costs = dict.fromkeys((blocked.kv_cost_for(platform), *BLOCK_KV_COSTS))
+  limits = dict.fromkeys((blocked.chunk_logits_for(platform), *BLOCK_CHUNK_LOGITS))
+  for size, width in stages:
+    shape = (batch, size, size, width)
+    layouts = {}  # (plan_h, plan_w, chunks) -> [(kv_cost, chunk limit), ...]
+    for kv in kv_costs:
+      plans = blocked.plan_blocks(size, size, k // 2, width, heads, kv)
+      for limit in limits:
+        layouts.setdefault((*plans, blocked.plan_chunks(shape, heads, *plans, limit)),
+                           []).append((kv, limit))
+    if len(layouts) < 2:
+      continue
+    args, cot = _operands(shape, heads, k, dtype, seed=1)
+    want = _xla_gradients(args, cot, heads, k)
+    planned = blocked.platform_layout(shape, k, heads, platform)
+    for (ph, pw, chunks), settings in layouts.items():
+      labels = {"shape": "x".join(map(str, shape)), "dtype": jnp.dtype(dtype).name,
+                "block": f"{ph.block}x{pw.block}", "window": f"{ph.window}x{pw.window}",
+                "chunks": chunks.count,
+                "kv_costs": "/".join(f"{kv:g}" for kv in dict.fromkeys(kv for kv, _ in settings)),
+                "chunk_logits": settings[0][1], "planned": (ph, pw, chunks) == planned}
+
+      def prepare(ph=ph, pw=pw, limit=settings[0][1]):
+        fn = _grads(functools.partial(blocked.local_attention_blocked, kernel_size=k,
+                                      num_heads=heads, plan_h=ph, plan_w=pw,
+                                      chunk_logits=limit), cot)
+        go, temp, got = compiled(fn, *args)
+        error = max(relative_error(g, w) for g, w in zip(got, want()))
+        return lambda: {"ms": 1e3 * _medians([go], repeats)[0], "temp_mb": temp / 2**20,
+                        "grad_error": error}
+      yield labels, prepare
+
+
 def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
   """Candidate Triton launches at each shape (k = 7, 8 heads), in both kernel forms
   (pallas_attention.FORMS): the `tilings` cheapest by the cost model (up to 32K logits a
@@ -453,10 +522,7 @@ def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
     d = width // heads
     shape = (batch, size, size, width)
     args, cot = _operands(shape, heads, k, dtype, seed=1)
-    want, want_lock = [], threading.Lock()
-
-    def grads(op):
-      return jax.grad(lambda *a: jnp.sum(op(*a).astype(jnp.float32) * cot), argnums=range(5))
+    want = _xla_gradients(args, cot, heads, k)
     planned = pa.plan_tiling(size, size, d, k, dtype, "gpu")
     candidates = pa.candidate_tilings(size, size, d, k, dtype, "gpu", max_logits=1 << 15)
     default = (planned, None, pa.NUM_STAGES, pa.GPU_FORM)
@@ -480,16 +546,11 @@ def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
                 "planned": key == runs_as(*default)}
 
       def prepare(t=t, nw=nw, ns=ns, form=form):
-        with want_lock:
-          if not want:
-            xla = grads(lambda *a: local_attention(*a, kernel_size=k, num_heads=heads,
-                                                   impl="xla"))
-            want.extend(jax.jit(xla)(*args))
-        fn = grads(lambda *a: pa.fused_attention(*a, num_heads=heads, tiling=t,
-                                                 num_warps=nw, num_stages=ns, form=form,
-                                                 interpret=interpret))
+        fn = _grads(lambda *a: pa.fused_attention(*a, num_heads=heads, tiling=t,
+                                                  num_warps=nw, num_stages=ns, form=form,
+                                                  interpret=interpret), cot)
         go, temp, got = compiled(fn, *args)
-        error = max(relative_error(g, w) for g, w in zip(got, want))
+        error = max(relative_error(g, w) for g, w in zip(got, want()))
         return lambda: {"ms": 1e3 * _medians([go], repeats)[0], "temp_mb": temp / 2**20,
                         "grad_error": error, **_profile_fields("split", lambda: {
                             f"{part}_ms": ms for part, ms in kernel_split(go).items()})}
@@ -539,6 +600,48 @@ def decisions(rows) -> list[str]:
                    f"{best['num_warps']} warps, {best['num_stages']} stage(s): "
                    f"{best['ms']:.3g} ms against the planned launch's {planned[0]['ms']:.3g}")
       lines += _per_kernel_warps(shape, best, right)
+  env = next((r for r in rows if r["kind"] == "env" and "backend" in r), {})
+  return lines + _block_decisions([r for r in rows if r["kind"] == "blocks" and "ms" in r],
+                                  {"gpu": "cuda"}.get(env.get("backend"), env.get("backend")))
+
+
+def _block_decisions(rows, platform) -> list[str]:
+  """What the `blocks` rows say about the blocked op's layout on `platform` (a lowering
+  platform's name): per shape the fastest right layout against the planned one; the KV_COST
+  whose plans, each at its fastest chunks, take the least time over all the shapes (for
+  blocked.ACCELERATOR_KV_COST); and whether fewer sequential chunks ran faster."""
+  right = [r for r in rows if r["grad_error"] <= TOLERANCE[r["dtype"]]]
+  shapes = list(dict.fromkeys(r["shape"] for r in right))
+  lines, per_kv = [], {}  # kv -> {shape: its plan's fastest ms}
+  for shape in shapes:
+    here = [r for r in right if r["shape"] == shape]
+    best = min(here, key=lambda r: r["ms"])
+    line = (f"- blocks {shape} {best['dtype']}: fastest {best['block']} blocks "
+            f"({best['window']} windows, {best['chunks']} chunk(s); KV_COST "
+            f"{best['kv_costs']}) {best['ms']:.3g} ms")
+    for r in (r for r in here if r["planned"]):
+      line += f" against the planned {r['block']}'s ({r['chunks']} chunk(s)) {r['ms']:.3g} ms"
+    lines.append(line)
+    for r in here:
+      for kv in r["kv_costs"].split("/"):
+        per_kv.setdefault(kv, {})[shape] = min(r["ms"], per_kv.get(kv, {}).get(shape, r["ms"]))
+  totals = {kv: sum(t.values()) for kv, t in per_kv.items() if len(t) == len(shapes)}
+  planned = next((r["kv_costs"].split("/") for r in right if r["planned"]), [])
+  if totals:
+    kv = min(totals, key=totals.get)
+    now = next((p for p in planned if p in totals), None)
+    line = (f"- KV_COST over {len(shapes)} shape(s), each plan at its fastest chunks: {kv} "
+            f"{totals[kv]:.3g} ms")
+    if now is not None and now != kv:
+      line += (f" against the planned {now}'s {totals[now]:.3g} ms: "
+               f"blocked.ACCELERATOR_KV_COST[{platform!r}] = {kv}")
+    lines.append(line)
+  pairs = [(a, b) for a in right for b in right if a["shape"] == b["shape"]
+           and a["block"] == b["block"] and a["chunks"] < b["chunks"]]
+  if pairs:
+    wins = sum(a["ms"] < b["ms"] for a, b in pairs)
+    lines.append(f"- fewer sequential chunks ran faster in {wins} of {len(pairs)} pairs of "
+                 f"one plan (chunk limit now {blocked.ACCELERATOR_CHUNK_LOGITS:,} logits)")
   return lines
 
 
@@ -675,6 +778,8 @@ def main(argv=None):
           if _gpu_kernels_run_here() else ()),
       "op": lambda: (r for dt in (jnp.bfloat16, jnp.float32)
                      for r in op_rows(stages, op_batch, dt, repeats)),
+      "blocks": lambda: blocks_rows([(12, 16)] if smoke else STAGES, op_batch,
+                                    jnp.float32 if smoke else jnp.bfloat16, repeats),
       "torch": lambda: torch_rows(stages, op_batch, "float32" if smoke else "bfloat16",
                                   repeats),
       "export": export_rows,
