@@ -32,14 +32,13 @@ def test_cpu_smoke_writes_results(tmp_path):
   report = json.loads((tmp_path / "results.json").read_text())
   kinds = [r["kind"] for r in report["rows"]]
   checks = [r for r in report["rows"] if r["kind"] == "correctness"]  # 2 shapes x 2 dtypes,
-  assert [r["form"] for r in checks] == [pa.GPU_FORM] * 4 + [           # and the other form
-      next(f for f in pa.FORMS if f != pa.GPU_FORM)]
-  assert kinds.count("correctness") == 5 and all(
-      r["ok"] for r in report["rows"] if r["kind"] == "correctness")
+  other = next(f for f in pa.FORMS if f != pa.GPU_FORM)  # the other form, and impl="xla"
+  assert [(r["impl"], r.get("form")) for r in checks] == (
+      [("pallas", pa.GPU_FORM)] * 4 + [("pallas", other)] + [("xla", None)] * 4)
+  assert all(r["ok"] for r in checks)
   assert kinds.count("op") == 4 and kinds.count("train_step") == 2 and "torch" in kinds
   assert not [r for r in report["rows"] if "error" in r]
   ops = [r for r in report["rows"] if r["kind"] == "op"]
-  other = next(f for f in pa.FORMS if f != pa.GPU_FORM)  # the GPU kernels' other form
   assert all(r["pallas_ms"] > 0 and r["xla_ms"] > 0 and r["conv_ms"] > 0
              and r[f"pallas_{other}_ms"] > 0 for r in ops)
   # float32 rows: both forms with the other float32 matmuls too; bfloat16 rows: no such rows
@@ -99,7 +98,7 @@ def test_a_row_that_raises_is_recorded_and_the_check_goes_on(tmp_path, monkeypat
   monkeypatch.setattr(gpu_check, "local_attention", broken)
   status = gpu_check.main(["--cpu-smoke", "--sections=env,correctness", f"--out={tmp_path}"])
   rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-  assert status == 1 and [r["kind"] for r in rows] == ["env"] + ["correctness"] * 5
+  assert status == 1 and [r["kind"] for r in rows] == ["env"] + ["correctness"] * 9
   assert all("kernel exploded" in r["error"] and r["ok"] is False for r in rows[1:])
   assert "kernel exploded" in (tmp_path / "results.md").read_text()
 
@@ -272,9 +271,10 @@ def test_on_a_tpu_the_gpu_kernels_sections_stand_aside(tmp_path, monkeypatch):
   status = gpu_check.main(["--cpu-smoke", "--sections=correctness,tune", f"--out={tmp_path}"])
   rows = json.loads((tmp_path / "results.json").read_text())["rows"]
   assert status == 0
-  assert [(r["kind"], r.get("form")) for r in rows] == [("correctness", pa.TPU_FORM)] * 4 + [
-      ("tune", None)]
-  assert all(r["ok"] for r in rows[:4]) and "a GPU's" in rows[-1]["skipped"]
+  assert [(r["kind"], r["impl"], r.get("form")) for r in rows[:-1]] == (
+      [("correctness", "pallas", pa.TPU_FORM)] * 4 + [("correctness", "xla", None)] * 4)
+  assert all(r["ok"] for r in rows[:-1]) and rows[-1]["kind"] == "tune"
+  assert "a GPU's" in rows[-1]["skipped"]
 
 
 def test_the_tune_plan_crosses_both_forms_with_the_rows_rule():

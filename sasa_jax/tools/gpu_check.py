@@ -13,7 +13,8 @@ result comes:
 1. correctness: impl="pallas" (compiled kernels; interpret mode only on the CPU) against
    impl="reference", the output and all five gradients, float32 and bfloat16, at the four
    ResNet-50 stage shapes and at odd shapes (window larger than the map, non-square, 1 head),
-   and the GPU kernels' other form at the odd shapes in float32;
+   the GPU kernels' other form at the odd shapes in float32, and impl="xla" (the blocked
+   form, impl="auto"'s on accelerators) at every shape in both dtypes;
 2. op: the op's fwd+bwd time (and its forward's alone) and compiled temporary memory, pallas
    vs xla vs a 3x3 conv of the same width (batch 32), bfloat16 and float32, and the GPU
    kernels in the launches impl="pallas" does not run: the other form
@@ -149,21 +150,23 @@ def _planned_kernels(h, w, channels, heads, k, dtype, **launch):
                            interpret=jax.default_backend() != "gpu", **launch)
 
 
-def correctness_rows(shapes, dtype, form=None):
-  """impl="pallas" (the form it runs, `GPU_FORM`) against impl="reference": the output and
-  five gradients. form: the GPU kernels in that form instead, at the tiling impl="pallas"
-  plans (`fused_attention`; interpreted off a GPU)."""
+def correctness_rows(shapes, dtype, form=None, impl="pallas"):
+  """`impl` against impl="reference": the output and five gradients. impl="pallas" runs the
+  form `GPU_FORM` (`TPU_FORM` on a TPU); form: the GPU kernels in that form instead, at the
+  tiling impl="pallas" plans (`fused_attention`; interpreted off a GPU). impl="xla": the
+  blocked form, impl="auto"'s on accelerators, in this platform's layout."""
   for b, h, w, c, heads, k in shapes:
     labels = {"shape": f"{b}x{h}x{w}x{c}", "heads": heads, "k": k,
-              "dtype": jnp.dtype(dtype).name,
-              "form": form or (pa.GPU_FORM if _gpu_kernels_run_here() else pa.TPU_FORM)}
+              "dtype": jnp.dtype(dtype).name, "impl": impl}
+    if impl == "pallas":
+      labels["form"] = form or (pa.GPU_FORM if _gpu_kernels_run_here() else pa.TPU_FORM)
 
     def prepare(b=b, h=h, w=w, c=c, heads=heads, k=k):
       args, cot = _operands((b, h, w, c), heads, k, dtype)
-      pallas = (functools.partial(local_attention, kernel_size=k, num_heads=heads,
-                                  impl="pallas") if form is None else
-                _planned_kernels(h, w, c, heads, k, dtype, form=form))
-      got, want = (_compiled_fwd_bwd(op, args, cot) for op in (pallas, lambda *a: (
+      checked = (functools.partial(local_attention, kernel_size=k, num_heads=heads,
+                                   impl=impl) if form is None else
+                 _planned_kernels(h, w, c, heads, k, dtype, form=form))
+      got, want = (_compiled_fwd_bwd(op, args, cot) for op in (checked, lambda *a: (
           local_attention(*a, kernel_size=k, num_heads=heads, impl="reference"))))
 
       def run():
@@ -775,7 +778,10 @@ def main(argv=None):
           (r for dt in (jnp.float32, jnp.bfloat16) for r in correctness_rows(shapes, dt)),
           # the other form at the odd shapes (`tune` checks it at the stage shapes)
           correctness_rows(odd_shapes, jnp.float32, form=other_form)
-          if _gpu_kernels_run_here() else ()),
+          if _gpu_kernels_run_here() else (),
+          # the blocked XLA form, what impl="auto" runs on GPUs and TPUs
+          (r for dt in (jnp.float32, jnp.bfloat16)
+           for r in correctness_rows(shapes, dt, impl="xla"))),
       "op": lambda: (r for dt in (jnp.bfloat16, jnp.float32)
                      for r in op_rows(stages, op_batch, dt, repeats)),
       "blocks": lambda: blocks_rows([(12, 16)] if smoke else STAGES, op_batch,
