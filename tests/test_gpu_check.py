@@ -36,6 +36,8 @@ def test_cpu_smoke_writes_results(tmp_path):
   assert [(r["impl"], r.get("form")) for r in checks] == (
       [("pallas", pa.GPU_FORM)] * 4 + [("pallas", other)] + [("xla", None)] * 4)
   assert all(r["ok"] for r in checks)
+  assert [r.get("matmul_precision") for r in checks if r["impl"] == "xla"] == [  # f32, bf16
+      "highest"] * 2 + [None] * 2
   assert kinds.count("op") == 4 and kinds.count("train_step") == 2 and "torch" in kinds
   assert not [r for r in report["rows"] if "error" in r]
   ops = [r for r in report["rows"] if r["kind"] == "op"]

@@ -46,6 +46,7 @@ kernels' defaults. Exit status 1 if a correctness row fails or errs, or a row ou
 time.
 """
 import argparse
+import contextlib
 import faulthandler
 import functools
 import gc
@@ -154,20 +155,26 @@ def correctness_rows(shapes, dtype, form=None, impl="pallas"):
   """`impl` against impl="reference": the output and five gradients. impl="pallas" runs the
   form `GPU_FORM` (`TPU_FORM` on a TPU); form: the GPU kernels in that form instead, at the
   tiling impl="pallas" plans (`fused_attention`; interpreted off a GPU). impl="xla": the
-  blocked form, impl="auto"'s on accelerators, in this platform's layout."""
+  blocked form, impl="auto"'s on accelerators, in this platform's layout; in float32 with
+  float32 matmuls ("highest": jax's default rounds a float32 GEMM's operands to TF32 on
+  NVIDIA GPUs and to bfloat16 on TPUs, which the tolerance is not for)."""
+  exact = impl == "xla" and jnp.dtype(dtype) == jnp.float32
   for b, h, w, c, heads, k in shapes:
     labels = {"shape": f"{b}x{h}x{w}x{c}", "heads": heads, "k": k,
               "dtype": jnp.dtype(dtype).name, "impl": impl}
     if impl == "pallas":
       labels["form"] = form or (pa.GPU_FORM if _gpu_kernels_run_here() else pa.TPU_FORM)
+    if exact:
+      labels["matmul_precision"] = "highest"
 
     def prepare(b=b, h=h, w=w, c=c, heads=heads, k=k):
       args, cot = _operands((b, h, w, c), heads, k, dtype)
       checked = (functools.partial(local_attention, kernel_size=k, num_heads=heads,
                                    impl=impl) if form is None else
                  _planned_kernels(h, w, c, heads, k, dtype, form=form))
-      got, want = (_compiled_fwd_bwd(op, args, cot) for op in (checked, lambda *a: (
-          local_attention(*a, kernel_size=k, num_heads=heads, impl="reference"))))
+      with jax.default_matmul_precision("highest") if exact else contextlib.nullcontext():
+        got, want = (_compiled_fwd_bwd(op, args, cot) for op in (checked, lambda *a: (
+            local_attention(*a, kernel_size=k, num_heads=heads, impl="reference"))))
 
       def run():
         errors = dict(zip(("out", "dq", "dk", "dv", "drel_h", "drel_w"),
