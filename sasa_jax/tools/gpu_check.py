@@ -643,8 +643,9 @@ def _block_decisions(rows, platform) -> list[str]:
     line = (f"- KV_COST over {len(shapes)} shape(s), each plan at its fastest chunks: {kv} "
             f"{totals[kv]:.3g} ms")
     if now is not None and now != kv:
-      line += (f" against the planned {now}'s {totals[now]:.3g} ms: "
-               f"blocked.ACCELERATOR_KV_COST[{platform!r}] = {kv}")
+      knob = ("blocked.KV_COST" if platform == "cpu" else
+              f"blocked.ACCELERATOR_KV_COST[{platform!r}]")
+      line += f" against the planned {now}'s {totals[now]:.3g} ms: {knob} = {kv}"
     lines.append(line)
   pairs = [(a, b) for a in right for b in right if a["shape"] == b["shape"]
            and a["block"] == b["block"] and a["chunks"] < b["chunks"]]
