@@ -1,5 +1,6 @@
 """impl="pallas": the real kernel bodies (interpret mode) against the reference, and
 ahead-of-time lowering of a SASA training step for TPU (Mosaic) and GPU (Triton)."""
+import importlib
 import re
 
 import jax
@@ -264,6 +265,30 @@ def test_auto_resolves_per_lowering_platform():
   assert "sasa_local_attention" not in cuda
   assert cpu.count("sasa_local_attention_fwd") == 1 and cpu.count("sasa_local_attention_bwd") == 1
   for got, want in zip(step(*args), _op_grads("reference")(*args)):
+    _assert_close(got, want, 1e-4)
+
+
+@pytest.mark.parametrize("kernels_on", [("cuda",), ("tpu", "cuda", "rocm")])
+def test_auto_takes_the_kernels_only_where_accelerator_impl_says(kernels_on, monkeypatch):
+  """`ACCELERATOR_IMPL` (what a device's timings set) sends one platform's lowering to its
+  kernels while the others keep theirs, and the default branch, any platform jax does not
+  name, stays the blocked XLA form even where every accelerator takes the kernels."""
+  la = importlib.import_module("sasa_jax.ops.local_attention")  # the module, not the op
+  monkeypatch.setattr(la, "ACCELERATOR_IMPL", dict.fromkeys(kernels_on, "pallas"))
+  args, _ = _inputs((1, 9, 7, 16, 2, 5))
+  step = _op_grads("auto")
+  tpu = _exported(step, args, ["tpu"]).mlir_module()
+  cuda = _exported(step, args, ["cuda"]).mlir_module()
+  assert cuda.count("__gpu$xla.gpu.triton") == 3 and "tpu_custom_call" not in cuda
+  assert tpu.count("tpu_custom_call") == (3 if "tpu" in kernels_on else 0)
+  assert "__gpu$xla.gpu.triton" not in tpu
+  eqns = jax.make_jaxpr(lambda *a: local_attention(*a, kernel_size=5, num_heads=2,
+                                                   impl="auto"))(*args).eqns
+  dispatch, = [e for e in eqns if e.primitive.name == "cond"]
+  branches = dispatch.params["branches"]  # platform_dependent's: the default last
+  assert len(branches) == len(kernels_on) + 2  # + the CPU's and the default
+  assert "pallas_call" not in str(branches[-1]) and "pallas_call" in str(branches[0])
+  for got, want in zip(step(*args), _op_grads("reference")(*args)):  # the CPU's branch
     _assert_close(got, want, 1e-4)
 
 

@@ -65,7 +65,8 @@ PLATFORMS = ("tpu", "cuda", "rocm", "cpu")
 def _auto(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
   """impl="auto", chosen per lowering platform (so one jitted function exports for each):
   the blocked op's blocks and chunks too are sized for the platform, not for the tracing
-  host. Platforms that would trace alike share one branch, the commonest the default."""
+  host. The default branch (any platform not named) is the blocked form as most of the
+  platforms that run it plan it; a platform that would trace otherwise gets its own."""
   kw = dict(kernel_size=kernel_size, num_heads=num_heads)
   impls = {p: cpu_impl() if p == "cpu" else ACCELERATOR_IMPL.get(p, "xla") for p in PLATFORMS}
 
@@ -75,18 +76,19 @@ def _auto(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
       return impl, platform_layout(q.shape, kernel_size, num_heads, platform)
     return impl, "tpu" if platform == "tpu" else "gpu" if impl == "pallas" else None
 
-  def branch(platform):
-    impl = impls[platform]
+  def branch(platform, impl):
     if impl == "pallas":  # that platform's compiled kernels, with no second dispatch
       return functools.partial(local_attention_pallas, platform=runs_as(platform)[1], **kw)
     if impl == "xla":
       return functools.partial(local_attention_blocked, platform=platform, **kw)
     return functools.partial(IMPLEMENTATIONS[impl], **kw)
   keys = {p: runs_as(p) for p in PLATFORMS}
-  common = collections.Counter(keys.values()).most_common(1)[0][0]  # ties: the first platform's
-  branches = {p: branch(p) for p in PLATFORMS if keys[p] != common}
-  default = branch(next(p for p in PLATFORMS if keys[p] == common))
-  return jax.lax.platform_dependent(q, k, v, rel_h, rel_w, **branches, default=default)
+  blocked = collections.Counter(keys[p] for p in PLATFORMS if impls[p] == "xla")
+  common = blocked.most_common(1)[0][0] if blocked else None  # ties: the first platform's
+  default = next((p for p in PLATFORMS if keys[p] == common), "tpu")
+  branches = {p: branch(p, impls[p]) for p in PLATFORMS if keys[p] != common}
+  return jax.lax.platform_dependent(q, k, v, rel_h, rel_w, **branches,
+                                    default=branch(default, "xla"))
 
 
 def _check(q, k, v, rel_h, rel_w, kernel_size, num_heads, impl):
