@@ -69,8 +69,7 @@ import numpy as np
 
 from sasa_jax.device_memory import peak_memory
 from sasa_jax.models import QUICK_DEPTH
-from sasa_jax.ops import default_impl, local_attention
-from sasa_jax.ops import blocked
+from sasa_jax.ops import blocked, default_impl, local_attention
 from sasa_jax.ops import pallas_attention as pa
 from sasa_jax.tools.bench import (STAGES, compiled, medians, model_step_case, op_programs,
                                   relative_error, resnet)
