@@ -80,11 +80,13 @@ def plan_axis(size: int, radius: int, min_block: int = MIN_BLOCK,
   return _axis_plan(size, radius, min(candidates, key=lambda b: (cost(b), -b)))
 
 
+@functools.lru_cache(maxsize=None)  # every platform's branch of every layer asks, at trace time
 def plan_blocks(h: int, w: int, radius: int, channels: int, num_heads: int,
-                kv_cost: float = KV_COST):
+                kv_cost: float):
   """(plan_h, plan_w) minimising the memory traffic per query pixel:
   padding x [heads x window logits + kv_cost x 2C x window / block] (k and v windows
-  are re-read once per block they overlap)."""
+  are re-read once per block they overlap); kv_cost: KV_COST or a platform's
+  (`kv_cost_for`)."""
   def options(size):
     return {_axis_plan(size, radius, b) for b in [size] + list(range(min(MIN_BLOCK, size), size))}
 
