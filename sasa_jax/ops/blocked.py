@@ -56,10 +56,16 @@ ACCELERATOR_KV_COST: dict[str, float] = {}
 MIN_BLOCK = 4
 
 
+def lowering_platform(name: str) -> str:
+  """The lowering platform jax names (`platform_dependent`'s "cpu", "cuda", "rocm", "tpu")
+  for a backend name or lowering platform name; jax's "gpu" backend is read as CUDA."""
+  return "cuda" if name == "gpu" else name
+
+
 def kv_cost_for(platform: str) -> float:
   """KV_COST on `platform` (a jax backend or lowering platform name: "cpu", "gpu" (read as
   CUDA), "cuda", "rocm", "tpu")."""
-  return ACCELERATOR_KV_COST.get("cuda" if platform == "gpu" else platform, KV_COST)
+  return ACCELERATOR_KV_COST.get(lowering_platform(platform), KV_COST)
 
 
 def _axis_plan(size: int, radius: int, block: int) -> AxisPlan:

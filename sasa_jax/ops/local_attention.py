@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sasa_jax.ops import local_attention_cpu as cpu_kernel
-from sasa_jax.ops.blocked import local_attention_blocked, platform_layout
+from sasa_jax.ops.blocked import (local_attention_blocked, lowering_platform,
+                                  platform_layout)
 from sasa_jax.ops.pallas_attention import local_attention_pallas
 from sasa_jax.ops.reference import local_attention_reference
 
@@ -55,7 +56,7 @@ def default_impl(backend: str | None = None) -> str:
   backend = backend or jax.default_backend()
   if backend == "cpu":
     return cpu_impl()
-  return ACCELERATOR_IMPL.get("cuda" if backend == "gpu" else backend, "xla")
+  return ACCELERATOR_IMPL.get(lowering_platform(backend), "xla")
 
 
 # The lowering platforms `impl="auto"` tells apart (jax.lax.platform_dependent's names).

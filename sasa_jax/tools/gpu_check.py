@@ -479,6 +479,23 @@ def _xla_gradients(args, cot, heads, k):
   return get
 
 
+def _timed_against(fn, args, want, repeats, split=False):
+  """run() -> {"ms", "temp_mb", "grad_error"} of fn(*args), five gradients, compiled now:
+  fwd+bwd ms, temporaries, and the largest error against want() (`_xla_gradients`); with
+  split, each Triton kernel's profiled ms too (`kernel_split`, keys "<kernel>_ms")."""
+  go, temp, got = compiled(fn, *args)
+  error = max(relative_error(g, w) for g, w in zip(got, want()))
+
+  def run():
+    row = {"ms": 1e3 * _medians([go], repeats)[0], "temp_mb": temp / 2**20,
+           "grad_error": error}
+    if split:
+      row.update(_profile_fields("split", lambda: {
+          f"{part}_ms": ms for part, ms in kernel_split(go).items()}))
+    return row
+  return run
+
+
 def blocks_rows(stages, batch, dtype, repeats):
   """impl="xla", the blocked form impl="auto" runs on GPUs and TPUs, cut otherwise at each
   stage shape (k = 7, 8 heads): the block plans of BLOCK_KV_COSTS and of this platform's
@@ -510,13 +527,9 @@ def blocks_rows(stages, batch, dtype, repeats):
                 "chunk_logits": settings[0][1], "planned": (ph, pw, chunks) == planned}
 
       def prepare(ph=ph, pw=pw, limit=settings[0][1]):
-        fn = _grads(functools.partial(blocked.local_attention_blocked, kernel_size=k,
-                                      num_heads=heads, plan_h=ph, plan_w=pw,
-                                      chunk_logits=limit), cot)
-        go, temp, got = compiled(fn, *args)
-        error = max(relative_error(g, w) for g, w in zip(got, want()))
-        return lambda: {"ms": 1e3 * _medians([go], repeats)[0], "temp_mb": temp / 2**20,
-                        "grad_error": error}
+        return _timed_against(_grads(functools.partial(
+            blocked.local_attention_blocked, kernel_size=k, num_heads=heads, plan_h=ph,
+            plan_w=pw, chunk_logits=limit), cot), args, want, repeats)
       yield labels, prepare
 
 
@@ -555,14 +568,9 @@ def tune_rows(stages, batch, dtype, repeats, tilings, warps, interpret=False):
                 "planned": key == runs_as(*default)}
 
       def prepare(t=t, nw=nw, ns=ns, form=form):
-        fn = _grads(lambda *a: pa.fused_attention(*a, num_heads=heads, tiling=t,
-                                                  num_warps=nw, num_stages=ns, form=form,
-                                                  interpret=interpret), cot)
-        go, temp, got = compiled(fn, *args)
-        error = max(relative_error(g, w) for g, w in zip(got, want()))
-        return lambda: {"ms": 1e3 * _medians([go], repeats)[0], "temp_mb": temp / 2**20,
-                        "grad_error": error, **_profile_fields("split", lambda: {
-                            f"{part}_ms": ms for part, ms in kernel_split(go).items()})}
+        return _timed_against(_grads(lambda *a: pa.fused_attention(
+            *a, num_heads=heads, tiling=t, num_warps=nw, num_stages=ns, form=form,
+            interpret=interpret), cot), args, want, repeats, split=True)
       yield labels, prepare
 
 
@@ -611,7 +619,7 @@ def decisions(rows) -> list[str]:
       lines += _per_kernel_warps(shape, best, right)
   env = next((r for r in rows if r["kind"] == "env" and "backend" in r), {})
   return lines + _block_decisions([r for r in rows if r["kind"] == "blocks" and "ms" in r],
-                                  {"gpu": "cuda"}.get(env.get("backend"), env.get("backend")))
+                                  blocked.lowering_platform(env.get("backend")))
 
 
 def _block_decisions(rows, platform) -> list[str]:
