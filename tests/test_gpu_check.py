@@ -266,7 +266,8 @@ sys.exit(gpu_check.main(sys.argv[1:]))
 def test_on_a_tpu_the_gpu_kernels_sections_stand_aside(tmp_path, monkeypatch):
   """Where impl="pallas" runs the Mosaic kernels (a TPU VM), the check leaves out what only
   the Triton kernels have: the other form's correctness rows, the op rows' other launches
-  and the tune section (one skipped row); impl="pallas" itself is still checked."""
+  and the tune section (one skipped row); impl="pallas" itself and impl="xla" are still
+  checked."""
   from sasa_jax.tools import gpu_check  # noqa: PLC0415
   monkeypatch.setattr(gpu_check, "_gpu_kernels_run_here", lambda: False)
   assert gpu_check._gpu_variant_programs(8, 16, 2, jnp.float32) == {}
