@@ -39,11 +39,13 @@ def test_the_op_compiles_for_every_tpu_generation_with_and_without_the_kernels()
       ("v6e", "TPU v6 lite", True)], rows
   auto = _rows("--tpu=v5e,v6e", "--impls=auto", "--dtypes=bfloat16", "--batch=8",
                "--stages=56x64")
-  assert [(r["target"], r["impl"], r["compiled"]) for r in auto] == [
-      ("v5e", "auto", True), ("v6e", "auto", True)], auto
+  assert [(r["target"], r["impl"], r["compiled"], r["blocks"]) for r in auto] == [
+      ("v5e", "auto", True, "4x4, 1 chunk"), ("v6e", "auto", True, "4x4, 1 chunk")], auto
   for r in rows + auto:
     assert r["kernels"] == (3 if r["impl"] == "pallas" else 0), r  # fwd, dq, dk/dv
     assert r["temp_mib"] > 0, r
+    # libtpu's cost model: the XLA operations estimated, the kernels named as not counted
+    assert r["cycles"] > 0 and r["unestimated_kernels"] == r["kernels"], r
   (small,) = _rows("--tpu=v5e", "--impls=pallas", "--dtypes=float32", "--batch=8",
                    "--stages=7x512")
   assert small["compiled"] and small["kernels"] == 3
@@ -59,6 +61,7 @@ def test_step_memory_plans_a_tpu_chip_and_says_when_the_step_does_not_fit():
       "sasa_jax.tools.step_memory", [*config, "--config.batch_size=64", "--microbatches=1"]
   ).stdout)
   assert fits["fits"] and fits["device_mib"] == 16384 and 0 < fits["temp_mib"] < 1024
+  assert fits["est_mcycles"] > 0 and fits["unestimated_kernels"] == 0, fits
   (too_big,) = json.loads(helpers.run_module(
       "sasa_jax.tools.step_memory", [*config, "--config.batch_size=131072", "--microbatches=1"]
   ).stdout)
@@ -118,3 +121,42 @@ def test_the_loops_step_compiles_for_a_v5e_slice_with_batch_norm_groups_of_neigh
     assert a[0] == b[0], (pair, a, b)  # one host
     assert sum(abs(x - y) for x, y in zip(a[1:], b[1:])) == 1, (pair, a, b)  # neighbours
   assert "{{0,1,2,3,4,5,6,7}}" in result["4/2"] and "{{0,1,2,3,4,5,6,7}}" in result["16/1"]
+
+
+ESTIMATE = """
+import json, jax, jax.numpy as jnp
+from sasa_jax.tools import aot, tpu_compile
+
+def tanh_matmuls(n):  # n dependent 1024^3 matmuls in a loop
+  return lambda x: jax.lax.fori_loop(0, n, lambda i, y: jnp.tanh(y @ y), x)
+x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
+out = {n: aot.estimated_cycles(aot.compile_for(tpu_compile.device("v5e"), tanh_matmuls(n), x)[0])
+       for n in (4, 16)}
+out["cpu"] = aot.estimated_cycles(jax.jit(tanh_matmuls(4)).lower(x).compile())
+print(json.dumps(out))
+"""
+
+
+def test_libtpus_estimate_counts_each_loop_iteration_and_the_op_against_a_conv():
+  """aot.estimated_cycles reads libtpu's cost model off the compiled program: a loop's body
+  once per iteration (16 matmuls cost 4x 4 of them, each near the v5e's 197 bf16 TFLOP/s at
+  its 1.5 GHz), None where the compiler writes no estimate (XLA:CPU). tools/tpu_compile puts
+  the op's fwd+bwd next to a 3x3 convolution's, with the block plans of other KV_COSTs."""
+  _libtpu()
+  est = json.loads(_script(ESTIMATE))
+  assert est["16"]["cycles"] == 4 * est["4"]["cycles"], est
+  assert est["4"]["unknown_loops"] == est["4"]["unestimated_kernels"] == 0, est
+  seconds_per_matmul = est["4"]["cycles"] / 4 / 1.5e9
+  assert 0.5 < 2 * 1024**3 / seconds_per_matmul / 197e12 < 1.5, est
+  assert est["cpu"] is None
+  rows = _rows("--tpu=v5e", "--impls=auto,conv3x3", "--kv_costs=25.6", "--dtypes=bfloat16",
+               "--batch=8", "--stages=56x64")
+  (auto, conv, planned) = rows
+  assert (auto["impl"], conv["impl"], planned["impl"], planned["kv_cost"]) == (
+      "auto", "conv3x3", "auto", 25.6), rows
+  assert planned["blocks"] == "14x14, 2 chunks" != auto["blocks"], rows
+  assert 0 < conv["cycles"] < min(auto["cycles"], planned["cycles"]), rows
+  header, row = helpers.run_module("sasa_jax.tools.tpu_compile", [
+      "--tpu=v5e", "--impls=conv3x3", "--dtypes=bfloat16", "--batch=8", "--stages=7x512"]
+  ).stdout.splitlines()
+  assert "est. Mcycles  / conv" in header and row.split()[-1] == "1.0", (header, row)

@@ -9,6 +9,7 @@ compiler's first error line, the planned temporaries, the Pallas kernels in the 
 """
 import json
 import os
+import re
 import time
 
 import jax
@@ -51,47 +52,155 @@ def kernel_calls(compiled) -> int:
   return sum(text.count(call) for call in KERNEL_CALLS)
 
 
+def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
+  """({computation name: its instruction lines}, the entry's name) of an HLO module's text."""
+  bodies, name, entry = {}, None, None
+  for line in hlo.splitlines():
+    if line.endswith("{") and not line.startswith(" "):
+      header = re.match(r"(ENTRY )?%?([^\s(]+)", line)
+      name = header.group(2)
+      bodies[name] = []
+      entry = name if header.group(1) else entry
+    elif name is not None and line.startswith("  "):
+      bodies[name].append(line)
+  return bodies, entry
+
+
+def _trip_count(condition: list[str]) -> int | None:
+  """A while loop's iterations from its condition, `counter < constant` (a counter from 0,
+  as jax's fori_loop lowers), or None for any other condition."""
+  constants = dict(re.findall(r"%(\S+) = s32\[\]\S* constant\((\d+)\)", "\n".join(condition)))
+  for line in condition:
+    compare = re.search(r"ROOT .*compare\(%\S+, %([^\s,)]+)\), direction=LT", line)
+    if compare and compare.group(1) in constants:
+      return int(constants[compare.group(1)])
+  return None
+
+
+def estimated_cycles(compiled) -> dict | None:
+  """XLA:TPU's own estimate of a compiled program's run time, from libtpu's cost model (the
+  `estimated_cycles` its scheduler writes on each instruction of the optimized program),
+  summed over the program with while loops' bodies counted once per iteration:
+  {"cycles": TensorCore cycles, "unestimated_kernels": Pallas kernel calls, which carry no
+  estimate and are not counted, "unknown_loops": loops whose trip count could not be read,
+  counted once}. None for a compiler that writes no estimates (XLA:GPU, XLA:CPU).
+  An estimate, not a measurement: it sees every array's tiled layout (padding included),
+  not contention or overlap between operations."""
+  hlo = compiled.as_text()
+  if '"estimated_cycles":' not in hlo:
+    return None
+  bodies, entry = _computations(hlo)
+  found = {"cycles": 0, "unestimated_kernels": 0, "unknown_loops": 0}
+
+  def add(name, times):
+    for line in bodies.get(name, []):
+      loop = re.search(r" while\(.*condition=%([^\s,]+), body=%([^\s,]+)", line)
+      if loop:
+        trips = _trip_count(bodies.get(loop.group(1), []))
+        found["unknown_loops"] += trips is None
+        add(loop.group(2), times * (1 if trips is None else trips))
+        continue
+      cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
+      if cycles:
+        found["cycles"] += times * int(cycles.group(1))
+      elif any(call in line for call in KERNEL_CALLS):
+        found["unestimated_kernels"] += times
+  add(entry, 1)
+  return found
+
+
+CONV = "conv3x3"  # op_rows' baseline: a 3x3 convolution of the same width, what SASA replaces
+
+
 def op_rows(device, target: str, impls, dtypes, batch: int = 32, stages=STAGES,
-            kernel_size: int = 7, num_heads: int = 8) -> list[dict]:
+            kernel_size: int = 7, num_heads: int = 8, kv_costs=()) -> list[dict]:
   """One row per (stage, dtype, impl): the op's fwd+bwd compiled for `device` (named
   `target` in the rows): compiled or the compiler's first error line, XLA's planned
-  temporaries (MiB) and the Pallas kernels the program launches."""
-  from sasa_jax.ops import local_attention  # noqa: PLC0415
+  temporaries (MiB), the Pallas kernels the program launches and, where the compiler
+  estimates run time (XLA:TPU), `estimated_cycles`' fields. impls: the op's, or CONV for a
+  3x3 convolution of the same width (fwd+bwd: input and filter gradients). The blocked XLA
+  form's rows ("auto" where the device runs it, "xla") name their block plan and chunks;
+  kv_costs: for each value, one more "auto" row planned with it as the device's
+  `blocked.ACCELERATOR_KV_COST` (its `kv_cost` field)."""
+  from sasa_jax.ops import blocked, default_impl, local_attention  # noqa: PLC0415
+  platform = blocked.lowering_platform(device.platform)
   rows = []
   for size, channels in stages:
     d = channels // num_heads
+    maps = (batch, size, size, channels)
     for dtype in dtypes:
-      for impl in impls:
-        def loss(q, k, v, rh, rw, impl=impl):
-          y = local_attention(q, k, v, rh, rw, kernel_size=kernel_size, num_heads=num_heads,
-                              impl=impl)
-          return jnp.sum(jnp.square(y.astype(jnp.float32)))
-        maps = jax.ShapeDtypeStruct((batch, size, size, channels), dtype)
-        rel = jax.ShapeDtypeStruct((kernel_size, d // 2), dtype)
-        start = time.perf_counter()
-        exe, error = compile_for(device, jax.grad(loss, argnums=range(5)),
-                                 maps, maps, maps, rel, rel)
+      runs = [(impl, None) for impl in impls] + [("auto", cost) for cost in kv_costs]
+      for impl, kv_cost in runs:
+        x = jax.ShapeDtypeStruct(maps, dtype)
+        if impl == CONV:
+          def loss(x, kernel):
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return jnp.sum(jnp.square(y.astype(jnp.float32)))
+          args = (x, jax.ShapeDtypeStruct((3, 3, channels, channels), dtype))
+        else:
+          def loss(q, k, v, rh, rw, impl=impl):
+            y = local_attention(q, k, v, rh, rw, kernel_size=kernel_size,
+                                num_heads=num_heads, impl=impl)
+            return jnp.sum(jnp.square(y.astype(jnp.float32)))
+          args = (x, x, x) + (jax.ShapeDtypeStruct((kernel_size, d // 2), dtype),) * 2
         row = {"target": target, "device": device.device_kind,
-               "shape": f"{batch}x{size}x{size}x{channels}", "dtype": jnp.dtype(dtype).name,
-               "impl": impl, "compiled": exe is not None,
-               "compile_s": round(time.perf_counter() - start, 2)}
+               "shape": "x".join(map(str, maps)), "dtype": jnp.dtype(dtype).name,
+               "impl": impl}
+        saved = dict(blocked.ACCELERATOR_KV_COST)
+        if kv_cost is not None:
+          row["kv_cost"] = kv_cost
+          blocked.ACCELERATOR_KV_COST[platform] = kv_cost
+        try:
+          if impl == "xla" or impl == "auto" and default_impl(platform) == "xla":
+            row["blocks"] = _block_plan(maps, kernel_size, num_heads,
+                                        jax.default_backend() if impl == "xla" else platform)
+          start = time.perf_counter()
+          exe, error = compile_for(device, jax.grad(loss, argnums=range(len(args))), *args)
+        finally:
+          blocked.ACCELERATOR_KV_COST.clear()
+          blocked.ACCELERATOR_KV_COST.update(saved)
+        row.update(compiled=exe is not None, compile_s=round(time.perf_counter() - start, 2))
         if exe is not None:
           row["temp_mib"] = exe.memory_analysis().temp_size_in_bytes / MIB
           row["kernels"] = kernel_calls(exe)
+          row.update(estimated_cycles(exe) or {})
         else:
           row["error"] = first_line(error)
         rows.append(row)
   return rows
 
 
+def _block_plan(maps, kernel_size: int, num_heads: int, platform: str) -> str:
+  """How the blocked XLA form cuts `maps` on `platform`: "BHxBW blocks, N chunks"."""
+  from sasa_jax.ops import blocked  # noqa: PLC0415
+  ph, pw, chunks = blocked.platform_layout(maps, kernel_size, num_heads, platform)
+  return f"{ph.block}x{pw.block}, {chunks.count} chunk{'s' * (chunks.count > 1)}"
+
+
 def format_rows(rows) -> str:
-  lines = ["target shape            dtype     impl    compiled  temp MiB  kernels"]
+  """op_rows as a table; the estimate's columns where any row has one (in millions of
+  cycles, and as a multiple of the 3x3 convolution's at the same shape and dtype)."""
+  estimates = any("cycles" in r for r in rows)
+  conv = {(r["target"], r["shape"], r["dtype"]): r["cycles"] for r in rows
+          if r["impl"] == CONV and "cycles" in r}
+  lines = ["target shape            dtype     impl          compiled  temp MiB  kernels"
+           + ("  est. Mcycles  / conv" if estimates else "") + "  blocks"]
   for r in rows:
+    impl = r["impl"] + (f" kv={r['kv_cost']:g}" if "kv_cost" in r else "")
     if r["compiled"]:
       tail = f"{'yes':>8}  {r['temp_mib']:>8.1f}  {r['kernels']:>7}"
+      if estimates:
+        base = conv.get((r["target"], r["shape"], r["dtype"]))
+        part = "+" if r.get("unestimated_kernels") else " "  # Pallas kernels not counted
+        tail += (f"  {r['cycles'] / 1e6:>11.2f}{part}  "
+                 + (f"{r['cycles'] / base:>5.1f}" if base else f"{'':>5}"))
+      tail += f"  {r.get('blocks', '')}"
     else:
       tail = f"{'no':>8}  {r['error']}"
-    lines.append(f"{r['target']:<6} {r['shape']:<16} {r['dtype']:<9} {r['impl']:<7} {tail}")
+    lines.append(f"{r['target']:<6} {r['shape']:<16} {r['dtype']:<9} {impl:<13} {tail}")
+  if any(r.get("unestimated_kernels") for r in rows):
+    lines.append("+: the program's Pallas kernels carry no estimate and are not counted")
   return "\n".join(lines)
 
 
@@ -105,9 +214,13 @@ def table_program(targets, target_flag: str, target_help: str, device_for):
   what), --impls, --dtypes, --batch, --stages, --format."""
   jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS") or "cpu")
   flags.DEFINE_list(target_flag, list(targets), f"{target_help}, of {list(targets)}.")
-  flags.DEFINE_list("impls", ["auto", "pallas"],
+  flags.DEFINE_list("impls", ["auto", "pallas", CONV],
                     "The op's implementations to compile (\"auto\": what that device runs; "
-                    "\"xla\" sizes its chunks for the host that traces it).")
+                    "\"xla\" sizes its blocks and chunks for the host that traces it), and "
+                    f"{CONV}: a 3x3 convolution of the same width, the baseline.")
+  flags.DEFINE_list("kv_costs", [],
+                    "For each value, one more impl=\"auto\" row with the blocked form "
+                    "planned with it as the device's blocked.ACCELERATOR_KV_COST.")
   flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Dtypes of the op's inputs.")
   flags.DEFINE_integer("batch", 32, "Images per device.")
   flags.DEFINE_list("stages", [f"{s}x{c}" for s, c in STAGES],
@@ -140,5 +253,5 @@ def table_main(argv, targets, target_flag: str, device_for):
     except RuntimeError as e:  # the compiler is not installed
       raise app.UsageError(str(e), exitcode=2) from e
     rows += op_rows(device, name, FLAGS.impls, [jnp.dtype(d) for d in FLAGS.dtypes],
-                    FLAGS.batch, stages)
+                    FLAGS.batch, stages, kv_costs=[float(c) for c in FLAGS.kv_costs])
   print(json.dumps(rows, indent=1) if FLAGS.format == "json" else format_rows(rows))

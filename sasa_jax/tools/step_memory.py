@@ -19,7 +19,8 @@ plans differ between backends (and the attention op's implementation with them):
 a machine of the kind the run will use, or with --tpu=GEN, which compiles for one device of
 a TPU generation with libtpu's XLA:TPU compiler (tools/tpu_compile), `impl="auto"` resolved
 as on that TPU, against the chip's HBM (a step that cannot fit fails to compile there, and
-its row says so), or with --gpu=h100|h200|a100, which compiles for one such GPU with XLA:GPU
+its row says so; the row adds the step's device time as libtpu's cost model estimates it,
+`aot.estimated_cycles`), or with --gpu=h100|h200|a100, which compiles for one such GPU with XLA:GPU
 from jax's CUDA plugin (tools/gpu_compile), against the memory jax's allocator takes of it
 (75% unless XLA_PYTHON_CLIENT_MEM_FRACTION, read here, says otherwise). No data is read;
 nothing runs.
@@ -91,11 +92,15 @@ def plan_rows(config, devices: int, microbatches, limit: int | None = None,
                                 NamedSharding(mesh, P("data")))
     try:
       with jax.set_mesh(mesh):
-        plan = memory_plan(step.lower(state, batch).compile())
+        exe = step.lower(state, batch).compile()
     except jax.errors.JaxRuntimeError as e:  # XLA:TPU's verdict on memory, among others
       rows.append({**row, "microbatch_per_device": micro,
                    "skipped": f"does not compile: {aot.first_line(str(e))}"})
       continue
+    plan, estimate = memory_plan(exe), aot.estimated_cycles(exe)
+    if estimate:  # XLA:TPU's cost model (--tpu): the step's device time, estimated
+      row.update(est_mcycles=estimate["cycles"] / 1e6,
+                 unestimated_kernels=estimate["unestimated_kernels"])
     row.update(state_mib=state_bytes / MIB, temp_mib=plan["temp"] / MIB,
                total_mib=plan["footprint"] / MIB, allreduce_mib=grad_bytes / MIB)
     if limit:
@@ -105,8 +110,9 @@ def plan_rows(config, devices: int, microbatches, limit: int | None = None,
 
 
 def format_rows(rows) -> str:
+  estimates = any("est_mcycles" in r for r in rows)
   lines = ["num_microbatches  batch/device  microbatch/device  state MiB  temp MiB  "
-           "total MiB  device MiB  fits"]
+           "total MiB  device MiB  fits" + ("  est. Mcycles" if estimates else "")]
   planned = [r for r in rows if "allreduce_mib" in r]
   if planned:
     lines.insert(0, f"each step all-reduces {planned[0]['allreduce_mib']:.1f} MiB of gradients "
@@ -120,7 +126,13 @@ def format_rows(rows) -> str:
                  f"{r['microbatch_per_device']:>17}  {r['state_mib']:>9.1f}  "
                  f"{r['temp_mib']:>8.1f}  {r['total_mib']:>9.1f}  "
                  + (f"{r['device_mib']:>10.0f}  {'yes' if r['fits'] else 'no'}"
-                    if "device_mib" in r else f"{'-':>10}  (not reported by the backend)"))
+                    if "device_mib" in r else f"{'-':>10}  (not reported by the backend)")
+                 + (f"  {r['est_mcycles']:>12.1f}" + "+" * bool(r["unestimated_kernels"])
+                    if "est_mcycles" in r else ""))
+  if estimates:
+    lines.append("est. Mcycles: the step's device time as libtpu's cost model estimates it "
+                 "(TensorCore cycles)" + (", +: its Pallas kernels not counted" if any(
+                     r.get("unestimated_kernels") for r in rows) else ""))
   return "\n".join(lines)
 
 
