@@ -1,4 +1,5 @@
 """local_attention: every implementation against a brute-force NumPy oracle."""
+import dataclasses
 import functools
 
 import jax
@@ -176,20 +177,25 @@ def test_bad_input_is_named(call, match):
 
 
 @pytest.mark.parametrize("with_k,with_rel", [(True, True), (True, False), (False, True)])
-@pytest.mark.parametrize("chunking", ["strips", "images"])
+@pytest.mark.parametrize("chunking", ["strips", "images", "all images, strips",
+                                      "all images, groups and strips"])
 def test_chunks_keep_values_and_gradients(monkeypatch, chunking, with_k, with_rel):
   """The op run in sequential chunks (strips of block rows with a halo, or groups of whole
-  images) gives the unchunked values and gradients; the last block row is padded."""
+  images; on TPUs strips of every image, `whole_batch_for`, split into groups of images
+  only when one block row of them all exceeds the limit) gives the unchunked values and
+  gradients; the last block row is padded."""
   from sasa_jax.ops import blocked
   b, h, w, c, n, ks = 4, 11, 7, 8, 2, 3
   args, kw = inputs((b, h, w, c, n, ks), seed=7, with_k=with_k, with_rel=with_rel)
   plan_h, plan_w = plan_axis(h, 1, min_block=2, block_overhead=0), plan_axis(w, 1, min_block=w)
   assert (plan_h.block, plan_h.num_blocks) == (2, 6) and plan_w.num_blocks == 1
-  op = lambda *a: local_attention_blocked(*a, **kw, plan_h=plan_h, plan_w=plan_w)
+  platform = "tpu" if chunking.startswith("all images") else None  # None: jax's default
+  op = lambda *a: local_attention_blocked(*a, **kw, plan_h=plan_h, plan_w=plan_w,
+                                          platform=platform)
   jaxpr = lambda: str(jax.make_jaxpr(lambda *a: op(*a))(*args))  # a new function: no cache
   diff = [i for i, a in enumerate(args) if a is not None]
 
-  def run(*a):  # compiled whole, traced anew at every call (CHUNK_LOGITS changes)
+  def run(*a):  # compiled whole, traced anew at every call (the chunk limit changes)
     loss = lambda *x: jnp.sum(jnp.sin(op(*[x[diff.index(i)] if i in diff else None
                                            for i in range(5)])))
     both = lambda *a: (op(*a), jax.grad(loss, argnums=range(len(diff)))(*[a[i] for i in diff]))
@@ -197,18 +203,25 @@ def test_chunks_keep_values_and_gradients(monkeypatch, chunking, with_k, with_re
   want, want_grads = run(*args)
   assert "scan" not in jaxpr()  # all of it fits one chunk
   per_block_row = n * plan_w.num_blocks * plan_h.block * plan_w.block * plan_h.window * plan_w.window
-  limit = {"strips": 4 * per_block_row, "images": 2 * 6 * per_block_row}[chunking]
-  monkeypatch.setattr(blocked, "CHUNK_LOGITS", limit)
-  if chunking == "strips":  # 3 of the 6 block rows per strip: 2 strips per image
-    assert blocked.strip_rows(plan_h, per_block_row, limit) == 3
+  limit, chunks = {  # (images, groups, strips, height, halo) of the chunks
+      "strips": (4 * per_block_row, (1, 4, 2, 6, 1)),  # 3 of the 6 block rows per strip
+      "images": (2 * 6 * per_block_row, (2, 2, 1, h, 0)),
+      "all images, strips": (4 * 3 * per_block_row, (4, 1, 2, 6, 1)),
+      "all images, groups and strips": (3 * per_block_row, (2, 2, 6, 2, 1)),
+  }[chunking]
+  monkeypatch.setattr(blocked, "ACCELERATOR_CHUNK_LOGITS" if platform == "tpu"
+                      else "CHUNK_LOGITS", limit)
+  assert dataclasses.astuple(blocked.plan_chunks(
+      args[0].shape, n, plan_h, plan_w, limit, platform == "tpu")) == chunks
   assert "scan" in jaxpr()
   got, got_grads = run(*args)
   np.testing.assert_allclose(got, oracle(*args, **kw), atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   for g, w_ in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-5)
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # chunks there only bound memory
-  assert "scan" not in jaxpr()
+  if platform is None:
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # chunks there only bound memory
+    assert "scan" not in jaxpr()
 
 
 def test_cpu_kernel_builds_once_into_its_cache(monkeypatch, tmp_path):

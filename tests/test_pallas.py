@@ -347,6 +347,26 @@ def test_auto_plans_the_blocked_ops_blocks_with_the_lowering_platforms_kv_cost(m
     _assert_close(got, want, 1e-4)
 
 
+def test_auto_chunks_take_every_image_on_tpu_only():
+  """The blocked form's sequential chunks on TPU are strips of block rows of every image
+  (XLA:TPU pads a chunk of few images in the lane dimension, `blocked.whole_batch_for`);
+  lowered for CUDA, the same jitted function cuts the batch into groups of whole images:
+  ResNet-50's 56 x 56 stage at batch 32 slices [32, 28 + 2 x 3 halo rows, 56, 64] key
+  strips for TPU and [16, 56, 56, 64] images for CUDA."""
+  import re
+  from sasa_jax.ops import blocked
+  assert blocked.whole_batch_for("tpu") and not any(
+      blocked.whole_batch_for(p) for p in ("cuda", "gpu", "rocm", "cpu"))
+  maps = jax.ShapeDtypeStruct((32, 56, 56, 64), jnp.bfloat16)
+  rel = jax.ShapeDtypeStruct((7, 4), jnp.bfloat16)
+  step = jax.jit(lambda *a: local_attention(*a, kernel_size=7, num_heads=8, impl="auto"))
+  def slices(platform):
+    module = _exported(step, (maps, maps, maps, rel, rel), [platform]).mlir_module()
+    return set(re.findall(r"dynamic_slice[^\n]*-> tensor<([0-9x]+)xbf16>", module))
+  assert slices("tpu") == {"32x28x56x64", "32x34x56x64"}  # query and key strips
+  assert slices("cuda") == {"16x56x56x64"}
+
+
 SHARDED = """
 import json
 import jax, jax.numpy as jnp, numpy as np

@@ -455,10 +455,11 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
 
   The work runs in sequential chunks of whole images or, when one image's logits exceed
   CHUNK_LOGITS, of horizontal strips of query-block rows whose keys and values carry a
-  halo of r rows: each chunk is sliced from the (once padded) inputs, attended and, in the
-  backward, its gradients written (dk, dv: added) in place while it is in cache, which
-  bounds the op's temporary memory too. platform: whose planning constants size the blocks
-  (`kv_cost_for`) and chunks (`chunk_logits_for`); default jax's default backend
+  halo of r rows (on TPUs, strips of every image: `whole_batch_for`): each chunk is sliced
+  from the (once padded) inputs, attended and, in the backward, its gradients written (dk,
+  dv: added) in place while it is in cache, which bounds the op's temporary memory too.
+  platform: whose planning constants size the blocks (`kv_cost_for`) and chunks
+  (`chunk_logits_for`, `whole_batch_for`); default jax's default backend
   (`impl="auto"` passes the lowering platform). plan_h, plan_w, chunk_logits (the most
   logits per chunk): given, they replace the platform's.
   """
@@ -467,7 +468,7 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
   if plan_h is None or plan_w is None:
     plan_h, plan_w = plan_blocks(h, w, kernel_size // 2, c, num_heads, kv_cost_for(platform))
   ch = plan_chunks(q.shape, num_heads, plan_h, plan_w,
-                   chunk_logits or chunk_logits_for(platform))
+                   chunk_logits or chunk_logits_for(platform), whole_batch_for(platform))
   if ch.strips == 1:  # whole images
     inner_h, keys_padded = plan_h, False
     masks = _axis_mask(plan_h)[None]
@@ -483,17 +484,25 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
 
 
 def plan_chunks(shape, num_heads: int, plan_h: AxisPlan, plan_w: AxisPlan,
-                limit: int) -> _Chunks:
+                limit: int, whole_batch: bool = False) -> _Chunks:
   """The sequential chunks of a [B, H, W, C] input with at most `limit` logits each:
-  groups of whole images, or one image's strips of block rows when an image exceeds it."""
+  groups of whole images, or one image's strips of block rows when an image exceeds it.
+  whole_batch (`whole_batch_for`): strips of block rows of every image instead, the images
+  split into groups only when one block row of them all exceeds the limit."""
   bsz, h = shape[:2]
   per_block_row = (num_heads * plan_w.num_blocks * plan_h.block * plan_w.block
                    * plan_h.window * plan_w.window)
-  rows = strip_rows(plan_h, per_block_row, limit)
+  if whole_batch:
+    groups = fewest_chunks(bsz, per_block_row, limit)
+    rows = strip_rows(plan_h, bsz // groups * per_block_row, limit)
+  else:
+    rows = strip_rows(plan_h, per_block_row, limit)
+    groups = fewest_chunks(bsz, plan_h.num_blocks * per_block_row, limit) if (
+        rows == plan_h.num_blocks) else bsz
   if rows == plan_h.num_blocks:
-    groups = fewest_chunks(bsz, plan_h.num_blocks * per_block_row, limit)
     return _Chunks(bsz // groups, groups, 1, h, 0)
-  return _Chunks(1, bsz, -(-plan_h.num_blocks // rows), rows * plan_h.block, plan_h.radius)
+  return _Chunks(bsz // groups, groups, -(-plan_h.num_blocks // rows), rows * plan_h.block,
+                 plan_h.radius)
 
 
 def platform_layout(shape, kernel_size: int, num_heads: int, platform: str):
@@ -501,7 +510,8 @@ def platform_layout(shape, kernel_size: int, num_heads: int, platform: str):
   [B, H, W, C] input; platforms with equal layouts trace the op alike (one branch serves)."""
   plans = plan_blocks(shape[1], shape[2], kernel_size // 2, shape[3], num_heads,
                       kv_cost_for(platform))
-  return (*plans, plan_chunks(shape, num_heads, *plans, chunk_logits_for(platform)))
+  return (*plans, plan_chunks(shape, num_heads, *plans, chunk_logits_for(platform),
+                              whole_batch_for(platform)))
 
 
 # Logits per sequential chunk (float32): one chunk's logits and probabilities stay in a
@@ -510,6 +520,20 @@ def platform_layout(shape, kernel_size: int, num_heads: int, platform: str):
 # there chunks only bound memory.
 CHUNK_LOGITS = 1 << 20
 ACCELERATOR_CHUNK_LOGITS = 1 << 26
+
+
+# Lowering platforms whose chunks take every image of the batch (strips of block rows of
+# them all; `plan_chunks`' whole_batch). XLA:TPU lays the windows and logits out with the
+# images in the 128-wide minor (lane) dimension, so a chunk of 16 images pads them 8-fold: at
+# ResNet-50's 56 x 56 stage, batch 128, libtpu plans 1,337 MiB of temporaries for strips of
+# all the images against 2,979 MiB for groups of 16, and its cost model estimates 4.5x less
+# device time (docs/models.md, `tools/tpu_compile`). CPUs and GPUs keep groups of images.
+WHOLE_BATCH_CHUNKS = frozenset({"tpu"})
+
+
+def whole_batch_for(platform: str) -> bool:
+  """Whether the chunks on `platform` (as `chunk_logits_for`'s) take every image."""
+  return lowering_platform(platform) in WHOLE_BATCH_CHUNKS
 
 
 def chunk_logits_for(platform: str) -> int:

@@ -172,10 +172,14 @@ def op_rows(device, target: str, impls, dtypes, batch: int = 32, stages=STAGES,
 
 
 def _block_plan(maps, kernel_size: int, num_heads: int, platform: str) -> str:
-  """How the blocked XLA form cuts `maps` on `platform`: "BHxBW blocks, N chunks"."""
+  """How the blocked XLA form cuts `maps` on `platform`: "BHxBW" blocks, then "1 chunk" or
+  "N chunks (I images x R rows)", the sequential chunks."""
   from sasa_jax.ops import blocked  # noqa: PLC0415
   ph, pw, chunks = blocked.platform_layout(maps, kernel_size, num_heads, platform)
-  return f"{ph.block}x{pw.block}, {chunks.count} chunk{'s' * (chunks.count > 1)}"
+  if chunks.count == 1:
+    return f"{ph.block}x{pw.block}, 1 chunk"
+  return (f"{ph.block}x{pw.block}, {chunks.count} chunks ({chunks.images} images x "
+          f"{chunks.height} rows)")
 
 
 def format_rows(rows) -> str:

@@ -512,8 +512,9 @@ def blocks_rows(stages, batch, dtype, repeats):
     for kv in kv_costs:
       plans = blocked.plan_blocks(size, size, k // 2, width, heads, kv)
       for limit in limits:
-        layouts.setdefault((*plans, blocked.plan_chunks(shape, heads, *plans, limit)),
-                           []).append((kv, limit))
+        chunks = blocked.plan_chunks(shape, heads, *plans, limit,
+                                     blocked.whole_batch_for(platform))
+        layouts.setdefault((*plans, chunks), []).append((kv, limit))
     if len(layouts) < 2:
       continue
     args, cot = _operands(shape, heads, k, dtype, seed=1)
