@@ -189,6 +189,21 @@ def test_decisions_name_the_fastest_right_launches(monkeypatch):
   ], lines
 
 
+def test_blocks_rows_cut_the_chunks_both_ways(monkeypatch):
+  """Where the chunk limit cuts a batch, the blocks rows time the platform's chunks (here the
+  CPU's groups of whole images) and the other way (strips of every image, the TPU's), and
+  a strips row's gradients agree with impl="xla"'s."""
+  from sasa_jax.tools import gpu_check  # noqa: PLC0415
+  monkeypatch.setattr(gpu_check, "BLOCK_CHUNK_LOGITS", (200_000,))
+  rows = list(gpu_check.blocks_rows([(12, 16)], 4, jnp.float32, 1))
+  cuts = [(r["block"], r["chunks"], r["chunk_images"], r["whole_batch"]) for r, _ in rows]
+  assert cuts == [("4x4", 1, 4, False), ("4x4", 4, 1, False), ("4x4", 3, 4, True),
+                  ("4x12", 1, 4, False), ("4x12", 4, 1, False), ("4x12", 3, 4, True),
+                  ("12x12", 1, 4, False), ("12x12", 4, 1, False)], cuts
+  strips = rows[2][1]()()  # compiled, then run
+  assert strips["grad_error"] < 1e-5 and strips["ms"] > 0, strips
+
+
 def test_block_decisions_name_the_fastest_right_layout_and_kv_cost():
   """Per shape the fastest layout whose gradients are right, against the planned one; the
   KV_COST whose plans (each at its fastest chunks) sum to the least time over the shapes,
@@ -222,6 +237,20 @@ def test_block_decisions_name_the_fastest_right_layout_and_kv_cost():
       "planned 0.4's 5 ms: blocked.ACCELERATOR_KV_COST['cuda'] = 6.4",
       "- fewer sequential chunks ran faster in 1 of 2 pairs of one plan (chunk limit now "
       "67,108,864 logits)"]
+  # chunks of every image against groups of images, same plan and limit (the TPU's way)
+  tpu = [{**a, "block": "4x4", "window": "10x10", "chunks": 8, "kv_costs": "0.4",
+          "chunk_logits": 1 << 26, "whole_batch": True, "ms": 1.5, "planned": True},
+         {**a, "block": "4x4", "window": "10x10", "chunks": 2, "kv_costs": "0.4",
+          "chunk_logits": 1 << 26, "whole_batch": False, "ms": 6.0}]
+  assert gpu_check._block_decisions(tpu, "tpu") == [
+      "- blocks 32x56x56x64 bfloat16: fastest 4x4 blocks (10x10 windows, 8 chunk(s) of every "
+      "image; KV_COST 0.4) 1.5 ms against the planned 4x4's (8 chunk(s) of every image) 1.5 ms",
+      "- KV_COST over 1 shape(s), each plan at its fastest chunks: 0.4 1.5 ms",
+      "- chunks of every image (strips of block rows) ran faster than groups of whole images "
+      "in 1 of 1 pairs of one plan and limit (on tpu now: strips of every image)"]
+  cuda = [{**r, "planned": not r["planned"]} for r in tpu]
+  assert gpu_check._block_decisions(cuda, "cuda")[-1].endswith(
+      "(on cuda now: groups of images): blocked.WHOLE_BATCH_CHUNKS should name 'cuda'")
 
 
 def test_a_run_cut_short_leaves_its_results(tmp_path, monkeypatch):

@@ -446,7 +446,8 @@ def strip_rows(plan_h: AxisPlan, per_block_row: int, limit: int) -> int:
 
 def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
                             plan_h: AxisPlan | None = None, plan_w: AxisPlan | None = None,
-                            chunk_logits: int | None = None, platform: str | None = None):
+                            chunk_logits: int | None = None, platform: str | None = None,
+                            whole_batch: bool | None = None):
   """See `sasa_jax.ops.local_attention`. Inputs already validated.
 
   Matrix multiplies run in the input dtype with float32 accumulation; the softmax is
@@ -461,14 +462,15 @@ def local_attention_blocked(q, k, v, rel_h, rel_w, *, kernel_size, num_heads,
   platform: whose planning constants size the blocks (`kv_cost_for`) and chunks
   (`chunk_logits_for`, `whole_batch_for`); default jax's default backend
   (`impl="auto"` passes the lowering platform). plan_h, plan_w, chunk_logits (the most
-  logits per chunk): given, they replace the platform's.
+  logits per chunk), whole_batch: given, they replace the platform's.
   """
   bsz, h, w, c = q.shape
   platform = platform or jax.default_backend()
   if plan_h is None or plan_w is None:
     plan_h, plan_w = plan_blocks(h, w, kernel_size // 2, c, num_heads, kv_cost_for(platform))
   ch = plan_chunks(q.shape, num_heads, plan_h, plan_w,
-                   chunk_logits or chunk_logits_for(platform), whole_batch_for(platform))
+                   chunk_logits or chunk_logits_for(platform),
+                   whole_batch_for(platform) if whole_batch is None else whole_batch)
   if ch.strips == 1:  # whole images
     inner_h, keys_padded = plan_h, False
     masks = _axis_mask(plan_h)[None]

@@ -500,21 +500,23 @@ def blocks_rows(stages, batch, dtype, repeats):
   """impl="xla", the blocked form impl="auto" runs on GPUs and TPUs, cut otherwise at each
   stage shape (k = 7, 8 heads): the block plans of BLOCK_KV_COSTS and of this platform's
   KV_COST, each with the sequential chunks of this platform's limit and of
-  BLOCK_CHUNK_LOGITS; layouts that cut alike are timed once, shapes with one layout not at
-  all. fwd+bwd ms, temporary MB and gradient error against impl="xla" as planned."""
+  BLOCK_CHUNK_LOGITS, as groups of whole images and as strips of every image
+  (`blocked.whole_batch_for`); layouts that cut alike are timed once, shapes with one layout
+  not at all. fwd+bwd ms, temporary MB and gradient error against impl="xla" as planned."""
   platform = jax.default_backend()
   heads, k = 8, 7
   kv_costs = dict.fromkeys((blocked.kv_cost_for(platform), *BLOCK_KV_COSTS))
   limits = dict.fromkeys((blocked.chunk_logits_for(platform), *BLOCK_CHUNK_LOGITS))
+  whole = blocked.whole_batch_for(platform)
   for size, width in stages:
     shape = (batch, size, size, width)
-    layouts = {}  # (plan_h, plan_w, chunks) -> [(kv_cost, chunk limit), ...]
+    layouts = {}  # (plan_h, plan_w, chunks) -> [(kv_cost, chunk limit, whole_batch), ...]
     for kv in kv_costs:
       plans = blocked.plan_blocks(size, size, k // 2, width, heads, kv)
       for limit in limits:
-        chunks = blocked.plan_chunks(shape, heads, *plans, limit,
-                                     blocked.whole_batch_for(platform))
-        layouts.setdefault((*plans, chunks), []).append((kv, limit))
+        for whole_batch in (whole, not whole):
+          chunks = blocked.plan_chunks(shape, heads, *plans, limit, whole_batch)
+          layouts.setdefault((*plans, chunks), []).append((kv, limit, whole_batch))
     if len(layouts) < 2:
       continue
     args, cot = _operands(shape, heads, k, dtype, seed=1)
@@ -523,14 +525,15 @@ def blocks_rows(stages, batch, dtype, repeats):
     for (ph, pw, chunks), settings in layouts.items():
       labels = {"shape": "x".join(map(str, shape)), "dtype": jnp.dtype(dtype).name,
                 "block": f"{ph.block}x{pw.block}", "window": f"{ph.window}x{pw.window}",
-                "chunks": chunks.count,
-                "kv_costs": "/".join(f"{kv:g}" for kv in dict.fromkeys(kv for kv, _ in settings)),
-                "chunk_logits": settings[0][1], "planned": (ph, pw, chunks) == planned}
+                "chunks": chunks.count, "chunk_images": chunks.images,
+                "kv_costs": "/".join(f"{kv:g}" for kv in dict.fromkeys(s[0] for s in settings)),
+                "chunk_logits": settings[0][1], "whole_batch": settings[0][2],
+                "planned": (ph, pw, chunks) == planned}
 
-      def prepare(ph=ph, pw=pw, limit=settings[0][1]):
+      def prepare(ph=ph, pw=pw, limit=settings[0][1], whole_batch=settings[0][2]):
         return _timed_against(_grads(functools.partial(
             blocked.local_attention_blocked, kernel_size=k, num_heads=heads, plan_h=ph,
-            plan_w=pw, chunk_logits=limit), cot), args, want, repeats)
+            plan_w=pw, chunk_logits=limit, whole_batch=whole_batch), cot), args, want, repeats)
       yield labels, prepare
 
 
@@ -627,7 +630,11 @@ def _block_decisions(rows, platform) -> list[str]:
   """What the `blocks` rows say about the blocked op's layout on `platform` (a lowering
   platform's name): per shape the fastest right layout against the planned one; the KV_COST
   whose plans, each at its fastest chunks, take the least time over all the shapes (for
-  blocked.ACCELERATOR_KV_COST); and whether fewer sequential chunks ran faster."""
+  blocked.ACCELERATOR_KV_COST); whether fewer sequential chunks ran faster; and whether
+  chunks of every image ran faster than groups of whole images (for
+  blocked.WHOLE_BATCH_CHUNKS)."""
+  def chunks(r):
+    return f"{r['chunks']} chunk(s)" + (" of every image" if r.get("whole_batch") else "")
   right = [r for r in rows if r["grad_error"] <= TOLERANCE[r["dtype"]]]
   shapes = list(dict.fromkeys(r["shape"] for r in right))
   lines, per_kv = [], {}  # kv -> {shape: its plan's fastest ms}
@@ -635,10 +642,10 @@ def _block_decisions(rows, platform) -> list[str]:
     here = [r for r in right if r["shape"] == shape]
     best = min(here, key=lambda r: r["ms"])
     line = (f"- blocks {shape} {best['dtype']}: fastest {best['block']} blocks "
-            f"({best['window']} windows, {best['chunks']} chunk(s); KV_COST "
+            f"({best['window']} windows, {chunks(best)}; KV_COST "
             f"{best['kv_costs']}) {best['ms']:.3g} ms")
     for r in (r for r in here if r["planned"]):
-      line += f" against the planned {r['block']}'s ({r['chunks']} chunk(s)) {r['ms']:.3g} ms"
+      line += f" against the planned {r['block']}'s ({chunks(r)}) {r['ms']:.3g} ms"
     lines.append(line)
     for r in here:
       for kv in r["kv_costs"].split("/"):
@@ -656,11 +663,25 @@ def _block_decisions(rows, platform) -> list[str]:
       line += f" against the planned {now}'s {totals[now]:.3g} ms: {knob} = {kv}"
     lines.append(line)
   pairs = [(a, b) for a in right for b in right if a["shape"] == b["shape"]
-           and a["block"] == b["block"] and a["chunks"] < b["chunks"]]
+           and a["block"] == b["block"] and a.get("whole_batch") == b.get("whole_batch")
+           and a["chunks"] < b["chunks"]]
   if pairs:
     wins = sum(a["ms"] < b["ms"] for a, b in pairs)
     lines.append(f"- fewer sequential chunks ran faster in {wins} of {len(pairs)} pairs of "
                  f"one plan (chunk limit now {blocked.ACCELERATOR_CHUNK_LOGITS:,} logits)")
+  pairs = [(a, b) for a in right for b in right if a["shape"] == b["shape"]
+           and a["block"] == b["block"] and a.get("whole_batch")
+           and b.get("whole_batch") is False and a["chunk_logits"] == b["chunk_logits"]]
+  if pairs:
+    wins = sum(a["ms"] < b["ms"] for a, b in pairs)
+    now = blocked.whole_batch_for(platform)
+    verdict = ("" if (2 * wins > len(pairs)) == now else
+               f": blocked.WHOLE_BATCH_CHUNKS {'should' if not now else 'should not'} "
+               f"name {blocked.lowering_platform(platform)!r}")
+    lines.append(f"- chunks of every image (strips of block rows) ran faster than groups of "
+                 f"whole images in {wins} of {len(pairs)} pairs of one plan and limit (on "
+                 f"{platform} now: {'strips of every image' if now else 'groups of images'})"
+                 + verdict)
   return lines
 
 
