@@ -7,6 +7,7 @@ Here: placing abstract arguments on such a device, compiling for it, and the att
 table (its forward and backward at the four ResNet-50 stage shapes: compiled or the
 compiler's first error line, the planned temporaries, the Pallas kernels in the program).
 """
+import contextlib
 import json
 import os
 import re
@@ -112,6 +113,41 @@ def estimated_cycles(compiled) -> dict | None:
 CONV = "conv3x3"  # op_rows' baseline: a 3x3 convolution of the same width, what SASA replaces
 
 
+def _loss_and_args(impl: str, maps, dtype, kernel_size: int, num_heads: int):
+  """(loss, its jax.ShapeDtypeStruct arguments): the op's (q, k, v, rel_h, rel_w) with
+  `impl`, or CONV's (input, HWIO filter), on [B, H, W, C] `maps`."""
+  from sasa_jax.ops import local_attention  # noqa: PLC0415
+  x = jax.ShapeDtypeStruct(maps, dtype)
+  channels = maps[-1]
+  if impl == CONV:
+    def loss(x, kernel):
+      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return jnp.sum(jnp.square(y.astype(jnp.float32)))
+    return loss, (x, jax.ShapeDtypeStruct((3, 3, channels, channels), dtype))
+
+  def loss(q, k, v, rh, rw):
+    y = local_attention(q, k, v, rh, rw, kernel_size=kernel_size, num_heads=num_heads,
+                        impl=impl)
+    return jnp.sum(jnp.square(y.astype(jnp.float32)))
+  rel = jax.ShapeDtypeStruct((kernel_size, channels // num_heads // 2), dtype)
+  return loss, (x, x, x, rel, rel)
+
+
+@contextlib.contextmanager
+def _kv_cost(platform: str, value: float | None):
+  """blocked.ACCELERATOR_KV_COST[platform] = value within (None: as it is)."""
+  from sasa_jax.ops import blocked  # noqa: PLC0415
+  saved = dict(blocked.ACCELERATOR_KV_COST)
+  if value is not None:
+    blocked.ACCELERATOR_KV_COST[platform] = value
+  try:
+    yield
+  finally:
+    blocked.ACCELERATOR_KV_COST.clear()
+    blocked.ACCELERATOR_KV_COST.update(saved)
+
+
 def op_rows(device, target: str, impls, dtypes, batch: int = 32, stages=STAGES,
             kernel_size: int = 7, num_heads: int = 8, kv_costs=()) -> list[dict]:
   """One row per (stage, dtype, impl): the op's fwd+bwd compiled for `device` (named
@@ -122,44 +158,23 @@ def op_rows(device, target: str, impls, dtypes, batch: int = 32, stages=STAGES,
   form's rows ("auto" where the device runs it, "xla") name their block plan and chunks;
   kv_costs: for each value, one more "auto" row planned with it as the device's
   `blocked.ACCELERATOR_KV_COST` (its `kv_cost` field)."""
-  from sasa_jax.ops import blocked, default_impl, local_attention  # noqa: PLC0415
+  from sasa_jax.ops import blocked, default_impl  # noqa: PLC0415
   platform = blocked.lowering_platform(device.platform)
   rows = []
   for size, channels in stages:
-    d = channels // num_heads
     maps = (batch, size, size, channels)
     for dtype in dtypes:
-      runs = [(impl, None) for impl in impls] + [("auto", cost) for cost in kv_costs]
-      for impl, kv_cost in runs:
-        x = jax.ShapeDtypeStruct(maps, dtype)
-        if impl == CONV:
-          def loss(x, kernel):
-            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            return jnp.sum(jnp.square(y.astype(jnp.float32)))
-          args = (x, jax.ShapeDtypeStruct((3, 3, channels, channels), dtype))
-        else:
-          def loss(q, k, v, rh, rw, impl=impl):
-            y = local_attention(q, k, v, rh, rw, kernel_size=kernel_size,
-                                num_heads=num_heads, impl=impl)
-            return jnp.sum(jnp.square(y.astype(jnp.float32)))
-          args = (x, x, x) + (jax.ShapeDtypeStruct((kernel_size, d // 2), dtype),) * 2
+      for impl, kv_cost in [(impl, None) for impl in impls] + [("auto", c) for c in kv_costs]:
+        loss, args = _loss_and_args(impl, maps, dtype, kernel_size, num_heads)
         row = {"target": target, "device": device.device_kind,
                "shape": "x".join(map(str, maps)), "dtype": jnp.dtype(dtype).name,
-               "impl": impl}
-        saved = dict(blocked.ACCELERATOR_KV_COST)
-        if kv_cost is not None:
-          row["kv_cost"] = kv_cost
-          blocked.ACCELERATOR_KV_COST[platform] = kv_cost
-        try:
+               "impl": impl, **({} if kv_cost is None else {"kv_cost": kv_cost})}
+        with _kv_cost(platform, kv_cost):
           if impl == "xla" or impl == "auto" and default_impl(platform) == "xla":
             row["blocks"] = _block_plan(maps, kernel_size, num_heads,
                                         jax.default_backend() if impl == "xla" else platform)
           start = time.perf_counter()
           exe, error = compile_for(device, jax.grad(loss, argnums=range(len(args))), *args)
-        finally:
-          blocked.ACCELERATOR_KV_COST.clear()
-          blocked.ACCELERATOR_KV_COST.update(saved)
         row.update(compiled=exe is not None, compile_s=round(time.perf_counter() - start, 2))
         if exe is not None:
           row["temp_mib"] = exe.memory_analysis().temp_size_in_bytes / MIB
