@@ -36,7 +36,7 @@ IMPLS = ("auto",) + tuple(IMPLEMENTATIONS)
 
 # impl="auto" per lowering platform (jax's names: "cpu", "cuda", "rocm", "tpu"): a platform
 # not named here gets "xla", the blocked XLA form. TPU: XLA, because the Mosaic kernels have
-# never been timed on a TPU, and libtpu's XLA:TPU (tools/tpu_compile) plans them 1.6-2x the
+# never been timed on a TPU, and libtpu's XLA:TPU (tools/tpu_compile) plans them 2.9-3.9x the
 # XLA form's HBM temporaries at ResNet-50's 56x56x64 stage (head dims of 8 stored in 128
 # lanes): docs/models.md. GPU: XLA, which beat
 # the Triton kernels 1.7-13x in fwd+bwd time on an H200 (docs/gpu.md). CPU: the compiled C++
