@@ -20,10 +20,10 @@ a machine of the kind the run will use, or with --tpu=GEN, which compiles for on
 a TPU generation with libtpu's XLA:TPU compiler (tools/tpu_compile), `impl="auto"` resolved
 as on that TPU, against the chip's HBM (a step that cannot fit fails to compile there, and
 its row says so; the row adds the step's device time as libtpu's cost model estimates it,
-`aot.estimated_cycles`), or with --gpu=h100|h200|a100, which compiles for one such GPU with XLA:GPU
-from jax's CUDA plugin (tools/gpu_compile), against the memory jax's allocator takes of it
-(75% unless XLA_PYTHON_CLIENT_MEM_FRACTION, read here, says otherwise). No data is read;
-nothing runs.
+`aot.estimated_cycles`), or with --gpu=h100|h200|a100, which compiles for one such GPU
+with XLA:GPU from jax's CUDA plugin (tools/gpu_compile), against the memory jax's allocator
+takes of it (75% unless XLA_PYTHON_CLIENT_MEM_FRACTION, read here, says otherwise). No data
+is read; nothing runs.
 """
 import copy
 import json
