@@ -86,7 +86,8 @@ def estimated_cycles(compiled) -> dict | None:
   estimate and are not counted, "unknown_loops": loops whose trip count could not be read,
   counted once}. None for a compiler that writes no estimates (XLA:GPU, XLA:CPU).
   An estimate, not a measurement: it sees every array's tiled layout (padding included),
-  not contention or overlap between operations."""
+  not contention or overlap between operations. Conditionals' branches and called
+  computations are not walked (the op and the loop's step compile to none)."""
   hlo = compiled.as_text()
   if '"estimated_cycles":' not in hlo:
     return None
