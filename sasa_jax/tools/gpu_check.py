@@ -677,7 +677,7 @@ def _block_decisions(rows, platform) -> list[str]:
     now = blocked.whole_batch_for(platform)
     verdict = ("" if (2 * wins > len(pairs)) == now else
                f": blocked.WHOLE_BATCH_CHUNKS {'should' if not now else 'should not'} "
-               f"name {blocked.lowering_platform(platform)!r}")
+               f"name {platform!r}")
     lines.append(f"- chunks of every image (strips of block rows) ran faster than groups of "
                  f"whole images in {wins} of {len(pairs)} pairs of one plan and limit (on "
                  f"{platform} now: {'strips of every image' if now else 'groups of images'})"
