@@ -51,6 +51,7 @@ IMPLS = {
     "xla": lambda *a, **kw: local_attention(*a, impl="xla", **kw),
     "xla_small_blocks": small_blocks,
     "cpu": lambda *a, **kw: local_attention(*a, impl="cpu", **kw),
+    "shifted": lambda *a, **kw: local_attention(*a, impl="shifted", **kw),
 }
 
 # (B, H, W, C, heads, kernel): non-square, windows larger than the image, 1 and many heads.
@@ -114,7 +115,7 @@ def _loss(fn, kw, cot):
   return lambda q, k, v, rh, rw: jnp.sum(fn(q, k, v, rh, rw, **kw) * cot)
 
 
-@pytest.mark.parametrize("impl", ["xla", "xla_small_blocks", "cpu"])
+@pytest.mark.parametrize("impl", ["xla", "xla_small_blocks", "cpu", "shifted"])
 def test_gradients_match_reference(impl):
   args, kw = inputs((2, 7, 9, 8, 2, 5), seed=2)
   cot = np.random.default_rng(3).normal(size=args[0].shape).astype(np.float32)
@@ -122,6 +123,24 @@ def test_gradients_match_reference(impl):
   got = jax.jit(jax.grad(_loss(IMPLS[impl], kw, cot), argnums=range(5)))(*args)
   for name, g, w in zip(["q", "k", "v", "rel_h", "rel_w"], got, want):
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", ["xla", "shifted"])
+@pytest.mark.parametrize("with_k,with_rel", [(True, False), (False, True)])
+def test_gradients_without_content_or_position_term(impl, with_k, with_rel):
+  """Each gradient the op has (none for an absent k or relative embeddings) against
+  impl="reference"'s, jitted."""
+  args, kw = inputs((2, 6, 9, 8, 2, 5), seed=8, with_k=with_k, with_rel=with_rel)
+  cot = np.random.default_rng(9).normal(size=args[0].shape).astype(np.float32)
+  given = [i for i, a in enumerate(args) if a is not None]
+
+  def grads(fn):
+    def loss(*present):
+      full = [present[given.index(i)] if i in given else None for i in range(5)]
+      return jnp.sum(fn(*full, **kw) * cot)
+    return jax.jit(jax.grad(loss, argnums=range(len(given))))(*(args[i] for i in given))
+  for i, g, w in zip(given, grads(IMPLS[impl]), grads(IMPLS["reference"])):
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=f"argument {i}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -136,7 +155,7 @@ def test_gradients_match_finite_differences(impl):
                               modes=["rev"], atol=tol, rtol=tol, eps=eps)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "cpu"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "cpu", "shifted"])
 def test_bfloat16(impl):
   args, kw = inputs((2, 8, 8, 16, 2, 5), seed=6)
   want = oracle(*args, **kw)

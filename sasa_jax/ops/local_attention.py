@@ -11,6 +11,7 @@ from sasa_jax.ops.blocked import (local_attention_blocked, lowering_platform,
                                   platform_layout)
 from sasa_jax.ops.pallas_attention import local_attention_pallas
 from sasa_jax.ops.reference import local_attention_reference
+from sasa_jax.ops.shifted import local_attention_shifted
 
 
 def _cpu(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
@@ -30,6 +31,7 @@ IMPLEMENTATIONS = {
     "xla": local_attention_blocked,
     "pallas": local_attention_pallas,
     "cpu": _cpu,
+    "shifted": local_attention_shifted,
 }
 IMPLS = ("auto",) + tuple(IMPLEMENTATIONS)
 
@@ -147,8 +149,9 @@ def local_attention(q, k, v, rel_h=None, rel_w=None, *, kernel_size: int, num_he
     kernel_size: odd window size k.
     num_heads: number of heads N; must divide C.
     impl: "reference" (oracle), "xla" (blocked matmuls), "pallas" (fused kernels; interpret
-      mode on CPU), "cpu" (the compiled C++ kernel; CPU only), or "auto" (`default_impl` of
-      the platform the function is lowered for).
+      mode on CPU), "cpu" (the compiled C++ kernel; CPU only), "shifted" (k² shifted slices
+      of flat maps, no matmul), or "auto" (`default_impl` of the platform the function is
+      lowered for).
   Returns:
     [B, H, W, C] in q's dtype (float32 softmax and accumulation inside).
   """
