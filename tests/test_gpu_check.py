@@ -32,16 +32,20 @@ def test_cpu_smoke_writes_results(tmp_path):
   report = json.loads((tmp_path / "results.json").read_text())
   kinds = [r["kind"] for r in report["rows"]]
   checks = [r for r in report["rows"] if r["kind"] == "correctness"]  # 2 shapes x 2 dtypes,
-  other = next(f for f in pa.FORMS if f != pa.GPU_FORM)  # the other form, and impl="xla"
-  assert [(r["impl"], r.get("form")) for r in checks] == (
-      [("pallas", pa.GPU_FORM)] * 4 + [("pallas", other)] + [("xla", None)] * 4)
+  other = next(f for f in pa.FORMS if f != pa.GPU_FORM)  # the other form, impl="xla" and
+  assert [(r["impl"], r.get("form")) for r in checks] == (  # impl="shifted"
+      [("pallas", pa.GPU_FORM)] * 4 + [("pallas", other)] + [("xla", None)] * 4
+      + [("shifted", None)] * 4)
   assert all(r["ok"] for r in checks)
-  assert [r.get("matmul_precision") for r in checks if r["impl"] == "xla"] == [  # f32, bf16
-      "highest"] * 2 + [None] * 2
+  for impl in ("xla", "shifted"):  # f32, then bf16
+    assert [r.get("matmul_precision") for r in checks if r["impl"] == impl] == [
+        "highest"] * 2 + [None] * 2
   assert kinds.count("op") == 4 and kinds.count("train_step") == 2 and "torch" in kinds
   assert not [r for r in report["rows"] if "error" in r]
   ops = [r for r in report["rows"] if r["kind"] == "op"]
   assert all(r["pallas_ms"] > 0 and r["xla_ms"] > 0 and r["conv_ms"] > 0
+             and r["shifted_ms"] > 0 and r["shifted_fwd_ms"] > 0 and r["shifted_temp_mb"] > 0
+             and r["shifted_vs_xla"] == r["shifted_ms"] / r["xla_ms"]
              and r[f"pallas_{other}_ms"] > 0 for r in ops)
   # float32 rows: both forms with the other float32 matmuls too; bfloat16 rows: no such rows
   other_dot = next(m for m in pa.F32_DOTS if m != pa.GPU_F32_DOT)
@@ -79,7 +83,9 @@ def test_cpu_smoke_writes_results(tmp_path):
     assert all(r[f"{part}_ms"] > 0 for part in pa.KERNELS) and r["rest_ms"] >= 0, r
   for r in ops:
     assert all(r[f"split_{part}_ms"] > 0 for part in pa.KERNELS), r
-    assert len(r["xla_top_ops"]) == 6 and all(" ms x" in line for line in r["xla_top_ops"])
+    for impl in ("xla", "shifted"):
+      assert len(r[f"{impl}_top_ops"]) == 6 and all(" ms x" in line
+                                                    for line in r[f"{impl}_top_ops"])
   # impl="xla" in other block plans: 4x4 (planned here), 4x12 and 12x12 blocks at 12 x 12
   blocks = [r for r in report["rows"] if r["kind"] == "blocks"]
   assert [(r["block"], r["planned"]) for r in blocks] == [
@@ -89,6 +95,7 @@ def test_cpu_smoke_writes_results(tmp_path):
   assert "## correctness" in markdown and "## train_step" in markdown and "## tune" in markdown
   assert "## decisions" in markdown and "- tune " in markdown and "- KV_COST over 1 " in markdown
   assert markdown.count("xla_top_ops, ") == 4 and "| xla_top_ops |" not in markdown
+  assert markdown.count("shifted_top_ops, ") == 4 and '- impl="shifted" beats ' in markdown
   assert "step_parts, ResNet-14 full_attention pallas float32:" in markdown
 
 
@@ -100,7 +107,7 @@ def test_a_row_that_raises_is_recorded_and_the_check_goes_on(tmp_path, monkeypat
   monkeypatch.setattr(gpu_check, "local_attention", broken)
   status = gpu_check.main(["--cpu-smoke", "--sections=env,correctness", f"--out={tmp_path}"])
   rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-  assert status == 1 and [r["kind"] for r in rows] == ["env"] + ["correctness"] * 9
+  assert status == 1 and [r["kind"] for r in rows] == ["env"] + ["correctness"] * 13
   assert all("kernel exploded" in r["error"] and r["ok"] is False for r in rows[1:])
   assert "kernel exploded" in (tmp_path / "results.md").read_text()
 
@@ -187,6 +194,20 @@ def test_decisions_name_the_fastest_right_launches(monkeypatch):
       "- tune 32x7x7x512, factored with 2x8 blocks, 1 stage(s), per kernel (profiled): fwd at "
       "1 warps (0.4 ms), dq at 4 warps (1.5 ms), dkv at 4 warps (0.5 ms)",
   ], lines
+
+
+def test_shifted_decisions_name_the_stages_it_wins():
+  """A decision line per dtype: the op rows' stages at which impl="shifted" ran faster than
+  impl="xla"; where it won none, no advice."""
+  from sasa_jax.tools import gpu_check  # noqa: PLC0415
+  rows = [{"kind": "op", "shape": "a", "dtype": "bfloat16", "shifted_ms": 1.0, "xla_ms": 3.0},
+          {"kind": "op", "shape": "b", "dtype": "bfloat16", "shifted_ms": 2.0, "xla_ms": 0.5},
+          {"kind": "op", "shape": "a", "dtype": "float32", "shifted_ms": 4.0, "xla_ms": 3.0},
+          {"kind": "op", "shape": "b", "dtype": "float32", "xla_ms": 3.0}]  # shifted failed
+  assert gpu_check.decisions(rows) == [
+      '- impl="shifted" beats impl="xla" at 1 of 2 bfloat16 stages (a 1 against 3 ms; b 2 '
+      'against 0.5 ms): impl="auto" should take it there',
+      '- impl="shifted" beats impl="xla" at 0 of 1 float32 stages (a 4 against 3 ms)']
 
 
 def test_blocks_rows_cut_the_chunks_both_ways(monkeypatch):
@@ -295,8 +316,8 @@ sys.exit(gpu_check.main(sys.argv[1:]))
 def test_on_a_tpu_the_gpu_kernels_sections_stand_aside(tmp_path, monkeypatch):
   """Where impl="pallas" runs the Mosaic kernels (a TPU VM), the check leaves out what only
   the Triton kernels have: the other form's correctness rows, the op rows' other launches
-  and the tune section (one skipped row); impl="pallas" itself and impl="xla" are still
-  checked."""
+  and the tune section (one skipped row); impl="pallas" itself, impl="xla" and
+  impl="shifted" are still checked."""
   from sasa_jax.tools import gpu_check  # noqa: PLC0415
   monkeypatch.setattr(gpu_check, "_gpu_kernels_run_here", lambda: False)
   assert gpu_check._gpu_variant_programs(8, 16, 2, jnp.float32) == {}
@@ -304,7 +325,8 @@ def test_on_a_tpu_the_gpu_kernels_sections_stand_aside(tmp_path, monkeypatch):
   rows = json.loads((tmp_path / "results.json").read_text())["rows"]
   assert status == 0
   assert [(r["kind"], r["impl"], r.get("form")) for r in rows[:-1]] == (
-      [("correctness", "pallas", pa.TPU_FORM)] * 4 + [("correctness", "xla", None)] * 4)
+      [("correctness", "pallas", pa.TPU_FORM)] * 4 + [("correctness", "xla", None)] * 4
+      + [("correctness", "shifted", None)] * 4)
   assert all(r["ok"] for r in rows[:-1]) and rows[-1]["kind"] == "tune"
   assert "a GPU's" in rows[-1]["skipped"]
 

@@ -14,15 +14,16 @@ result comes:
    impl="reference", the output and all five gradients, float32 and bfloat16, at the four
    ResNet-50 stage shapes and at odd shapes (window larger than the map, non-square, 1 head),
    the GPU kernels' other form at the odd shapes in float32, and impl="xla" (the blocked
-   form, impl="auto"'s on accelerators) at every shape in both dtypes;
+   form, impl="auto"'s on accelerators) and impl="shifted" (its contender) at every shape
+   in both dtypes;
 2. op: the op's fwd+bwd time (and its forward's alone) and compiled temporary memory, pallas
-   vs xla vs a 3x3 conv of the same width (batch 32), bfloat16 and float32, and the GPU
-   kernels in the launches impl="pallas" does not run: the other form
+   vs xla vs shifted vs a 3x3 conv of the same width (batch 32), bfloat16 and float32, and
+   the GPU kernels in the launches impl="pallas" does not run: the other form
    (pallas_attention.FORMS: offset tables read, or offsets computed in the kernel and
    factored by axis) and, for float32, the other matmuls (F32_DOTS: exact, or three
    bfloat16 tensor-core products); and, from profiles: how impl="pallas"'s time splits
    between the three Triton kernels (fwd, dq, dkv) and the XLA operations around them, and
-   the XLA operations impl="xla" spends most time in;
+   the XLA operations impl="xla" and impl="shifted" spend most time in;
 3. blocks: impl="xla", the blocked form impl="auto" runs on accelerators, in the block
    plans of other blocked.KV_COST values and with fewer sequential chunks, fwd+bwd time at
    the stage shapes in bfloat16: which KV_COST this platform should plan with;
@@ -78,6 +79,9 @@ TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}  # max |a - b| / max |b|
 ODD_SHAPES = [  # (batch, H, W, C, heads, k): window > map, non-square, 1 head
     (2, 5, 5, 32, 4, 7), (2, 9, 20, 64, 8, 7), (2, 13, 11, 16, 1, 5)]
 SECTIONS = ("env", "correctness", "op", "blocks", "torch", "export", "train_step", "tune")
+# The op rows' implementations: the fused kernels, the blocked XLA form (impl="auto"'s on
+# accelerators) and the shifted-slice form, a contender to it (ops/shifted.py).
+OP_IMPLS = ("pallas", "xla", "shifted")
 # The `blocks` rows: impl="xla" in the block plans of these KV_COST values (blocked.plan_blocks;
 # at ResNet-50's 56 x 56 stage 4x4, 4x7, 7x7, 8x8 and 14x14 blocks), each at the accelerators'
 # chunk limit and at a 4x larger one (fewer sequential chunks).
@@ -154,10 +158,11 @@ def correctness_rows(shapes, dtype, form=None, impl="pallas"):
   """`impl` against impl="reference": the output and five gradients. impl="pallas" runs the
   form `GPU_FORM` (`TPU_FORM` on a TPU); form: the GPU kernels in that form instead, at the
   tiling impl="pallas" plans (`fused_attention`; interpreted off a GPU). impl="xla": the
-  blocked form, impl="auto"'s on accelerators, in this platform's layout; in float32 with
-  float32 matmuls ("highest": jax's default rounds a float32 GEMM's operands to TF32 on
-  NVIDIA GPUs and to bfloat16 on TPUs, which the tolerance is not for)."""
-  exact = impl == "xla" and jnp.dtype(dtype) == jnp.float32
+  blocked form, impl="auto"'s on accelerators, in this platform's layout; impl="shifted":
+  its contender (ops/shifted.py). Both in float32 with float32 matmuls ("highest": jax's
+  default rounds a float32 GEMM's operands to TF32 on NVIDIA GPUs and to bfloat16 on TPUs,
+  which the tolerance is not for)."""
+  exact = impl != "pallas" and jnp.dtype(dtype) == jnp.float32
   for b, h, w, c, heads, k in shapes:
     labels = {"shape": f"{b}x{h}x{w}x{c}", "heads": heads, "k": k,
               "dtype": jnp.dtype(dtype).name, "impl": impl}
@@ -295,7 +300,7 @@ def op_rows(stages, batch, dtype, repeats):
 
     def prepare(size=size, width=width):
       makers = {}
-      for impl in ("pallas", "xla"):
+      for impl in OP_IMPLS:
         (attn, attn_args), conv = op_programs(size, width, batch, 7, 8, impl, dtype)
         makers[impl] = lambda attn=attn, attn_args=attn_args: compiled(attn, *attn_args)[:2]
         makers[f"{impl}_fwd"] = lambda impl=impl, attn_args=attn_args: compiled(
@@ -331,11 +336,12 @@ def op_rows(stages, batch, dtype, repeats):
         if "pallas" in programs and _profiles_read_here():  # where impl="pallas"'s time
           row.update(_profile_fields("split", lambda: {  # goes: split_fwd_ms, ...
               f"split_{part}_ms": ms for part, ms in kernel_split(programs["pallas"][0]).items()}))
-        if "xla" in programs and _profiles_read_here():  # and impl="xla"'s (impl="auto"'s)
-          row.update(_profile_fields("xla_top_ops", lambda: {
-              "xla_top_ops": top_ops(programs["xla"][0])}))
-        for a, b in [("pallas", "conv"), ("xla", "conv"), ("pallas", "xla"),
-                     *((name, "xla") for name in variants)]:
+        for impl in ("xla", "shifted"):  # impl="xla"'s (impl="auto"'s) and the contender's
+          if impl in programs and _profiles_read_here():
+            row.update(_profile_fields(f"{impl}_top_ops", lambda impl=impl: {
+                f"{impl}_top_ops": top_ops(programs[impl][0])}))
+        for a, b in [("pallas", "conv"), ("xla", "conv"), ("shifted", "conv"), ("pallas", "xla"),
+                     ("shifted", "xla"), *((name, "xla") for name in variants)]:
           if f"{a}_ms" in row and f"{b}_ms" in row:
             row[f"{a}_vs_{b}"] = row[f"{a}_ms"] / row[f"{b}_ms"]
         return row
@@ -610,6 +616,7 @@ def decisions(rows) -> list[str]:
     if here:
       lines.append(f"- some launch beats impl=\"xla\" at {beats} of {len(here)} {dtype} "
                    f"stages (impl=\"auto\" takes {default_impl('gpu')!r} on GPUs)")
+  lines += _shifted_decisions([r for r in rows if r["kind"] == "op"])
   tune = [r for r in rows if r["kind"] == "tune" and "ms" in r]
   for shape in dict.fromkeys(r["shape"] for r in tune):
     right = [r for r in tune if r["shape"] == shape
@@ -624,6 +631,23 @@ def decisions(rows) -> list[str]:
   env = next((r for r in rows if r["kind"] == "env" and "backend" in r), {})
   return lines + _block_decisions([r for r in rows if r["kind"] == "blocks" and "ms" in r],
                                   blocked.lowering_platform(env.get("backend")))
+
+
+def _shifted_decisions(ops) -> list[str]:
+  """Per dtype, the `op` rows' stages at which impl="shifted" (ops/shifted.py) ran faster
+  than impl="xla", the blocked form impl="auto" runs: where it does, impl="auto" should
+  take it at those map sizes."""
+  lines = []
+  for dtype in ("bfloat16", "float32"):
+    timed = [r for r in ops if r["dtype"] == dtype and "shifted_ms" in r and "xla_ms" in r]
+    if timed:
+      wins = [r for r in timed if r["shifted_ms"] < r["xla_ms"]]
+      each = "; ".join(f"{r['shape']} {r['shifted_ms']:.3g} against {r['xla_ms']:.3g} ms"
+                       for r in timed)
+      lines.append(f"- impl=\"shifted\" beats impl=\"xla\" at {len(wins)} of {len(timed)} "
+                   f"{dtype} stages ({each})"
+                   + (": impl=\"auto\" should take it there" if wins else ""))
+  return lines
 
 
 def _block_decisions(rows, platform) -> list[str]:
@@ -816,9 +840,9 @@ def main(argv=None):
           # the other form at the odd shapes (`tune` checks it at the stage shapes)
           correctness_rows(odd_shapes, jnp.float32, form=other_form)
           if _gpu_kernels_run_here() else (),
-          # the blocked XLA form, what impl="auto" runs on GPUs and TPUs
-          (r for dt in (jnp.float32, jnp.bfloat16)
-           for r in correctness_rows(shapes, dt, impl="xla"))),
+          # the blocked XLA form, what impl="auto" runs on GPUs and TPUs, and its contender
+          (r for impl in ("xla", "shifted") for dt in (jnp.float32, jnp.bfloat16)
+           for r in correctness_rows(shapes, dt, impl=impl))),
       "op": lambda: (r for dt in (jnp.bfloat16, jnp.float32)
                      for r in op_rows(stages, op_batch, dt, repeats)),
       "blocks": lambda: blocks_rows([(12, 16)] if smoke else STAGES, op_batch,
