@@ -1,5 +1,6 @@
 """make gpu-check's script in its CPU smoke mode, with the libraries an accelerator image
 lacks (TensorFlow, TFDS, clu, ml_collections) made unimportable."""
+import importlib
 import json
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def test_cpu_smoke_writes_results(tmp_path):
   assert not any("attention" in line for line in steps["baseline"]["step_parts"])
   env, = [r for r in report["rows"] if r["kind"] == "env"]
   assert env["backend"] == "cpu" and env["auto_impl"] == "cpu"
+  assert env["auto_impl_stages"] == "cpu/cpu/cpu/cpu"
   exports = {r["platforms"]: r for r in report["rows"] if r["kind"] == "export"}
   assert exports["tpu"]["tpu_custom_calls"] == 3 and exports["cuda"]["triton_calls"] == 3
   assert exports["tpu+cuda"]["tpu_custom_calls"] == exports["tpu+cuda"]["triton_calls"] == 3
@@ -196,18 +198,33 @@ def test_decisions_name_the_fastest_right_launches(monkeypatch):
   ], lines
 
 
-def test_shifted_decisions_name_the_stages_it_wins():
+def test_shifted_decisions_name_the_stages_it_wins(monkeypatch):
   """A decision line per dtype: the op rows' stages at which impl="shifted" ran faster than
-  impl="xla"; where it won none, no advice."""
+  impl="xla"; for bfloat16, the fewest pixels from which it won at every larger stage, as
+  the value SHIFTED_FROM_PIXELS should hold for the check's platform, where it differs."""
   from sasa_jax.tools import gpu_check  # noqa: PLC0415
-  rows = [{"kind": "op", "shape": "a", "dtype": "bfloat16", "shifted_ms": 1.0, "xla_ms": 3.0},
-          {"kind": "op", "shape": "b", "dtype": "bfloat16", "shifted_ms": 2.0, "xla_ms": 0.5},
-          {"kind": "op", "shape": "a", "dtype": "float32", "shifted_ms": 4.0, "xla_ms": 3.0},
-          {"kind": "op", "shape": "b", "dtype": "float32", "xla_ms": 3.0}]  # shifted failed
+  la = importlib.import_module("sasa_jax.ops.local_attention")
+  monkeypatch.setattr(la, "SHIFTED_FROM_PIXELS", {})
+  op = {"kind": "op", "dtype": "bfloat16"}
+  rows = [{"kind": "env", "backend": "gpu"},
+          {**op, "shape": "32x7x7x512", "shifted_ms": 0.1, "xla_ms": 0.2},  # below a loss
+          {**op, "shape": "32x56x56x64", "shifted_ms": 1.0, "xla_ms": 3.0},
+          {**op, "shape": "32x14x14x256", "shifted_ms": 2.0, "xla_ms": 0.5},
+          {**op, "shape": "32x28x28x128", "shifted_ms": 0.5, "xla_ms": 1.0},
+          {**op, "shape": "32x56x56x64", "dtype": "float32", "shifted_ms": 4.0, "xla_ms": 3.0},
+          {**op, "shape": "32x28x28x128", "dtype": "float32", "xla_ms": 3.0}]  # it failed
+  times = ("32x7x7x512 0.1 against 0.2 ms; 32x56x56x64 1 against 3 ms; 32x14x14x256 2 "
+           "against 0.5 ms; 32x28x28x128 0.5 against 1 ms")
+  f32 = '- impl="shifted" beats impl="xla" at 0 of 1 float32 stages (32x56x56x64 4 against 3 ms)'
   assert gpu_check.decisions(rows) == [
-      '- impl="shifted" beats impl="xla" at 1 of 2 bfloat16 stages (a 1 against 3 ms; b 2 '
-      'against 0.5 ms): impl="auto" should take it there',
-      '- impl="shifted" beats impl="xla" at 0 of 1 float32 stages (a 4 against 3 ms)']
+      f'- impl="shifted" beats impl="xla" at 3 of 4 bfloat16 stages ({times}): '
+      "local_attention.SHIFTED_FROM_PIXELS['cuda'] = 784", f32]
+  monkeypatch.setitem(la.SHIFTED_FROM_PIXELS, "cuda", 784)  # as the rows say: nothing to do
+  assert gpu_check.decisions(rows)[0].endswith(f"({times})")
+  for r in rows[1:]:
+    r["xla_ms"] = 0.01  # it wins nowhere: the setting goes
+  assert gpu_check.decisions(rows)[0].endswith(
+      ": remove local_attention.SHIFTED_FROM_PIXELS['cuda'] (now 784)")
 
 
 def test_blocks_rows_cut_the_chunks_both_ways(monkeypatch):

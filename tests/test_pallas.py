@@ -292,6 +292,26 @@ def test_auto_takes_the_kernels_only_where_accelerator_impl_says(kernels_on, mon
     _assert_close(got, want, 1e-4)
 
 
+def test_auto_takes_the_shifted_form_from_the_platforms_pixels(monkeypatch):
+  """`SHIFTED_FROM_PIXELS` (what a device's timings set) sends one platform's lowering of
+  maps of at least that many pixels to the shifted form (elementwise: no dot_general in
+  its forward) and keeps the blocked form (batched matmuls) for smaller maps and for the
+  other platforms, from one jitted function; the CPU runs its own branch right."""
+  la = importlib.import_module("sasa_jax.ops.local_attention")
+  monkeypatch.setattr(la, "SHIFTED_FROM_PIXELS", {"cuda": 100})
+  assert default_impl("gpu", (1, 16, 16, 8)) == "shifted" == default_impl("cuda", (1, 10, 10, 8))
+  assert default_impl("gpu", (1, 9, 7, 8)) == "xla" == default_impl("tpu", (1, 16, 16, 8))
+  assert default_impl("gpu") == "xla"
+  for shape, cuda_form in [((1, 16, 16, 16, 2, 5), "shifted"), ((1, 9, 7, 16, 2, 5), "xla")]:
+    args, kw = _inputs(shape)
+    op = jax.jit(lambda *a, kw=kw: local_attention(*a, **kw, impl="auto"))
+    cuda = _exported(op, args, ["cuda"]).mlir_module()
+    tpu = _exported(op, args, ["tpu"]).mlir_module()
+    assert ("stablehlo.dot_general" not in cuda) == (cuda_form == "shifted"), shape
+    assert "stablehlo.dot_general" in tpu
+    _assert_close(op(*args), local_attention(*args, **kw, impl="reference"), 1e-4)
+
+
 def test_auto_sizes_the_blocked_ops_chunks_for_the_lowering_platform(monkeypatch):
   """Where the CPU kernel cannot be built, impl="auto" lowered for the CPU runs the blocked
   op, a ResNet-50 stage in a loop over strips (a chunk's logits stay in cache); the same

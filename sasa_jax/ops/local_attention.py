@@ -45,6 +45,11 @@ IMPLS = ("auto",) + tuple(IMPLEMENTATIONS)
 # kernel (local_attention_cpu.cc) where it builds, else XLA (Pallas runs only in interpret
 # mode there, for tests).
 ACCELERATOR_IMPL: dict[str, str] = {}
+# The shifted form (ops/shifted.py) per lowering platform: where a device's timings found it
+# faster than the blocked form on maps of at least this many pixels (H x W) and not on
+# smaller ones, impl="auto" lowered for that platform runs it there (tools/gpu_check's
+# decision line names the value). A platform not named here never runs it under "auto".
+SHIFTED_FROM_PIXELS: dict[str, int] = {}
 
 
 def cpu_impl() -> str:
@@ -52,13 +57,18 @@ def cpu_impl() -> str:
   return "cpu" if cpu_kernel.available() else "xla"
 
 
-def default_impl(backend: str | None = None) -> str:
+def default_impl(backend: str | None = None, shape=None) -> str:
   """The implementation `impl="auto"` uses on `backend` (default: jax's default backend;
-  "gpu" is read as CUDA)."""
+  "gpu" is read as CUDA) for q of `shape` [B, H, W, C] (None: maps too small for
+  `SHIFTED_FROM_PIXELS`)."""
   backend = backend or jax.default_backend()
   if backend == "cpu":
     return cpu_impl()
-  return ACCELERATOR_IMPL.get(lowering_platform(backend), "xla")
+  platform = lowering_platform(backend)
+  least = SHIFTED_FROM_PIXELS.get(platform)
+  if shape is not None and least is not None and shape[1] * shape[2] >= least:
+    return "shifted"
+  return ACCELERATOR_IMPL.get(platform, "xla")
 
 
 # The lowering platforms `impl="auto"` tells apart (jax.lax.platform_dependent's names).
@@ -71,13 +81,15 @@ def _auto(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
   host. The default branch (any platform not named) is the blocked form as most of the
   platforms that run it plan it; a platform that would trace otherwise gets its own."""
   kw = dict(kernel_size=kernel_size, num_heads=num_heads)
-  impls = {p: cpu_impl() if p == "cpu" else ACCELERATOR_IMPL.get(p, "xla") for p in PLATFORMS}
+  impls = {p: default_impl(p, q.shape) for p in PLATFORMS}
 
   def runs_as(platform):
     impl = impls[platform]
     if impl == "xla":
       return impl, platform_layout(q.shape, kernel_size, num_heads, platform)
-    return impl, "tpu" if platform == "tpu" else "gpu" if impl == "pallas" else None
+    if impl == "pallas":
+      return impl, "tpu" if platform == "tpu" else "gpu"
+    return impl, None
 
   def branch(platform, impl):
     if impl == "pallas":  # that platform's compiled kernels, with no second dispatch

@@ -87,7 +87,7 @@ def _unflat(x, lay: _Layout, padded: bool):
   return x.transpose(0, 3, 4, 1, 2).reshape(b, h, w, n * d)
 
 
-def valid_keys(lay: _Layout) -> np.ndarray:
+def _valid_keys(lay: _Layout) -> np.ndarray:
   """[k², positions] bool: whether window offset i * k + j of the query at flat position
   y * row + x is a key inside the image. The extra columns (x >= W) count every key as
   inside, so that their dropped outputs and gradients stay finite."""
@@ -119,7 +119,7 @@ def _logits(qf, kf, rel, lay: _Layout, acc):
       keys = kf[..., start:start + n].astype(acc)
       term = qf * (keys if rel is None else keys + rel[o][:, None])
     logits.append(jnp.sum(term, axis=2))
-  return jnp.where(valid_keys(lay), jnp.stack(logits, axis=2), -jnp.inf)
+  return jnp.where(_valid_keys(lay), jnp.stack(logits, axis=2), -jnp.inf)
 
 
 def _gather_sum(weights, x, lay: _Layout, acc):

@@ -90,6 +90,8 @@ BLOCK_CHUNK_LOGITS = (blocked.ACCELERATOR_CHUNK_LOGITS, 4 * blocked.ACCELERATOR_
 # --budget-s's default: rows compiled by then still run, and compilations under way finish
 # (a minute at most: ResNet-50 training steps took 25-55 s on an H200).
 DEFAULT_BUDGET_S = 360
+# The op's module (the package's `local_attention` is its function): impl="auto"'s settings.
+OP_MODULE = importlib.import_module("sasa_jax.ops.local_attention")
 
 
 def _operands(shape, heads, k, dtype, seed=0):
@@ -131,7 +133,9 @@ def env_rows(smoke):
       except Exception:  # noqa: BLE001 - not installed, or broken: either way, say so
         versions[name] = None
     row = {"backend": jax.default_backend(), "devices": len(jax.devices()),
-           "auto_impl": default_impl(), **versions}
+           "auto_impl": default_impl(),  # and at each ResNet-50 stage, 56x56 first
+           "auto_impl_stages": "/".join(default_impl(shape=(1, s, s, c)) for s, c in STAGES),
+           **versions}
     stats = jax.devices()[0].memory_stats() or {}
     row["device_memory_gb"] = stats.get("bytes_limit", 0) / 2**30
     row["loop_memory_metrics"] = peak_memory(jax.local_devices())  # what the loop logs
@@ -616,7 +620,9 @@ def decisions(rows) -> list[str]:
     if here:
       lines.append(f"- some launch beats impl=\"xla\" at {beats} of {len(here)} {dtype} "
                    f"stages (impl=\"auto\" takes {default_impl('gpu')!r} on GPUs)")
-  lines += _shifted_decisions([r for r in rows if r["kind"] == "op"])
+  env = next((r for r in rows if r["kind"] == "env" and "backend" in r), {})
+  platform = blocked.lowering_platform(env.get("backend") or jax.default_backend())
+  lines += _shifted_decisions([r for r in rows if r["kind"] == "op"], platform)
   tune = [r for r in rows if r["kind"] == "tune" and "ms" in r]
   for shape in dict.fromkeys(r["shape"] for r in tune):
     right = [r for r in tune if r["shape"] == shape
@@ -628,26 +634,45 @@ def decisions(rows) -> list[str]:
                    f"{best['num_warps']} warps, {best['num_stages']} stage(s): "
                    f"{best['ms']:.3g} ms against the planned launch's {planned[0]['ms']:.3g}")
       lines += _per_kernel_warps(shape, best, right)
-  env = next((r for r in rows if r["kind"] == "env" and "backend" in r), {})
   return lines + _block_decisions([r for r in rows if r["kind"] == "blocks" and "ms" in r],
-                                  blocked.lowering_platform(env.get("backend")))
+                                  platform)
 
 
-def _shifted_decisions(ops) -> list[str]:
+def _shifted_decisions(ops, platform) -> list[str]:
   """Per dtype, the `op` rows' stages at which impl="shifted" (ops/shifted.py) ran faster
-  than impl="xla", the blocked form impl="auto" runs: where it does, impl="auto" should
-  take it at those map sizes."""
+  than impl="xla", the blocked form impl="auto" runs on `platform` (a lowering platform's
+  name). For bfloat16, the training dtype: the fewest pixels from which it won at every
+  larger stage, the value of `SHIFTED_FROM_PIXELS[platform]`, where that differs from the
+  value now (none: it won at the largest stage, or it is not set and won nowhere)."""
   lines = []
+  now = OP_MODULE.SHIFTED_FROM_PIXELS.get(platform)
   for dtype in ("bfloat16", "float32"):
     timed = [r for r in ops if r["dtype"] == dtype and "shifted_ms" in r and "xla_ms" in r]
-    if timed:
-      wins = [r for r in timed if r["shifted_ms"] < r["xla_ms"]]
-      each = "; ".join(f"{r['shape']} {r['shifted_ms']:.3g} against {r['xla_ms']:.3g} ms"
-                       for r in timed)
-      lines.append(f"- impl=\"shifted\" beats impl=\"xla\" at {len(wins)} of {len(timed)} "
-                   f"{dtype} stages ({each})"
-                   + (": impl=\"auto\" should take it there" if wins else ""))
+    if not timed:
+      continue
+    wins = [r for r in timed if r["shifted_ms"] < r["xla_ms"]]
+    each = "; ".join(f"{r['shape']} {r['shifted_ms']:.3g} against {r['xla_ms']:.3g} ms"
+                     for r in timed)
+    line = (f"- impl=\"shifted\" beats impl=\"xla\" at {len(wins)} of {len(timed)} {dtype} "
+            f"stages ({each})")
+    if dtype == "bfloat16" and platform != "cpu":  # the CPU's "auto" is its own kernel
+      least = None  # walking down from the largest maps while it wins
+      for r in sorted(timed, key=lambda r: -_pixels(r["shape"])):
+        if r["shifted_ms"] >= r["xla_ms"]:
+          break
+        least = _pixels(r["shape"])
+      if least != now:
+        knob = f"SHIFTED_FROM_PIXELS[{platform!r}]"
+        line += (f": local_attention.{knob} = {least}" if least is not None else
+                 f": remove local_attention.{knob} (now {now})")
+    lines.append(line)
   return lines
+
+
+def _pixels(shape: str) -> int:
+  """H x W of an op row's "BxHxWxC" shape."""
+  _, h, w, _ = (int(n) for n in shape.split("x"))
+  return h * w
 
 
 def _block_decisions(rows, platform) -> list[str]:
