@@ -116,23 +116,15 @@ CONV = "conv3x3"  # op_rows' baseline: a 3x3 convolution of the same width, what
 
 def _loss_and_args(impl: str, maps, dtype, kernel_size: int, num_heads: int):
   """(loss, its jax.ShapeDtypeStruct arguments): the op's (q, k, v, rel_h, rel_w) with
-  `impl`, or CONV's (input, HWIO filter), on [B, H, W, C] `maps`."""
-  from sasa_jax.ops import local_attention  # noqa: PLC0415
+  `impl`, or CONV's (input, HWIO filter), on [B, H, W, C] `maps` (`bench.op_losses`)."""
+  from sasa_jax.tools.bench import op_losses  # noqa: PLC0415
   x = jax.ShapeDtypeStruct(maps, dtype)
   channels = maps[-1]
+  attn_loss, conv_loss = op_losses(kernel_size, num_heads, impl)  # one of them is used
   if impl == CONV:
-    def loss(x, kernel):
-      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-      return jnp.sum(jnp.square(y.astype(jnp.float32)))
-    return loss, (x, jax.ShapeDtypeStruct((3, 3, channels, channels), dtype))
-
-  def loss(q, k, v, rh, rw):
-    y = local_attention(q, k, v, rh, rw, kernel_size=kernel_size, num_heads=num_heads,
-                        impl=impl)
-    return jnp.sum(jnp.square(y.astype(jnp.float32)))
+    return conv_loss, (x, jax.ShapeDtypeStruct((3, 3, channels, channels), dtype))
   rel = jax.ShapeDtypeStruct((kernel_size, channels // num_heads // 2), dtype)
-  return loss, (x, x, x, rel, rel)
+  return attn_loss, (x, x, x, rel, rel)
 
 
 @contextlib.contextmanager

@@ -109,16 +109,10 @@ def matmul_gflops(n=2048, dtype=jnp.float32):
   return 2 * n ** 3 / sec / 1e9
 
 
-def op_programs(size, width, batch, kernel_size, heads, impl, dtype):
-  """((attention fwd+bwd, its args), (3x3 conv fwd+bwd, its args)) at one stage shape, on
-  random operands: each program returns the gradients of a sum of squares."""
-  rng = np.random.default_rng(0)
-  shape = (batch, size, size, width)
-  q, k, v = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
-  rel = jnp.asarray(rng.normal(size=(kernel_size, width // heads // 2)), dtype)
-  x = jnp.asarray(rng.normal(size=shape), dtype)
-  w = jnp.asarray(rng.normal(size=(3, 3, width, width)) / np.sqrt(9 * width), dtype)
-
+def op_losses(kernel_size, heads, impl):
+  """(attention loss of (q, k, v, rel_h, rel_w), 3x3 conv loss of (input, HWIO filter)): the
+  float32 sum of squares of the op's output with `impl`, and of a 3x3 convolution's of the
+  same width (what SASA replaces)."""
   def attn_loss(q, k, v, rh, rw):
     y = local_attention(q, k, v, rh, rw, kernel_size=kernel_size, num_heads=heads, impl=impl)
     return jnp.sum(y.astype(jnp.float32) ** 2)
@@ -127,6 +121,19 @@ def op_programs(size, width, batch, kernel_size, heads, impl, dtype):
     y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return jnp.sum(y.astype(jnp.float32) ** 2)
+  return attn_loss, conv_loss
+
+
+def op_programs(size, width, batch, kernel_size, heads, impl, dtype):
+  """((attention fwd+bwd, its args), (3x3 conv fwd+bwd, its args)) at one stage shape, on
+  random operands: each program returns the gradients of a sum of squares (`op_losses`)."""
+  rng = np.random.default_rng(0)
+  shape = (batch, size, size, width)
+  q, k, v = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
+  rel = jnp.asarray(rng.normal(size=(kernel_size, width // heads // 2)), dtype)
+  x = jnp.asarray(rng.normal(size=shape), dtype)
+  w = jnp.asarray(rng.normal(size=(3, 3, width, width)) / np.sqrt(9 * width), dtype)
+  attn_loss, conv_loss = op_losses(kernel_size, heads, impl)
   return ((jax.grad(attn_loss, argnums=range(5)), (q, k, v, rel, rel)),
           (jax.grad(conv_loss, argnums=(0, 1)), (x, w)))
 
