@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sasa_jax.ops import local_attention
+from sasa_jax.ops import local_attention, shifted
 from sasa_jax.ops.blocked import local_attention_blocked, plan_axis
 
 
@@ -141,6 +141,22 @@ def test_gradients_without_content_or_position_term(impl, with_k, with_rel):
     return jax.jit(jax.grad(loss, argnums=range(len(given))))(*(args[i] for i in given))
   for i, g, w in zip(given, grads(IMPLS[impl]), grads(IMPLS["reference"])):
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=f"argument {i}")
+
+
+@pytest.mark.parametrize("height,width,kernel_size", [(5, 6, 3), (3, 4, 7)])
+def test_shifted_scatter_sum_both_ways_is_gather_sums_transpose(height, width, kernel_size):
+  """The shifted form's key/value gradient sum, either way it is written (the backward
+  takes one by the inputs' dtype), against jax's transpose of its forward sum."""
+  lay = shifted._Layout(height, width, kernel_size, num_heads=2)
+  rng = np.random.default_rng(10)
+  weights = jnp.asarray(rng.normal(size=(2, 2, kernel_size ** 2, lay.positions)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, 2, 3, lay.positions)), jnp.float32)
+  keys = jax.ShapeDtypeStruct((2, 2, 3, lay.keys), jnp.float32)
+  (want,) = jax.linear_transpose(
+      lambda kv: shifted._gather_sum(weights, kv, lay, jnp.float32), keys)(x)
+  for pad_each in (False, True):
+    got = jax.jit(shifted._scatter_sum, static_argnums=(2, 3))(weights, x, lay, pad_each)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"{pad_each=}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

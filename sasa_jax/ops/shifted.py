@@ -14,7 +14,8 @@ float32, are the one large temporary, and all the work is elementwise products a
 The backward pass (a custom VJP) recomputes the logits from the saved log-sum-exp and
 writes each gradient as one sum over offsets, as the forward writes its output: the key
 and value gradients sum shifted slices of the query- and output-side products, zero-padded
-on the left by the largest shift.
+on the left by the largest shift (or, with float32 inputs, those products each padded to
+the keys' length: `_scatter_sum` says why).
 
 Against the blocked form (`blocked.py`), which computes each block's logits as batched
 matmuls over a halo of keys, it trades matrix-unit work on masked logits for k² passes of
@@ -130,12 +131,23 @@ def _gather_sum(weights, x, lay: _Layout, acc):
              for o, s in enumerate(lay.starts))
 
 
-def _scatter_sum(weights, x, lay: _Layout):
+def _scatter_sum(weights, x, lay: _Layout, pad_each: bool):
   """[B, N, d, keys]: sum over offsets o of weights[:, :, o] * x shifted on by starts[o] (the
-  transpose of `_gather_sum` in x: key and value gradients). Both are zero-padded on the
-  left by the largest shift, so that each shifted term is one slice."""
-  shift, n = lay.starts[-1], lay.keys
-  pad = ((0, 0),) * 3 + ((shift, lay.keys - lay.positions),)
+  transpose of `_gather_sum` in x: key and value gradients).
+
+  Two ways to write it, equal in value, which XLA fuses differently. pad_each=False zero-pads
+  both on the left by the largest shift, so that each shifted term is one slice of the
+  padded product; pad_each=True pads each offset's product out to the keys' length. XLA:GPU
+  (jaxlib 0.10) keeps every term of the first as its own array where the op's inputs are
+  already float32, 1.8 GB of temporaries at 32 x 56² x 64 against 0.7 GB for the second.
+  Where the inputs are converted (bfloat16) the first plans less, on GPU and TPU alike
+  (docs/models.md, "The shifted form")."""
+  n, shift = lay.keys, lay.starts[-1]
+  if pad_each:
+    return sum(jnp.pad(weights[:, :, o, None, :] * x,
+                       ((0, 0),) * 3 + ((s, n - lay.positions - s),))
+               for o, s in enumerate(lay.starts))
+  pad = ((0, 0),) * 3 + ((shift, n - lay.positions),)
   xp, wp = jnp.pad(x, pad), jnp.pad(weights, pad)
   return sum(wp[:, :, o, None, shift - s:shift - s + n] * xp[..., shift - s:shift - s + n]
              for o, s in enumerate(lay.starts))
@@ -177,8 +189,9 @@ def _attention_bwd(lay: _Layout, residuals, g):
   dq = (0 if kf is None else _gather_sum(dlogits, kf, lay, acc)) + (
       0 if rel is None else jnp.einsum("bnol,od->bndl", dlogits, rel,
                                        precision=jax.lax.Precision.HIGHEST))
-  dk = None if k is None else _unflat(_scatter_sum(dlogits, qf, lay), lay, padded=True)
-  dv = _unflat(_scatter_sum(probs, gf, lay), lay, padded=True)
+  pad_each = q.dtype == acc  # no conversion: see _scatter_sum
+  dk = None if k is None else _unflat(_scatter_sum(dlogits, qf, lay, pad_each), lay, padded=True)
+  dv = _unflat(_scatter_sum(probs, gf, lay, pad_each), lay, padded=True)
   drel_h = drel_w = None
   if rel is not None:
     drel = jnp.einsum("bnol,bndl->od", dlogits, qf, precision=jax.lax.Precision.HIGHEST)
