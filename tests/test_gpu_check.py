@@ -225,6 +225,14 @@ def test_shifted_decisions_name_the_stages_it_wins(monkeypatch):
     r["xla_ms"] = 0.01  # it wins nowhere: the setting goes
   assert gpu_check.decisions(rows)[0].endswith(
       ": remove local_attention.SHIFTED_FROM_PIXELS['cuda'] (now 784)")
+  step = {"kind": "train_step", "model": "ResNet-50 conv_stem_attention"}
+  rows += [{**step, "impl": "xla", "ms": 110.0, "memory_gb": 9.6},
+           {**step, "impl": "shifted", "ms": 88.0, "memory_gb": 12.8},
+           {**step, "model": "ResNet-50 full_attention", "impl": "shifted", "ms": 1.0,
+            "memory_gb": 1.0}]  # no xla step of that model to compare with
+  assert gpu_check.decisions(rows)[2:] == [
+      '- ResNet-50 conv_stem_attention step with impl="shifted": 88 ms, 12.8 GB planned, '
+      'against impl="xla"\'s 110 ms, 9.6 GB (1.25x the images/s)']
 
 
 def test_blocks_rows_cut_the_chunks_both_ways(monkeypatch):

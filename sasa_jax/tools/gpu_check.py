@@ -630,6 +630,7 @@ def decisions(rows) -> list[str]:
   env = next((r for r in rows if r["kind"] == "env" and "backend" in r), {})
   platform = blocked.lowering_platform(env.get("backend") or jax.default_backend())
   lines += _shifted_decisions([r for r in rows if r["kind"] == "op"], platform)
+  lines += _shifted_step_decisions([r for r in rows if r["kind"] == "train_step" and "ms" in r])
   tune = [r for r in rows if r["kind"] == "tune" and "ms" in r]
   for shape in dict.fromkeys(r["shape"] for r in tune):
     right = [r for r in tune if r["shape"] == shape
@@ -673,6 +674,20 @@ def _shifted_decisions(ops, platform) -> list[str]:
         line += (f": local_attention.{knob} = {least}" if least is not None else
                  f": remove local_attention.{knob} (now {now})")
     lines.append(line)
+  return lines
+
+
+def _shifted_step_decisions(steps) -> list[str]:
+  """Per model timed both ways, its training step with impl="shifted" in every attention
+  layer against impl="xla": what the shifted form gives or costs a whole step."""
+  lines = []
+  for r in steps:
+    xla = next((x for x in steps if x["model"] == r["model"] and x["impl"] == "xla"), None)
+    if r["impl"] == "shifted" and xla:
+      lines.append(f"- {r['model']} step with impl=\"shifted\": {r['ms']:.4g} ms, "
+                   f"{r['memory_gb']:.3g} GB planned, against impl=\"xla\"'s "
+                   f"{xla['ms']:.4g} ms, {xla['memory_gb']:.3g} GB "
+                   f"({xla['ms'] / r['ms']:.2f}x the images/s)")
   return lines
 
 
