@@ -299,8 +299,11 @@ def test_auto_takes_the_shifted_form_from_the_platforms_pixels(monkeypatch):
   other platforms, from one jitted function; the CPU runs its own branch right."""
   la = importlib.import_module("sasa_jax.ops.local_attention")
   monkeypatch.setattr(la, "SHIFTED_FROM_PIXELS", {"cuda": 100})
-  assert default_impl("gpu", (1, 16, 16, 8)) == "shifted" == default_impl("cuda", (1, 10, 10, 8))
-  assert default_impl("gpu", (1, 9, 7, 8)) == "xla" == default_impl("tpu", (1, 16, 16, 8))
+  kw = dict(kernel_size=5, num_heads=2)
+  assert (default_impl("gpu", (1, 16, 16, 8), **kw) == "shifted"
+          == default_impl("cuda", (1, 10, 10, 8), **kw))
+  assert (default_impl("gpu", (1, 9, 7, 8), **kw) == "xla"
+          == default_impl("tpu", (1, 16, 16, 8), **kw))
   assert default_impl("gpu") == "xla"
   for shape, cuda_form in [((1, 16, 16, 16, 2, 5), "shifted"), ((1, 9, 7, 16, 2, 5), "xla")]:
     args, kw = _inputs(shape)
@@ -310,6 +313,30 @@ def test_auto_takes_the_shifted_form_from_the_platforms_pixels(monkeypatch):
     assert ("stablehlo.dot_general" not in cuda) == (cuda_form == "shifted"), shape
     assert "stablehlo.dot_general" in tpu
     _assert_close(op(*args), local_attention(*args, **kw, impl="reference"), 1e-4)
+
+
+def test_auto_takes_the_shifted_form_while_its_logits_fit_one_chunk(monkeypatch):
+  """The shifted form runs unchunked: impl="auto" takes it on a platform's large maps only
+  while its logits are at most SHIFTED_MAX_LOGITS. TPU's candidate
+  setting: at ResNet-50's 56 x 56 stage with 32 images per chip, not 64, nor at 28 x 28."""
+  la = importlib.import_module("sasa_jax.ops.local_attention")
+  monkeypatch.setattr(la, "SHIFTED_FROM_PIXELS", {"tpu": 56 * 56})
+  kw = dict(kernel_size=7, num_heads=8)
+  assert default_impl("tpu", (32, 56, 56, 64), **kw) == "shifted"  # 43.6 M logits
+  assert default_impl("tpu", (64, 56, 56, 64), **kw) == "xla"  # 87 M logits > 2^26
+  assert default_impl("tpu", (32, 28, 28, 128), **kw) == "xla"
+  assert default_impl("tpu") == "xla"
+  with pytest.raises(ValueError, match="kernel_size and num_heads"):
+    default_impl("tpu", (32, 56, 56, 64))
+  args, kw = _inputs((1, 56, 56, 16, 2, 3))  # 1 x 2 x 9 x 56 x 58 logits
+
+  def forwards(platform):  # the forward's matmuls: the blocked form's, none in the shifted
+    op = jax.jit(lambda *a: local_attention(*a, **kw, impl="auto"))
+    return _exported(op, args, [platform]).mlir_module().count("stablehlo.dot_general")
+  assert forwards("tpu") == 0 and forwards("cuda") > 0
+  monkeypatch.setattr(la, "SHIFTED_MAX_LOGITS", 50_000)
+  assert default_impl("tpu", (32, 56, 56, 64), kernel_size=7, num_heads=8) == "xla"
+  assert forwards("tpu") > 0
 
 
 def test_auto_sizes_the_blocked_ops_chunks_for_the_lowering_platform(monkeypatch):

@@ -157,6 +157,12 @@ def test_libtpus_estimate_counts_each_loop_iteration_and_the_op_against_a_conv()
   # on TPU the chunks take every image: strips of block rows (`blocked.whole_batch_for`)
   assert planned["blocks"] == "14x14, 2 chunks (8 images x 28 rows)" != auto["blocks"], rows
   assert 0 < conv["cycles"] < min(auto["cycles"], planned["cycles"]), rows
+  small_windows = _rows("--tpu=v5e", "--impls=auto", "--dtypes=bfloat16", "--batch=8",
+                        "--stages=56x64", "--kernel_size=3")  # Table 4's k = 3
+  assert small_windows[0]["kernel_size"] == 3 and auto["kernel_size"] == 7
+  assert small_windows[0]["cycles"] < auto["cycles"], (small_windows, auto)
+  even = helpers.run_module("sasa_jax.tools.tpu_compile", ["--kernel_size=4"], check=False)
+  assert even.returncode == 2 and "--kernel_size=4: a positive odd window size" in even.stderr
   header, row = helpers.run_module("sasa_jax.tools.tpu_compile", [
       "--tpu=v5e", "--impls=conv3x3", "--dtypes=bfloat16", "--batch=8", "--stages=7x512"]
   ).stdout.splitlines()

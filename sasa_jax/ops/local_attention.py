@@ -7,11 +7,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sasa_jax.ops import local_attention_cpu as cpu_kernel
-from sasa_jax.ops.blocked import (local_attention_blocked, lowering_platform,
-                                  platform_layout)
+from sasa_jax.ops.blocked import (ACCELERATOR_CHUNK_LOGITS, local_attention_blocked,
+                                  lowering_platform, platform_layout)
 from sasa_jax.ops.pallas_attention import local_attention_pallas
 from sasa_jax.ops.reference import local_attention_reference
-from sasa_jax.ops.shifted import local_attention_shifted
+from sasa_jax.ops.shifted import local_attention_shifted, logits_count
 
 
 def _cpu(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
@@ -45,11 +45,18 @@ IMPLS = ("auto",) + tuple(IMPLEMENTATIONS)
 # kernel (local_attention_cpu.cc) where it builds, else XLA (Pallas runs only in interpret
 # mode there, for tests).
 ACCELERATOR_IMPL: dict[str, str] = {}
-# The shifted form (ops/shifted.py) per lowering platform: where a device's timings found it
-# faster than the blocked form on maps of at least this many pixels (H x W) and not on
-# smaller ones, impl="auto" lowered for that platform runs it there (tools/gpu_check's
-# decision line names the value). A platform not named here never runs it under "auto".
+# The shifted form (ops/shifted.py) per lowering platform: on maps of at least this many
+# pixels (H x W), impl="auto" lowered for that platform runs it instead of the blocked form
+# while its logits (`shifted.logits_count`, per device) are at most SHIFTED_MAX_LOGITS. A
+# platform not named here never runs it under "auto"; a device's timings set it
+# (tools/gpu_check's decision line names the value). TPU's candidate, by libtpu's cost
+# model alone, is 56 * 56 (docs/models.md, "The shifted form").
 SHIFTED_FROM_PIXELS: dict[str, int] = {}
+# The shifted form runs unchunked, so its temporaries grow with its logits: impl="auto" takes
+# it only up to the blocked form's chunk bound on accelerators (at 56 x 56, k = 7 and 8
+# heads: 49 images per device). Past it, at 128 images per chip, the conv-stem attention
+# ResNet-50's step would not fit a v5e's 16 GiB (docs/models.md).
+SHIFTED_MAX_LOGITS = ACCELERATOR_CHUNK_LOGITS
 
 
 def cpu_impl() -> str:
@@ -57,17 +64,22 @@ def cpu_impl() -> str:
   return "cpu" if cpu_kernel.available() else "xla"
 
 
-def default_impl(backend: str | None = None, shape=None) -> str:
+def default_impl(backend: str | None = None, shape=None, kernel_size: int | None = None,
+                 num_heads: int | None = None) -> str:
   """The implementation `impl="auto"` uses on `backend` (default: jax's default backend;
-  "gpu" is read as CUDA) for q of `shape` [B, H, W, C] (None: maps too small for
-  `SHIFTED_FROM_PIXELS`)."""
+  "gpu" is read as CUDA) for q of `shape` [B, H, W, C] (per device) with `kernel_size` and
+  `num_heads` (`shape` None: any shape that `SHIFTED_FROM_PIXELS` does not select)."""
   backend = backend or jax.default_backend()
   if backend == "cpu":
     return cpu_impl()
   platform = lowering_platform(backend)
   least = SHIFTED_FROM_PIXELS.get(platform)
   if shape is not None and least is not None and shape[1] * shape[2] >= least:
-    return "shifted"
+    if kernel_size is None or num_heads is None:
+      raise ValueError("default_impl: a shape needs its kernel_size and num_heads, got "
+                       f"kernel_size={kernel_size!r}, num_heads={num_heads!r}")
+    if logits_count(shape, kernel_size, num_heads) <= SHIFTED_MAX_LOGITS:
+      return "shifted"
   return ACCELERATOR_IMPL.get(platform, "xla")
 
 
@@ -81,7 +93,7 @@ def _auto(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
   host. The default branch (any platform not named) is the blocked form as most of the
   platforms that run it plan it; a platform that would trace otherwise gets its own."""
   kw = dict(kernel_size=kernel_size, num_heads=num_heads)
-  impls = {p: default_impl(p, q.shape) for p in PLATFORMS}
+  impls = {p: default_impl(p, q.shape, **kw) for p in PLATFORMS}
 
   def runs_as(platform):
     impl = impls[platform]

@@ -206,6 +206,14 @@ def _attention_bwd(lay: _Layout, residuals, g):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def logits_count(shape, kernel_size: int, num_heads: int) -> int:
+  """The float32 logits the op holds at once for q of [B, H, W, C] `shape`:
+  [B, heads, k², H * (W + 2r)], the extra columns included. The form runs unchunked, so
+  this is what its temporaries scale with."""
+  bsz, h, w, _ = shape
+  return bsz * num_heads * kernel_size ** 2 * _Layout(h, w, kernel_size, num_heads).positions
+
+
 def local_attention_shifted(q, k, v, rel_h, rel_w, *, kernel_size, num_heads):
   """See `sasa_jax.ops.local_attention`. Inputs already validated.
 

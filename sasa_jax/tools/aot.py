@@ -161,9 +161,11 @@ def op_rows(device, target: str, impls, dtypes, batch: int = 32, stages=STAGES,
         loss, args = _loss_and_args(impl, maps, dtype, kernel_size, num_heads)
         row = {"target": target, "device": device.device_kind,
                "shape": "x".join(map(str, maps)), "dtype": jnp.dtype(dtype).name,
-               "impl": impl, **({} if kv_cost is None else {"kv_cost": kv_cost})}
+               "impl": impl, "kernel_size": kernel_size,
+               **({} if kv_cost is None else {"kv_cost": kv_cost})}
         with _kv_cost(platform, kv_cost):
-          if impl == "xla" or impl == "auto" and default_impl(platform) == "xla":
+          if impl == "xla" or impl == "auto" and default_impl(
+              platform, maps, kernel_size=kernel_size, num_heads=num_heads) == "xla":
             row["blocks"] = _block_plan(maps, kernel_size, num_heads,
                                         jax.default_backend() if impl == "xla" else platform)
           start = time.perf_counter()
@@ -236,7 +238,8 @@ def table_program(targets, target_flag: str, target_help: str, device_for):
   flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Dtypes of the op's inputs.")
   flags.DEFINE_integer("batch", 32, "Images per device.")
   flags.DEFINE_list("stages", [f"{s}x{c}" for s, c in STAGES],
-                    "Shapes SIZExCHANNELS of the op's square maps (8 heads, k = 7).")
+                    "Shapes SIZExCHANNELS of the op's square maps (8 heads).")
+  flags.DEFINE_integer("kernel_size", 7, "The op's window size k (odd; Table 4's 3-11).")
   flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
   app.run(lambda argv: table_main(argv, targets, target_flag, device_for))
 
@@ -258,6 +261,9 @@ def table_main(argv, targets, target_flag: str, device_for):
   if not stages or any(len(s) != 2 for s in stages):
     raise app.UsageError(f"--stages={','.join(FLAGS.stages)}: SIZExCHANNELS, comma-separated",
                          exitcode=2)
+  if FLAGS.kernel_size < 1 or FLAGS.kernel_size % 2 == 0:
+    raise app.UsageError(f"--kernel_size={FLAGS.kernel_size}: a positive odd window size",
+                         exitcode=2)
   rows = []
   for name in names:
     try:
@@ -265,5 +271,6 @@ def table_main(argv, targets, target_flag: str, device_for):
     except RuntimeError as e:  # the compiler is not installed
       raise app.UsageError(str(e), exitcode=2) from e
     rows += op_rows(device, name, FLAGS.impls, [jnp.dtype(d) for d in FLAGS.dtypes],
-                    FLAGS.batch, stages, kv_costs=[float(c) for c in FLAGS.kv_costs])
+                    FLAGS.batch, stages, kernel_size=FLAGS.kernel_size,
+                    kv_costs=[float(c) for c in FLAGS.kv_costs])
   print(json.dumps(rows, indent=1) if FLAGS.format == "json" else format_rows(rows))

@@ -134,8 +134,9 @@ def env_rows(smoke):
       except Exception:  # noqa: BLE001 - not installed, or broken: either way, say so
         versions[name] = None
     row = {"backend": jax.default_backend(), "devices": len(jax.devices()),
-           "auto_impl": default_impl(),  # and at each ResNet-50 stage, 56x56 first
-           "auto_impl_stages": "/".join(default_impl(shape=(1, s, s, c)) for s, c in STAGES),
+           "auto_impl": default_impl(),  # and at each ResNet-50 stage as the op rows run it
+           "auto_impl_stages": "/".join(default_impl(shape=(32, s, s, c), kernel_size=7,
+                                                     num_heads=8) for s, c in STAGES),
            **versions}
     stats = jax.devices()[0].memory_stats() or {}
     row["device_memory_gb"] = stats.get("bytes_limit", 0) / 2**30

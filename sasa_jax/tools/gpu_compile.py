@@ -8,9 +8,10 @@ jax's CUDA plugin describes a GPU from its properties alone (`jax.experimental.t
 with a target config: no driver, no device) and compiles for it what a GPU machine's first
 step compiles: XLA:GPU's fusions and the Pallas kernels through Triton down to PTX for the
 GPU's architecture (sm_90a for an H100). For each GPU (--gpu), the attention op's forward
-and backward (every `impl` of --impls, k = 7, 8 heads, --batch images) at the four ResNet-50
-stage shapes: compiled or not (the compiler's first line where not: a Triton kernel that
-fails to lower or outgrows shared memory is named there), and XLA's planned temporaries.
+and backward (every `impl` of --impls, k = --kernel_size (7), 8 heads, --batch images) at
+the four ResNet-50 stage shapes (--stages): compiled or not (the compiler's first line
+where not: a Triton kernel that fails to lower or outgrows shared memory is named there),
+and XLA's planned temporaries.
 `python -m sasa_jax.tools.step_memory --gpu=h100` plans a config's whole training step the
 same way, against the memory jax lets a process use on that GPU (`memory_bytes`).
 

@@ -8,10 +8,11 @@
 libtpu describes a TPU slice without one (`jax.experimental.topologies`) and compiles for
 its devices: what a TPU VM's first step compiles, Mosaic's Pallas kernels included, checked
 against the chip's on-chip memory (VMEM) and HBM. For each TPU generation (--tpu), the
-attention op's forward and backward (every `impl` of --impls, k = 7, 8 heads, --batch
-images; and a 3x3 convolution of the same width, "conv3x3") at the four ResNet-50 stage
-shapes, for one device: compiled or not (the compiler's first line where not: a kernel that
-overflows VMEM is named there), XLA's planned HBM temporaries, and the program's device
+attention op's forward and backward (every `impl` of --impls, k = --kernel_size (7),
+8 heads, --batch images; and a 3x3 convolution of the same width, "conv3x3") at the four
+ResNet-50 stage shapes (--stages), for one device: compiled or not (the compiler's first
+line where not: a kernel that overflows VMEM is named there), XLA's planned HBM
+temporaries, and the program's device
 time as libtpu's cost model estimates it (`aot.estimated_cycles`: millions of TensorCore
 cycles, and as a multiple of the convolution's; Pallas kernels carry no estimate). The
 blocked XLA form's rows name its block plan; --kv_costs=6.4,25.6 adds rows planned with
