@@ -682,9 +682,10 @@ def _shifted_step_decisions(steps) -> list[str]:
   """Per model timed both ways, its training step with impl="shifted" in every attention
   layer against impl="xla": what the shifted form gives or costs a whole step."""
   lines = []
-  for r in steps:
-    xla = next((x for x in steps if x["model"] == r["model"] and x["impl"] == "xla"), None)
-    if r["impl"] == "shifted" and xla:
+  xla_steps = {r["model"]: r for r in steps if r["impl"] == "xla"}
+  for r in (r for r in steps if r["impl"] == "shifted"):
+    xla = xla_steps.get(r["model"])
+    if xla:
       lines.append(f"- {r['model']} step with impl=\"shifted\": {r['ms']:.4g} ms, "
                    f"{r['memory_gb']:.3g} GB planned, against impl=\"xla\"'s "
                    f"{xla['ms']:.4g} ms, {xla['memory_gb']:.3g} GB "

@@ -12,12 +12,12 @@ attention op's forward and backward (every `impl` of --impls, k = --kernel_size 
 8 heads, --batch images; and a 3x3 convolution of the same width, "conv3x3") at the four
 ResNet-50 stage shapes (--stages), for one device: compiled or not (the compiler's first
 line where not: a kernel that overflows VMEM is named there), XLA's planned HBM
-temporaries, and the program's device
-time as libtpu's cost model estimates it (`aot.estimated_cycles`: millions of TensorCore
-cycles, and as a multiple of the convolution's; Pallas kernels carry no estimate). The
-blocked XLA form's rows name its block plan; --kv_costs=6.4,25.6 adds rows planned with
-other values of `blocked.ACCELERATOR_KV_COST["tpu"]`. `python -m sasa_jax.tools.step_memory
---tpu=GEN` plans a config's whole training step the same way.
+temporaries, and the program's device time as libtpu's cost model estimates it
+(`aot.estimated_cycles`: millions of TensorCore cycles, and as a multiple of the
+convolution's; Pallas kernels carry no estimate). The blocked XLA form's rows name its
+block plan; --kv_costs=6.4,25.6 adds rows planned with other values of
+`blocked.ACCELERATOR_KV_COST["tpu"]`. `python -m sasa_jax.tools.step_memory --tpu=GEN`
+plans a config's whole training step the same way.
 
 libtpu comes from `pip install 'jax[tpu]'` (a TPU VM's set-up) or, without touching the
 environment's jax, `make tpu-compiler` (into .venv/tpu_compiler, which this module finds;
