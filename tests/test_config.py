@@ -189,6 +189,23 @@ def test_optimizers_decay_kernels_only(name):
   assert float(jnp.abs(updates["kernel"]).max()) > 0.0  # decayed
 
 
+@pytest.mark.parametrize("momentum,nesterov,steps", [
+    (0.9, True, (1.9, 2.71)),   # g + mu m_t, with m_t = g + mu m_(t-1)
+    (0.9, False, (1.0, 1.9)),   # m_t
+    (0.0, True, (1.0, 1.0)),    # plain SGD
+])
+def test_sgd_momentum_and_nesterov_follow_the_config(momentum, nesterov, steps):
+  c = base_config.get_config().optimizer
+  c.update(name="sgd", momentum=momentum, nesterov=nesterov, weight_decay=0.0)
+  tx = optim.create_optimizer(c, optax.constant_schedule(0.1))
+  params = {"kernel": jnp.zeros((2, 2))}
+  grads = {"kernel": jnp.ones((2, 2))}
+  state = tx.init(params)
+  for want in steps:  # the same gradient each step: updates of -0.1 x want
+    updates, state = tx.update(grads, state, params)
+    np.testing.assert_allclose(updates["kernel"], -0.1 * want, rtol=1e-6)
+
+
 def test_grad_clip_norm_scales_down_only_gradients_above_it():
   c = base_config.get_config().optimizer
   c.update(name="sgd", momentum=0.0, weight_decay=0.0, grad_clip_norm=1.0)

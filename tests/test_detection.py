@@ -168,6 +168,11 @@ def test_retinanet_outputs_match_the_anchors():
     assert out["logits"].shape == (2, n, 10) and out["boxes"].shape == (2, n, 4)
     # the class prior: every anchor starts at foreground probability 0.01
     np.testing.assert_allclose(jax.nn.sigmoid(out["logits"]), 0.01, atol=5e-3)
+    if heads == "attention":  # W_V of the heads' layers drawn as RetinaNet's N(0, 0.01),
+      for net in ("class_net", "box_net"):  # the predictor's attention at lecun_normal's
+        params = variables["params"][net]
+        assert 0.008 < float(jnp.std(params["layer0"]["value"]["kernel"])) < 0.012
+        assert float(jnp.std(params["predict_attention"]["value"]["kernel"])) > 0.1
 
 
 RETINANET_GROUPS_ON_FOUR_DEVICES = """

@@ -47,6 +47,38 @@ def test_self_attention_is_the_op_on_projections():
   np.testing.assert_allclose(scaled.apply(variables, x), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention_type", ["qk+qr", "qr"])
+def test_absolute_embeddings_are_each_keys_row_and_column(attention_type):
+  """positional_encoding="absolute": every head's keys get [rows[y], cols[x]] of the key's
+  own position (d/2 channels each); "qr" attends to those positions alone."""
+  layer = SelfAttention2D(8, kernel_size=3, num_heads=2, positional_encoding="absolute",
+                          attention_type=attention_type, impl="reference")
+  variables, y = init_apply(layer, x)
+  p = variables["params"]
+  rows, cols = np.asarray(p["abs_rows"]), np.asarray(p["abs_cols"])  # [9, 2], [10, 2]
+  pos = np.zeros((9, 10, 8), np.float32)
+  for head in range(2):
+    pos[:, :, 4 * head:4 * head + 2] = rows[:, None, :]
+    pos[:, :, 4 * head + 2:4 * head + 4] = cols[None, :, :]
+  q, v = x @ p["query"]["kernel"], x @ p["value"]["kernel"]
+  k = pos + (x @ p["key"]["kernel"] if attention_type == "qk+qr" else 0 * q)
+  want = local_attention(q, k, v, None, None, kernel_size=3, num_heads=2, impl="reference")
+  np.testing.assert_allclose(y, want, atol=1e-5)
+
+
+def test_stride_two_is_the_attention_then_a_2x2_average_of_the_pixels_there():
+  """At odd sizes the last row and column of windows average the pixels they cover."""
+  layer = SelfAttention2D(8, kernel_size=3, num_heads=2, impl="reference")
+  variables, full = init_apply(layer, x)  # [2, 9, 10, 8]
+  strided = SelfAttention2D(8, kernel_size=3, num_heads=2, stride=2, impl="reference")
+  y = strided.apply(variables, x)
+  full = np.asarray(full)
+  want = np.stack([np.stack([full[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(axis=(1, 2))
+                             for j in range(5)], axis=1) for i in range(5)], axis=1)
+  assert y.shape == want.shape == (2, 5, 5, 8)
+  np.testing.assert_allclose(y, want, atol=1e-5)
+
+
 def test_qr_attention_has_no_key_projection():
   variables, y = init_apply(SelfAttention2D(8, kernel_size=3, num_heads=2, attention_type="qr"), x)
   assert "key" not in variables["params"] and y.shape == (2, 9, 10, 8)
