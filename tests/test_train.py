@@ -885,3 +885,59 @@ def test_the_microbatched_step_exports_for_tpu_and_cuda_with_the_kernels(microba
               state, task.train_batch_spec(8, (28, 28, 1))).mlir_module()
     assert text.count("stablehlo.while") == (microbatches > 1)  # the microbatch loop
     assert text.count(call) == 3 * layers  # fwd, dq and dk/dv kernels per attention layer
+
+
+def test_ema_trails_the_parameters_with_a_warming_decay_and_evaluation_reads_it():
+  """config.ema_decay = d: after step t (from 0) ema = c ema + (1 - c) params with
+  c = min(d, (1 + t) / (10 + t)); the eval step runs the EMA weights."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from sasa_jax import data as data_lib, optim, tasks, train
+  config = _config(ema_decay=0.2, batch_size=4)
+  task = tasks.get(config)
+  model = task.create_model()
+  schedule = optim.create_schedule(config.schedule, 10, 100)
+  tx = optim.create_optimizer(config.optimizer, schedule)
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  init, _, state_sharding = train.initial_state(config, model, tx, mesh, (28, 28, 1))
+  state = jax.jit(init)()
+  data = NamedSharding(mesh, P("data"))
+  step = train.jit_train_step(config, task, model, tx, schedule, state_sharding, data)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 255, (4, 28, 28, 1), dtype=np.uint8),
+           "label": rng.integers(0, 10, (4,), dtype=np.int32)}
+  want = jax.device_get(state.params)
+  for t in range(3):  # c = 0.1, 2/11, then d = 0.2 (below 3/12)
+    with jax.set_mesh(mesh):
+      state, _ = step(state, batch)
+    c = min(0.2, (1 + t) / (10 + t))
+    want = jax.tree.map(lambda e, p: c * e + (1 - c) * p, want, jax.device_get(state.params))
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(jax.device_get(state.ema_params))):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  eval_batch = {**batch, "mask": np.ones(4, np.float32)}
+  evaluate = train.jit_eval_step(config, task, model, state_sharding, data)
+  with jax.set_mesh(mesh):
+    sums = jax.device_get(evaluate(state, eval_batch))
+    on_params = jax.device_get(evaluate(state.replace(ema_params=state.params), eval_batch))
+  logits = model.apply({"params": state.ema_params, "batch_stats": state.batch_stats},
+                       data_lib.normalize(batch["image"], "fashion_mnist"), train=False)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).sum()
+  np.testing.assert_allclose(sums["loss"], loss, rtol=1e-5)
+  assert abs(float(sums["loss"]) - float(on_params["loss"])) > 1e-4
+
+
+def test_classification_loss_smooths_labels_and_eval_sums_count_masked_hits():
+  from sasa_jax import tasks
+  task = tasks.get(_config(label_smoothing=0.2))
+  p = jnp.array([[0.7, 0.2, 0.05, 0.05, 0.0, 0.0],     # label 0: top-1
+                 [0.14, 0.13, 0.12, 0.11, 0.0, 0.5],   # label 3: 5th
+                 [0.6, 0.1, 0.1, 0.1, 0.05, 0.05],     # label 0: top-1, masked out
+                 [0.3, 0.3, 0.2, 0.1, 0.07, 0.03]])    # label 5: last
+  logits, labels = jnp.log(p + 1e-9), jnp.array([0, 3, 0, 5])
+  loss, metrics = task.loss(logits, {"label": labels})
+  target = 0.8 * jax.nn.one_hot(labels, 6) + 0.2 / 6  # smoothing spreads 0.2 over 6 classes
+  p = jax.nn.softmax(logits)
+  np.testing.assert_allclose(loss, -(target * jnp.log(p)).sum(-1).mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["train/accuracy"], 0.5)
+  sums = task.eval_outputs(logits, {"label": labels, "mask": jnp.array([1.0, 1.0, 0.0, 1.0])})
+  assert (float(sums["top1"]), float(sums["top5"]), float(sums["count"])) == (1, 2, 3)
+  np.testing.assert_allclose(sums["loss"], -jnp.log(p[[0, 1, 3], [0, 3, 5]]).sum(), rtol=1e-5)
