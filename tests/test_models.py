@@ -107,3 +107,29 @@ def test_batch_norm_across_reaches_submodules_and_names_what_a_model_lacks():
   with pytest.raises(ValueError, match=r"Dense has no fields bn_axis_name and "
                                        r"bn_axis_index_groups .* docs/forking.md"):
     batch_norm_across(nn.Dense(3), "data", None)
+
+
+def test_initialisation_is_the_documented_one():
+  """docs/training.md: each residual block's last BatchNorm scale 0, the others 1; the
+  classifier 0; SASA projections N(0, 1/fan-in) and positional embeddings N(0, 1/d)."""
+  model = create_resnet(depth=26, variant="conv_stem_attention", num_classes=10,
+                        width_multiplier=0.25)
+  params = run_once(jax.jit(model.init), jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  blocks = [name for name in params if "_block" in name]
+  assert len(blocks) == 8
+  for name in blocks:
+    block = params[name]
+    assert float(jnp.abs(block["BatchNorm_2"]["scale"]).max()) == 0.0
+    for bn in ("BatchNorm_0", "BatchNorm_1"):
+      np.testing.assert_array_equal(block[bn]["scale"], 1.0)
+  assert float(jnp.abs(params["head"]["kernel"]).max()) == 0.0
+  attention = [params[name]["attention"] for name in blocks if "attention" in params[name]]
+  assert len(attention) == 8  # every block of the conv-stem model
+  for layer in attention:
+    fan_in = layer["query"]["kernel"].shape[0]
+    for proj in ("query", "key", "value"):
+      assert abs(float(jnp.std(layer[proj]["kernel"])) * fan_in**0.5 - 1) < 0.1
+  # [k, d / 2] each, d the layer's head width: pooled over the layers, in units of 1/sqrt(d)
+  rel = jnp.concatenate([layer[r].ravel() * (2 * layer[r].shape[1])**0.5
+                         for layer in attention for r in ("rel_h", "rel_w")])
+  assert abs(float(jnp.std(rel)) - 1) < 0.15
