@@ -323,3 +323,65 @@ def test_stem_batch_norm_relu_pool_equals_flax_batch_norm_relu_pool(block, dtype
            for apply in (Plain().apply, jax.jit(Fused().apply))]
   np.testing.assert_allclose(np.asarray(evals[1], np.float32), np.asarray(evals[0], np.float32),
                              **tol)
+
+
+def _stem_attention_by_hand(x, p, stem_type, s, heads):
+  """The attention stem's output before its BatchNorm, one query at a time (NumPy, float64):
+  within each s x s block, logits q.k + q.concat(rel_h[e - a], rel_w[f - c]) for query
+  (a, c) and key (e, f); "spatially_aware" values mix W_V^m by softmax_m((emb_row[e] +
+  emb_col[f]) . nu_m), "stand_alone" values are x W_V."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  x = np.asarray(x, np.float64)
+  b, h, w, _ = x.shape
+  c = p["query"].shape[1]
+  d = c // heads
+  q, k = x @ p["query"], x @ p["key"]
+  if stem_type == "spatially_aware":
+    logits = (p["emb_row"][:, None] + p["emb_col"][None, :]) @ p["mixture"].T  # [s, s, M]
+    mix = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    v = np.zeros((b, h, w, c))
+    for y_ in range(h):
+      for x_ in range(w):
+        v[:, y_, x_] = np.einsum("bi,imc,m->bc", x[:, y_, x_], p["value"], mix[y_ % s, x_ % s])
+  else:
+    v = x @ p["value"]
+  out = np.zeros((b, h, w, c))
+  for n in range(b):
+    for y_ in range(h):
+      for x_ in range(w):
+        a, cq, top, left = y_ % s, x_ % s, y_ - y_ % s, x_ - x_ % s
+        for head in range(heads):
+          hd = slice(head * d, (head + 1) * d)
+          qv = q[n, y_, x_, hd]
+          logits, values = [], []
+          for e in range(s):
+            for f in range(s):
+              r = np.concatenate([p["rel_h"][e - a + s - 1], p["rel_w"][f - cq + s - 1]])
+              logits.append(qv @ (k[n, top + e, left + f, hd] + r))
+              values.append(v[n, top + e, left + f, hd])
+          weights = np.exp(np.array(logits) - max(logits))
+          out[n, y_, x_, hd] = (weights / weights.sum()) @ np.array(values)
+  return out
+
+
+@pytest.mark.parametrize("stem_type", ["spatially_aware", "stand_alone"])
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_attention_stem_is_the_papers_block_attention_by_hand(stem_type, impl):
+  """What reaches the stem's BatchNorm, against one query at a time: relative offsets as
+  key minus query, the value mixture by the key's position in its block."""
+  from flax import linen as nn
+  from sasa_jax.layers.stem import BatchNormReluBlockMax
+  img = jax.random.normal(jax.random.key(6), (2, 6, 4, 2))
+  stem = AttentionStem(8, stem_type=stem_type, block_size=2, num_heads=2, num_mixtures=3,
+                       embedding_dim=4, impl=impl)
+  variables = stem.init(jax.random.key(1), img)
+  seen = []
+
+  def capture(next_fun, args, kwargs, context):
+    if isinstance(context.module, BatchNormReluBlockMax):
+      seen.append(args[0])
+    return next_fun(*args, **kwargs)
+  with nn.intercept_methods(capture):
+    stem.apply(variables, img)
+  want = _stem_attention_by_hand(img, variables["params"], stem_type, s=2, heads=2)
+  np.testing.assert_allclose(seen[0], want, rtol=1e-4, atol=1e-5)
