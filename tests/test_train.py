@@ -859,24 +859,37 @@ def test_a_tasks_train_batch_spec_is_what_its_pipeline_makes(config_file, data_f
   assert made == spec
 
 
+def _one_device_loop(config):
+  """The loop's task, model, optimizer and jitted step for `config` on one device, its
+  state's init(), abstract state and sharding: the pieces train_and_evaluate builds."""
+  import types
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from sasa_jax import optim, tasks, train
+  task = tasks.get(config)
+  model = task.create_model()
+  schedule = optim.create_schedule(config.schedule, 10, 100)
+  tx = optim.create_optimizer(config.optimizer, schedule)
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  init, abstract_state, state_sharding = train.initial_state(config, model, tx, mesh,
+                                                             (28, 28, 1))
+  data = NamedSharding(mesh, P("data"))
+  step = train.jit_train_step(config, task, model, tx, schedule, state_sharding, data)
+  return types.SimpleNamespace(task=task, model=model, mesh=mesh, init=init,
+                               abstract_state=abstract_state, state_sharding=state_sharding,
+                               data=data, step=step)
+
+
 @pytest.mark.parametrize("microbatches,group", [(2, 0), (1, 2)])
 def test_the_microbatched_step_exports_for_tpu_and_cuda_with_the_kernels(microbatches, group):
   """The loop's own step (train.jit_train_step, impl="pallas") lowers for TPU and CUDA under
   a mesh, as 2 microbatches (one loop) or with BatchNorm over groups of 2 images (the model
   mapped over them): every attention layer's kernels."""
   from jax import export
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  from sasa_jax import optim, tasks, train
   config = _config(**{"model.impl": "pallas", "num_microbatches": microbatches,
                       "batch_norm_group_size": group, "batch_size": 8})
-  task = tasks.get(config)
-  model = task.create_model()
-  schedule = optim.create_schedule(config.schedule, 10, 100)
-  tx = optim.create_optimizer(config.optimizer, schedule)
-  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  _, state, state_sharding = train.initial_state(config, model, tx, mesh, (28, 28, 1))
-  step = train.jit_train_step(config, task, model, tx, schedule, state_sharding,
-                              NamedSharding(mesh, P("data")))
+  loop = _one_device_loop(config)
+  task, model, mesh, step = loop.task, loop.model, loop.mesh, loop.step
+  state = loop.abstract_state
   layers = sum(s is not None for s in model.group_attention)
   for platform, call in (("tpu", "tpu_custom_call"), ("cuda", "__gpu$xla.gpu.triton")):
     with jax.set_mesh(mesh):
@@ -890,18 +903,11 @@ def test_the_microbatched_step_exports_for_tpu_and_cuda_with_the_kernels(microba
 def test_ema_trails_the_parameters_with_a_warming_decay_and_evaluation_reads_it():
   """config.ema_decay = d: after step t (from 0) ema = c ema + (1 - c) params with
   c = min(d, (1 + t) / (10 + t)); the eval step runs the EMA weights."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  from sasa_jax import data as data_lib, optim, tasks, train
+  from sasa_jax import data as data_lib, train
   config = _config(ema_decay=0.2, batch_size=4)
-  task = tasks.get(config)
-  model = task.create_model()
-  schedule = optim.create_schedule(config.schedule, 10, 100)
-  tx = optim.create_optimizer(config.optimizer, schedule)
-  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  init, _, state_sharding = train.initial_state(config, model, tx, mesh, (28, 28, 1))
-  state = jax.jit(init)()
-  data = NamedSharding(mesh, P("data"))
-  step = train.jit_train_step(config, task, model, tx, schedule, state_sharding, data)
+  loop = _one_device_loop(config)
+  task, model, mesh, step = loop.task, loop.model, loop.mesh, loop.step
+  state = jax.jit(loop.init)()
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 255, (4, 28, 28, 1), dtype=np.uint8),
            "label": rng.integers(0, 10, (4,), dtype=np.int32)}
@@ -914,7 +920,7 @@ def test_ema_trails_the_parameters_with_a_warming_decay_and_evaluation_reads_it(
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(jax.device_get(state.ema_params))):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
   eval_batch = {**batch, "mask": np.ones(4, np.float32)}
-  evaluate = train.jit_eval_step(config, task, model, state_sharding, data)
+  evaluate = train.jit_eval_step(config, task, model, loop.state_sharding, loop.data)
   with jax.set_mesh(mesh):
     sums = jax.device_get(evaluate(state, eval_batch))
     on_params = jax.device_get(evaluate(state.replace(ema_params=state.params), eval_batch))
