@@ -572,7 +572,7 @@ def init_backbone(state: TrainState, source: str, tx, shardings) -> TrainState:
   classifier head left out), the optimizer state (and EMA) started afresh. Raises
   ValueError naming the first entry whose presence or shape differs."""
   from sasa_jax.tools.runs import restore_variables  # noqa: PLC0415
-  step, variables = restore_variables(source)
+  step, _, variables = restore_variables(source)
   replaced = {}
   for collection in ("params", "batch_stats"):
     target = getattr(state, collection)["backbone"]

@@ -1,5 +1,6 @@
 """The demo, the small-scale tables, run plots and attention maps on real Fashion-MNIST."""
 
+import pathlib
 import re
 import shutil
 
@@ -288,6 +289,31 @@ def test_evaluate_reproduces_the_loops_evaluation_and_takes_any_split(demo_run):
   bad = helpers.run_module("sasa_jax.tools.evaluate", [f"--workdir={workdir}", "--weights=ema"],
                            check=False)
   assert bad.returncode != 0 and "kept no EMA weights (config.ema_decay = 0)" in bad.stderr
+
+
+def test_the_documented_python_example_gives_the_evaluations_outputs(demo_run, capsys):
+  """docs/training.md's load_trained example, taken from the page and run on the demo run:
+  its logits give tools/evaluate's loss and accuracy on the same images."""
+  import json
+  import optax
+  workdir, _, _ = demo_run
+  text = (pathlib.Path(helpers.ROOT) / "docs" / "training.md").read_text()
+  example = re.search(r"<!-- python-example: trained -->\n +```python\n(.*?) +```", text, re.S)
+  assert example, "docs/training.md has no 'trained' example"
+  code = "\n".join(line[2:] for line in example.group(1).splitlines())  # the list's indent
+  namespace = {}
+  exec(code.replace('"runs/demo"', repr(str(workdir))), namespace)  # noqa: S102
+  trained, logits, labels = namespace["trained"], namespace["logits"], namespace["examples"]["label"]
+  assert logits.shape == (8, 10) and (trained.step, trained.weights) == (4, "raw")
+  assert capsys.readouterr().out.startswith("4 raw [")
+  want = json.loads(_run("sasa_jax.tools.evaluate", f"--workdir={workdir}",
+                         "--split=test[:8]", "--batch_size=8").stdout)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  assert float(loss) == pytest.approx(want["eval/loss"], rel=1e-5)
+  assert float((logits.argmax(-1) == labels).mean()) == want["eval/accuracy"]
+  from sasa_jax.tools import runs
+  with pytest.raises(ValueError, match="kept no EMA weights"):
+    runs.load_trained(workdir, weights="ema")
 
 
 def test_preflight_of_a_runs_workdir_and_of_missing_data(demo_run, tmp_path):

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from sasa_jax import data as data_lib  # noqa: E402
 from sasa_jax.ops.reference import window_logits  # noqa: E402
-from sasa_jax.tools.runs import read_config, restore_variables, save_figure  # noqa: E402
+from sasa_jax.tools.runs import load_trained, save_figure  # noqa: E402
 
 
 def window_probabilities(q, k, rel_h, rel_w, y, x, kernel_size, num_heads):
@@ -68,10 +68,9 @@ def load_eval_image(config, index: int):
 
 
 def draw(workdir, image_index, layer=None, queries=None, out=None):
-  from sasa_jax.train import create_model
-  config = read_config(workdir)
-  step, variables = restore_variables(workdir)
-  model = create_model(config)
+  trained = load_trained(workdir)
+  config, step, variables, model = (trained.config, trained.step, trained.variables,
+                                    trained.model)
   layers = attention_layers(variables["params"])
   if not layers:
     raise ValueError(f"{workdir}: the model has no attention layer")

@@ -57,7 +57,7 @@ def draw(workdir: str, num_images: int, out: str, min_score: float = 0.3) -> str
   from sasa_jax.detection.anchors import iou  # noqa: PLC0415
   from sasa_jax.tools.runs import read_config, restore_variables  # noqa: PLC0415
   config = read_config(workdir)
-  _, variables = restore_variables(workdir)
+  _, _, variables = restore_variables(workdir)
   builder = data_lib.get_builder(config.dataset.name, config.dataset.data_dir)
   split = f"{config.dataset.eval_split.split('[')[0]}[:{num_images}]"
   batch = next(data_lib.eval_dataset(builder, split=split, per_host_batch=num_images,

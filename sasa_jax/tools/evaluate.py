@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sasa_jax import data as data_lib
 from sasa_jax import tasks, train
 from sasa_jax.logs import quiet_orbax
-from sasa_jax.tools.runs import read_config, restore_state
+from sasa_jax.tools.runs import load_trained, read_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run directory (config.json, checkpoints/).")
@@ -48,20 +48,15 @@ def evaluate(workdir: str, *, split=None, step=None, weights=None, data_dir=None
   if batch <= 0 or batch % jax.device_count():
     raise ValueError(f"--batch_size={batch} must be a positive multiple of the device count "
                      f"{jax.device_count()}")
-  step, state = restore_state(workdir, step)
-  has_ema = state.get("ema_params") is not None
-  weights = weights or ("ema" if has_ema else "raw")
-  if weights == "ema" and not has_ema:
-    raise ValueError(f"--weights=ema: the run in {workdir} kept no EMA weights "
-                     "(config.ema_decay = 0); use --weights=raw")
-  params = state["ema_params"] if weights == "ema" else state["params"]
+  trained = load_trained(workdir, step, weights)
   task = tasks.get(config)
-  model = task.create_model()
+  model = trained.model
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   restored = jax.device_put(train.TrainState(
-      step=np.asarray(step), params=params, batch_stats=state["batch_stats"], opt_state=None,
-      ema_params=None), replicated)
+      step=np.asarray(trained.step), params=trained.variables["params"],
+      batch_stats=trained.variables["batch_stats"], opt_state=None, ema_params=None),
+      replicated)
   p_eval = train.under_mesh(mesh, train.jit_eval_step(config, task, model, replicated,
                                                        batch_sharding))
   builder = data_lib.get_builder(config.dataset.name, config.dataset.data_dir)
@@ -69,7 +64,8 @@ def evaluate(workdir: str, *, split=None, step=None, weights=None, data_dir=None
                                  split=config.dataset.eval_split, batch_size=batch,
                                  image_size=config.dataset.image_size,
                                  batch_sharding=batch_sharding)
-  return {"step": step, "split": config.dataset.eval_split, "weights": weights,
+  return {"step": trained.step, "split": config.dataset.eval_split,
+          "weights": trained.weights,
           **{k: float(v) for k, v in metrics.items()}}
 
 

@@ -1,8 +1,11 @@
 """Running the demos and reading finished runs: metrics.jsonl, config.json, checkpoints."""
+import dataclasses
+import functools
 import gc
 import importlib.util
 import io
 import json
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -121,11 +124,59 @@ def restore_state(workdir, step: int | None = None) -> tuple[int, dict]:
   return step, jax.tree.map(np.asarray, state)
 
 
-def restore_variables(workdir: str):
-  """(step, {"params", "batch_stats"}) of the latest checkpoint, as numpy trees."""
-  step, state = restore_state(workdir)
-  params = state["ema_params"] if state.get("ema_params") is not None else state["params"]
-  return step, {"params": params, "batch_stats": state["batch_stats"]}
+WEIGHTS = ("ema", "raw")
+
+
+def restore_variables(workdir, step: int | None = None,
+                      weights: str | None = None) -> tuple[int, str, dict]:
+  """(step, weights, {"params", "batch_stats"} as numpy trees) of checkpoint `step` (default:
+  the latest). weights: "ema" (the EMA of the parameters, which the run must have kept:
+  config.ema_decay > 0) or "raw" (the trained parameters); default: "ema" where the run kept
+  them, as the loop evaluates."""
+  if weights not in (None, *WEIGHTS):
+    raise ValueError(f"weights={weights!r} is not allowed; choose one of {WEIGHTS}")
+  step, state = restore_state(workdir, step)
+  has_ema = state.get("ema_params") is not None
+  weights = weights or ("ema" if has_ema else "raw")
+  if weights == "ema" and not has_ema:
+    raise ValueError(f"weights=ema: the run in {workdir} kept no EMA weights "
+                     "(config.ema_decay = 0); use weights=raw")
+  params = state["ema_params"] if weights == "ema" else state["params"]
+  return step, weights, {"params": params, "batch_stats": state["batch_stats"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+  """One checkpoint of a run with the model its config builds, to call from Python
+  (`load_trained`): trained(images) gives the model's outputs in inference mode."""
+  config: ml_collections.ConfigDict  # the run's config.json
+  step: int
+  weights: str                       # "ema" or "raw"
+  model: Any                         # the flax module, as the training loop builds it
+  variables: dict                    # {"params", "batch_stats"}: numpy trees
+
+  def __call__(self, images):
+    """[B, S, S, C] uint8 pixels, as the dataset's evaluation pipeline makes them (S:
+    config.dataset.image_size) -> classification: logits [B, num_classes]; detection:
+    {"logits": [B, N, num_classes], "boxes": [B, N, 4]} over the N anchors."""
+    return self._apply(self.variables, images)
+
+  @functools.cached_property
+  def _apply(self):
+    import jax  # noqa: PLC0415
+    from sasa_jax import data as data_lib  # noqa: PLC0415
+    name = self.config.dataset.name
+    return jax.jit(lambda variables, images: self.model.apply(
+        variables, data_lib.normalize(images, name), train=False))
+
+
+def load_trained(workdir, step: int | None = None, weights: str | None = None) -> TrainedModel:
+  """The model of the run in `workdir` (local or gs://) with checkpoint `step`'s variables
+  (default: the latest; weights as `restore_variables`), whatever topology trained it."""
+  from sasa_jax import train  # noqa: PLC0415
+  config = read_config(workdir)
+  step, weights, variables = restore_variables(workdir, step, weights)
+  return TrainedModel(config, step, weights, train.create_model(config), variables)
 
 
 def train_or_resume(config, workdir: str, fresh: bool) -> int:
