@@ -30,16 +30,14 @@ cli.define_config(os.path.join(ROOT, "configs", "fashion_mnist_detection.py"),
                   "Training config.")
 
 
-def predict(config, variables, images):
-  """Detections of uint8 images [B, S, S, C]: (boxes, scores, classes, valid) as numpy."""
+def predict(trained, images):
+  """Detections of a trained run (`runs.load_trained`) on uint8 images [B, S, S, C]: (boxes
+  in the images' pixels, scores, classes, valid) as numpy, as the evaluation decodes them."""
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
-  from sasa_jax import data as data_lib  # noqa: PLC0415
   from sasa_jax import tasks  # noqa: PLC0415
-  task = tasks.Detection(config)
-  model = task.create_model()
-  outputs = jax.jit(lambda v, x: model.apply(v, data_lib.normalize(x, config.dataset.name)))(
-      variables, images)
+  task = tasks.Detection(trained.config)
+  outputs = trained(images)
   batch = {"scale": np.ones(len(images), np.float32), "image_id": np.zeros(len(images)),
            "mask": np.ones(len(images))}
   out = jax.device_get(task.eval_outputs(outputs, batch))
@@ -55,16 +53,16 @@ def draw(workdir: str, num_images: int, out: str, min_score: float = 0.3) -> str
   from sasa_jax import data as data_lib  # noqa: PLC0415
   from sasa_jax.data.fashion_mnist_detection import CLASS_NAMES  # noqa: PLC0415
   from sasa_jax.detection.anchors import iou  # noqa: PLC0415
-  from sasa_jax.tools.runs import read_config, restore_variables  # noqa: PLC0415
-  config = read_config(workdir)
-  _, _, variables = restore_variables(workdir)
+  from sasa_jax.tools.runs import load_trained  # noqa: PLC0415
+  trained = load_trained(workdir)
+  config = trained.config
   builder = data_lib.get_builder(config.dataset.name, config.dataset.data_dir)
   split = f"{config.dataset.eval_split.split('[')[0]}[:{num_images}]"
   batch = next(data_lib.eval_dataset(builder, split=split, per_host_batch=num_images,
                                      image_size=config.dataset.image_size,
                                      num_steps=1).as_numpy_iterator())
   truth = list(data_lib.ground_truth(builder, split))
-  boxes, scores, classes, valid = predict(config, variables, batch["image"])
+  boxes, scores, classes, valid = predict(trained, batch["image"])
   cols = min(4, num_images)
   rows = -(-num_images // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
