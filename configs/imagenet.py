@@ -3,7 +3,7 @@ r"""ImageNet (imagenet2012 from a prepared TFDS data_dir): the paper's recipe (A
 130 epochs, Nesterov momentum 0.9, learning rate 1.6 at batch 4096 (0.1 per 256, scaled
 linearly below), 10 warm-up epochs then cosine, BN decay 0.9999, EMA of weights 0.9999,
 224 px Inception crop + flip. Not in the paper (our choices): weight decay 1e-4 on kernels,
-label smoothing 0.1, bfloat16 activations.
+label smoothing 0.1, bfloat16 activations, the initialisation (docs/training.md).
 
 Table 1 rows (depth 26/38/50 x variant):
   python -m sasa_jax.main --config=configs/imagenet.py:depth=50,variant=full_attention \
