@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from sasa_jax import distributed, shared_workdir
 from sasa_jax.data import input_pipeline, preprocessing
@@ -171,6 +172,44 @@ def test_file_order_changes_every_epoch(tmp_path):
   first = order(0)
   assert sorted(first) == sorted(order(1)) and len(first) == 24
   assert first == order(0) and first != order(1) and order(1) != order(2)
+
+
+def test_a_stream_started_at_any_step_is_the_uninterrupted_streams_rest(fmnist_dir):
+  """train_dataset(start_step=s) yields the batches from batch s of the stream from step 0,
+  across epochs; each epoch holds every example of the process's slice once, in a new
+  order, and the two processes' slices are disjoint."""
+  from sasa_jax import data
+  builder = data.get_builder("fashion_mnist", fmnist_dir)
+
+  def batches(process, start_step, count):  # 20 examples per process, 8 per batch
+    ds = data.train_dataset(builder, split="train[:40]", per_host_batch=8, image_size=28,
+                            seed=3, start_step=start_step, crop_padding=0,
+                            process_index=process, process_count=2)
+    return [b for _, b in zip(range(count), ds.as_numpy_iterator())]
+
+  def examples(stream):  # (image up to its flip, label) per example, in stream order
+    return [(min(x.tobytes(), x[:, ::-1].tobytes()), int(y))
+            for b in stream for x, y in zip(b["image"], b["label"])]
+
+  whole = batches(1, 0, 10)  # 80 examples: epochs 0-3 of 20
+  for start in (1, 2, 3, 7):  # from examples 8, 16 (a batch across epochs 0-1), 24 and 56
+    resumed = batches(1, start, 3)
+    assert len(resumed) == 3
+    for got, want in zip(resumed, whole[start:start + 3]):
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+  seen = examples(whole)
+  epochs = [seen[20 * e:20 * e + 20] for e in range(4)]
+  assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == 20 for e in epochs)
+  assert len({tuple(e) for e in epochs}) == 4  # a new order every epoch
+  assert not set(epochs[0]) & set(examples(batches(0, 0, 3))[:20])
+  # augmentation is seeded by the position in the run, not in the epoch: the flips at the
+  # epochs' same positions differ
+  original = {min(x.tobytes(), x[:, ::-1].tobytes()): x.tobytes() for x in
+              (ex["image"] for ex in tfds.as_numpy(builder.as_dataset("train[:40]")))}
+  flips = [x.tobytes() != original[key] for b in whole
+           for x, (key, _) in zip(b["image"], examples([b]))]
+  assert flips[:20] != flips[20:40]
 
 
 def test_images_cross_to_the_device_as_uint8(fmnist_dir):
