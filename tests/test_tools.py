@@ -93,10 +93,14 @@ def test_status_of_a_finished_run_and_of_one_writing_its_metrics(demo_run, tmp_p
   assert "checkpoints: 4\n" in out and "last evaluation at step 4: eval/loss" in out
   copy = tmp_path / "run"
   shutil.copytree(workdir, copy)
-  with open(copy / "metrics.jsonl", "a") as f:
-    f.write('{"step": 5, "train/lo')
+  assert "device memory" not in out  # the CPU reports none
+  with open(copy / "metrics.jsonl", "a") as f:  # as a GPU run logs it
+    f.write('{"step": 4, "device_memory_peak_gib": 41.25, "device_memory_limit_gib": 59.3, '
+            '"device_memory_peak_fraction": 0.6956}\n{"step": 5, "train/lo')
   out = _run("sasa_jax.tools.status", str(copy)).stdout
   assert "  step 4 of 4 (100.0%)" in out, out
+  assert ("  device memory: peak 41.2 GiB of 59.3 GiB (70% on the fullest device) on "
+          "process 0's devices\n") in out, out
 
 
 def test_series_follow_the_last_start_of_a_resumed_run():

@@ -4,8 +4,8 @@
 
 For each workdir (or each run in a folder of them): whether a run holds it now (its lease:
 run, host, pid, SLURM job, how long ago it was renewed), the last logged step of the steps it
-trains to, its speed and the time left at that speed, how long ago metrics.jsonl was last
-written, the checkpoints, the last evaluation and the starts (starts.jsonl). Nothing is
+trains to, its speed and the time left at that speed, the accelerators' peak memory against
+theirs, how long ago metrics.jsonl was last written, the checkpoints, the last evaluation and the starts (starts.jsonl). Nothing is
 imported from jax: it answers in a second.
 """
 import json
@@ -74,6 +74,13 @@ def report(workdir: epath.PathLike) -> list[str]:
         left = (total - train["step"]) / speed["steps_per_sec"]
         line += f", {_duration(left)} left at that speed"
     lines.append(line)
+    memory = _last(metrics, "device_memory_peak_gib")
+    if memory:  # GPUs and TPUs; the CPU reports none
+      line = f"  device memory: peak {memory['device_memory_peak_gib']:.3g} GiB"
+      if "device_memory_limit_gib" in memory:
+        line += (f" of {memory['device_memory_limit_gib']:.3g} GiB "
+                 f"({memory['device_memory_peak_fraction']:.0%} on the fullest device)")
+      lines.append(line + " on process 0's devices")
     written = time.time() - metrics_path.stat().mtime
     lines.append(f"  metrics.jsonl last written {_duration(written)} ago")
   else:
