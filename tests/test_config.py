@@ -240,11 +240,45 @@ def _train_config(name="fashion_mnist", arg=helpers.TINY_MODEL, **changes):
     ({"model.attention_groups": (2, 5)}, r"config.model: attention_groups entry=5 is not allowed"),
     ({"model.variant": "full_attention", "dataset.image_size": 29},
      r"config.model .* cannot be built for 29x29 images: AttentionStem needs H and W divisible"),
+    ({"schedule.warmup_epochs": -1.0}, r"config.schedule.warmup_epochs=-1.0 must be >= 0"),
+    ({"model.attention_groups": (3, 3)}, r"attention_groups=\(3, 3\) names a group twice"),
+    ({"num_train_steps": -1, "num_epochs": 0.0},
+     r"set config.num_train_steps > 0 or config.num_epochs > 0, got -1 and 0.0"),
+    ({"log_every_steps": 0}, r"config.log_every_steps=0 must be > 0"),
+    ({"init_backbone_from": "runs/demo"},
+     r"config.init_backbone_from='runs/demo' initialises a detection model's backbone"),
+    ({"optimizer.lr": 0.1}, r"config.optimizer is missing \[\] / has unknown \['lr'\]; its "
+     r"fields are \['name', 'momentum'"),
 ])
 def test_validate_config_names_the_field(changes, match):
   from sasa_jax.train import validate_config
   with pytest.raises(ValueError, match=match):
     validate_config(_train_config(**changes))
+
+
+@pytest.mark.parametrize("section,field,match", [
+    (None, "dataset", r"config is missing field\(s\) \['dataset'\] \(configs start from "
+     r"sasa_jax.base_config.get_config\(\)\)"),
+    ("dataset", "image_size", r"config.dataset is missing field\(s\) \['image_size'\]"),
+    ("schedule", "decay_factor", r"config.schedule is missing \['decay_factor'\] / has unknown"),
+])
+def test_validate_config_names_a_missing_field(section, field, match):
+  from sasa_jax.train import validate_config
+  config = _train_config()
+  del (config[section] if section else config)[field]
+  with pytest.raises(ValueError, match=match):
+    validate_config(config)
+
+
+@pytest.mark.parametrize("arg,match", [
+    ("holdout=maybe", r"config argument holdout='maybe': expected true or false"),
+    ("batch_size=many", r"config argument batch_size='many': expected int"),
+    ("num_epochs=long", r"config argument num_epochs='long': expected float"),
+    ("depth", r"config argument 'depth': expected key=value"),
+])
+def test_config_string_values_of_the_wrong_kind_are_named(arg, match):
+  with pytest.raises(ValueError, match=match):
+    _load("imagenet").get_config(arg)
 
 
 # Detection configs: (config-string value, flag value) of create_retinanet fields.
@@ -306,11 +340,23 @@ def test_coco_config_rows_and_recipe():
     ({"model.num_classes": 80}, r"config.model.num_classes=80: fashion_mnist_detection has 10"),
     ({"model.heads": "dense"}, r"config.model: heads='dense' is not allowed"),
     ({"model.max_level": 8}, r"config.model: max_level=8 is not allowed; choose 3..7"),
+    ({"model.fpn_width": 0}, r"config.model: fpn_width=0 is not allowed; it must be a positive"),
+    ({"model.aspect_ratios": (0.5, -1.0)},
+     r"config.model: aspect_ratios=\(0.5, -1.0\) must be positive numbers"),
+    ({"model.anchor_scale": 0.0}, r"config.model: anchor_scale=0.0 must be > 0"),
 ])
 def test_validate_detection_config_names_the_field(changes, match):
   from sasa_jax.train import validate_config
   with pytest.raises(ValueError, match=match):
     validate_config(_train_config("fashion_mnist_detection", None, **changes))
+
+
+def test_a_detection_config_without_its_detection_fields_is_named():
+  from sasa_jax.train import validate_config
+  config = _train_config("fashion_mnist_detection", None)
+  del config["detection"]
+  with pytest.raises(ValueError, match=r"config is missing field 'detection'"):
+    validate_config(config)
 
 
 
