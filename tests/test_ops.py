@@ -205,6 +205,9 @@ rel = np.zeros((3, 2), np.float32)
     (lambda: local_attention(x, x, x, rel, None, kernel_size=3, num_heads=2), r"rel_h and rel_w must both be"),
     (lambda: local_attention(x, x, x, kernel_size=3, num_heads=2, impl="cuda"), r"impl='cuda' is not one of"),
     (lambda: local_attention(x, None, x, kernel_size=3, num_heads=2), r"k=None .* needs rel_h"),
+    (lambda: local_attention(x, x, None, kernel_size=3, num_heads=2), r"v must be an array of shape \[B, H, W, C\], got None"),
+    (lambda: local_attention(x, x, x, rel[:, :1], rel[:, :1], kernel_size=3, num_heads=8), r"relative embeddings need an even head dimension d = C / num_heads, got d=1 \(C=8, num_heads=8\)"),
+    (lambda: local_attention(x, x, x, rel.astype(np.float16), rel.astype(np.float16), kernel_size=3, num_heads=2), r"rel_h must have q's dtype float32, got float16"),
 ])
 def test_bad_input_is_named(call, match):
   with pytest.raises(ValueError, match=match):

@@ -103,6 +103,39 @@ def test_status_of_a_finished_run_and_of_one_writing_its_metrics(demo_run, tmp_p
           "process 0's devices\n") in out, out
 
 
+def test_status_and_the_run_readers_name_what_is_missing(demo_run, tmp_path):
+  """tools/status on a folder that is no run, and on a run killed before its first logged
+  step (its lease lapsed); the run readers' errors name the path or the allowed values."""
+  import json
+  import time
+  from sasa_jax.tools import runs, status
+  workdir, _, _ = demo_run
+  assert status.report(tmp_path) == [
+      f"{tmp_path}: no config.json: not a sasa_jax run directory (yet)"]
+  killed = tmp_path / "killed"
+  killed.mkdir()
+  shutil.copy(workdir / "config.json", killed)
+  (killed / "lease.json").write_text(json.dumps(
+      {"run": "0123abcd", "host": "node7", "pid": 4242, "started": "2026-12-06T10:00:00+00:00",
+       "renewed": time.time() - 600}))
+  lines = status.report(killed)
+  assert re.fullmatch(r"  not running: the lease of run 0123abcd on host node7 \(pid 4242\), "
+                      r"started 2026-12-06T10:00:00\+00:00, renewed 60\d s ago by this "
+                      r"machine's clock has lapsed \(its run was killed; the next start takes "
+                      r"over\)", lines[1]), lines
+  assert lines[2:] == ["  no training step logged yet", "  checkpoints: none"]
+  assert [status._duration(t) for t in (90, 600, 7300)] == ["90 s", "10 min", "2 h 01 min"]
+  with pytest.raises(FileNotFoundError, match="no config.json in it or in its subfolders"):
+    runs.workdirs([str(tmp_path / "killed" / "checkpoints")])
+  with pytest.raises(FileNotFoundError, match=r"config.json not found: is .* a sasa_jax run"):
+    runs.read_config(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*killed/checkpoints"):
+    runs.load_trained(killed)
+  with pytest.raises(ValueError, match=r"weights='best' is not allowed; choose one of "
+                                       r"\('ema', 'raw'\)"):
+    runs.load_trained(workdir, weights="best")
+
+
 def test_series_follow_the_last_start_of_a_resumed_run():
   """Rows as metrics.jsonl holds them after a run logged steps 1-7 (evaluating at 6), was
   killed and resumed from its step-4 checkpoint: each series repeats no step and keeps the
