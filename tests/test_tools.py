@@ -120,7 +120,7 @@ def test_status_and_the_run_readers_name_what_is_missing(demo_run, tmp_path):
        "renewed": time.time() - 600}))
   lines = status.report(killed)
   assert re.fullmatch(r"  not running: the lease of run 0123abcd on host node7 \(pid 4242\), "
-                      r"started 2026-12-06T10:00:00\+00:00, renewed 60\d s ago by this "
+                      r"started 2026-12-06T10:00:00\+00:00, renewed 6\d\d s ago by this "
                       r"machine's clock has lapsed \(its run was killed; the next start takes "
                       r"over\)", lines[1]), lines
   assert lines[2:] == ["  no training step logged yet", "  checkpoints: none"]
