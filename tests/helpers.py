@@ -2,10 +2,12 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -15,6 +17,15 @@ from tests import preloaded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = "depth=14,width_multiplier=0.125,num_heads=2,kernel_size=3"
+
+
+def doc_example(page: str, marker: str) -> str:
+  """The ```python block right after `<!-- marker -->` in docs/`page`, its indent (a list
+  item's) removed: tests run the documented code itself, so that the page stays true."""
+  text = (pathlib.Path(ROOT) / "docs" / page).read_text()
+  match = re.search(rf"<!-- {re.escape(marker)} -->\n( *)```python\n(.*?)\n\1```", text, re.S)
+  assert match, f"docs/{page} has no '{marker}' example"
+  return textwrap.dedent(match.group(2))
 
 
 def tiny_flags(data_dir, steps, *, batch=16, ckpt_every=1000, log_every=1, eval_every=1000,

@@ -1,7 +1,4 @@
 """docs/forking.md's worked example, taken from the page and run."""
-import os
-import re
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -12,11 +9,7 @@ from tests.test_config import _train_config
 
 
 def _example(name):
-  with open(os.path.join(helpers.ROOT, "docs", "forking.md")) as f:
-    text = f.read()
-  match = re.search(rf"<!-- forking-example: {name} -->\n```python\n(.*?)```", text, re.S)
-  assert match, f"docs/forking.md has no '{name}' example"
-  return match.group(1)
+  return helpers.doc_example("forking.md", f"forking-example: {name}")
 
 
 def test_new_optimizer_example(monkeypatch):

@@ -1,6 +1,5 @@
 """The demo, the small-scale tables, run plots and attention maps on real Fashion-MNIST."""
 
-import pathlib
 import re
 import shutil
 
@@ -334,10 +333,7 @@ def test_the_documented_python_example_gives_the_evaluations_outputs(demo_run, c
   import json
   import optax
   workdir, _, _ = demo_run
-  text = (pathlib.Path(helpers.ROOT) / "docs" / "training.md").read_text()
-  example = re.search(r"<!-- python-example: trained -->\n +```python\n(.*?) +```", text, re.S)
-  assert example, "docs/training.md has no 'trained' example"
-  code = "\n".join(line[2:] for line in example.group(1).splitlines())  # the list's indent
+  code = helpers.doc_example("training.md", "python-example: trained")
   namespace = {}
   exec(code.replace('"runs/demo"', repr(str(workdir))), namespace)  # noqa: S102
   trained, logits, labels = namespace["trained"], namespace["logits"], namespace["examples"]["label"]

@@ -5,8 +5,8 @@
 For each workdir (or each run in a folder of them): whether a run holds it now (its lease:
 run, host, pid, SLURM job, how long ago it was renewed), the last logged step of the steps it
 trains to, its speed and the time left at that speed, the accelerators' peak memory against
-theirs, how long ago metrics.jsonl was last written, the checkpoints, the last evaluation and the starts (starts.jsonl). Nothing is
-imported from jax: it answers in a second.
+theirs, how long ago metrics.jsonl was last written, the checkpoints, the last evaluation
+and the starts (starts.jsonl). Nothing is imported from jax: it answers in a second.
 """
 import json
 import sys
