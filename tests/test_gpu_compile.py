@@ -66,21 +66,21 @@ def _step_memory(*args, environ=None, config_arg=""):
 
 
 def test_step_memory_plans_an_h100_against_what_jax_takes_of_it():
-  """step_memory --gpu=h100: the loop's step (the Fashion-MNIST config's attention ResNet)
-  compiled for an H100, against the 75% of its 84,929,347,584 bytes that jax's allocator
-  takes (XLA_PYTHON_CLIENT_MEM_FRACTION changes that); a batch whose activations outgrow it
-  does not fit."""
+  """step_memory --gpu=h100: the loop's step (the tests' attention ResNet on the Fashion-MNIST
+  config) compiled for an H100, against the 75% of its 84,929,347,584 bytes that jax's
+  allocator takes; XLA_PYTHON_CLIENT_MEM_FRACTION changes that share, and a batch whose
+  activations outgrow it does not fit."""
   _plugin()
-  fits = _step_memory("--config.batch_size=128")
+  tiny = f":{helpers.TINY_MODEL}"
+  fits = _step_memory("--config.batch_size=128", config_arg=tiny)
   assert fits.returncode == 0, fits.stderr[-3000:]
   (row,) = json.loads(fits.stdout)
   assert row["fits"] and round(row["device_mib"]) == 60746 and 0 < row["temp_mib"] < 1024, row
-  half = _step_memory(environ=helpers.env(XLA_PYTHON_CLIENT_MEM_FRACTION="0.5"),
-                      config_arg=f":{helpers.TINY_MODEL}")
-  assert round(json.loads(half.stdout)[0]["device_mib"]) == 40497
-  wide = _step_memory("--config.batch_size=32768", "--config.model.width_multiplier=1")
-  (row,) = json.loads(wide.stdout)
-  assert not row["fits"] and row["total_mib"] > 60746, row
+  half = _step_memory("--config.batch_size=262144", config_arg=tiny,
+                      environ=helpers.env(XLA_PYTHON_CLIENT_MEM_FRACTION="0.5"))
+  (row,) = json.loads(half.stdout)
+  assert round(row["device_mib"]) == 40497 and not row["fits"], row
+  assert row["total_mib"] > 60746, row  # too large for the whole 75% too
 
 
 def test_xla_gpu_0_10_crashes_on_the_resnets_backward_unless_triton_gemm_is_off():
@@ -91,7 +91,7 @@ def test_xla_gpu_0_10_crashes_on_the_resnets_backward_unless_triton_gemm_is_off(
   from jaxlib import version  # noqa: PLC0415
   plain = {k: v for k, v in helpers.env().items() if k != "XLA_FLAGS"}
   env = dict(plain, XLA_FLAGS="")
-  assert _step_memory(environ=env).returncode == 0
+  assert _step_memory(environ=env, config_arg=f":{helpers.TINY_MODEL}").returncode == 0
   probe = subprocess.run(
       [sys.executable, "-c", "import os, sasa_jax; print(os.environ['XLA_FLAGS'])"],
       env=env, cwd=helpers.ROOT, capture_output=True, text=True, check=True)
@@ -100,8 +100,9 @@ def test_xla_gpu_0_10_crashes_on_the_resnets_backward_unless_triton_gemm_is_off(
     return
   assert probe.stdout.strip() == "--xla_gpu_enable_triton_gemm=false"
   crash = subprocess.run(
-      [sys.executable, "-m", "sasa_jax.tools.step_memory", "--config=configs/fashion_mnist.py",
-       "--devices=1", "--gpu=h100", "--microbatches=1"],
+      [sys.executable, "-m", "sasa_jax.tools.step_memory",
+       f"--config=configs/fashion_mnist.py:{helpers.TINY_MODEL}", "--devices=1", "--gpu=h100",
+       "--microbatches=1"],
       env=dict(plain, XLA_FLAGS="--xla_gpu_enable_triton_gemm=true"), cwd=helpers.ROOT,
       capture_output=True, text=True, timeout=600)
   assert crash.returncode != 0 and "triton_tiling_propagation.cc" in crash.stderr, (
