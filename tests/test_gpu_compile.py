@@ -41,10 +41,10 @@ def test_the_triton_kernels_compile_for_hopper_and_ampere():
 
 def test_the_loops_step_on_two_gpu_hosts_keeps_batch_norm_groups_within_a_host():
   """The loop's own step (train.jit_train_step on its 1-D mesh over jax's device order)
-  compiled for 2 hosts of 8 H100s: BatchNorm over the whole batch (an all-reduce over the
-  16 GPUs); over groups of 16 images, pairs of GPUs on one host (NVLink, not the network);
-  and as 2 microbatches with groups of 4 within each GPU's microbatch (only the gradients'
-  all-reduce over all 16)."""
+  compiled for 2 hosts of 8 H100s: BatchNorm over groups of 16 images, pairs of GPUs on one
+  host (NVLink, not the network), beside the gradients' all-reduce over the 16 GPUs; and as 2
+  microbatches with groups of 4 within each GPU's microbatch (only the gradients' all-reduce
+  over all 16)."""
   _plugin()
   result = helpers.mesh_step("gpu", "h100", "2x8")
   hosts = {int(i): d[0] for i, d in result["devices"].items()}
@@ -55,7 +55,6 @@ def test_the_loops_step_on_two_gpu_hosts_keeps_batch_norm_groups_within_a_host()
   assert all(hosts[int(a)] == hosts[int(b)] for a, b in
              (p.split(",") for p in pairs.strip("{}").split("},{")))
   assert result["4/2"] == [everyone], result
-  assert len(result["0/1"]) == 1, result
 
 
 def _step_memory(*args, environ=None, config_arg=""):
