@@ -113,7 +113,7 @@ def test_attention_stem(stem_type):
 
 def test_spatially_aware_values_folded_equal_the_papers_form():
   # impl="reference" mixes M value maps per pixel; the default folds the mixture into one
-  # matrix per block position first: the same function and the same gradients.
+  # matrix per block position first: the same function and the same gradients, jitted.
   img = jax.random.normal(jax.random.key(4), (2, 8, 12, 3))
   ref = AttentionStem(16, block_size=4, num_mixtures=3, impl="reference")
   fast = AttentionStem(16, block_size=4, num_mixtures=3)
@@ -121,8 +121,9 @@ def test_spatially_aware_values_folded_equal_the_papers_form():
 
   def loss(module):
     return lambda p: jnp.sum(jnp.sin(module.apply({**variables, "params": p}, img)))
-  np.testing.assert_allclose(fast.apply(variables, img), ref.apply(variables, img), atol=1e-5)
-  g_ref, g_fast = (jax.grad(loss(m))(variables["params"]) for m in (ref, fast))
+  np.testing.assert_allclose(jax.jit(fast.apply)(variables, img),
+                             jax.jit(ref.apply)(variables, img), atol=1e-5)
+  g_ref, g_fast = (jax.jit(jax.grad(loss(m)))(variables["params"]) for m in (ref, fast))
   for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_fast)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
