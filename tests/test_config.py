@@ -256,15 +256,19 @@ def test_validate_config_names_the_field(changes, match):
     validate_config(_train_config(**changes))
 
 
-@pytest.mark.parametrize("section,field,match", [
-    (None, "dataset", r"config is missing field\(s\) \['dataset'\] \(configs start from "
+@pytest.mark.parametrize("config,section,field,match", [
+    ((), None, "dataset", r"config is missing field\(s\) \['dataset'\] \(configs start from "
      r"sasa_jax.base_config.get_config\(\)\)"),
-    ("dataset", "image_size", r"config.dataset is missing field\(s\) \['image_size'\]"),
-    ("schedule", "decay_factor", r"config.schedule is missing \['decay_factor'\] / has unknown"),
+    ((), "dataset", "image_size", r"config.dataset is missing field\(s\) \['image_size'\]"),
+    ((), "schedule", "decay_factor",
+     r"config.schedule is missing \['decay_factor'\] / has unknown"),
+    (("fashion_mnist_detection", None), None, "detection", r"config is missing field 'detection'"),
 ])
-def test_validate_config_names_a_missing_field(section, field, match):
+def test_validate_config_names_a_missing_field(config, section, field, match):
+  """config: _train_config's arguments (default: the Fashion-MNIST config of the tests'
+  model)."""
   from sasa_jax.train import validate_config
-  config = _train_config()
+  config = _train_config(*config)
   del (config[section] if section else config)[field]
   with pytest.raises(ValueError, match=match):
     validate_config(config)
@@ -349,15 +353,6 @@ def test_validate_detection_config_names_the_field(changes, match):
   from sasa_jax.train import validate_config
   with pytest.raises(ValueError, match=match):
     validate_config(_train_config("fashion_mnist_detection", None, **changes))
-
-
-def test_a_detection_config_without_its_detection_fields_is_named():
-  from sasa_jax.train import validate_config
-  config = _train_config("fashion_mnist_detection", None)
-  del config["detection"]
-  with pytest.raises(ValueError, match=r"config is missing field 'detection'"):
-    validate_config(config)
-
 
 
 @pytest.mark.parametrize("module", ["sasa_jax.main", "sasa_jax.tools.step_memory",

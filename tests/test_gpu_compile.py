@@ -57,11 +57,14 @@ def test_the_loops_step_on_two_gpu_hosts_keeps_batch_norm_groups_within_a_host()
   assert result["4/2"] == [everyone], result
 
 
-def _step_memory(*args, environ=None, config_arg=""):
-  config = [f"--config=configs/fashion_mnist.py{config_arg}", "--devices=1", "--gpu=h100",
-            "--format=json", "--microbatches=1"]
-  return helpers.run_module("sasa_jax.tools.step_memory", [*config, *args], environ=environ,
-                            check=False)
+# step_memory's plan of the loop's step for one H100, for the tests' model on Fashion-MNIST
+STEP_MEMORY = [f"--config=configs/fashion_mnist.py:{helpers.TINY_MODEL}", "--devices=1",
+               "--gpu=h100", "--microbatches=1"]
+
+
+def _step_memory(*args, environ=None):
+  return helpers.run_module("sasa_jax.tools.step_memory", [*STEP_MEMORY, "--format=json", *args],
+                            environ=environ, check=False)
 
 
 def test_step_memory_plans_an_h100_against_what_jax_takes_of_it():
@@ -70,12 +73,11 @@ def test_step_memory_plans_an_h100_against_what_jax_takes_of_it():
   allocator takes; XLA_PYTHON_CLIENT_MEM_FRACTION changes that share, and a batch whose
   activations outgrow it does not fit."""
   _plugin()
-  tiny = f":{helpers.TINY_MODEL}"
-  fits = _step_memory("--config.batch_size=128", config_arg=tiny)
+  fits = _step_memory("--config.batch_size=128")
   assert fits.returncode == 0, fits.stderr[-3000:]
   (row,) = json.loads(fits.stdout)
   assert row["fits"] and round(row["device_mib"]) == 60746 and 0 < row["temp_mib"] < 1024, row
-  half = _step_memory("--config.batch_size=262144", config_arg=tiny,
+  half = _step_memory("--config.batch_size=262144",
                       environ=helpers.env(XLA_PYTHON_CLIENT_MEM_FRACTION="0.5"))
   (row,) = json.loads(half.stdout)
   assert round(row["device_mib"]) == 40497 and not row["fits"], row
@@ -90,7 +92,7 @@ def test_xla_gpu_0_10_crashes_on_the_resnets_backward_unless_triton_gemm_is_off(
   from jaxlib import version  # noqa: PLC0415
   plain = {k: v for k, v in helpers.env().items() if k != "XLA_FLAGS"}
   env = dict(plain, XLA_FLAGS="")
-  assert _step_memory(environ=env, config_arg=f":{helpers.TINY_MODEL}").returncode == 0
+  assert _step_memory(environ=env).returncode == 0
   probe = subprocess.run(
       [sys.executable, "-c", "import os, sasa_jax; print(os.environ['XLA_FLAGS'])"],
       env=env, cwd=helpers.ROOT, capture_output=True, text=True, check=True)
@@ -99,9 +101,7 @@ def test_xla_gpu_0_10_crashes_on_the_resnets_backward_unless_triton_gemm_is_off(
     return
   assert probe.stdout.strip() == "--xla_gpu_enable_triton_gemm=false"
   crash = subprocess.run(
-      [sys.executable, "-m", "sasa_jax.tools.step_memory",
-       f"--config=configs/fashion_mnist.py:{helpers.TINY_MODEL}", "--devices=1", "--gpu=h100",
-       "--microbatches=1"],
+      [sys.executable, "-m", "sasa_jax.tools.step_memory", *STEP_MEMORY],
       env=dict(plain, XLA_FLAGS="--xla_gpu_enable_triton_gemm=true"), cwd=helpers.ROOT,
       capture_output=True, text=True, timeout=600)
   assert crash.returncode != 0 and "triton_tiling_propagation.cc" in crash.stderr, (
