@@ -48,7 +48,7 @@ def evaluate(workdir: str, *, split=None, step=None, weights=None, data_dir=None
   if batch <= 0 or batch % jax.device_count():
     raise ValueError(f"--batch_size={batch} must be a positive multiple of the device count "
                      f"{jax.device_count()}")
-  trained = load_trained(workdir, step, weights)
+  trained = load_trained(workdir, step, weights, config)
   task = tasks.get(config)
   model = trained.model
   mesh = Mesh(np.asarray(jax.devices()), ("data",))

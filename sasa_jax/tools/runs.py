@@ -170,11 +170,13 @@ class TrainedModel:
         variables, data_lib.normalize(images, name), train=False))
 
 
-def load_trained(workdir, step: int | None = None, weights: str | None = None) -> TrainedModel:
+def load_trained(workdir, step: int | None = None, weights: str | None = None,
+                 config: ml_collections.ConfigDict | None = None) -> TrainedModel:
   """The model of the run in `workdir` (local or gs://) with checkpoint `step`'s variables
-  (default: the latest; weights as `restore_variables`), whatever topology trained it."""
+  (default: the latest; weights as `restore_variables`), whatever topology trained it.
+  config: the run's config as `read_config` gave it (read here if None)."""
   from sasa_jax import train  # noqa: PLC0415
-  config = read_config(workdir)
+  config = read_config(workdir) if config is None else config
   step, weights, variables = restore_variables(workdir, step, weights)
   return TrainedModel(config, step, weights, train.create_model(config), variables)
 
