@@ -26,6 +26,11 @@ from sasa_jax.data import fashion_mnist_detection
 from sasa_jax.data import preprocessing
 from sasa_jax.data.preprocessing import PREPROCESS
 
+# tf.data runs on the host. A TensorFlow built with CUDA (one a GPU cluster's environment may
+# hold instead of tensorflow-cpu) would otherwise reserve most of every GPU's memory at its
+# first operation, memory JAX then cannot have.
+tf.config.set_visible_devices([], "GPU")
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
