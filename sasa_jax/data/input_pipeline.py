@@ -115,9 +115,11 @@ def augmentation_seed(seed, process_index, index):
   return tf.random.experimental.stateless_fold_in(base, tf.cast(index, tf.int64))
 
 
-def _epoch_records(builder, host_split, *, seed, epoch, shuffle_buffer):
+def _epoch_records(builder, host_split, *, seed, epoch, shuffle_buffer, skip=0):
   """The host's encoded examples of epoch `epoch` (a tensor), in an order that is a function
-  of (seed, epoch) alone: files shuffled per epoch, then examples through a seeded buffer."""
+  of (seed, epoch) alone: files shuffled per epoch, then examples through a seeded buffer.
+  The first `skip` of them (a tensor) are dropped still serialized: a resumed run parses only
+  what it trains on."""
   instructions = builder.info.splits[host_split].file_instructions
   if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
     raise ValueError(f"dataset {builder.name!r} is stored as {builder.info.file_format.value}; "
@@ -134,7 +136,7 @@ def _epoch_records(builder, host_split, *, seed, epoch, shuffle_buffer):
       cycle_length=min(16, len(instructions)), block_length=1, deterministic=True,
       num_parallel_calls=tf.data.AUTOTUNE)
   serialized = serialized.shuffle(min(shuffle_buffer, n_host), seed=2 * (seed + epoch),
-                                  reshuffle_each_iteration=False)
+                                  reshuffle_each_iteration=False).skip(skip)
   return serialized.map(_graph(functools.partial(builder.info.features.deserialize_example,
                                                  decoders={"image": tfds.decode.SkipDecoding()})))
 
@@ -156,10 +158,11 @@ def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, 
   n_host = builder.info.splits[host_split].num_examples
   epoch0, offset = divmod(start_step * per_host_batch, n_host)
 
-  def epoch(e):
+  def epoch(e):  # the first epoch from `offset` on
+    skip = tf.where(e == epoch0, tf.constant(offset, tf.int64), tf.constant(0, tf.int64))
     records = _epoch_records(builder, host_split, seed=seed, epoch=e,
-                             shuffle_buffer=shuffle_buffer)
-    return records.enumerate().map(_graph(lambda i, ex: (e * n_host + i, ex)))
+                             shuffle_buffer=shuffle_buffer, skip=skip)
+    return records.enumerate(start=skip).map(_graph(lambda i, ex: (e * n_host + i, ex)))
 
   def preprocess(index, ex):
     example_seed = augmentation_seed(seed, process_index, index)
@@ -171,7 +174,7 @@ def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, 
                                            channels=len(spec.mean), pad=crop_padding)
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
-  ds = tf.data.Dataset.range(epoch0, 2**40).flat_map(_graph(epoch)).skip(offset)
+  ds = tf.data.Dataset.range(epoch0, 2**40).flat_map(_graph(epoch))
   ds = ds.map(_graph(preprocess), num_parallel_calls=host_cpus())
   ds = ds.batch(per_host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return ds.with_options(_WITHOUT_AUTOTUNE_MODEL)
