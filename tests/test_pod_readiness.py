@@ -229,23 +229,28 @@ def test_images_cross_to_the_device_as_uint8(fmnist_dir):
   assert ev["image"].dtype == np.uint8 and list(ev["mask"]) == [1] * 10 + [0] * 6
 
 
-def test_tensorflow_sees_no_gpu_once_the_pipeline_is_imported():
+@pytest.mark.parametrize("started", [False, True])
+def test_tensorflow_sees_no_gpu_once_the_pipeline_is_imported(started):
   """A CUDA build of TensorFlow would reserve most of each GPU's memory at its first
   operation. Importing sasa_jax.data hides the GPUs from it, before TensorFlow has started
-  its devices (the call raises after that), and leaves the CPU to tf.data."""
-  code = """if True:
+  its devices, and leaves the CPU to tf.data. Where the importer started them first (the
+  call raises then), the import goes on and says so."""
+  code = f"""if True:
     import tensorflow as tf
     calls, hide = [], tf.config.set_visible_devices
     def recorded(devices, device_type=None):
       calls.append((list(devices), device_type))
+      if {started}:
+        raise RuntimeError("Visible devices cannot be modified after being initialized")
       hide(devices, device_type)
     tf.config.set_visible_devices = recorded
     import sasa_jax.data
     print(calls, [d.device_type for d in tf.config.get_visible_devices()])
   """
-  out = subprocess.run([sys.executable, "-c", code], env=helpers.env(), cwd=helpers.ROOT,
-                       capture_output=True, text=True, timeout=300, check=True).stdout
-  assert out.split("\n")[-2] == "[([], 'GPU')] ['CPU']"
+  proc = subprocess.run([sys.executable, "-c", code], env=helpers.env(), cwd=helpers.ROOT,
+                        capture_output=True, text=True, timeout=300, check=True)
+  assert proc.stdout.split("\n")[-2] == "[([], 'GPU')] ['CPU']"
+  assert ("TensorFlow's devices were started before" in proc.stderr) == started
 
 
 def test_the_training_stream_has_no_autotune_model_and_every_cpu(fmnist_dir, monkeypatch):

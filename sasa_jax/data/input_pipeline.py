@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
 from sasa_jax.data import detection
@@ -29,7 +30,11 @@ from sasa_jax.data.preprocessing import PREPROCESS
 # tf.data runs on the host. A TensorFlow built with CUDA (one a GPU cluster's environment may
 # hold instead of tensorflow-cpu) would otherwise reserve most of every GPU's memory at its
 # first operation, memory JAX then cannot have.
-tf.config.set_visible_devices([], "GPU")
+try:
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TensorFlow already started its devices (the importer ran an op)
+  logging.warning("TensorFlow's devices were started before sasa_jax.data was imported: "
+                  "a CUDA build of TensorFlow may hold GPU memory that JAX needs")
 
 
 @dataclasses.dataclass(frozen=True)
