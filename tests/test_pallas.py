@@ -2,6 +2,8 @@
 ahead-of-time lowering of a SASA training step for TPU (Mosaic) and GPU (Triton)."""
 import importlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ from sasa_jax.layers import SelfAttention2D
 from sasa_jax.ops import default_impl, local_attention
 from sasa_jax.ops import pallas_attention as pa
 from sasa_jax.tools.flops import count_flops
+from tests import helpers
 
 # (B, H, W, C, heads, kernel): non-square, windows larger than the map, 1 and 8 heads, k 3-11.
 SHAPES = [
@@ -247,6 +250,32 @@ def test_an_export_for_cpu_tpu_and_cuda_runs_the_cpu_branch_here():
   assert text.count("tpu_custom_call") == 3 and text.count("__gpu$xla.gpu.triton") == 3
   for got, want in zip(exported.call(*args), _op_grads("reference")(*args)):
     _assert_close(got, want, 1e-4)
+
+
+def test_only_compiled_kernels_load_the_primitive_extension():
+  """sasa_jax.ops.platform_only (jax's primitive-extension interfaces: jax.extend.core,
+  jax.interpreters) loads where a compiled kernel is lowered, and not before: the package,
+  the model code and impl="auto" lowered for TPU and CUDA run without it."""
+  code = """if True:
+    import sys
+    import jax, jax.numpy as jnp
+    from jax import export
+    import sasa_jax.train
+    from sasa_jax.ops import local_attention
+    x, r = jnp.ones((1, 6, 6, 8)), jnp.ones((3, 2))
+    def f(impl):
+      return lambda x, r: local_attention(x, x, x, r, r, kernel_size=3, num_heads=2, impl=impl)
+    loaded = lambda: "sasa_jax.ops.platform_only" in sys.modules
+    export.export(jax.jit(f("auto")), platforms=["tpu", "cuda"])(x, r)
+    before = loaded()
+    export.export(jax.jit(f("pallas")), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, r)
+    print(before, loaded())
+  """
+  out = subprocess.run([sys.executable, "-c", code], env=helpers.env(), cwd=helpers.ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split("\n")[-2] == "False True"
 
 
 def test_auto_resolves_per_lowering_platform():

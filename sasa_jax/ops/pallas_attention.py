@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from sasa_jax.ops.platform_only import platform_only
 
 _MASKED = -1e30  # finite: padded queries that see no key stay NaN-free (they are cropped)
 _TINY = 1e-30
@@ -667,6 +666,9 @@ class _Launch:
         name=f"sasa_{kernel.__name__.strip('_')}")
     if self.interpret:
       return call
+    # Imported here: only compiled kernels need jax's primitive-extension interfaces
+    # (jax.extend.core, jax.interpreters), so that every other impl imports without them.
+    from sasa_jax.ops.platform_only import platform_only  # noqa: PLC0415
     platforms = ("tpu",) if self.tiling.flavour == "tpu" else ("cuda", "rocm")
     return lambda *args: platform_only(call, platforms, *args)
 
