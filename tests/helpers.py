@@ -63,6 +63,16 @@ def run_module(module, args, *, environ=None, check=True, timeout=600):
   return proc
 
 
+def run_python(code, *, devices=1, timeout=600):
+  """`python -c code` in ROOT with env(devices), in a fresh process (none of the test
+  process's imports or settings carried over); a subprocess.CompletedProcess that exited 0."""
+  proc = subprocess.run([sys.executable, "-c", code], env=env(devices), cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+  if proc.returncode:
+    raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
+  return proc
+
+
 def run_main(config_arg, workdir, flags, devices=1, check=True, timeout=600,
              env_overrides=None):
   """Runs sasa_jax.main; env_overrides: variables to set (None: remove)."""

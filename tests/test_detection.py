@@ -207,12 +207,7 @@ def test_batch_norm_groups_of_devices_reach_every_batch_norm_of_a_retinanet():
   the outputs and running statistics of the same groups on one device: the grouped
   all-reduce reaches the backbone's (stem included) and the FPN's and heads' BatchNorms."""
   import json
-  import subprocess
-  import sys
-  proc = subprocess.run([sys.executable, "-c", RETINANET_GROUPS_ON_FOUR_DEVICES],
-                        env=helpers.env(devices=4), cwd=helpers.ROOT, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = helpers.run_python(RETINANET_GROUPS_ON_FOUR_DEVICES, devices=4)
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["4"] < 1e-4 and out["8"] < 1e-4, out
 

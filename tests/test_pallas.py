@@ -2,8 +2,6 @@
 ahead-of-time lowering of a SASA training step for TPU (Mosaic) and GPU (Triton)."""
 import importlib
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -272,10 +270,7 @@ def test_only_compiled_kernels_load_the_primitive_extension():
         export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, r)
     print(before, loaded())
   """
-  out = subprocess.run([sys.executable, "-c", code], env=helpers.env(), cwd=helpers.ROOT,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.split("\n")[-2] == "False True"
+  assert helpers.run_python(code).stdout.split("\n")[-2] == "False True"
 
 
 def test_auto_resolves_per_lowering_platform():
@@ -494,14 +489,8 @@ def test_kernels_map_over_batch_shards_under_a_mesh():
   the CPU kernel's) sees 2 of the 8 images on 4 devices, and the value and all five gradients still match the
   reference (the relative embeddings' summed over shards)."""
   import json
-  import subprocess
-  import sys
 
-  from tests import helpers
-  proc = subprocess.run([sys.executable, "-c", SHARDED], env=helpers.env(devices=4),
-                        cwd=helpers.ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = json.loads(helpers.run_python(SHARDED, devices=4).stdout.strip().splitlines()[-1])
   assert "cannot be automatically partitioned" in out["unsharded"]
   assert out["sharded_kernel_batches"] == [4, 4, 4]  # 2 images x 2 heads per device
   assert out["sharded_cpu_kernel_batches"] == [2, 2]  # the CPU kernel's forward, backward

@@ -247,8 +247,7 @@ def test_tensorflow_sees_no_gpu_once_the_pipeline_is_imported(started):
     import sasa_jax.data
     print(calls, [d.device_type for d in tf.config.get_visible_devices()])
   """
-  proc = subprocess.run([sys.executable, "-c", code], env=helpers.env(), cwd=helpers.ROOT,
-                        capture_output=True, text=True, timeout=300, check=True)
+  proc = helpers.run_python(code)
   assert proc.stdout.split("\n")[-2] == "[([], 'GPU')] ['CPU']"
   assert ("TensorFlow's devices were started before" in proc.stderr) == started
 

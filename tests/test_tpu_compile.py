@@ -1,8 +1,6 @@
 """Compiling for Cloud TPUs on this CPU-only machine with libtpu's own XLA:TPU compiler
 (tools/tpu_compile, tools/step_memory --tpu): the compiler's verdicts on VMEM and HBM."""
 import json
-import subprocess
-import sys
 
 from tests import helpers
 from tests.conftest import require_compiler
@@ -11,14 +9,6 @@ from tests.conftest import require_compiler
 def _libtpu():
   from sasa_jax.tools import tpu_compile  # noqa: PLC0415
   require_compiler(tpu_compile)
-
-
-def _script(code: str) -> str:
-  """stdout of `python -c code` in the tests' environment (libtpu kept out of this process)."""
-  proc = subprocess.run([sys.executable, "-c", code], env=helpers.env(), cwd=helpers.ROOT,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout
 
 
 def _rows(*args):
@@ -101,7 +91,7 @@ def test_a_kernel_that_overflows_vmem_is_not_blamed_on_the_batch():
   blocks far larger than the planner's, compiled by libtpu for v5e) points at impl, not at
   microbatches."""
   _libtpu()
-  out = _script(VMEM)
+  out = helpers.run_python(VMEM).stdout
   assert "RESOURCE_EXHAUSTED" in out and "(VMEM)" in out, out
   assert "--config.model.impl=auto" in out and "microbatches do not change that" in out
   assert "--config.num_microbatches=" not in out
@@ -143,7 +133,7 @@ def test_libtpus_estimate_counts_each_loop_iteration_and_the_op_against_a_conv()
   its 1.5 GHz), None where the compiler writes no estimate (XLA:CPU). tools/tpu_compile puts
   the op's fwd+bwd next to a 3x3 convolution's, with the block plans of other KV_COSTs."""
   _libtpu()
-  est = json.loads(_script(ESTIMATE))
+  est = json.loads(helpers.run_python(ESTIMATE).stdout)
   assert est["16"]["cycles"] == 4 * est["4"]["cycles"], est
   assert est["4"]["unknown_loops"] == est["4"]["unestimated_kernels"] == 0, est
   seconds_per_matmul = est["4"]["cycles"] / 4 / 1.5e9

@@ -749,10 +749,7 @@ def test_batch_norm_groups_on_four_devices_stay_on_their_devices():
   statistics are all-reduced within devices {0, 1} and {2, 3} alone. Each step equals the
   same grouped step on one device; with impl="pallas" both lower for TPU with every
   attention layer's kernels."""
-  proc = subprocess.run([sys.executable, "-c", GROUPED_ON_FOUR_DEVICES],
-                        env=helpers.env(devices=4), cwd=helpers.ROOT, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = helpers.run_python(GROUPED_ON_FOUR_DEVICES, devices=4)
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   collectives, groups = out["collectives"], out["replica_groups"]
   assert set(collectives["0"]) == {"all-reduce"} and collectives["0"]["all-reduce"] > 10
