@@ -86,13 +86,13 @@ def test_step_memory_plans_an_h100_against_what_jax_takes_of_it():
 
 def test_xla_gpu_0_10_crashes_on_the_resnets_backward_unless_triton_gemm_is_off():
   """jaxlib 0.10's XLA:GPU aborts compiling the loop's step (openxla/xla#47381); importing
-  sasa_jax turns Triton GEMM fusions off there (sasa_jax/xla_gpu.py), and the step compiles.
-  A user's own setting of the flag is left as it is."""
+  sasa_jax turns Triton GEMM fusions off there (sasa_jax/xla_gpu.py), and the step compiles
+  (test_step_memory_plans_an_h100_against_what_jax_takes_of_it compiles it so). A user's own
+  setting of the flag is left as it is."""
   _plugin()
   from jaxlib import version  # noqa: PLC0415
   plain = {k: v for k, v in helpers.env().items() if k != "XLA_FLAGS"}
   env = dict(plain, XLA_FLAGS="")
-  assert _step_memory(environ=env).returncode == 0
   probe = subprocess.run(
       [sys.executable, "-c", "import os, sasa_jax; print(os.environ['XLA_FLAGS'])"],
       env=env, cwd=helpers.ROOT, capture_output=True, text=True, check=True)

@@ -1,12 +1,15 @@
 """create_resnet: the model zoo's one entry point; its keyword arguments are config.model."""
 import inspect
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import jax.numpy as jnp
 
 from sasa_jax.layers import ATTENTION_STEM_TYPES, AttentionSettings, AttentionStem
 from sasa_jax.layers.attention import check_choice
 from sasa_jax.models.resnet import STAGE_BLOCKS, STAGE_WIDTHS, STEM_WIDTH, SASAResNet
+
+if TYPE_CHECKING:  # the module imports this one
+  from sasa_jax.models.retinanet import RetinaNet
 
 STEM_HEADS = AttentionStem.num_heads  # SASAResNet keeps the stem's default
 

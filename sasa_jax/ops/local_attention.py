@@ -3,7 +3,6 @@ import collections
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sasa_jax.ops import local_attention_cpu as cpu_kernel

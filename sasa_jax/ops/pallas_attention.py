@@ -215,7 +215,7 @@ def _offset_tables(t: Tiling, *, keys_in_slab: bool) -> tuple[np.ndarray, np.nda
   ([nq, nk]); False: rows are the queries of a slab, columns the keys of a block
   ([nk, nq]). Pairs outside the k x k window hold -1 in both tables.
   """
-  r, k = t.radius, t.kernel_size
+  r = t.radius
   a, c = np.divmod(np.arange(t.nq), t.bw)       # block pixel (row, col)
   b, e = np.divmod(np.arange(t.nk), t.kw)       # slab pixel, slab origin at (-pt, -pl)
   if keys_in_slab:   # key - query
