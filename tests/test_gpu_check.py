@@ -32,6 +32,9 @@ def test_cpu_smoke_writes_results(tmp_path):
   assert "; budget none" in proc.stdout.splitlines()[0]  # the GPU run's default: 360 s
   report = json.loads((tmp_path / "results.json").read_text())
   kinds = [r["kind"] for r in report["rows"]]
+  # the default order: the cheap sections first, the Triton kernels' tuning last (docs/gpu.md)
+  assert list(dict.fromkeys(kinds)) == ["env", "export", "correctness", "op", "torch", "blocks",
+                                        "train_step", "tune"], kinds
   checks = [r for r in report["rows"] if r["kind"] == "correctness"]  # 2 shapes x 2 dtypes,
   other = next(f for f in pa.FORMS if f != pa.GPU_FORM)  # the other form, impl="xla" and
   assert [(r["impl"], r.get("form")) for r in checks] == (  # impl="shifted"

@@ -10,13 +10,14 @@ Needs jax, flax, optax and numpy only (no TensorFlow, TFDS, clu or ml_collection
 runs from a checkout on a bare accelerator image. In order, printing a JSON row as each
 result comes:
 0. env: versions, the device, and what impl="auto" picks on it;
-1. correctness: impl="pallas" (compiled kernels; interpret mode only on the CPU) against
+1. export: one jitted layer training step exported for ["tpu"], ["cuda"] and both at once;
+2. correctness: impl="pallas" (compiled kernels; interpret mode only on the CPU) against
    impl="reference", the output and all five gradients, float32 and bfloat16, at the four
    ResNet-50 stage shapes and at odd shapes (window larger than the map, non-square, 1 head),
    the GPU kernels' other form at the odd shapes in float32, and impl="xla" (the blocked
    form, impl="auto"'s on accelerators) and impl="shifted" (its contender) at every shape
    in both dtypes;
-2. op: the op's fwd+bwd time (and its forward's alone) and compiled temporary memory, pallas
+3. op: the op's fwd+bwd time (and its forward's alone) and compiled temporary memory, pallas
    vs xla vs shifted vs a 3x3 conv of the same width (batch 32), bfloat16 and float32, and
    the GPU kernels in the launches impl="pallas" does not run: the other form
    (pallas_attention.FORMS: offset tables read, or offsets computed in the kernel and
@@ -24,12 +25,11 @@ result comes:
    bfloat16 tensor-core products); and, from profiles: how impl="pallas"'s time splits
    between the three Triton kernels (fwd, dq, dkv) and the XLA operations around them, and
    the XLA operations impl="xla" and impl="shifted" spend most time in;
-3. blocks: impl="xla", the blocked form impl="auto" runs on accelerators, in the block
-   plans of other blocked.KV_COST values and with fewer sequential chunks, fwd+bwd time at
-   the stage shapes in bfloat16: which KV_COST this platform should plan with;
 4. torch: where PyTorch is installed, the same op shapes as an exact SASA by unfold and
    timm's HaloAttn (block 8, halo 3), fwd+bwd;
-5. export: one jitted layer training step exported for ["tpu"], ["cuda"] and both at once;
+5. blocks: impl="xla", the blocked form impl="auto" runs on accelerators, in the block
+   plans of other blocked.KV_COST values and with fewer sequential chunks, fwd+bwd time at
+   the stage shapes in bfloat16: which KV_COST this platform should plan with;
 6. train_step: ResNet-50 training steps (batch 128, bfloat16, 224 px, random data):
    baseline, conv-stem + attention and full attention with impl xla and pallas, and
    conv-stem + attention with impl shifted: images/s, XLA's planned device memory and,
@@ -79,7 +79,9 @@ from sasa_jax.tools.bench import (STAGES, compiled, medians, model_step_case, op
 TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}  # max |a - b| / max |b|
 ODD_SHAPES = [  # (batch, H, W, C, heads, k): window > map, non-square, 1 head
     (2, 5, 5, 32, 4, 7), (2, 9, 20, 64, 8, 7), (2, 13, 11, 16, 1, 5)]
-SECTIONS = ("env", "correctness", "op", "blocks", "torch", "export", "train_step", "tune")
+# In this order by default: the cheap sections first, then the training steps impl="auto"
+# runs, then the tuning of impl="pallas" (docs/gpu.md), so that a spent budget cuts the last.
+SECTIONS = ("env", "export", "correctness", "op", "torch", "blocks", "train_step", "tune")
 # The op rows' implementations: the fused kernels, the blocked XLA form (impl="auto"'s on
 # accelerators) and the shifted-slice form, a contender to it (ops/shifted.py).
 OP_IMPLS = ("pallas", "xla", "shifted")
