@@ -119,8 +119,8 @@ def test_a_row_that_raises_is_recorded_and_the_check_goes_on(tmp_path, monkeypat
 
 def test_sections_run_in_the_order_given_and_tune_once(tmp_path):
   """--sections sets the order (the cheap sections first, for a short device budget); --tune
-  adds "tune" only where --sections does not place it. A budget
-  already spent records every row as skipped without compiling it."""
+  adds "tune" only where --sections does not place it. A budget already spent records every
+  row as skipped without compiling it."""
   from sasa_jax.tools import gpu_check  # noqa: PLC0415
   gpu_check.main(["--cpu-smoke", "--tune", "--sections=tune,env", "--budget-s=1e-9",
                   f"--out={tmp_path}"])
