@@ -30,6 +30,7 @@ def test_cpu_smoke_writes_results(tmp_path):
                         timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "; budget none" in proc.stdout.splitlines()[0]  # the GPU run's default: 360 s
+  assert "the budget left rows" not in proc.stdout
   report = json.loads((tmp_path / "results.json").read_text())
   kinds = [r["kind"] for r in report["rows"]]
   # the default order: the cheap sections first, the Triton kernels' tuning last (docs/gpu.md)
@@ -117,16 +118,20 @@ def test_a_row_that_raises_is_recorded_and_the_check_goes_on(tmp_path, monkeypat
   assert "kernel exploded" in (tmp_path / "results.md").read_text()
 
 
-def test_sections_run_in_the_order_given_and_tune_once(tmp_path):
+def test_sections_run_in_the_order_given_and_tune_once(tmp_path, capsys):
   """--sections sets the order (the cheap sections first, for a short device budget); --tune
   adds "tune" only where --sections does not place it. A budget already spent records every
-  row as skipped without compiling it."""
+  row as skipped without compiling it, and the last line gives the call that runs them."""
   from sasa_jax.tools import gpu_check  # noqa: PLC0415
   gpu_check.main(["--cpu-smoke", "--tune", "--sections=tune,env", "--budget-s=1e-9",
                   f"--out={tmp_path}"])
   rows = json.loads((tmp_path / "results.json").read_text())["rows"]
   assert [r["kind"] for r in rows] == ["tune"] * 4 + ["env"]
   assert all(r["skipped"] == "time budget" for r in rows)
+  last = capsys.readouterr().out.rstrip().splitlines()[-1]
+  assert last == ("gpu_check: the budget left rows of tune, env unrun; to run those sections: "
+                  "PYTHONPATH=. python3 -m sasa_jax.tools.gpu_check --out "
+                  f"{tmp_path / 'rest'} --cpu-smoke --sections=env,tune --budget-s SECONDS"), last
 
 
 def test_a_budget_spent_while_compiling_still_runs_what_was_compiled():

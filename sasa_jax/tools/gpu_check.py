@@ -41,11 +41,11 @@ Each section compiles all its programs first, --jobs at a time, then runs its ro
 A row that raises is recorded with its error and the check goes on; past --budget-s seconds
 (default 360: the check ends within about 7 minutes) no more rows are compiled, and those
 are recorded as skipped (rows already compiled are still run: seconds, where compiling
-takes minutes). A row whose run outlasts --row-timeout-s (a kernel that never finishes)
-ends the check with every thread's stack, and results.json names it. Writes results.json
-and results.md in --out after every row: the tables, and what they decide about the
-kernels' defaults. Exit status 1 if a correctness row fails or errs, or a row outlasts its
-time.
+takes minutes); the last line printed is then the call that runs those sections. A row
+whose run outlasts --row-timeout-s (a kernel that never finishes) ends the check with every
+thread's stack, and results.json names it. Writes results.json and results.md in --out
+after every row: the tables, and what they decide about the kernels' defaults. Exit status
+1 if a correctness row fails or errs, or a row outlasts its time.
 """
 import argparse
 import contextlib
@@ -953,6 +953,13 @@ def main(argv=None):
   print(to_markdown(report), flush=True)
   print(f"gpu_check: {len(bad)} correctness failure(s) in {time.perf_counter() - start:.0f} s;"
         f" results in {args.out}", flush=True)
+  cut = [kind for kind in dict.fromkeys(r["kind"] for r in report["rows"])
+         if any(r.get("skipped") == "time budget" for r in report["rows"] if r["kind"] == kind)]
+  if cut:  # what a second call on the same machine would run
+    print(f"gpu_check: the budget left rows of {', '.join(cut)} unrun; to run those sections: "
+          f"PYTHONPATH=. python3 -m sasa_jax.tools.gpu_check --out "
+          f"{os.path.join(args.out, 'rest')} {'--cpu-smoke ' if smoke else ''}--sections="
+          f"{','.join(dict.fromkeys(['env', *cut]))} --budget-s SECONDS", flush=True)
   return 1 if bad else 0
 
 
