@@ -489,7 +489,6 @@ def test_kernels_map_over_batch_shards_under_a_mesh():
   the CPU kernel's) sees 2 of the 8 images on 4 devices, and the value and all five gradients still match the
   reference (the relative embeddings' summed over shards)."""
   import json
-
   out = json.loads(helpers.run_python(SHARDED, devices=4).stdout.strip().splitlines()[-1])
   assert "cannot be automatically partitioned" in out["unsharded"]
   assert out["sharded_kernel_batches"] == [4, 4, 4]  # 2 images x 2 heads per device

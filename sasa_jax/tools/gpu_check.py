@@ -93,6 +93,7 @@ BLOCK_CHUNK_LOGITS = (blocked.ACCELERATOR_CHUNK_LOGITS, 4 * blocked.ACCELERATOR_
 # --budget-s's default: rows compiled by then still run, and compilations under way finish
 # (a minute at most: ResNet-50 training steps took 25-55 s on an H200).
 DEFAULT_BUDGET_S = 360
+OVER_BUDGET = "time budget"  # a skipped row's reason: its compilation would have started late
 # The op's module (the package's `local_attention` is its function): impl="auto"'s settings.
 OP_MODULE = importlib.import_module("sasa_jax.ops.local_attention")
 
@@ -837,7 +838,7 @@ def _section_rows(kind, make_rows, jobs, over_budget, starting=lambda row: None)
     try:
       run = future.result()
       if run is None:
-        row["skipped"] = "time budget"
+        row["skipped"] = OVER_BUDGET
       else:
         starting(row)
         row.update(run())
@@ -953,8 +954,7 @@ def main(argv=None):
   print(to_markdown(report), flush=True)
   print(f"gpu_check: {len(bad)} correctness failure(s) in {time.perf_counter() - start:.0f} s;"
         f" results in {args.out}", flush=True)
-  cut = [kind for kind in dict.fromkeys(r["kind"] for r in report["rows"])
-         if any(r.get("skipped") == "time budget" for r in report["rows"] if r["kind"] == kind)]
+  cut = list(dict.fromkeys(r["kind"] for r in report["rows"] if r.get("skipped") == OVER_BUDGET))
   if cut:  # what a second call on the same machine would run
     print(f"gpu_check: the budget left rows of {', '.join(cut)} unrun; to run those sections: "
           f"PYTHONPATH=. python3 -m sasa_jax.tools.gpu_check --out "
