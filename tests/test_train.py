@@ -429,14 +429,11 @@ def test_a_workdir_that_is_a_file_is_named(tmp_path):
 def test_a_step_out_of_device_memory_says_what_to_change(fmnist_dir, tmp_path):
   """A real RESOURCE_EXHAUSTED: XLA:CPU under an 8 GB address-space limit cannot allocate the
   9 GB that 16,384 images need; the error names the fields and gives step_memory's command."""
-  import resource
-
-  def limit_memory():
-    resource.setrlimit(resource.RLIMIT_AS, (8 * 10**9, 8 * 10**9))
   flags = helpers.tiny_flags(fmnist_dir, 1, batch=16384, train_split="train[:16384]")
-  proc = subprocess.run(helpers.main_cmd(FMNIST, tmp_path / "run", flags), cwd=helpers.ROOT,
-                        env=helpers.env(), capture_output=True, text=True, timeout=600,
-                        preexec_fn=limit_memory)
+  # util-linux's prlimit sets the limit: a preexec_fn would fork this multithreaded process.
+  proc = subprocess.run(["prlimit", f"--as={8 * 10**9}",
+                         *helpers.main_cmd(FMNIST, tmp_path / "run", flags)], cwd=helpers.ROOT,
+                        env=helpers.env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 1
   error = proc.stderr[proc.stderr.index("DeviceOutOfMemoryError: RESOURCE_EXHAUSTED"):]
   assert ("16384 images per device (config.batch_size=16384 on 1 device(s)) do not fit; "
