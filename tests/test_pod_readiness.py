@@ -214,6 +214,61 @@ def test_a_stream_started_at_any_step_is_the_uninterrupted_streams_rest(fmnist_d
   assert flips[:20] != flips[20:40]
 
 
+def test_a_slice_of_several_windows_resumes_exactly_and_reads_no_earlier_window(tmp_path):
+  """A host slice larger than a shuffle window (ImageNet on a few hosts) is shuffled window
+  by window. A stream started at any step is the uninterrupted stream's rest, across windows
+  and epochs; each epoch holds every example once, in a new order; and a resume reads no
+  file that only the windows before its position hold: they are deleted here first."""
+  builder = helpers.prepare_fake_imagenet(str(tmp_path / "data"), num_shards=6)  # 6 x 4
+
+  def batches(start_step, count, process=1):  # 12 examples per process, 3 per batch
+    ds = input_pipeline.train_dataset(builder, split="train", per_host_batch=3, image_size=24,
+                                      seed=5, start_step=start_step, window=3,
+                                      process_index=process, process_count=2)
+    return [b for _, b in zip(range(count), ds.as_numpy_iterator())]
+
+  whole = batches(0, 12)  # epochs 0-2
+  for start in (1, 3, 4, 9):  # mid-epoch windows, an epoch's first batch, epoch 2
+    for got, want in zip(batches(start, 3), whole[start:start + 3], strict=True):
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+  labels = [int(y) for b in whole for y in b["label"]]
+  epochs = [labels[12 * e:12 * e + 12] for e in range(3)]
+  assert all(sorted(e) == sorted(epochs[0]) for e in epochs) and len(set(map(tuple, epochs))) == 3
+  assert not set(epochs[0]) & {int(y) for b in batches(0, 4, process=0) for y in b["label"]}
+
+  host = input_pipeline._host_split("train", 1, 2, drop_remainder=True)
+  pieces = input_pipeline._file_pieces(builder, host, 3)
+  assert max(pieces["take"]) == 3 and len(pieces["take"]) > len(set(pieces["path"]))
+
+  def records(offset):  # epoch 0 from `offset` on: [(position, serialized record)]
+    ds = input_pipeline._epoch_windows(pieces, seed=5, epoch=tf.constant(0, tf.int64),
+                                       window=3, offset=tf.constant(offset, tf.int64))
+    return list(ds.as_numpy_iterator())
+
+  epoch = records(0)
+  assert [p for p, _ in epoch] == list(range(12))
+  plan = {k: v.numpy() for k, v in input_pipeline._window_plan(
+      pieces, seed=5, epoch=tf.constant(0, tf.int64), window=3).items()}
+  assert len(plan["size"]) > 2 and max(plan["size"]) <= 6 and sum(plan["size"]) == 12
+  k = max(w for w in range(1, len(plan["size"])) if plan["size"][w] > 1)
+  later = {pieces["path"][p] for p, w in zip(plan["order"], plan["window"]) if w >= k}
+  unread = set(pieces["path"]) - later
+  assert unread  # files that only the windows before window k hold
+  for path in unread:
+    os.remove(path)
+  position = plan["start"][k] + 1  # window k's second record on
+  assert records(position) == epoch[position:]
+
+
+def test_a_shuffle_window_is_the_buffer_or_256_mib_of_records(fmnist_dir):
+  """Fashion-MNIST's 60,000 records of 545 bytes (31 MiB) stream as one window."""
+  from sasa_jax import data
+  builder = data.get_builder("fashion_mnist", fmnist_dir)
+  window = input_pipeline.window_records(builder, 16_384)
+  assert 490_000 < window < 495_000 and input_pipeline.WINDOW_BYTES == 256 << 20
+  assert input_pipeline.window_records(builder, 10**6) == 10**6
+
 def test_images_cross_to_the_device_as_uint8(fmnist_dir):
   from sasa_jax import data
   builder = data.get_builder("fashion_mnist", fmnist_dir)

@@ -1,12 +1,14 @@
 """TFDS input pipelines: per-host shards, deterministic order, resumable position.
 
 Every process reads its own even slice of each split (as `tfds.split_for_jax_process`).
-Training order is a pure function of (seed, epoch): each epoch reads the host's files in
-its own seeded order and reshuffles examples through a buffer seeded with (seed, epoch),
-and each example's augmentation is seeded by (seed, process, its position in the run),
-so that hosts draw different crops and flips. Resuming at step s
-therefore jumps to the right epoch and skips the encoded records before the
-position (no decoding), and yields exactly the batches an uninterrupted run would.
+Training order is a pure function of (seed, epoch): each epoch takes the host's files in its
+own seeded order. A slice of at most one shuffle window (`window_records`: `shuffle_buffer`
+records, or 256 MiB of them where that is more) streams through a buffer seeded with
+(seed, epoch); a larger one is cut into windows, each read whole and shuffled by
+(seed, epoch, window). Each example's augmentation is seeded by (seed, process, its position
+in the run), so that hosts draw different crops and flips. Resuming at step s therefore jumps
+to the right epoch and window, reads the encoded records of that window before the position
+without decoding them, and yields exactly the batches an uninterrupted run would.
 """
 import dataclasses
 import functools
@@ -120,54 +122,130 @@ def augmentation_seed(seed, process_index, index):
   return tf.random.experimental.stateless_fold_in(base, tf.cast(index, tf.int64))
 
 
+def _file_pieces(builder, host_split, max_records: int):
+  """The host's records as pieces of files, {"path", "skip", "take"} arrays, none of more
+  than `max_records` records (TFDS's file instructions, the larger ones cut)."""
+  pieces = []
+  for f in builder.info.splits[host_split].file_instructions:
+    for start in range(0, f.take, max_records):
+      pieces.append((str(f.filename), f.skip + start, min(max_records, f.take - start)))
+  path, skip, take = zip(*pieces)
+  return {"path": np.array(path), "skip": np.array(skip, np.int64),
+          "take": np.array(take, np.int64)}
+
+
+def _read_pieces(pieces: tf.data.Dataset, count) -> tf.data.Dataset:
+  """The serialized records of `pieces` ({"path", "skip", "take"} elements), `count` of
+  them read in parallel, in a deterministic order."""
+  return pieces.interleave(
+      _graph(lambda f: tf.data.TFRecordDataset(f["path"]).skip(f["skip"]).take(f["take"])),
+      cycle_length=count, block_length=1, deterministic=True,
+      num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _deserialize(builder):
+  return _graph(functools.partial(builder.info.features.deserialize_example,
+                                  decoders={"image": tfds.decode.SkipDecoding()}))
+
+
 def _epoch_records(builder, host_split, *, seed, epoch, shuffle_buffer, skip=0):
   """The host's encoded examples of epoch `epoch` (a tensor), in an order that is a function
   of (seed, epoch) alone: files shuffled per epoch, then examples through a seeded buffer.
   The first `skip` of them (a tensor) are dropped still serialized: a resumed run parses only
   what it trains on."""
   instructions = builder.info.splits[host_split].file_instructions
-  if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
-    raise ValueError(f"dataset {builder.name!r} is stored as {builder.info.file_format.value}; "
-                     "the training pipeline reads tfrecord datasets (`tfds build "
-                     "--file_format=tfrecord`)")
   files = {"path": [str(f.filename) for f in instructions],
            "skip": np.array([f.skip for f in instructions], np.int64),
            "take": np.array([f.take for f in instructions], np.int64)}
   n_host = sum(f.take for f in instructions)
   order = tf.data.Dataset.from_tensor_slices(files).shuffle(
       len(instructions), seed=2 * (seed + epoch) + 1, reshuffle_each_iteration=False)
-  serialized = order.interleave(
-      _graph(lambda f: tf.data.TFRecordDataset(f["path"]).skip(f["skip"]).take(f["take"])),
-      cycle_length=min(16, len(instructions)), block_length=1, deterministic=True,
-      num_parallel_calls=tf.data.AUTOTUNE)
+  serialized = _read_pieces(order, min(16, len(instructions)))
   serialized = serialized.shuffle(min(shuffle_buffer, n_host), seed=2 * (seed + epoch),
                                   reshuffle_each_iteration=False).skip(skip)
-  return serialized.map(_graph(functools.partial(builder.info.features.deserialize_example,
-                                                 decoders={"image": tfds.decode.SkipDecoding()})))
+  return serialized.map(_deserialize(builder))
+
+
+# A resumed run must read again the records its shuffle drew from before its position. A host
+# slice of more than one window is therefore shuffled window by window, and a resume reads at
+# most its own window again (ImageNet on one host: 16,384 of 1.28 M records).
+WINDOW_BYTES = 256 << 20
+
+
+def window_records(builder, shuffle_buffer: int) -> int:
+  """The records a shuffle window holds: `shuffle_buffer`, or WINDOW_BYTES of the dataset's
+  mean record where that is more (a small-record dataset is shuffled as a whole)."""
+  splits = builder.info.splits.values()
+  record_bytes = sum(s.num_bytes for s in splits) / max(1, sum(s.num_examples for s in splits))
+  return max(shuffle_buffer, int(WINDOW_BYTES // record_bytes) if record_bytes else 0)
+
+
+def _window_plan(pieces, *, seed, epoch, window: int):
+  """Epoch `epoch`'s (a tensor) windows: "order", the pieces in the epoch's order, drawn from
+  (seed, epoch); "window", each of those pieces' window: the pieces that start within one span
+  of `window` records of that order; "start" and "size", each window's first position in the
+  epoch and its records (at most 2 * window); "seed", the epoch's [2] random seed."""
+  epoch_seed = tf.random.experimental.stateless_fold_in(
+      tf.stack([tf.cast(seed, tf.int64), tf.constant(_WINDOW_STREAM, tf.int64)]), epoch)
+  order = tf.random.experimental.stateless_shuffle(tf.range(len(pieces["take"])), epoch_seed)
+  take = tf.gather(pieces["take"], order)
+  start = tf.cumsum(take, exclusive=True)  # of each piece in the epoch
+  piece_window = start // window
+  return {"order": order, "window": piece_window, "seed": epoch_seed,
+          "start": tf.math.segment_min(start, piece_window),
+          "size": tf.math.segment_sum(take, piece_window)}
+
+
+def _epoch_windows(pieces, *, seed, epoch, window: int, offset):
+  """Epoch `epoch` (a tensor) of the host's serialized records with their positions in the
+  epoch, (int64, string) pairs, from position `offset` (a tensor) on, window by window
+  (`_window_plan`), each read whole into a shuffle buffer seeded by (seed, epoch, window).
+  The windows before `offset`'s are not read."""
+  plan = _window_plan(pieces, seed=seed, epoch=epoch, window=window)
+  first = tf.searchsorted(plan["start"], tf.reshape(offset, [1]), side="right",
+                          out_type=tf.int64)[0] - 1
+
+  def records(w):  # window w's records, shuffled, from `offset` on
+    mine = tf.gather(plan["order"], tf.where(plan["window"] == w)[:, 0])
+    files = tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(
+        lambda a: tf.gather(a, mine), pieces))
+    drop = tf.maximum(offset - plan["start"][w], 0)
+    shuffled = _read_pieces(files, 16).shuffle(
+        plan["size"][w], seed=tf.random.experimental.stateless_fold_in(plan["seed"], w)[0],
+        reshuffle_each_iteration=False).skip(drop)
+    return shuffled.enumerate(start=plan["start"][w] + drop)
+
+  return tf.data.Dataset.range(first, plan["window"][-1] + 1).flat_map(_graph(records))
+
+
+_WINDOW_STREAM = 0x5A5A  # keeps the windows' random stream apart from augmentation's
 
 
 def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, seed: int,
                   start_step: int = 0, shuffle_buffer: int = 16_384, crop_padding: int = 2,
                   detection_options: detection.DetectionOptions | None = None,
-                  process_index: int | None = None,
-                  process_count: int | None = None) -> tf.data.Dataset:
+                  process_index: int | None = None, process_count: int | None = None,
+                  window: int | None = None) -> tf.data.Dataset:
   """Endless batches for this host, starting at global step `start_step`:
   classification {"image": [b, S, S, C] uint8, "label": [b] int32}; detection as
   sasa_jax.data.detection.train_example's. crop_padding: random-crop margin of small
   images. process_index/count default to jax's (given explicitly only to inspect another
-  host)."""
+  host). window: records per shuffle window, default `window_records`; a host slice of at
+  most one window streams through a `shuffle_buffer` buffer instead."""
   spec = spec_of(builder)
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   host_split = _host_split(split, process_index, process_count, drop_remainder=True)
+  if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+    raise ValueError(f"dataset {builder.name!r} is stored as {builder.info.file_format.value}; "
+                     "the training pipeline reads tfrecord datasets (`tfds build "
+                     "--file_format=tfrecord`)")
   n_host = builder.info.splits[host_split].num_examples
+  window = window or window_records(builder, shuffle_buffer)
   epoch0, offset = divmod(start_step * per_host_batch, n_host)
 
-  def epoch(e):  # the first epoch from `offset` on
-    skip = tf.where(e == epoch0, tf.constant(offset, tf.int64), tf.constant(0, tf.int64))
-    records = _epoch_records(builder, host_split, seed=seed, epoch=e,
-                             shuffle_buffer=shuffle_buffer, skip=skip)
-    return records.enumerate(start=skip).map(_graph(lambda i, ex: (e * n_host + i, ex)))
+  def from_offset(e):  # where epoch e starts: at `offset` in the first, at 0 after
+    return tf.where(e == epoch0, tf.constant(offset, tf.int64), tf.constant(0, tf.int64))
 
   def preprocess(index, ex):
     example_seed = augmentation_seed(seed, process_index, index)
@@ -179,7 +257,27 @@ def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, 
                                            channels=len(spec.mean), pad=crop_padding)
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
-  ds = tf.data.Dataset.range(epoch0, 2**40).flat_map(_graph(epoch))
+  epochs = tf.data.Dataset.range(epoch0, 2**40)
+  if n_host <= window:  # each epoch streamed through the shuffle buffer
+    def streamed(e):
+      skip = from_offset(e)
+      records = _epoch_records(builder, host_split, seed=seed, epoch=e,
+                               shuffle_buffer=shuffle_buffer, skip=skip)
+      return records.enumerate(start=skip).map(_graph(lambda i, ex: (e * n_host + i, ex)))
+
+    ds = epochs.flat_map(_graph(streamed))
+  else:  # window by window, in equal spans of at most `window` records
+    span = -(-n_host // -(-n_host // window))
+    pieces = _file_pieces(builder, host_split, span)
+
+    def windowed(e):
+      records = _epoch_windows(pieces, seed=seed, epoch=e, window=span, offset=from_offset(e))
+      return records.map(_graph(lambda i, s: (e * n_host + i, s)))
+
+    # a window's records are all read before its first comes out: the prefetch reads the
+    # next window while this one trains
+    ds = epochs.flat_map(_graph(windowed)).prefetch(span)
+    ds = ds.map(_graph(lambda i, s: (i, _deserialize(builder)(s))))
   ds = ds.map(_graph(preprocess), num_parallel_calls=host_cpus())
   ds = ds.batch(per_host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return ds.with_options(_WITHOUT_AUTOTUNE_MODEL)
