@@ -153,14 +153,11 @@ def _epoch_records(builder, host_split, *, seed, epoch, shuffle_buffer, skip=0):
   of (seed, epoch) alone: files shuffled per epoch, then examples through a seeded buffer.
   The first `skip` of them (a tensor) are dropped still serialized: a resumed run parses only
   what it trains on."""
-  instructions = builder.info.splits[host_split].file_instructions
-  files = {"path": [str(f.filename) for f in instructions],
-           "skip": np.array([f.skip for f in instructions], np.int64),
-           "take": np.array([f.take for f in instructions], np.int64)}
-  n_host = sum(f.take for f in instructions)
+  n_host = builder.info.splits[host_split].num_examples
+  files = _file_pieces(builder, host_split, n_host)  # TFDS's file instructions, uncut
   order = tf.data.Dataset.from_tensor_slices(files).shuffle(
-      len(instructions), seed=2 * (seed + epoch) + 1, reshuffle_each_iteration=False)
-  serialized = _read_pieces(order, min(16, len(instructions)))
+      len(files["take"]), seed=2 * (seed + epoch) + 1, reshuffle_each_iteration=False)
+  serialized = _read_pieces(order, min(16, len(files["take"])))
   serialized = serialized.shuffle(min(shuffle_buffer, n_host), seed=2 * (seed + epoch),
                                   reshuffle_each_iteration=False).skip(skip)
   return serialized.map(_deserialize(builder))
@@ -168,8 +165,9 @@ def _epoch_records(builder, host_split, *, seed, epoch, shuffle_buffer, skip=0):
 
 # A resumed run must read again the records its shuffle drew from before its position. A host
 # slice of more than one window is therefore shuffled window by window, and a resume reads at
-# most its own window again (ImageNet on one host: 16,384 of 1.28 M records).
+# most its own window again (ImageNet on one host: about 16,000 of 1.28 M records).
 WINDOW_BYTES = 256 << 20
+_WINDOW_STREAM = 0x5A5A  # keeps the windows' random stream apart from augmentation's
 
 
 def window_records(builder, shuffle_buffer: int) -> int:
@@ -217,8 +215,6 @@ def _epoch_windows(pieces, *, seed, epoch, window: int, offset):
 
   return tf.data.Dataset.range(first, plan["window"][-1] + 1).flat_map(_graph(records))
 
-
-_WINDOW_STREAM = 0x5A5A  # keeps the windows' random stream apart from augmentation's
 
 
 def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, seed: int,
