@@ -174,7 +174,7 @@ def test_file_order_changes_every_epoch(tmp_path):
   assert first == order(0) and first != order(1) and order(1) != order(2)
 
 
-def test_a_stream_started_at_any_step_is_the_uninterrupted_streams_rest(fmnist_dir):
+def test_a_stream_started_at_any_step_is_the_uninterrupted_streams_rest(fmnist_dir, caplog):
   """train_dataset(start_step=s) yields the batches from batch s of the stream from step 0,
   across epochs; each epoch holds every example of the process's slice once, in a new
   order, and the two processes' slices are disjoint."""
@@ -194,6 +194,10 @@ def test_a_stream_started_at_any_step_is_the_uninterrupted_streams_rest(fmnist_d
     return [(unflipped(x), int(y)) for b in stream for x, y in zip(b["image"], b["label"])]
 
   whole = batches(1, 0, 10)  # 80 examples: epochs 0-3 of 20
+  with caplog.at_level("INFO"):
+    batches(1, 7, 1)
+  assert ("training data: 20 records of 'train[:40]' on this host, streamed through a shuffle "
+          "buffer of 20; from epoch 2, record 16") in caplog.text
   for start in (1, 2, 3, 7):  # from examples 8, 16 (a batch across epochs 0-1), 24 and 56
     resumed = batches(1, start, 3)
     assert len(resumed) == 3
@@ -214,7 +218,8 @@ def test_a_stream_started_at_any_step_is_the_uninterrupted_streams_rest(fmnist_d
   assert flips[:20] != flips[20:40]
 
 
-def test_a_slice_of_several_windows_resumes_exactly_and_reads_no_earlier_window(tmp_path):
+def test_a_slice_of_several_windows_resumes_exactly_and_reads_no_earlier_window(tmp_path,
+                                                                                 caplog):
   """A host slice larger than a shuffle window (ImageNet on a few hosts) is shuffled window
   by window. A stream started at any step is the uninterrupted stream's rest, across windows
   and epochs; each epoch holds every example once, in a new order; and a resume reads no
@@ -227,7 +232,10 @@ def test_a_slice_of_several_windows_resumes_exactly_and_reads_no_earlier_window(
                                       process_index=process, process_count=2)
     return [b for _, b in zip(range(count), ds.as_numpy_iterator())]
 
-  whole = batches(0, 12)  # epochs 0-2
+  with caplog.at_level("INFO"):
+    whole = batches(0, 12)  # epochs 0-2
+  assert ("training data: 12 records of 'train' on this host, in 4 shuffle windows of about 3 "
+          "records (a resume reads its window again); from epoch 0, record 0") in caplog.text
   for start in (1, 3, 4, 9):  # mid-epoch windows, an epoch's first batch, epoch 2
     for got, want in zip(batches(start, 3), whole[start:start + 3], strict=True):
       for key in want:

@@ -254,6 +254,12 @@ def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, 
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
   epochs = tf.data.Dataset.range(epoch0, 2**40)
+  span = -(-n_host // -(-n_host // window))  # windows of equal spans of at most `window`
+  logging.info("training data: %s records of %r on this host, %s; from epoch %d, record %d",
+               f"{n_host:,}", split, f"streamed through a shuffle buffer of "
+               f"{min(shuffle_buffer, n_host):,}" if n_host <= window else
+               f"in {-(-n_host // span)} shuffle windows of about {span:,} records (a resume "
+               "reads its window again)", epoch0, offset)
   if n_host <= window:  # each epoch streamed through the shuffle buffer
     def streamed(e):
       skip = from_offset(e)
@@ -262,8 +268,7 @@ def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, 
       return records.enumerate(start=skip).map(_graph(lambda i, ex: (e * n_host + i, ex)))
 
     ds = epochs.flat_map(_graph(streamed))
-  else:  # window by window, in equal spans of at most `window` records
-    span = -(-n_host // -(-n_host // window))
+  else:  # window by window
     pieces = _file_pieces(builder, host_split, span)
 
     def windowed(e):
