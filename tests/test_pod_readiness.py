@@ -277,6 +277,7 @@ def test_a_shuffle_window_is_the_buffer_or_256_mib_of_records(fmnist_dir):
   assert 490_000 < window < 495_000 and input_pipeline.WINDOW_BYTES == 256 << 20
   assert input_pipeline.window_records(builder, 10**6) == 10**6
 
+
 def test_images_cross_to_the_device_as_uint8(fmnist_dir):
   from sasa_jax import data
   builder = data.get_builder("fashion_mnist", fmnist_dir)

@@ -216,7 +216,6 @@ def _epoch_windows(pieces, *, seed, epoch, window: int, offset):
   return tf.data.Dataset.range(first, plan["window"][-1] + 1).flat_map(_graph(records))
 
 
-
 def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, seed: int,
                   start_step: int = 0, shuffle_buffer: int = 16_384, crop_padding: int = 2,
                   detection_options: detection.DetectionOptions | None = None,
@@ -254,13 +253,14 @@ def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, 
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
   epochs = tf.data.Dataset.range(epoch0, 2**40)
-  span = -(-n_host // -(-n_host // window))  # windows of equal spans of at most `window`
+  n_windows = -(-n_host // window)
+  span = -(-n_host // n_windows)  # the windows' equal spans, of at most `window` records
+  how = (f"streamed through a shuffle buffer of {min(shuffle_buffer, n_host):,}"
+         if n_windows == 1 else f"in {n_windows} shuffle windows of about {span:,} records "
+         "(a resume reads its window again)")
   logging.info("training data: %s records of %r on this host, %s; from epoch %d, record %d",
-               f"{n_host:,}", split, f"streamed through a shuffle buffer of "
-               f"{min(shuffle_buffer, n_host):,}" if n_host <= window else
-               f"in {-(-n_host // span)} shuffle windows of about {span:,} records (a resume "
-               "reads its window again)", epoch0, offset)
-  if n_host <= window:  # each epoch streamed through the shuffle buffer
+               f"{n_host:,}", split, how, epoch0, offset)
+  if n_windows == 1:  # each epoch streamed through the shuffle buffer
     def streamed(e):
       skip = from_offset(e)
       records = _epoch_records(builder, host_split, seed=seed, epoch=e,
