@@ -65,13 +65,14 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "classification"  # or "detection" (sasa_jax.tasks)
   config.model = model_config()
-  # shuffle_buffer: the records examples are shuffled among (256 MiB of them where that is
-  # more), about what a resume reads again (sasa_jax.data.input_pipeline); crop_padding:
-  # random-crop margin of small images
+  # shuffle_buffer: the records examples are shuffled among, or shuffle_window_mib MiB of
+  # them where that is more: a shuffle window, about what a resume reads again and what each
+  # host holds about four of (sasa_jax.data.input_pipeline); crop_padding: random-crop margin
+  # of small images
   config.dataset = ml_collections.ConfigDict(dict(
       name="imagenet2012", data_dir=config_dict.placeholder(str), image_size=224,
       train_split="train", eval_split="validation", shuffle_buffer=16_384,
-      crop_padding=2))
+      shuffle_window_mib=256.0, crop_padding=2))
   config.batch_size = 256
   # > 1: each step runs the batch as this many microbatches one after another and averages
   # their gradients (memory of batch_size / num_microbatches images; sasa_jax.train.train_step)

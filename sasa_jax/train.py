@@ -58,7 +58,8 @@ REQUIRED_FIELDS = (
     "checkpoint_every_steps", "keep_checkpoints", "seed", "dtype", "profile",
     "compilation_cache_dir", "num_microbatches", "batch_norm_group_size",
     "keep_checkpoint_every_steps", "workdir_lease_s", "hang_timeout_s")
-DATASET_FIELDS = ("name", "data_dir", "image_size", "train_split", "eval_split", "shuffle_buffer")
+DATASET_FIELDS = ("name", "data_dir", "image_size", "train_split", "eval_split", "shuffle_buffer",
+                  "shuffle_window_mib")
 # jax's own switch for its compilation cache as this process started
 # (JAX_ENABLE_COMPILATION_CACHE): a run with config.compilation_cache_dir="" turns the cache
 # off for itself, and a later run in the same process turns it back on.
@@ -234,6 +235,14 @@ def validate_config(config: ml_collections.ConfigDict, devices: int | None = Non
                  ("hang_timeout_s", "a hung run waits for its time limit")):
     if not isinstance(config[f], (int, float)) or config[f] < 0:
       raise ValueError(f"config.{f}={config[f]!r} must be a number of seconds >= 0 (0: {off})")
+  buffer, window_mib = config.dataset.shuffle_buffer, config.dataset.shuffle_window_mib
+  if not isinstance(buffer, int) or buffer <= 0:
+    raise ValueError(f"config.dataset.shuffle_buffer={buffer!r} must be a positive number of "
+                     "records")
+  if not isinstance(window_mib, (int, float)) or window_mib <= 0:
+    raise ValueError(f"config.dataset.shuffle_window_mib={window_mib!r} must be a number of "
+                     "MiB > 0 (a shuffle window: that much of the records, or "
+                     "config.dataset.shuffle_buffer of them where that is more)")
   for f in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[f] <= 0:
       raise ValueError(f"config.{f}={config[f]} must be > 0")
@@ -836,6 +845,7 @@ def _train(config, plan: RunPlan, lease: workdir_lease.WorkdirLease, watchdog: W
       builder, split=config.dataset.train_split, per_host_batch=per_host_batch, image_size=size,
       seed=config.seed, start_step=start_step,
       shuffle_buffer=config.dataset.shuffle_buffer,
+      window_mib=config.dataset.shuffle_window_mib,
       crop_padding=config.dataset.get("crop_padding", 2),
       detection_options=_detection_options(task, config)).as_numpy_iterator()
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,

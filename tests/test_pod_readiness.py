@@ -274,8 +274,11 @@ def test_a_shuffle_window_is_the_buffer_or_256_mib_of_records(fmnist_dir):
   from sasa_jax import data
   builder = data.get_builder("fashion_mnist", fmnist_dir)
   window = input_pipeline.window_records(builder, 16_384)
-  assert 490_000 < window < 495_000 and input_pipeline.WINDOW_BYTES == 256 << 20
+  assert 490_000 < window < 495_000
   assert input_pipeline.window_records(builder, 10**6) == 10**6
+  assert input_pipeline.window_records(builder, 16, window_mib=0.02) == 38  # 20,971 bytes
+  from sasa_jax import base_config
+  assert base_config.get_config().dataset.shuffle_window_mib == input_pipeline.WINDOW_MIB == 256
 
 
 def test_images_cross_to_the_device_as_uint8(fmnist_dir):

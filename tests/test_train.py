@@ -155,9 +155,12 @@ def test_runs_killed_while_committing_a_checkpoint_and_preempted_resume_to_the_s
   gs:// (the GCS API emulator, tests/gcs_emulator.py: orbax commits with commit_success.txt),
   one on local disk (a temporary directory renamed). A third, local, gets SIGTERM after its
   step-4 checkpoint. The killed runs resume from step 4, the preempted one from the step it
-  saved, and all three end with an uninterrupted run's parameters."""
+  saved, and all three end with an uninterrupted run's parameters. All four read their 256
+  records in shuffle windows of about 37 for 2.5 epochs: a resume starts within a window
+  and reads on through the windows of the epochs after it."""
   steps = 40
-  flags = lambda data_dir: helpers.tiny_flags(data_dir, steps, ckpt_every=4)  # noqa: E731
+  flags = lambda data_dir: helpers.tiny_flags(data_dir, steps, ckpt_every=4) + [  # noqa: E731
+      "--config.dataset.shuffle_buffer=16", "--config.dataset.shuffle_window_mib=0.02"]
   helpers.run_main(FMNIST, tmp_path / "straight", flags(fmnist_dir))
   reference = helpers.restore_params(tmp_path / "straight")
 
@@ -214,6 +217,10 @@ def test_runs_killed_while_committing_a_checkpoint_and_preempted_resume_to_the_s
     at = re.search(rf"resumed from {re.escape(str(workdir))}/checkpoints at step (\d+)",
                    resumed.stderr)
     assert at and 4 <= int(at.group(1)) < steps, (name, resumed.stderr[-3000:])
+    assert ("training data: 256 records of 'train[:256]' on this host, in 7 shuffle windows "
+            f"of about 37 records (a resume reads its window again); from epoch "
+            f"{int(at.group(1)) * 16 // 256}, record {int(at.group(1)) * 16 % 256}"
+            in resumed.stderr), resumed.stderr[-3000:]
     resumed_at[name] = int(at.group(1))
   assert resumed_at["gs_cut"] == resumed_at["local_cut"] == 4, resumed_at
   names = gcs.list_objects("sasa", "run/")
@@ -363,6 +370,10 @@ def _config(**changes):
      r"config.batch_norm_group_size=64 must be 0 \(statistics over the whole microbatch\) or a "
      r"divisor of the 32 images .*\(config.batch_size=128 / num_microbatches=4 / 1\)"),
     ({"batch_norm_group_size": -1}, r"config.batch_norm_group_size=-1 must be 0"),
+    ({"dataset.shuffle_buffer": 0}, r"config.dataset.shuffle_buffer=0 must be a positive number "
+                                    r"of records"),
+    ({"dataset.shuffle_window_mib": 0.0}, r"config.dataset.shuffle_window_mib=0.0 must be a "
+                                          r"number of MiB > 0"),
     ({"keep_checkpoint_every_steps": 300}, r"config.keep_checkpoint_every_steps=300 must be 0 "
                                            r"\(keep the last config.keep_checkpoints only\) or a "
                                            r"multiple of config.checkpoint_every_steps=200"),

@@ -3,12 +3,13 @@
 Every process reads its own even slice of each split (as `tfds.split_for_jax_process`).
 Training order is a pure function of (seed, epoch): each epoch takes the host's files in its
 own seeded order. A slice of at most one shuffle window (`window_records`: `shuffle_buffer`
-records, or 256 MiB of them where that is more) streams through a buffer seeded with
-(seed, epoch); a larger one is cut into windows, each read whole and shuffled by
-(seed, epoch, window). Each example's augmentation is seeded by (seed, process, its position
-in the run), so that hosts draw different crops and flips. Resuming at step s therefore jumps
-to the right epoch and window, reads the encoded records of that window before the position
-without decoding them, and yields exactly the batches an uninterrupted run would.
+records, or `dataset.shuffle_window_mib` MiB of them where that is more) streams through a
+buffer seeded with (seed, epoch); a larger one is cut into windows, each read whole and
+shuffled by (seed, epoch, window). Each example's augmentation is seeded by (seed, process,
+its position in the run), so that hosts draw different crops and flips. Resuming at step s
+therefore jumps to the right epoch and window, reads the encoded records of that window
+before the position without decoding them, and yields exactly the batches an uninterrupted
+run would.
 """
 import dataclasses
 import functools
@@ -166,16 +167,16 @@ def _epoch_records(builder, host_split, *, seed, epoch, shuffle_buffer, skip=0):
 # A resumed run must read again the records its shuffle drew from before its position. A host
 # slice of more than one window is therefore shuffled window by window, and a resume reads at
 # most its own window again (ImageNet on one host: about 16,000 of 1.28 M records).
-WINDOW_BYTES = 256 << 20
+WINDOW_MIB = 256  # base_config's dataset.shuffle_window_mib
 _WINDOW_STREAM = 0x5A5A  # keeps the windows' random stream apart from augmentation's
 
 
-def window_records(builder, shuffle_buffer: int) -> int:
-  """The records a shuffle window holds: `shuffle_buffer`, or WINDOW_BYTES of the dataset's
-  mean record where that is more (a small-record dataset is shuffled as a whole)."""
+def window_records(builder, shuffle_buffer: int, window_mib: float = WINDOW_MIB) -> int:
+  """The records a shuffle window holds: `shuffle_buffer`, or `window_mib` MiB of the
+  dataset's mean record where that is more (a small-record dataset is shuffled as a whole)."""
   splits = builder.info.splits.values()
   record_bytes = sum(s.num_bytes for s in splits) / max(1, sum(s.num_examples for s in splits))
-  return max(shuffle_buffer, int(WINDOW_BYTES // record_bytes) if record_bytes else 0)
+  return max(shuffle_buffer, int(window_mib * 2**20 // record_bytes) if record_bytes else 0)
 
 
 def _window_plan(pieces, *, seed, epoch, window: int):
@@ -220,13 +221,15 @@ def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, 
                   start_step: int = 0, shuffle_buffer: int = 16_384, crop_padding: int = 2,
                   detection_options: detection.DetectionOptions | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  window: int | None = None) -> tf.data.Dataset:
+                  window_mib: float = WINDOW_MIB, window: int | None = None
+                  ) -> tf.data.Dataset:
   """Endless batches for this host, starting at global step `start_step`:
   classification {"image": [b, S, S, C] uint8, "label": [b] int32}; detection as
   sasa_jax.data.detection.train_example's. crop_padding: random-crop margin of small
   images. process_index/count default to jax's (given explicitly only to inspect another
-  host). window: records per shuffle window, default `window_records`; a host slice of at
-  most one window streams through a `shuffle_buffer` buffer instead."""
+  host). window: records per shuffle window, default `window_records(builder,
+  shuffle_buffer, window_mib)`; a host slice of at most one window streams through a
+  `shuffle_buffer` buffer instead."""
   spec = spec_of(builder)
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -236,7 +239,7 @@ def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, 
                      "the training pipeline reads tfrecord datasets (`tfds build "
                      "--file_format=tfrecord`)")
   n_host = builder.info.splits[host_split].num_examples
-  window = window or window_records(builder, shuffle_buffer)
+  window = window or window_records(builder, shuffle_buffer, window_mib)
   epoch0, offset = divmod(start_step * per_host_batch, n_host)
 
   def from_offset(e):  # where epoch e starts: at `offset` in the first, at 0 after

@@ -44,10 +44,10 @@ TITLES = {
     7: "Table 7: the attention stem, full attention (ImageNet validation)",
 }
 # Fields that say how a run is operated, not what it trains (left out of the differences).
-OPERATIONAL = ("dataset.data_dir", "dataset.shuffle_buffer", "model.impl", "seed",
-               "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-               "keep_checkpoints", "keep_checkpoint_every_steps", "profile",
-               "compilation_cache_dir", "workdir_lease_s", "hang_timeout_s")
+OPERATIONAL = ("dataset.data_dir", "dataset.shuffle_buffer", "dataset.shuffle_window_mib",
+               "model.impl", "seed", "log_every_steps", "eval_every_steps",
+               "checkpoint_every_steps", "keep_checkpoints", "keep_checkpoint_every_steps",
+               "profile", "compilation_cache_dir", "workdir_lease_s", "hang_timeout_s")
 SHOWN = 4  # differences named per run
 
 
