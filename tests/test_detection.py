@@ -233,11 +233,12 @@ def test_model_table_detection_matches_table_2():
     assert abs(r["gflops"] / r["paper_gflops"] - 1) <= 0.10, r
 
 
-def test_detection_pipeline_boxes_follow_the_image(detection_dir):
+@pytest.mark.parametrize("window", [None, 16])  # streamed; in 4 shuffle windows
+def test_detection_pipeline_boxes_follow_the_image(detection_dir, window):
   from sasa_jax import data as data_lib
   builder = data_lib.get_builder("fashion_mnist_detection", detection_dir)
   ds = data_lib.train_dataset(builder, split="train[:64]", per_host_batch=16, image_size=96,
-                              seed=0, shuffle_buffer=64)
+                              seed=0, shuffle_buffer=64, window=window)
   batch = next(ds.as_numpy_iterator())
   assert batch["image"].shape == (16, 96, 96, 1) and batch["boxes"].shape[1] == 100
   for image, boxes, mask in zip(batch["image"], batch["boxes"], batch["box_mask"]):
