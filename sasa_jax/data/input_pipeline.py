@@ -150,18 +150,17 @@ def _deserialize(builder):
 
 
 def _epoch_records(builder, host_split, *, seed, epoch, shuffle_buffer, skip=0):
-  """The host's encoded examples of epoch `epoch` (a tensor), in an order that is a function
-  of (seed, epoch) alone: files shuffled per epoch, then examples through a seeded buffer.
-  The first `skip` of them (a tensor) are dropped still serialized: a resumed run parses only
-  what it trains on."""
+  """The host's serialized examples of epoch `epoch` (a tensor), in an order that is a
+  function of (seed, epoch) alone: files shuffled per epoch, then examples through a seeded
+  buffer. The first `skip` of them (a tensor) are dropped: a resumed run parses only what it
+  trains on."""
   n_host = builder.info.splits[host_split].num_examples
   files = _file_pieces(builder, host_split, n_host)  # TFDS's file instructions, uncut
   order = tf.data.Dataset.from_tensor_slices(files).shuffle(
       len(files["take"]), seed=2 * (seed + epoch) + 1, reshuffle_each_iteration=False)
   serialized = _read_pieces(order, min(16, len(files["take"])))
-  serialized = serialized.shuffle(min(shuffle_buffer, n_host), seed=2 * (seed + epoch),
-                                  reshuffle_each_iteration=False).skip(skip)
-  return serialized.map(_deserialize(builder))
+  return serialized.shuffle(min(shuffle_buffer, n_host), seed=2 * (seed + epoch),
+                            reshuffle_each_iteration=False).skip(skip)
 
 
 # A resumed run must read again the records its shuffle drew from before its position. A host
@@ -263,25 +262,23 @@ def train_dataset(builder, *, split: str, per_host_batch: int, image_size: int, 
          "(a resume reads its window again)")
   logging.info("training data: %s records of %r on this host, %s; from epoch %d, record %d",
                f"{n_host:,}", split, how, epoch0, offset)
-  if n_windows == 1:  # each epoch streamed through the shuffle buffer
-    def streamed(e):
+  pieces = _file_pieces(builder, host_split, span) if n_windows > 1 else None
+
+  def epoch(e):  # (position in the run, serialized record) pairs of epoch e
+    if n_windows == 1:  # streamed through the shuffle buffer
       skip = from_offset(e)
       records = _epoch_records(builder, host_split, seed=seed, epoch=e,
-                               shuffle_buffer=shuffle_buffer, skip=skip)
-      return records.enumerate(start=skip).map(_graph(lambda i, ex: (e * n_host + i, ex)))
-
-    ds = epochs.flat_map(_graph(streamed))
-  else:  # window by window
-    pieces = _file_pieces(builder, host_split, span)
-
-    def windowed(e):
+                               shuffle_buffer=shuffle_buffer, skip=skip).enumerate(start=skip)
+    else:  # window by window
       records = _epoch_windows(pieces, seed=seed, epoch=e, window=span, offset=from_offset(e))
-      return records.map(_graph(lambda i, s: (e * n_host + i, s)))
+    return records.map(_graph(lambda i, s: (e * n_host + i, s)))
 
+  ds = epochs.flat_map(_graph(epoch))
+  if n_windows > 1:
     # a window's records are all read before its first comes out: the prefetch reads the
     # next window while this one trains
-    ds = epochs.flat_map(_graph(windowed)).prefetch(span)
-    ds = ds.map(_graph(lambda i, s: (i, _deserialize(builder)(s))))
+    ds = ds.prefetch(span)
+  ds = ds.map(_graph(lambda i, s: (i, _deserialize(builder)(s))))
   ds = ds.map(_graph(preprocess), num_parallel_calls=host_cpus())
   ds = ds.batch(per_host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return ds.with_options(_WITHOUT_AUTOTUNE_MODEL)
