@@ -848,8 +848,12 @@ def _train(config, plan: RunPlan, lease: workdir_lease.WorkdirLease, watchdog: W
       window_mib=config.dataset.shuffle_window_mib,
       crop_padding=config.dataset.get("crop_padding", 2),
       detection_options=_detection_options(task, config)).as_numpy_iterator()
-  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                           every_steps=config.log_every_steps, every_secs=None)]
+  # Called after a log step's metrics are fetched: steps/s and ETA over finished steps, not
+  # over steps the host has dispatched ahead of the devices.
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps,
+      every_secs=None)
+  profile = None
   remaining = num_steps - start_step
   if remaining <= 0:
     logging.info("step %d is at or past the run's %d steps: nothing to train (a longer run: "
@@ -859,8 +863,8 @@ def _train(config, plan: RunPlan, lease: workdir_lease.WorkdirLease, watchdog: W
     # shorter run, so that the trace is written before the run ends; then every hour.
     count = min(5, remaining - 1)
     first = start_step + max(1, min(10, remaining - count))
-    hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=count,
-                                          profile_duration_ms=None, first_profile=first))
+    profile = periodic_actions.Profile(logdir=str(workdir), num_profile_steps=count,
+                                       profile_duration_ms=None, first_profile=first)
     logging.info("profiling %d step(s) from step %d, and again every hour, into %s "
                  "(TensorBoard's Profile tab)", count, first + 1, workdir / "plugins" / "profile")
 
@@ -887,8 +891,8 @@ def _train(config, plan: RunPlan, lease: workdir_lease.WorkdirLease, watchdog: W
           throughput.restart(step)
         pending.append(metrics)
         unchecked.append((step, metrics))
-        for hook in hooks:
-          hook(step)
+        if profile is not None:
+          profile(step)
         stop = preemption.reached(step)  # asked once per step: every process gets one answer
         save = stop or step == num_steps or step % config.checkpoint_every_steps == 0
         if save or step % config.log_every_steps == 0:
@@ -901,6 +905,7 @@ def _train(config, plan: RunPlan, lease: workdir_lease.WorkdirLease, watchdog: W
           summary.update(peak_memory(jax.local_devices()))
           writer.write_scalars(step, summary)
           pending = []
+        report_progress(step)  # every step; a log step's once its metrics are fetched
         due = step % config.eval_every_steps == 0 or step == num_steps
         if save:  # before evaluating: an evaluation that fails loses no training
           lease.check()

@@ -256,6 +256,21 @@ def test_checkpoints_at_a_multiple_of_keep_checkpoint_every_steps_stay(fmnist_di
   assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [3, 6, 8, 9]
 
 
+def test_steps_per_sec_and_eta_count_finished_steps(fmnist_dir, tmp_path):
+  """The progress line's steps/s (and so its ETA) over the steps the device finished, as the
+  images/s beside it: not over the steps the host dispatched ahead of it, which put the
+  first log step's steps/s at several times its images/s."""
+  batch = 32
+  helpers.run_main(FMNIST, tmp_path, helpers.tiny_flags(fmnist_dir, 20, batch=batch,
+                                                        log_every=10))
+  rows = {}
+  for row in helpers.read_metrics(tmp_path):
+    rows.setdefault(row["step"], {}).update(row)
+  logged = [rows[s] for s in (10, 20)]
+  for row in logged:
+    assert row["steps_per_sec"] * batch == pytest.approx(row["images_per_sec"], rel=0.2), row
+
+
 def test_ctrl_c_saves_the_next_step_and_exits(fmnist_dir, tmp_path):
   """Ctrl-C (SIGINT) to a one-process run: as a preemption notice, the next step is saved
   and the run exits cleanly, so that nothing since the last periodic checkpoint is lost."""
