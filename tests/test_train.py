@@ -263,12 +263,12 @@ def test_steps_per_sec_and_eta_count_finished_steps(fmnist_dir, tmp_path):
   batch = 32
   helpers.run_main(FMNIST, tmp_path, helpers.tiny_flags(fmnist_dir, 20, batch=batch,
                                                         log_every=10))
-  rows = {}
-  for row in helpers.read_metrics(tmp_path):
-    rows.setdefault(row["step"], {}).update(row)
-  logged = [rows[s] for s in (10, 20)]
-  for row in logged:
-    assert row["steps_per_sec"] * batch == pytest.approx(row["images_per_sec"], rel=0.2), row
+  from sasa_jax.tools.runs import series
+  rows = helpers.read_metrics(tmp_path)
+  steps, steps_per_sec = series(rows, "steps_per_sec")
+  assert steps == series(rows, "images_per_sec")[0] == [10, 20]
+  assert [s * batch for s in steps_per_sec] == pytest.approx(series(rows, "images_per_sec")[1],
+                                                           rel=0.2)
 
 
 def test_ctrl_c_saves_the_next_step_and_exits(fmnist_dir, tmp_path):
