@@ -1,4 +1,5 @@
 """Shared test helpers: tiny training runs through the real command line."""
+import datetime
 import json
 import os
 import pathlib
@@ -117,6 +118,20 @@ def run_processes(argv_of, n, *, timeout, **environ):
     for p in procs:
       p.kill()
   return [p.returncode for p in procs], errors
+
+
+def logged_at(stderr, message):
+  """time.time() of the first absl log line holding `message` (its header, e.g.
+  "W1207 18:24:12.494691", holds the local date and time of day, without the year)."""
+  header = re.search(rf"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d\.\d+) .*{re.escape(message)}",
+                     stderr, re.M)
+  assert header, f"no log line with {message!r} in: {stderr[-3000:]}"
+  month, day, hour, minute = map(int, header.groups()[:4])
+  now = datetime.datetime.now()
+  at = now.replace(month=month, day=day, hour=hour, minute=minute, second=0, microsecond=0)
+  if at > now:  # logged on the 31st of December, read on the 1st of January
+    at = at.replace(year=at.year - 1)
+  return at.timestamp() + float(header.group(5))
 
 
 def read_metrics(workdir):
