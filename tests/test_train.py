@@ -266,9 +266,9 @@ def test_steps_per_sec_and_eta_count_finished_steps(fmnist_dir, tmp_path):
   from sasa_jax.tools.runs import series
   rows = helpers.read_metrics(tmp_path)
   steps, steps_per_sec = series(rows, "steps_per_sec")
-  assert steps == series(rows, "images_per_sec")[0] == [10, 20]
-  assert [s * batch for s in steps_per_sec] == pytest.approx(series(rows, "images_per_sec")[1],
-                                                           rel=0.2)
+  image_steps, images_per_sec = series(rows, "images_per_sec")
+  assert steps == image_steps == [10, 20]
+  assert [s * batch for s in steps_per_sec] == pytest.approx(images_per_sec, rel=0.2)
 
 
 def test_ctrl_c_saves_the_next_step_and_exits(fmnist_dir, tmp_path):
